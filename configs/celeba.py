@@ -1,0 +1,20 @@
+"""CelebA at 64×64 (crop 148 at (40, 15), resize): 35 epochs per phase, batch 128 (§7.2).
+
+    python launch/prepare_data.py --dataset=celeb_a
+    python launch/train_treevae.py --config=configs/celeba.py --workdir=runs/celeba
+"""
+
+from configs import cifar10, common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg)
+  c = cifar10.colour(common.base(), 64, res_connections=False)
+  c.data.name = "celeb_a"
+  c.stage1.batch_size = 128
+  c.stage1.num_epochs = 35
+  c.stage1.num_epochs_smalltree = 35
+  c.stage1.augmentation = "celeba"
+  if args.get("tiny"):
+    c = cifar10.tiny_colour(c)
+  return c

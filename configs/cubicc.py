@@ -1,0 +1,20 @@
+"""CUBICC at 64×64 from a folder with one subfolder per class (§6, §7.2).
+
+The reference's cubicc.yml trains 1 epoch per phase, almost certainly a debug leftover
+(treevae.md §10); we use the CIFAR-10 schedule (150/150) instead.
+
+    python launch/train_treevae.py --config=configs/cubicc.py --config.data.folder=/path/to/cubicc \
+        --workdir=runs/cubicc
+"""
+
+from configs import cifar10, common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg)
+  c = cifar10.colour(common.base(), 64, res_connections=True)
+  c.data.name = "cubicc"
+  c.stage1.augmentation = "cifar"
+  if args.get("tiny"):
+    c = cifar10.tiny_colour(c)
+  return c

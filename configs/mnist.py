@@ -1,0 +1,18 @@
+"""MNIST, the reference's CNN-TreeVAE hyper-parameters (``reference/treevae.md`` §7.2).
+
+    python launch/prepare_data.py --dataset=mnist          # once, needs network + tensorflow-cpu
+    python launch/train_treevae.py --config=configs/mnist.py --workdir=runs/mnist
+
+``configs/mnist.py:tiny`` runs in seconds on CPU.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg)
+  c = common.base()
+  c.data.name = "mnist"
+  if args.get("tiny"):
+    c = common.tiny(c)
+  return c

@@ -1,0 +1,126 @@
+"""Checkpoints of stage 1 and its export, the hand-off to stage 2.
+
+* Training checkpoints: one Orbax ``CheckpointManager`` in ``WORKDIR/checkpoints``; each step saves
+  ``Composite(state=StandardSave(variables), meta=JsonSave(meta))``. ``meta`` holds the tree JSON and
+  the training cursor (phase, growth iteration, …). Restoring reads ``meta`` first, rebuilds the
+  abstract variables of that tree with ``jax.eval_shape`` and restores into them, so arrays come
+  back with the right structure however much the tree has grown.
+* Export: ``WORKDIR/export/`` holds ``variables/`` (an Orbax ``StandardCheckpointer`` directory)
+  and ``meta.json`` (model hyper-parameters, tree, data shape and normalisation, config, metrics,
+  library version). :func:`load_treevae` is all stage 2 needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from tree_diffusion import __version__
+from tree_diffusion.tree import Tree
+from tree_diffusion.treevae.model import TreeVAE, check_variables
+
+EXPORT_FORMAT = "tree_diffusion.treevae.export/1"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint or export that cannot be used; the message says why and what to do."""
+
+
+def _abstract_variables(model: TreeVAE, tree: Tree):
+  """Restore target: the structure, shapes and dtypes of the variables of ``tree``."""
+  return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                model.init(jax.random.key(0), tree))
+
+
+class Stage1Checkpoints:
+  """Saves and restores ``(variables, tree, cursor)`` of a stage-1 run."""
+
+  def __init__(self, workdir: str, max_to_keep: int = 3):
+    self.directory = epath.Path(workdir) / "checkpoints"
+    self.manager = ocp.CheckpointManager(
+        self.directory.resolve(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def save(self, step: int, variables, tree: Tree, cursor: dict, extra: dict | None = None):
+    meta = {"tree": json.loads(tree.to_json()), "cursor": cursor, "version": __version__,
+            **(extra or {})}
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(variables),
+                                                    meta=ocp.args.JsonSave(meta)))
+    self.manager.wait_until_finished()
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore(self, model: TreeVAE, step: int | None = None):
+    """Returns ``(step, variables, tree, meta)`` of ``step`` (default latest) or ``None``."""
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    tree = Tree.from_json(meta["tree"])
+    abstract = _abstract_variables(model, tree)
+    state = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    return step, state, tree, meta
+
+  def close(self):
+    self.manager.close()
+
+
+def export_treevae(export_dir: str, model: TreeVAE, variables, tree: Tree, meta: dict[str, Any]):
+  """Writes the final stage-1 model: ``variables/`` and ``meta.json`` (overwrites an old export)."""
+  check_variables(tree, variables)
+  path = epath.Path(export_dir).resolve()
+  if (path / "variables").exists():
+    (path / "variables").rmtree()
+  path.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path / "variables", variables)
+  full_meta = {"format": EXPORT_FORMAT, "version": __version__, "model": model.to_dict(),
+               "tree": json.loads(tree.to_json()), **meta}
+  tmp = path / "meta.json.tmp"
+  tmp.write_text(json.dumps(full_meta, indent=2, default=_json_default))
+  os.replace(tmp, path / "meta.json")  # meta.json appears only once the export is complete
+
+
+def read_export_meta(path: str) -> dict:
+  p = epath.Path(path)
+  meta_file = p / "meta.json"
+  if not meta_file.exists():
+    hint = ""
+    if (p / "checkpoints").exists() or (p / "export").exists():
+      hint = f" (this looks like a training workdir: pass {p / 'export'})"
+    raise CheckpointError(f"{p} is not a stage-1 export: no meta.json{hint}")
+  meta = json.loads(meta_file.read_text())
+  if meta.get("format") != EXPORT_FORMAT:
+    raise CheckpointError(f"{meta_file} has format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
+  return meta
+
+
+def load_treevae(path: str):
+  """Loads a stage-1 export.
+
+  Returns:
+    ``(model, variables, tree)``: the :class:`TreeVAE` hyper-parameters, its variables
+    (``{"params", "batch_stats"}``) and the learned :class:`Tree`.
+  """
+  meta = read_export_meta(path)
+  model = TreeVAE(**meta["model"])
+  tree = Tree.from_json(meta["tree"])
+  abstract = _abstract_variables(model, tree)
+  with ocp.StandardCheckpointer() as ckptr:
+    variables = ckptr.restore(epath.Path(path).resolve() / "variables", abstract)
+  return model, variables, tree
+
+
+def _json_default(o):
+  if hasattr(o, "tolist"):
+    return o.tolist()
+  if hasattr(o, "to_dict"):
+    return o.to_dict()
+  raise TypeError(f"not JSON serialisable: {type(o)}")

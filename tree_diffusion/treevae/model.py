@@ -1,0 +1,654 @@
+"""The CNN-TreeVAE: per-node linen modules wired by a pure function of (variables, tree, x, key).
+
+The tree is static data (:class:`tree_diffusion.tree.Tree`); the forward pass is unrolled over its
+nodes at trace time. Variables are nested dicts keyed by stable names, so growing and pruning are
+plain dict surgery and never renumber anything::
+
+    {"params":      {"encoder": …, "bottom_up_1": …, …, "proj_0": …,
+                     "node_0": {"dense": …, "p_router": …, "q_router": …},
+                     "node_1": {"dense": …, "transform": …, "decoder": …}, …},
+     "batch_stats": {same keys, for the modules that have BatchNorm}}
+
+Depth conventions follow ``reference/treevae.md`` §1: the config lists ``latent_channels`` and
+``bottom_up_channels`` from the input side to the root; a node at depth ``k`` reads bottom-up level
+``L−1−k``, so the deepest possible leaf sits at depth ``L−1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any, Callable, Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tree_diffusion.tree import Tree, depth_of
+from tree_diffusion.treevae import losses
+from tree_diffusion.treevae import networks
+
+PyTree = Any
+Variables = dict[str, dict[str, Any]]
+
+# Component names of a node, in a fixed order.
+DENSE, TRANSFORM, P_ROUTER, Q_ROUTER, DECODER = "dense", "transform", "p_router", "q_router", "decoder"
+COMPONENTS = (DENSE, TRANSFORM, P_ROUTER, Q_ROUTER, DECODER)
+
+
+def node_key(node_id: int) -> str:
+  return f"node_{node_id}"
+
+
+def node_components(tree: Tree, node_id: int) -> tuple[str, ...]:
+  """The modules a node owns: every node a bottom-up head, non-roots a prior, and routers or a decoder."""
+  comps = [DENSE]
+  if node_id != 0:
+    comps.append(TRANSFORM)
+  if tree.is_internal(node_id):
+    comps += [P_ROUTER, Q_ROUTER]
+  if tree.is_leaf(node_id):
+    comps.append(DECODER)
+  return tuple(comps)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeVAE:
+  """Architecture hyper-parameters of a CNN-TreeVAE; hashable, so it can be a static jit argument."""
+
+  encoder: str = "cnn1"
+  image_size: int = 28
+  channels: int = 1
+  latent_channels: tuple[int, ...] = (16,) * 7
+  bottom_up_channels: tuple[int, ...] = (32,) * 7
+  representation_dim: int = 2
+  res_connections: bool = False
+  act: str = "swish"
+  output: str = "sigmoid"
+  dropout_router: float = 0.0
+  contrastive: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "latent_channels", tuple(self.latent_channels))
+    object.__setattr__(self, "bottom_up_channels", tuple(self.bottom_up_channels))
+    if len(self.latent_channels) != len(self.bottom_up_channels):
+      raise ValueError("latent_channels and bottom_up_channels need the same length (one per level)")
+    if self.encoder not in networks.ENCODERS:
+      raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {sorted(networks.ENCODERS)}")
+    if self.output not in ("sigmoid", "mse"):
+      raise ValueError(f"unknown output {self.output!r}; use 'sigmoid' or 'mse'")
+    networks.activation(self.act)
+
+  @classmethod
+  def from_config(cls, c) -> "TreeVAE":
+    return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls) if f.name in c})
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  # ------------------------------------------------------------------------- per-depth sizes
+
+  @property
+  def num_levels(self) -> int:
+    return len(self.bottom_up_channels)
+
+  @property
+  def max_depth(self) -> int:
+    return self.num_levels - 1
+
+  def h(self, depth: int) -> int:
+    """Bottom-up channels read by nodes at ``depth`` (the reference's ``H(k)``)."""
+    return self.bottom_up_channels[self.num_levels - 1 - depth]
+
+  def lz(self, depth: int) -> int:
+    """Latent channels of nodes at ``depth`` (``Lz(k)``)."""
+    return self.latent_channels[self.num_levels - 1 - depth]
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return (self.image_size, self.image_size, self.channels)
+
+  def latent_shape(self, depth: int) -> tuple[int, int, int]:
+    r = self.representation_dim
+    return (r, r, self.lz(depth))
+
+  # ------------------------------------------------------------------------- module definitions
+
+  def encoder_def(self) -> nn.Module:
+    return networks.ENCODERS[self.encoder](self.image_size, self.channels, self.bottom_up_channels[0],
+                                           self.representation_dim, self.act)
+
+  def bottom_up_def(self, level: int) -> nn.Module:
+    h = self.bottom_up_channels
+    return networks.ConvBlock(h[level - 1], h[level], self.latent_channels[level],
+                              self.res_connections, self.act, heads=False)
+
+  def component_def(self, comp: str, depth: int) -> nn.Module:
+    if comp == DENSE:
+      return networks.GaussianHead(self.lz(depth))
+    if comp == TRANSFORM:
+      return networks.ConvBlock(self.lz(depth - 1), self.h(depth), self.lz(depth),
+                                self.res_connections, self.act, heads=True)
+    if comp in (P_ROUTER, Q_ROUTER):
+      return networks.Router(self.h(depth), self.act, self.dropout_router)
+    if comp == DECODER:
+      return networks.DECODERS[self.encoder](self.image_size, self.channels, self.lz(depth),
+                                             self.representation_dim, self.act)
+    raise ValueError(comp)
+
+  def _component_input(self, comp: str, depth: int) -> jax.Array:
+    r = self.representation_dim
+    c = {DENSE: self.h(depth), TRANSFORM: self.lz(depth - 1) if depth else 0,
+         P_ROUTER: self.lz(depth), Q_ROUTER: self.h(depth), DECODER: self.lz(depth)}[comp]
+    return jnp.zeros((1, r, r, c), jnp.float32)
+
+  # ------------------------------------------------------------------------- initialisation
+
+  def init_components(self, key: jax.Array, node_id: int, comps: Iterable[str]) -> Variables:
+    """Fresh variables of some components of one node: ``{"params": {comp: …}, "batch_stats": …}``."""
+    return self._init_components(key, node_id, tuple(comps))
+
+  def _init_components(self, key: jax.Array, node_id: int, comps: tuple[str, ...]) -> Variables:
+    out = {"params": {}, "batch_stats": {}}
+    for comp in comps:
+      k = jax.random.fold_in(jax.random.fold_in(key, node_id), COMPONENTS.index(comp))
+      v = _init_module(self.component_def(comp, depth_of(node_id)), k,
+                       self._component_input(comp, depth_of(node_id)))
+      _merge_into(out, v, (comp,))
+    return out
+
+  def init(self, key: jax.Array, tree: Tree) -> Variables:
+    """Variables for ``tree``: shared encoder/bottom-up (+ projection heads) and every node."""
+    self.check_tree(tree)
+    return self._init(key, tree)
+
+  def _init(self, key: jax.Array, tree: Tree) -> Variables:
+    r = self.representation_dim
+    h = self.bottom_up_channels
+    out = {"params": {}, "batch_stats": {}}
+    k_enc, k_bu, k_proj, k_nodes = jax.random.split(key, 4)
+    _merge_into(out, _init_module(self.encoder_def(), k_enc, jnp.zeros((1,) + self.image_shape)),
+                ("encoder",))
+    for j in range(1, self.num_levels):
+      _merge_into(out, _init_module(self.bottom_up_def(j), jax.random.fold_in(k_bu, j),
+                                    jnp.zeros((1, r, r, h[j - 1]))), (f"bottom_up_{j}",))
+    if self.contrastive:
+      for j in range(self.num_levels):
+        _merge_into(out, _init_module(networks.ContrastiveProjection(self.act),
+                                      jax.random.fold_in(k_proj, j), jnp.zeros((1, r, r, h[j]))),
+                    (f"proj_{j}",))
+    for n in tree.nodes:
+      _merge_into(out, self._init_components(k_nodes, n, node_components(tree, n)), (node_key(n),))
+    return out
+
+  def check_tree(self, tree: Tree):
+    if tree.depth > self.max_depth:
+      raise ValueError(f"tree depth {tree.depth} exceeds the model's max depth {self.max_depth} "
+                       f"(one less than the {self.num_levels} bottom-up levels)")
+
+  # ------------------------------------------------------------------------- forward passes
+
+  def bottom_up(self, run: "_Runner", x: jax.Array) -> list[jax.Array]:
+    """Deterministic features ``d_0 … d_{L−1}`` (each ``[B, R, R, h_j]``)."""
+    ds = [run(("encoder",), self.encoder_def(), x)]
+    for j in range(1, self.num_levels):
+      ds.append(run((f"bottom_up_{j}",), self.bottom_up_def(j), ds[-1]))
+    return ds
+
+  # The forward passes work depth by depth: the modules of all nodes at one depth (and of all
+  # leaves' decoders) have identical shapes, so their parameters are stacked and applied with one
+  # ``vmap``. The compiled graph then grows with the tree's depth, not with its number of nodes,
+  # which keeps compile times flat as the tree grows and batches the small per-node matmuls.
+
+  def latents(self, run: "_Runner", prefixes, depth: int, d: jax.Array, z_parents, key):
+    """Posterior samples and KLs of nodes at one depth: ``[N, B, R, R, C]``, ``[N, B]``.
+
+    ``prefixes`` name each node's variables (``("node_5",)``). Root: ``q = N(mû, vâr)``, prior
+    ``N(0, I)``. Other nodes: prior from the transformation of the parent's *sample*, posterior by
+    precision-weighted merge (§2.5).
+    """
+    mu_hat, var_hat = run.many([p + (DENSE,) for p in prefixes],
+                               self.component_def(DENSE, depth), (d,), (None,))
+    if z_parents is None:
+      mu_p, var_p = jnp.zeros_like(mu_hat), jnp.ones_like(var_hat)
+      mu_q, var_q = mu_hat, var_hat
+    else:
+      mu_p, var_p = run.many([p + (TRANSFORM,) for p in prefixes],
+                             self.component_def(TRANSFORM, depth), (z_parents,), (0,))
+      mu_q, var_q = losses.merge_gaussians(mu_hat, var_hat, mu_p, var_p)
+    z = losses.sample_gaussian(jax.random.fold_in(key, depth), mu_q, var_q)
+    kl = jax.vmap(losses.gaussian_kl)(mu_q, var_q, mu_p, var_p)
+    return z, kl
+
+  def router_probs(self, run: "_Runner", paths, depth: int, comp: str, u: jax.Array, axis):
+    """``[N, B]`` probabilities of going left (``comp`` is ``P_ROUTER`` or ``Q_ROUTER``)."""
+    return run.many(paths, self.component_def(comp, depth), (u,), (axis,))
+
+  def decode(self, run: "_Runner", prefixes, depth: int, z: jax.Array) -> jax.Array:
+    """Decoder outputs (pre-activation) for stacked latents ``[N, B, R, R, C]``."""
+    return run.many([p + (DECODER,) for p in prefixes], self.component_def(DECODER, depth),
+                    (z,), (0,))
+
+  def decoder_groups(self, leaves: Iterable[int]) -> list[tuple[int, ...]]:
+    """Leaves whose decoders have identical shapes (same latent channels), decoded together."""
+    groups: dict[int, list[int]] = {}
+    for n in leaves:
+      groups.setdefault(self.lz(depth_of(n)), []).append(n)
+    return [tuple(g) for g in groups.values()]
+
+  def contrastive_bottom_up(self, run: "_Runner", ds) -> jax.Array:
+    """NT-Xent of the projection heads, averaged over the bottom-up levels (§3.4)."""
+    terms = [losses.nt_xent(run((f"proj_{j}",), networks.ContrastiveProjection(self.act), d))
+             for j, d in enumerate(ds)]
+    return sum(terms) / len(terms)
+
+  def apply(self, variables: Variables, tree: Tree, x: jax.Array, key: jax.Array, *,
+            train: bool, decode: bool = True, contrastive: bool = False,
+            return_recon: bool = False):
+    """The full TreeVAE forward pass (§2.5).
+
+    Args:
+      variables: ``{"params", "batch_stats"}`` for ``tree``.
+      tree: the static topology.
+      x: images ``[B, H, W, C]`` in [0, 1].
+      key: PRNG key for the latent samples: one draw per depth (``fold_in(key, depth)``) for
+        all nodes of that depth (one RNG op per depth: per-node draws made XLA compile times
+        explode).
+      train: BatchNorm with batch statistics (and returns updated statistics).
+      decode: compute the leaves' reconstructions and the reconstruction loss.
+      contrastive: add the contrastive terms (the batch must be ``[view1; view2]``).
+      return_recon: also return every leaf's reconstruction, ``[K, B, H, W, C]``.
+
+    Returns:
+      ``(out, batch_stats)`` where ``out`` holds per-sample terms ``rec``, ``kl_root``,
+      ``kl_nodes``, ``kl_decisions`` (``[B]``), ``aug`` (scalar), ``leaf_probs`` ``[B, K]`` in
+      ``tree.leaves`` order, ``z`` (node id → sample) and optionally ``recon``.
+    """
+    run = _Runner(variables, train)
+    b = x.shape[0]
+    ds = self.bottom_up(run, x)
+    prob = {0: jnp.ones((b,), x.dtype)}
+    z = {}
+    zero = jnp.zeros((b,), x.dtype)
+    kl_root, kl_nodes, kl_dec, aug = zero, zero, zero, jnp.zeros((), x.dtype)
+    for depth, nodes in enumerate(tree.levels):
+      d = ds[self.max_depth - depth]
+      z_par = None if depth == 0 else jnp.stack([z[(n - 1) // 2] for n in nodes])
+      zs, kls = self.latents(run, [(node_key(n),) for n in nodes], depth, d, z_par, key)
+      for i, n in enumerate(nodes):
+        z[n] = zs[i]
+        if n == 0:
+          kl_root = jnp.clip(kls[i], -1.0, 1000.0)
+        else:
+          kl_nodes = kl_nodes + jnp.clip(prob[n] * kls[i], -1.0, 1000.0)
+      internal = tuple(n for n in nodes if tree.is_internal(n))
+      if internal:
+        idx = [nodes.index(n) for n in internal]
+        pi_p = self.router_probs(run, [(node_key(n), P_ROUTER) for n in internal], depth, P_ROUTER,
+                                 zs[jnp.array(idx)], 0)
+        pi_q = self.router_probs(run, [(node_key(n), Q_ROUTER) for n in internal], depth, Q_ROUTER,
+                                 d, None)
+        for i, n in enumerate(internal):
+          kl_dec = kl_dec + prob[n] * losses.bernoulli_kl(pi_q[i], pi_p[i])
+          prob[2 * n + 1] = prob[n] * pi_q[i]
+          prob[2 * n + 2] = prob[n] * (1.0 - pi_q[i])
+          if contrastive:
+            aug = aug + losses.router_infonce(pi_q[i], prob[n])
+      for n in nodes:
+        if tree.is_passthrough(n):
+          prob[tree.children(n)[0]] = prob[n]
+    rec = zero
+    recon = {}
+    if decode:
+      for group in self.decoder_groups(tree.leaves):
+        outs = self.decode(run, [(node_key(n),) for n in group], depth_of(group[0]),
+                           jnp.stack([z[n] for n in group]))
+        rec_g = jax.vmap(lambda o: losses.reconstruction_loss(x, o, self.output))(outs)  # [N, B]
+        for i, n in enumerate(group):
+          rec = rec + prob[n] * rec_g[i]
+          if return_recon:
+            recon[n] = losses.output_image(outs[i], self.output)
+    if contrastive:
+      aug = aug + self.contrastive_bottom_up(run, ds)
+    result = dict(rec=rec, kl_root=kl_root, kl_nodes=kl_nodes, kl_decisions=kl_dec, aug=aug,
+                  leaf_probs=jnp.stack([prob[n] for n in tree.leaves], axis=1), z=z)
+    if return_recon:
+      result["recon"] = jnp.stack([recon[n] for n in tree.leaves])
+    return result, run.batch_stats()
+
+  # Small-tree (growing) phase, §3.3. The frozen tree and the new split are two functions: the
+  # split's step then depends only on the depth of the split node, so it compiles once per depth
+  # instead of once per split, and its gradients never touch the frozen tree.
+
+  def frozen_path(self, variables: Variables, tree: Tree, parent: int, x: jax.Array,
+                  key: jax.Array) -> dict:
+    """The frozen tree's inputs to the split under ``parent`` (eval-mode BatchNorm, sampled z).
+
+    Returns:
+      dict with ``d_parent`` and ``d_child`` (bottom-up features read by the split node and its
+      children), ``z_parent`` (sample of the split node) and ``prob`` (its path probability, ``[B]``).
+    """
+    run = _Runner(variables, train=False)
+    ds = self.bottom_up(run, x)
+    prob = jnp.ones((x.shape[0],), x.dtype)
+    z = None
+    path = tree.path(parent)
+    for n, child in zip(path, path[1:] + (None,)):
+      depth = depth_of(n)
+      d = ds[self.max_depth - depth]
+      z = self.latents(run, [(node_key(n),)], depth, d, None if z is None else z[None], key)[0][0]
+      if child is not None and tree.is_internal(n):
+        pi_q = self.router_probs(run, [(node_key(n), Q_ROUTER)], depth, Q_ROUTER, d, None)[0]
+        prob = prob * (pi_q if child == 2 * n + 1 else 1.0 - pi_q)
+    k = depth_of(parent)
+    return dict(d_parent=ds[self.max_depth - k], d_child=ds[self.max_depth - k - 1], z_parent=z,
+                prob=prob)
+
+  def apply_split(self, variables: Variables, depth: int, x: jax.Array, frozen: dict,
+                  key: jax.Array, *, train: bool, contrastive: bool = False):
+    """Loss terms of a new 2-leaf subtree under a node at ``depth`` (§3.3).
+
+    Args:
+      variables: the split's own variables, ``{"params": {"p_router", "q_router", "left",
+        "right"}, "batch_stats": …}`` (see :func:`split_variables`).
+      depth: depth of the split node.
+      x: the images ``[B, H, W, C]``.
+      frozen: the output of :meth:`frozen_path`.
+      key: PRNG key of the children's latent samples.
+      train: BatchNorm with batch statistics.
+      contrastive: add the router InfoNCE of the split.
+    """
+    run = _Runner(variables, train)
+    prob, z_par = frozen["prob"], frozen["z_parent"]
+    pi_p = self.router_probs(run, [(P_ROUTER,)], depth, P_ROUTER, z_par[None], 0)[0]
+    pi_q = self.router_probs(run, [(Q_ROUTER,)], depth, Q_ROUTER, frozen["d_parent"], None)[0]
+    kl_dec = prob * losses.bernoulli_kl(pi_q, pi_p)
+    p_c = jnp.stack([prob * pi_q, prob * (1.0 - pi_q)])  # [2, B]
+    sides = [("left",), ("right",)]
+    zs, kls = self.latents(run, sides, depth + 1, frozen["d_child"], jnp.stack([z_par, z_par]), key)
+    outs = self.decode(run, sides, depth + 1, zs)
+    rec_c = jax.vmap(lambda o: losses.reconstruction_loss(x, o, self.output))(outs)
+    aug = losses.router_infonce(pi_q, prob) if contrastive else jnp.zeros((), x.dtype)
+    b = x.shape[0]
+    # No per-sample clip of the children's KLs in the small tree (§3.3).
+    result = dict(rec=(p_c * rec_c).sum(0), kl_root=jnp.zeros((b,), x.dtype),
+                  kl_nodes=(p_c * kls).sum(0), kl_decisions=kl_dec, aug=aug, leaf_probs=p_c.T)
+    return result, run.batch_stats()
+
+  def leaf_probabilities(self, variables: Variables, tree: Tree, x: jax.Array) -> jax.Array:
+    """``[B, K]`` soft cluster assignments: products of q-router decisions (eval mode, no sampling)."""
+    run = _Runner(variables, train=False)
+    ds = self.bottom_up(run, x)
+    prob = {0: jnp.ones((x.shape[0],), x.dtype)}
+    for depth, nodes in enumerate(tree.levels):
+      internal = tuple(n for n in nodes if tree.is_internal(n))
+      if internal:
+        pi_q = self.router_probs(run, [(node_key(n), Q_ROUTER) for n in internal], depth, Q_ROUTER,
+                                 ds[self.max_depth - depth], None)
+        for i, n in enumerate(internal):
+          prob[2 * n + 1] = prob[n] * pi_q[i]
+          prob[2 * n + 2] = prob[n] * (1.0 - pi_q[i])
+      for n in nodes:
+        if tree.is_passthrough(n):
+          prob[tree.children(n)[0]] = prob[n]
+    return jnp.stack([prob[n] for n in tree.leaves], axis=1)
+
+  def generate(self, variables: Variables, tree: Tree, key: jax.Array, num: int):
+    """Prior samples (§4.6): root ``z ~ N(0, I)``, children from their priors, p-router routing.
+
+    Returns:
+      dict with ``images`` ``[K, num, H, W, C]`` (every leaf decoded), ``leaf_probs`` ``[num, K]``
+      (products of p-router decisions) and ``z`` (node id → latent sample).
+    """
+    run = _Runner(variables, train=False)
+    z = {0: jax.random.normal(jax.random.fold_in(key, 0), (num,) + self.latent_shape(0))}
+    key = jax.random.fold_in(key, 1)
+    prob = {0: jnp.ones((num,), jnp.float32)}
+    for depth, nodes in enumerate(tree.levels):
+      if depth > 0:
+        mu_p, var_p = run.many([(node_key(n), TRANSFORM) for n in nodes],
+                               self.component_def(TRANSFORM, depth),
+                               (jnp.stack([z[(n - 1) // 2] for n in nodes]),), (0,))
+        zs = losses.sample_gaussian(jax.random.fold_in(key, depth), mu_p, var_p)
+        z.update({n: zs[i] for i, n in enumerate(nodes)})
+      internal = tuple(n for n in nodes if tree.is_internal(n))
+      if internal:
+        pi_p = self.router_probs(run, [(node_key(n), P_ROUTER) for n in internal], depth, P_ROUTER,
+                                 jnp.stack([z[n] for n in internal]), 0)
+        for i, n in enumerate(internal):
+          prob[2 * n + 1] = prob[n] * pi_p[i]
+          prob[2 * n + 2] = prob[n] * (1.0 - pi_p[i])
+      for n in nodes:
+        if tree.is_passthrough(n):
+          prob[tree.children(n)[0]] = prob[n]
+    images = {}
+    for group in self.decoder_groups(tree.leaves):
+      outs = self.decode(run, [(node_key(n),) for n in group], depth_of(group[0]),
+                         jnp.stack([z[n] for n in group]))
+      images.update({n: losses.output_image(outs[i], self.output) for i, n in enumerate(group)})
+    return dict(images=jnp.stack([images[n] for n in tree.leaves]),
+                leaf_probs=jnp.stack([prob[n] for n in tree.leaves], 1), z=z)
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+class _Runner:
+  """Applies sub-modules to slices of the variables and collects updated BatchNorm statistics.
+
+  ``prefixes`` (if given) restricts training mode to the modules under those key prefixes; all
+  others run in eval mode. This is how the small-tree phase freezes the big tree.
+  """
+
+  def __init__(self, variables: Variables, train: bool, prefixes=None):
+    self.variables = variables
+    self.train = train
+    self.prefixes = None if prefixes is None else [tuple(p) for p in prefixes]
+    self.updates: list[tuple[tuple[str, ...], Any]] = []
+
+  def _trains(self, path):
+    if not self.train:
+      return False
+    return self.prefixes is None or any(path[:len(p)] == p for p in self.prefixes)
+
+  def _vars(self, path):
+    v = {"params": _get(self.variables["params"], path)}
+    if v["params"] is None:
+      raise KeyError(f"no parameters at {'/'.join(path)}")
+    stats = _get(self.variables.get("batch_stats", {}), path)
+    if stats is not None:
+      v["batch_stats"] = stats
+    return v
+
+  def _apply_fn(self, module: nn.Module, train: bool, has_stats: bool):
+    if isinstance(module, networks.GaussianHead):
+      return lambda v, *a: (module.apply(v, *a), None)
+    if train and has_stats:
+      def fn(v, *a):
+        out, new = module.apply(v, *a, train=True, mutable=["batch_stats"])
+        return out, new["batch_stats"]
+      return fn
+    return lambda v, *a: (module.apply(v, *a, train=train), None)
+
+  def __call__(self, path: tuple[str, ...], module: nn.Module, *args):
+    v = self._vars(path)
+    out, new = self._apply_fn(module, self._trains(path), "batch_stats" in v)(v, *args)
+    if new is not None:
+      self.updates.append((path, new))
+    return out
+
+  def many(self, paths, module: nn.Module, args: tuple, in_axes: tuple):
+    """Applies ``module`` with each of ``paths``' variables, vmapped; outputs stacked on axis 0.
+
+    ``in_axes`` gives, per argument, 0 (stacked per path) or None (shared by all paths).
+    """
+    paths = [tuple(p) for p in paths]
+    trains = {self._trains(p) for p in paths}
+    if len(trains) != 1:
+      raise ValueError(f"modules {paths} mix training and frozen modes")
+    vs = [self._vars(p) for p in paths]
+    fn = self._apply_fn(module, trains.pop(), "batch_stats" in vs[0])
+    if len(paths) == 1:
+      out, new = fn(vs[0], *[a if ax is None else a[0] for a, ax in zip(args, in_axes)])
+      out = jax.tree_util.tree_map(lambda o: o[None], out)
+      news = None if new is None else [new]
+    else:
+      stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *vs)
+      out, new = jax.vmap(fn, in_axes=(0,) + tuple(in_axes))(stacked, *args)
+      news = None if new is None else [jax.tree_util.tree_map(lambda a: a[i], new)
+                                       for i in range(len(paths))]
+    if news is not None:
+      self.updates.extend(zip(paths, news))
+    return out
+
+  def batch_stats(self) -> dict:
+    """The input statistics with this pass's updates written in (unchanged ones shared)."""
+    stats = _copy_dicts(self.variables.get("batch_stats", {}))
+    for path, new in self.updates:
+      node = stats
+      for p in path[:-1]:
+        node = node[p]
+      node[path[-1]] = new
+    return stats
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+  for p in path:
+    if not isinstance(tree, dict) or p not in tree:
+      return None
+    tree = tree[p]
+  return tree
+
+
+def _copy_dicts(d):
+  return {k: _copy_dicts(v) for k, v in d.items()} if isinstance(d, dict) else d
+
+
+def _init_module(module: nn.Module, key: jax.Array, x: jax.Array) -> Variables:
+  """Variables of one module with PyTorch's default initialisation, drawn with NumPy.
+
+  Shapes come from ``jax.eval_shape`` (a trace, no compilation); values from a NumPy generator
+  seeded by the JAX key and the parameter's path. A tree has hundreds of small arrays of distinct
+  shapes and ``jax.random`` compiles a kernel per shape: eager Flax initialisation took ~30 s on
+  CPU, this takes milliseconds. Weights (``kernel``) are uniform(±1/sqrt(fan_in)) as PyTorch's
+  Kaiming-uniform(a=√5); transposed convolutions (``convt*``, ``up*``) take their fan-in from the
+  output channels, as PyTorch does; biases and BatchNorm shifts are 0, BatchNorm scales 1, running
+  statistics (0, 1).
+  """
+  kwargs = {} if isinstance(module, networks.GaussianHead) else {"train": False}
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x, **kwargs))
+  seed = [int(v) for v in np.asarray(jax.random.key_data(key)).ravel()]
+
+  def fill(path, leaf):
+    names = tuple(getattr(p, "key", str(p)) for p in path)
+    shape, name = leaf.shape, names[-1]
+    if names[0] == "batch_stats":
+      return jnp.zeros(shape, leaf.dtype) if name == "mean" else jnp.ones(shape, leaf.dtype)
+    if name == "scale":
+      return jnp.ones(shape, leaf.dtype)
+    if name != "kernel":
+      return jnp.zeros(shape, leaf.dtype)
+    transposed = any(n.startswith(("convt", "up")) for n in names[:-1])
+    fan_in = int(np.prod(shape[:-2])) * (shape[-1] if transposed else shape[-2])
+    bound = 1.0 / np.sqrt(max(fan_in, 1))
+    rng = np.random.default_rng(seed + [zlib.crc32("/".join(names).encode())])
+    return jnp.asarray(rng.uniform(-bound, bound, shape), leaf.dtype)
+
+  v = jax.tree_util.tree_map_with_path(fill, dict(shapes))
+  return {col: _copy_dicts(dict(tree)) for col, tree in v.items()}
+
+
+def _merge_into(out: Variables, v, path: tuple[str, ...]):
+  for col in ("params", "batch_stats"):
+    if col in v and v[col]:
+      node = out.setdefault(col, {})
+      for p in path[:-1]:
+        node = node.setdefault(p, {})
+      node.setdefault(path[-1], {}).update(_copy_dicts(dict(v[col])))
+
+
+# ----------------------------------------------------------------------------------- surgery
+
+
+def grow_variables(model: TreeVAE, variables: Variables, tree: Tree, leaf: int,
+                   key: jax.Array) -> tuple[Tree, Variables]:
+  """Grows ``leaf`` into an internal node with two fresh leaves; old parameters are untouched.
+
+  The leaf loses its decoder and gains fresh routers; its children get fresh transformation,
+  bottom-up head and decoder.
+  """
+  new_tree = tree.grow(leaf)
+  model.check_tree(new_tree)
+  out = _copy_dicts(variables)
+  for col in out:
+    out[col].get(node_key(leaf), {}).pop(DECODER, None)
+  _merge_into(out, model.init_components(key, leaf, (P_ROUTER, Q_ROUTER)), (node_key(leaf),))
+  for c in new_tree.children(leaf):
+    _merge_into(out, model.init_components(key, c, node_components(new_tree, c)), (node_key(c),))
+  return new_tree, out
+
+
+def split_variables(variables: Variables, tree: Tree, parent: int) -> Variables:
+  """The variables of the split under ``parent`` as their own pytree (for :meth:`apply_split`)."""
+  left, right = tree.children(parent)
+  out = {}
+  for col, v in variables.items():
+    out[col] = {}
+    for comp in (P_ROUTER, Q_ROUTER):
+      if comp in v.get(node_key(parent), {}):
+        out[col][comp] = v[node_key(parent)][comp]
+    for side, c in (("left", left), ("right", right)):
+      if node_key(c) in v:
+        out[col][side] = v[node_key(c)]
+  return out
+
+
+def merge_split_variables(variables: Variables, tree: Tree, parent: int,
+                          split: Variables) -> Variables:
+  """Writes a trained split back into the tree's variables (inverse of :func:`split_variables`)."""
+  left, right = tree.children(parent)
+  out = _copy_dicts(variables)
+  for col, v in split.items():
+    for comp in (P_ROUTER, Q_ROUTER):
+      if comp in v:
+        out[col].setdefault(node_key(parent), {})[comp] = v[comp]
+    for side, c in (("left", left), ("right", right)):
+      if side in v:
+        out[col][node_key(c)] = v[side]
+  return out
+
+
+def prune_variables(variables: Variables, new_tree: Tree) -> Variables:
+  """Drops the variables of removed nodes and the routers of nodes that became passthrough."""
+  out = {}
+  for col, tree_vars in variables.items():
+    out[col] = {}
+    for k, v in tree_vars.items():
+      if not k.startswith("node_"):
+        out[col][k] = v
+        continue
+      n = int(k[len("node_"):])
+      if n in new_tree:
+        keep = set(node_components(new_tree, n))
+        out[col][k] = {c: cv for c, cv in v.items() if c in keep}
+  return out
+
+
+def check_variables(tree: Tree, variables: Variables):
+  """Raises if the node variables do not match the tree (missing or extra components)."""
+  params = variables["params"]
+  for n in tree.nodes:
+    have = set(params.get(node_key(n), {}))
+    want = set(node_components(tree, n))
+    if have != want:
+      raise ValueError(f"node {n}: variables hold {sorted(have)}, the tree needs {sorted(want)}")
+  extra = {k for k in params if k.startswith("node_")} - {node_key(n) for n in tree.nodes}
+  if extra:
+    raise ValueError(f"variables hold nodes not in the tree: {sorted(extra)}")
+
+
+def component_labels(params: PyTree, fn: Callable[[tuple[str, ...]], str]) -> PyTree:
+  """Maps every leaf of ``params`` to ``fn(path_of_dict_keys)`` (for optax masks)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: fn(tuple(getattr(p, "key", str(p)) for p in path)), params)

@@ -1,0 +1,336 @@
+"""Flax linen building blocks of the CNN-TreeVAE (``reference/treevae.md`` §2.3, the [FORK] variant).
+
+Every latent and every bottom-up feature is a small feature map ``[B, R, R, C]`` (NHWC). Layers
+follow PyTorch semantics where they matter for shapes: transposed convolutions use explicit padding
+``k - 1 - p`` on the dilated input (PyTorch ``ConvTranspose2d(padding=p)``), BatchNorm uses
+momentum 0.9 / eps 1e-5 (PyTorch momentum 0.1). Weights are initialised as PyTorch does
+(uniform ±1/sqrt(fan_in), applied by ``TreeVAE.init``); biases start at zero (PyTorch draws them
+uniformly; a deliberate, documented simplification).
+
+Deliberate omission: the bottom-up ``Conv`` blocks of the reference also build mu/var heads that no
+loss ever reads (§8.17); :class:`ConvBlock` builds heads only when asked.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Modules keep Flax's default initialisers; TreeVAE.init (model.py) replaces every weight by
+# PyTorch's default init, drawn with NumPy (see ``torch_default_init`` there).
+torch_init = nn.initializers.lecun_normal()
+torch_init_transpose = nn.initializers.lecun_normal()
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "swish": nn.swish,
+    "relu": nn.relu,
+    "leaky_relu": lambda x: nn.leaky_relu(x, negative_slope=0.3),
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def _bn(train: bool, name: str | None = None) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+def conv(features: int, kernel: int, stride: int = 1, padding: int = 1, bias: bool = False,
+         name: str | None = None) -> nn.Conv:
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((padding, padding), (padding, padding)), use_bias=bias,
+                 kernel_init=torch_init, name=name)
+
+
+def conv_transpose(features: int, kernel: int, stride: int, padding: int, bias: bool = False,
+                   name: str | None = None) -> nn.ConvTranspose:
+  """PyTorch ``ConvTranspose2d(k, stride, padding)``: output ``(n−1)·s − 2p + k``."""
+  pad = kernel - 1 - padding
+  return nn.ConvTranspose(features, (kernel, kernel), strides=(stride, stride),
+                          padding=((pad, pad), (pad, pad)), use_bias=bias,
+                          kernel_init=torch_init_transpose, name=name)
+
+
+def dense(features: int, bias: bool = True, name: str | None = None) -> nn.Dense:
+  return nn.Dense(features, use_bias=bias, kernel_init=torch_init, name=name)
+
+
+def _row_placement(k: int, n_in: int, n_out: int, stride: int, pad: int,
+                   transpose: bool) -> np.ndarray:
+  """0/1 tensor ``S[d, i, o]``: kernel tap ``d`` links input column ``i`` to output column ``o``."""
+  s = np.zeros((k, n_in, n_out), np.float32)
+  for d in range(k):
+    for o in range(n_out):
+      if transpose:  # lax.conv_transpose (no kernel flip): input i sits at (k-1-pad) + i*stride
+        j = o + d - (k - 1 - pad)
+        if j % stride == 0 and 0 <= j // stride < n_in:
+          s[d, j // stride, o] = 1.0
+      else:
+        i = o * stride - pad + d
+        if 0 <= i < n_in:
+          s[d, i, o] = 1.0
+  return s
+
+
+def conv2d_rows(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
+                transpose: bool = False) -> jax.Array:
+  """A 2-D (transposed) convolution written as one matmul per image row band.
+
+  Same result as ``lax.conv_general_dilated`` (or ``lax.conv_transpose`` with PyTorch padding
+  ``pad``) with an ``HWIO`` kernel, but expressed as: stack the ``k`` input rows each output row
+  reads, and multiply by a block-Toeplitz matrix that applies the kernel along the width. XLA's CPU
+  convolutions are slow for the large kernels (12×12) and strides (5) of the ``cnn1`` networks —
+  the backward passes of strided and transposed convolutions in particular — while matmuls run
+  near peak; this form is 5–10× faster there. Used for small images only (the Toeplitz matrix
+  grows with the width).
+  """
+  b, h, w, c = x.shape
+  k, _, _, cout = kernel.shape
+  if transpose:
+    h_out, w_out = (h - 1) * stride - 2 * pad + k, (w - 1) * stride - 2 * pad + k
+    if stride > 1:  # dilate the rows; the width is handled by the Toeplitz matrix
+      x = jnp.zeros((b, (h - 1) * stride + 1, w, c), x.dtype).at[:, ::stride].set(x)
+    x = jnp.pad(x, ((0, 0), (k - 1 - pad, k - 1 - pad), (0, 0), (0, 0)))
+    row_stride = 1
+  else:
+    h_out, w_out = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    x = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0)))
+    row_stride = stride
+  placement = jnp.asarray(_row_placement(k, w, w_out, stride, pad, transpose))
+  toeplitz = jnp.einsum("ydio,dab->yaibo", kernel, placement).reshape(k * w * c, w_out * cout)
+  x = x.reshape(b, x.shape[1], w * c)
+  bands = jnp.stack([x[:, dy:dy + row_stride * (h_out - 1) + 1:row_stride] for dy in range(k)],
+                    axis=2)  # [B, H_out, k, W*C]
+  return (bands.reshape(b, h_out, k * w * c) @ toeplitz).reshape(b, h_out, w_out, cout)
+
+
+class RowConv(nn.Module):
+  """Conv / transposed conv (PyTorch padding semantics) computed by :func:`conv2d_rows`."""
+  features: int
+  kernel: int
+  stride: int = 1
+  padding: int = 0
+  transpose: bool = False
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    init = torch_init_transpose if self.transpose else torch_init
+    kernel = self.param("kernel", init, (self.kernel, self.kernel, x.shape[-1], self.features))
+    y = conv2d_rows(x, kernel, self.stride, self.padding, self.transpose)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+    return y
+
+
+def map_conv(features: int, name: str) -> RowConv:
+  """3×3, padding 1, no bias, on the small R×R latent/feature maps (see :func:`conv2d_rows`).
+
+  Per-node modules are vmapped over the nodes of a depth; a vmapped ``lax.conv`` becomes a
+  grouped convolution that XLA compiles and runs slowly, a vmapped matmul is a batched matmul.
+  """
+  return RowConv(features, 3, 1, 1, name=name)
+
+
+class ConvBlock(nn.Module):
+  """The reference's ``Conv`` block: 3 × (3×3 conv → BN → act), optional residual, mu/var heads.
+
+  Used for bottom-up steps (``heads=False``, only the features are read) and for the per-node
+  top-down transformations (``heads=True``, the prior ``N(mu, var)`` of the node given its parent).
+  """
+  in_channels: int
+  out_channels: int
+  latent_channels: int
+  residual: bool = False
+  act: str = "swish"
+  heads: bool = True
+
+  @nn.compact
+  def __call__(self, u: jax.Array, train: bool):
+    act = activation(self.act)
+    a = u
+    for i, c in enumerate((self.in_channels, self.in_channels, self.out_channels)):
+      a = act(_bn(train, f"bn{i}")(map_conv(c, f"conv{i}")(a)))
+    # The reference silently skips the residual when the channel counts differ.
+    if self.residual and self.in_channels == self.out_channels:
+      a = a + u
+    if not self.heads:
+      return a
+    mu = map_conv(self.latent_channels, "mu")(a)
+    var = nn.softplus(map_conv(self.latent_channels, "var")(a))
+    return mu, var
+
+
+class GaussianHead(nn.Module):
+  """The reference's ``Dense``: two 3×3 convs giving the bottom-up proposal ``(mû, vâr)``."""
+  latent_channels: int
+
+  @nn.compact
+  def __call__(self, d: jax.Array):
+    mu = map_conv(self.latent_channels, "mu")(d)
+    var = nn.softplus(map_conv(self.latent_channels, "var")(d))
+    return mu, var
+
+
+class Router(nn.Module):
+  """Probability of going left: 3×3 conv to one channel → flatten → 2 × (linear, BN, act) → sigmoid."""
+  hidden: int
+  act: str = "swish"
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, u: jax.Array, train: bool):
+    act = activation(self.act)
+    h = map_conv(1, "conv")(u).reshape(u.shape[0], -1)  # [B, R*R]
+    for i in range(2):
+      h = act(_bn(train, f"bn{i}")(dense(self.hidden, bias=False, name=f"fc{i}")(h)))
+      if self.dropout > 0:
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    return nn.sigmoid(dense(1, name="out")(h))[:, 0]  # [B]
+
+
+class ContrastiveProjection(nn.Module):
+  """Projection head of one bottom-up level for the NT-Xent term (10-d embedding)."""
+  act: str = "swish"
+  hidden: int = 128
+  features: int = 10
+
+  @nn.compact
+  def __call__(self, d: jax.Array, train: bool):
+    h = map_conv(1, "conv")(d).reshape(d.shape[0], -1)
+    h = activation(self.act)(_bn(train, "bn")(dense(self.hidden, bias=False, name="fc")(h)))
+    return dense(self.features, name="mu")(h)
+
+
+def _linspace_int(a: float, b: float, n: int) -> list[int]:
+  # Integer truncation of numpy's linspace, as the reference computes channel and size ladders.
+  return [int(v) for v in np.linspace(a, b, n)]
+
+
+class Cnn1Encoder(nn.Module):
+  """28×28 grey images → ``[B, R, R, C]``: three convs whose sizes interpolate linearly."""
+  image_size: int
+  channels: int
+  out_channels: int
+  representation_dim: int
+  act: str = "swish"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool):
+    act = activation(self.act)
+    chans = _linspace_int(self.channels, self.out_channels, 4)
+    sizes = _linspace_int(self.image_size, self.representation_dim, 4)
+    h = x
+    for i in range(3):
+      s = max(sizes[i] // sizes[i + 1], 1)
+      k = sizes[i] - s * (sizes[i + 1] - 1) + 2
+      h = RowConv(chans[i + 1], k, s, 1, name=f"conv{i}")(h)
+      h = act(_bn(train, f"bn{i}")(h))
+    return h
+
+
+class Cnn1Decoder(nn.Module):
+  """Mirror of :class:`Cnn1Encoder` with transposed convs; the last one has no bias (as the reference)."""
+  image_size: int
+  channels: int
+  latent_channels: int
+  representation_dim: int
+  act: str = "swish"
+
+  @nn.compact
+  def __call__(self, z: jax.Array, train: bool):
+    act = activation(self.act)
+    chans = _linspace_int(self.latent_channels, self.channels, 4)
+    sizes = _linspace_int(self.image_size, self.representation_dim, 4)[::-1]
+    h = z
+    for i in range(3):
+      s = max(sizes[i + 1] // sizes[i], 1)
+      k = sizes[i + 1] - s * (sizes[i] - 1) + 2
+      h = RowConv(chans[i + 1], k, s, 1, transpose=True, name=f"convt{i}")(h)
+      if i < 2:
+        h = act(_bn(train, f"bn{i}")(h))
+    return h  # logits or linear output: the output activation is applied by the model
+
+
+class ResBlock(nn.Module):
+  """[FORK] pre-activation residual block with three 3×3 convs; ``out = shortcut + 0.1·dx``."""
+  in_channels: int
+  out_channels: int
+  act: str = "swish"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool):
+    act = activation(self.act)
+    hid = min(self.in_channels, self.out_channels)
+    dx = x
+    for i, c in enumerate((self.in_channels, hid, self.out_channels)):
+      dx = conv(c, 3, bias=True, name=f"conv{i}")(act(_bn(train, f"bn{i}")(dx)))
+    shortcut = x
+    if self.in_channels != self.out_channels:
+      shortcut = conv(self.out_channels, 1, padding=0, name="shortcut")(x)
+    return shortcut + 0.1 * dx
+
+
+class Cnn2Encoder(nn.Module):
+  """Colour images (32 or 64 px) → ``[B, R, R, C]``: a ResNet with strided-conv down-sampling."""
+  image_size: int
+  channels: int
+  out_channels: int
+  representation_dim: int
+  act: str = "swish"
+  base_channels: int = 8
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool):
+    n = int(round(np.log2(self.image_size / self.representation_dim)))
+    chans = _linspace_int(self.base_channels, self.out_channels, n + 1)
+    h = conv(self.base_channels, 3, bias=True, name="conv_img")(x)
+    h = ResBlock(self.base_channels, self.base_channels, self.act, name="res_in")(h, train)
+    for i in range(n):
+      h = conv(chans[i], 3, 2, 1, bias=True, name=f"down{i}")(h)
+      h = ResBlock(chans[i], chans[i + 1], self.act, name=f"res{i}")(h, train)
+    return activation(self.act)(_bn(train, "bn_out")(h))
+
+
+class Cnn2Decoder(nn.Module):
+  """Mirror of :class:`Cnn2Encoder`: ResBlocks with transposed-conv ×2 up-sampling."""
+  image_size: int
+  channels: int
+  latent_channels: int
+  representation_dim: int
+  act: str = "swish"
+  base_channels: int = 8
+
+  @nn.compact
+  def __call__(self, z: jax.Array, train: bool):
+    n = int(round(np.log2(self.image_size / self.representation_dim)))
+    chans = _linspace_int(self.latent_channels, self.base_channels, n + 1)
+    h = z
+    for i in range(n):
+      h = ResBlock(chans[i], chans[i + 1], self.act, name=f"res{i}")(h, train)
+      h = conv_transpose(chans[i + 1], 4, 2, 1, name=f"up{i}")(h)
+    h = ResBlock(self.base_channels, self.base_channels, self.act, name="res_out")(h, train)
+    h = activation(self.act)(_bn(train, "bn_out")(h))
+    return conv(self.channels, 3, bias=True, name="conv_out")(h)
+
+
+ENCODERS = {"cnn1": Cnn1Encoder, "cnn2": Cnn2Encoder}
+DECODERS = {"cnn1": Cnn1Decoder, "cnn2": Cnn2Decoder}
+
+
+def param_count(tree) -> int:
+  return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+__all__: Sequence[str] = [
+    "ConvBlock", "GaussianHead", "Router", "ContrastiveProjection", "Cnn1Encoder", "Cnn1Decoder",
+    "Cnn2Encoder", "Cnn2Decoder", "ResBlock", "ENCODERS", "DECODERS", "activation", "param_count",
+]

@@ -1,0 +1,547 @@
+"""Stage-1 training: jitted steps and the grow → prune → fine-tune schedule (``reference/treevae.md`` §4).
+
+The steps are pure functions of ``(state, images, key, alpha, lr)`` jitted with the model, the tree
+and a small :class:`StepConfig` as static arguments, so XLA retraces only when the tree (or the
+phase kind) changes. The schedule around them is a host-side state machine whose position (the
+*cursor*) is saved with every checkpoint, so a run resumes at the phase where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Iterator
+
+import flax
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from tree_diffusion import augment as augment_lib
+from tree_diffusion import checkpoint as ckpt_lib
+from tree_diffusion import data as data_lib
+from tree_diffusion import sharding
+from tree_diffusion.eval import clustering
+from tree_diffusion.tree import Tree, depth_of
+from tree_diffusion.treevae import growing
+from tree_diffusion.treevae.model import (TreeVAE, grow_variables, merge_split_variables,
+                                          prune_variables, split_variables)
+from tree_diffusion.writer import MetricWriter
+
+PyTree = Any
+TERMS = ("loss", "rec", "kl_root", "kl_nodes", "kl_decisions", "aug")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static settings of a train step (hashable: part of the jit cache key)."""
+  weight_decay: float = 1e-5
+  contrastive: bool = False          # [view1; view2] batches and the contrastive terms
+  aug_weight: float = 1.0
+  augment: augment_lib.AugmentConfig | None = None
+
+
+# --------------------------------------------------------------------------------- optimiser
+
+
+def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
+  """Adam with coupled L2 (PyTorch ``Adam(weight_decay=…)``); the step applies the learning rate.
+
+  It runs on the flattened parameter vector (see :func:`_apply_gradients`).
+  """
+  return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.scale_by_adam())
+
+
+def init_state(variables, cfg: StepConfig) -> TrainState:
+  """A fresh train state (new optimiser, as every phase of the reference starts with)."""
+  flat, _ = jax.flatten_util.ravel_pytree(variables["params"])
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                    batch_stats=variables["batch_stats"], opt_state=make_optimizer(cfg).init(flat))
+
+
+# --------------------------------------------------------------------------------- steps
+
+
+def loss_terms(out: dict, alpha, aug_weight: float) -> dict:
+  """Batch-mean ELBO terms and the total (§3.1); ``alpha`` is the KL-annealing weight."""
+  terms = dict(rec=out["rec"].mean(), kl_root=out["kl_root"].mean(),
+               kl_nodes=jnp.clip(out["kl_nodes"].mean(), -10.0, 1e10),
+               kl_decisions=out["kl_decisions"].mean(), aug=aug_weight * out["aug"])
+  terms["loss"] = (terms["rec"] + alpha * (terms["kl_root"] + terms["kl_nodes"]
+                                           + terms["kl_decisions"]) + terms["aug"])
+  return terms
+
+
+def _inputs(images: jax.Array, key: jax.Array, cfg: StepConfig) -> jax.Array:
+  """The batch the model sees: two augmented views, one augmented view, or the images."""
+  if cfg.contrastive:
+    return augment_lib.two_views(key, images, cfg.augment)
+  if cfg.augment is not None:
+    return augment_lib.augment(key, images, cfg.augment)
+  return images
+
+
+def _apply_gradients(state: TrainState, grads, stats, lr, cfg: StepConfig) -> TrainState:
+  # The optimiser works on one flat vector: a tree has hundreds of small parameter arrays, and
+  # per-array update ops made XLA compile thousands of tiny fusions.
+  flat_params, unravel = jax.flatten_util.ravel_pytree(state.params)
+  flat_grads, _ = jax.flatten_util.ravel_pytree(grads)
+  updates, opt_state = make_optimizer(cfg).update(flat_grads, state.opt_state, flat_params)
+  return TrainState(step=state.step + 1, params=unravel(flat_params - lr * updates),
+                    batch_stats=stats, opt_state=opt_state)
+
+
+def _train_step(state: TrainState, images: jax.Array, key: jax.Array, alpha, lr, *,
+                model: TreeVAE, tree: Tree, cfg: StepConfig):
+  """One step of full-tree training (initial, intermediate and fine-tuning phases)."""
+  key = jax.random.fold_in(key, state.step)
+  aug_key, z_key = jax.random.split(key)
+  x = _inputs(images, aug_key, cfg)
+
+  def loss_fn(params):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    out, stats = model.apply(variables, tree, x, z_key, train=True, contrastive=cfg.contrastive)
+    terms = loss_terms(out, alpha, cfg.aug_weight)
+    return terms["loss"], (terms, stats)
+
+  (_, (terms, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  terms["grad_norm"] = optax.global_norm(grads)
+  return _apply_gradients(state, grads, stats, lr, cfg), terms
+
+
+def _frozen_inputs(frozen_variables, images: jax.Array, key: jax.Array, step, *, model: TreeVAE,
+                   tree: Tree, parent: int, cfg: StepConfig):
+  """The small-tree batch and the frozen tree's part of it (eval-mode BatchNorm, sampled z)."""
+  aug_key, frozen_key = jax.random.split(jax.random.fold_in(key, step))
+  x = _inputs(images, aug_key, cfg)
+  return x, model.frozen_path(frozen_variables, tree, parent, x, frozen_key)
+
+
+def _split_step(state: TrainState, x: jax.Array, frozen: dict, key: jax.Array, alpha, lr, *,
+                model: TreeVAE, depth: int, cfg: StepConfig):
+  """One update of the split's own variables (``state``), given the frozen tree's outputs."""
+  z_key = jax.random.fold_in(jax.random.fold_in(key, state.step), 1)
+
+  def loss_fn(params):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    out, stats = model.apply_split(variables, depth, x, frozen, z_key, train=True,
+                                   contrastive=cfg.contrastive)
+    terms = loss_terms(out, alpha, cfg.aug_weight)
+    return terms["loss"], (terms, stats)
+
+  (_, (terms, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  terms["grad_norm"] = optax.global_norm(grads)
+  return _apply_gradients(state, grads, stats, lr, cfg), terms
+
+
+train_step = jax.jit(_train_step, static_argnames=("model", "tree", "cfg"), donate_argnums=0)
+# The small-tree step is two jitted functions: the frozen tree's forward (compiled per split) and
+# the update of the split (compiled once per depth of the split node, shared by all splits there).
+frozen_inputs = jax.jit(_frozen_inputs, static_argnames=("model", "tree", "parent", "cfg"))
+_split_update = jax.jit(_split_step, static_argnames=("model", "depth", "cfg"), donate_argnums=0)
+
+
+def split_step(state: TrainState, frozen_variables, images: jax.Array, key: jax.Array, alpha, lr,
+               *, model: TreeVAE, tree: Tree, parent: int, cfg: StepConfig):
+  """One small-tree step (§4.2 f): only the split's own variables (``state``) train.
+
+  The frozen tree runs in eval mode with sampled latents and is never differentiated; the split's
+  parameters are their own pytree, so the frozen tree has no optimiser state and cannot move —
+  the effect of an optax mask, without computing or storing anything for the frozen part.
+  """
+  x, frozen = frozen_inputs(frozen_variables, images, key, state.step, model=model, tree=tree,
+                            parent=parent, cfg=cfg)
+  return _split_update(state, x, frozen, key, alpha, lr, model=model,
+                       depth=_canonical_split_depth(model, depth_of(parent)), cfg=cfg)
+
+
+def _canonical_split_depth(model: TreeVAE, depth: int) -> int:
+  """The shallowest depth whose split has the same layer sizes (so it shares a compile)."""
+  sizes = lambda k: (model.h(k), model.lz(k), model.h(k + 1), model.lz(k + 1))
+  return min(k for k in range(depth + 1) if sizes(k) == sizes(depth))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tree"))
+def leaf_probabilities(variables, images, *, model: TreeVAE, tree: Tree):
+  return model.leaf_probabilities(variables, tree, images)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tree"))
+def eval_terms(variables, images, key, *, model: TreeVAE, tree: Tree):
+  """Per-sample negative-ELBO terms at α = 1 (eval mode), and leaf probabilities."""
+  out, _ = model.apply(variables, tree, images, key, train=False)
+  nelbo = out["rec"] + out["kl_root"] + out["kl_nodes"] + out["kl_decisions"]
+  return dict(rec=out["rec"], nelbo=nelbo), out["leaf_probs"]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tree", "num"))
+def generate(variables, key, *, model: TreeVAE, tree: Tree, num: int):
+  return model.generate(variables, tree, key, num)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tree"))
+def reconstruct(variables, images, key, *, model: TreeVAE, tree: Tree):
+  out, _ = model.apply(variables, tree, images, key, train=False, return_recon=True)
+  return out["recon"], out["leaf_probs"]
+
+
+def predict_leaf_probs(model: TreeVAE, variables, tree: Tree, arrays: data_lib.Arrays,
+                       batch_size: int) -> np.ndarray:
+  """``[N, K]`` leaf probabilities of every row of ``arrays`` (padded fixed-shape batches)."""
+  outs = []
+  for batch in data_lib.batches(arrays, batch_size, shuffle=False, drop_remainder=False, pad=True):
+    p = leaf_probabilities(variables, batch["image"], model=model, tree=tree)
+    outs.append(np.asarray(p)[batch["mask"]])
+  return np.concatenate(outs) if outs else np.zeros((0, tree.num_leaves), np.float32)
+
+
+# --------------------------------------------------------------------------------- schedule
+
+
+def kl_weight(epoch: int, kl_start: float, decay: float) -> float:
+  """KL annealing within a phase (§3.2): ``min(1, kl_start + epoch·decay)`` during ``epoch``."""
+  return float(min(1.0, kl_start + epoch * decay))
+
+
+def step_lr(epoch: int, lr: float, decay_lr: float, decay_stepsize: int) -> float:
+  """PyTorch StepLR stepped once per epoch."""
+  return float(lr * decay_lr ** (epoch // decay_stepsize))
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = max(0, int(seconds))
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the phases of one run share (not part of the checkpoint)."""
+  config: Any
+  model: TreeVAE
+  train: data_lib.Arrays
+  test: data_lib.Arrays
+  writer: MetricWriter
+  key: jax.Array
+  mesh: Any
+  global_epoch: int = 0
+  images_per_second: list = dataclasses.field(default_factory=list)
+
+
+def _step_config(run: _Run) -> StepConfig:
+  c = run.config.stage1
+  contrastive = bool(c.augment) and "InfoNCE" in c.augmentation_method
+  aug = augment_lib.get(c.augmentation) if c.augment else None
+  return StepConfig(weight_decay=c.weight_decay, contrastive=contrastive,
+                    aug_weight=c.aug_decisions_weight, augment=aug)
+
+
+def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, phase_id: int,
+                parent: int | None = None, indices: np.ndarray | None = None,
+                decay_kl: float | None = None):
+  """Trains for ``epochs`` with a fresh optimiser, StepLR and KL annealer; returns new variables."""
+  c = run.config.stage1
+  if epochs <= 0:
+    return variables
+  cfg = _step_config(run)
+  # Contrastive batches hold two views of batch_size/2 images (§6).
+  load_bs = c.batch_size // 2 if cfg.contrastive else c.batch_size
+  n = len(run.train) if indices is None else len(indices)
+  steps_per_epoch = data_lib.num_batches(n, load_bs, drop_remainder=True)
+  if steps_per_epoch == 0:
+    logging.warning("%s: %d samples are fewer than one batch of %d; phase skipped", name, n, load_bs)
+    return variables
+  decay_kl = c.decay_kl if decay_kl is None else decay_kl
+  trained = variables if parent is None else split_variables(variables, tree, parent)
+  state = init_state(trained, cfg)
+  phase_key = jax.random.fold_in(run.key, phase_id)
+  logging.info("%s: %d epochs × %d steps on %d samples, tree %s", name, epochs, steps_per_epoch, n,
+               tree)
+  t_start = time.perf_counter()
+  for epoch in range(epochs):
+    alpha = kl_weight(epoch, c.kl_start, decay_kl)
+    lr = step_lr(epoch, c.lr, c.decay_lr, c.decay_stepsize)
+    t0 = time.perf_counter()
+    sums = None
+    for batch in data_lib.batches(run.train, load_bs, shuffle=True, seed=c.seed + phase_id,
+                                  epoch=epoch, drop_remainder=True, indices=indices):
+      images = sharding.put_batch({"image": batch["image"]}, run.mesh)["image"]
+      if parent is None:
+        state, terms = train_step(state, images, phase_key, alpha, lr, model=run.model, tree=tree,
+                                  cfg=cfg)
+      else:
+        state, terms = split_step(state, variables, images, phase_key, alpha, lr,
+                                  model=run.model, tree=tree, parent=parent, cfg=cfg)
+      sums = terms if sums is None else jax.tree_util.tree_map(jnp.add, sums, terms)
+    means = {k: float(v) / steps_per_epoch for k, v in jax.device_get(sums).items()}
+    dt = time.perf_counter() - t0
+    ips = steps_per_epoch * c.batch_size / dt
+    if epoch > 0:  # the first epoch includes compilation
+      run.images_per_second.append(ips)
+    if not np.isfinite(means["loss"]):
+      raise FloatingPointError(f"{name}, epoch {epoch}: non-finite loss; terms {means}")
+    elapsed = time.perf_counter() - t_start
+    eta = elapsed / (epoch + 1) * (epochs - epoch - 1)
+    scalars = {f"train/{k}": v for k, v in means.items()}
+    scalars.update({"train/alpha": alpha, "train/lr": lr, "train/images_per_second": ips,
+                    "tree/num_leaves": tree.num_leaves})
+    log_line = (f"{name} epoch {epoch + 1}/{epochs}: loss {means['loss']:.2f} rec {means['rec']:.2f} "
+                f"kl_root {means['kl_root']:.2f} kl_nodes {means['kl_nodes']:.2f} "
+                f"kl_dec {means['kl_decisions']:.3f} aug {means['aug']:.3f} α {alpha:.3f} "
+                f"lr {lr:.1e} | {ips:.0f} img/s, phase ETA {_format_eta(eta)}")
+    last = epoch == epochs - 1
+    if parent is None:
+      variables = {"params": state.params, "batch_stats": state.batch_stats}
+    else:
+      variables = merge_split_variables(variables, tree, parent, {"params": state.params,
+                                                                  "batch_stats": state.batch_stats})
+    if c.eval_every_epochs and ((epoch + 1) % c.eval_every_epochs == 0 or last):
+      if run.test.num_classes and parent is None:
+        probs = predict_leaf_probs(run.model, variables, tree, run.test, c.eval_batch_size)
+        nmi = clustering.nmi(run.test.labels, probs.argmax(1))
+        scalars["test/nmi"] = nmi
+        log_line += f" | test NMI {nmi:.3f}"
+    run.writer.write_scalars(run.global_epoch, scalars)
+    run.global_epoch += 1
+    if c.log_every_epochs and ((epoch + 1) % c.log_every_epochs == 0 or last or epoch == 0):
+      logging.info(log_line)
+  return variables
+
+
+# --------------------------------------------------------------------------------- the run
+
+
+def initial_tree(config) -> Tree:
+  return Tree.complete(config.stage1.initial_depth)
+
+
+def make_model(config) -> TreeVAE:
+  c = config.stage1
+  contrastive = bool(c.augment) and "instancewise_full" in c.augmentation_method
+  return TreeVAE(encoder=config.treevae.encoder, image_size=config.data.image_size,
+                 channels=config.data.channels,
+                 latent_channels=tuple(config.treevae.latent_channels),
+                 bottom_up_channels=tuple(config.treevae.bottom_up_channels),
+                 representation_dim=config.treevae.representation_dim,
+                 res_connections=config.treevae.res_connections, act=config.treevae.act,
+                 output=config.treevae.output, dropout_router=config.treevae.dropout_router,
+                 contrastive=contrastive)
+
+
+def _grow_iteration(run: _Run, variables, tree: Tree, cursor: dict, phase_id: int):
+  """One pass of the growing loop (§4.2 step 2): maybe intermediate training, then one split."""
+  c = run.config.stage1
+  it = cursor["iteration"]
+  if (c.intermediate_fulltrain and it > 0 and it % 3 == 0 and not cursor.get("intermediate_done")
+      and c.num_epochs_intermediate_fulltrain > 0):
+    variables = train_phase(run, f"intermediate[{it}]", variables, tree,
+                            c.num_epochs_intermediate_fulltrain, phase_id=phase_id)
+    return variables, tree, dict(cursor, intermediate_done=True)
+
+  probs = predict_leaf_probs(run.model, variables, tree, run.train, c.eval_batch_size)
+  load_bs = c.batch_size // 2 if _step_config(run).contrastive else c.batch_size
+  decision = growing.select_leaf(tree, probs, batch_size=load_bs, max_depth=run.model.max_depth,
+                                 num_clusters=c.num_clusters_tree,
+                                 not_expandable=frozenset(cursor["not_expandable"]))
+  not_expandable = sorted(set(cursor["not_expandable"]) | set(decision.not_expandable))
+  logging.info("growing iteration %d: %s (effective leaves %d; counts %s)", it, decision.reason,
+               decision.n_effective, decision.counts)
+  if decision.leaf is None:
+    return variables, tree, dict(cursor, phase="prune", not_expandable=not_expandable)
+
+  idx = growing.subset_indices(probs, tree, decision.leaf, decision.threshold)
+  grow_key = jax.random.fold_in(jax.random.fold_in(run.key, 10_000), phase_id)
+  tree, variables = grow_variables(run.model, variables, tree, decision.leaf, grow_key)
+  variables = train_phase(run, f"small-tree[{it}] leaf {decision.leaf}", variables, tree,
+                          c.num_epochs_smalltree, phase_id=phase_id, parent=decision.leaf,
+                          indices=idx)
+  cursor = dict(cursor, iteration=it + 1, intermediate_done=False, not_expandable=not_expandable)
+  if it + 1 >= c.max_growth_iterations:
+    cursor["phase"] = "prune"
+  elif decision.n_effective + 1 == c.num_clusters_tree:
+    probs = predict_leaf_probs(run.model, variables, tree, run.train, c.eval_batch_size)
+    if growing.effective_leaves(probs).sum() >= c.num_clusters_tree:
+      cursor["phase"] = "prune"
+  return variables, tree, cursor
+
+
+def _prune(run: _Run, variables, tree: Tree):
+  """Removes leaves with < 1% of the argmax assignments, one at a time (§4.4)."""
+  c = run.config.stage1
+  while True:
+    probs = predict_leaf_probs(run.model, variables, tree, run.train, c.eval_batch_size)
+    leaf = growing.leaf_to_prune(tree, probs)
+    if leaf is None:
+      return variables, tree
+    tree = tree.prune([leaf])
+    variables = prune_variables(variables, tree)
+    logging.info("pruned leaf %d -> %s", leaf, tree)
+
+
+def train_and_export(config, workdir: str) -> dict:
+  """Runs (or resumes) stage 1 in ``workdir`` and writes the export, metrics and tree figure.
+
+  Resume order: the latest checkpoint in ``workdir/checkpoints``, else a fresh start.
+
+  Returns:
+    The final metrics (also written to ``workdir/stage1_metrics.json``).
+  """
+  c = config.stage1
+  t_run = time.perf_counter()
+  _check_workdir(workdir)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(c.batch_size // 2 if c.augment and "InfoNCE" in c.augmentation_method
+                            else c.batch_size, mesh)
+  train_arrays = data_lib.load_arrays(config.data, "train")
+  test_arrays = data_lib.load_arrays(config.data, "test")
+  data_lib.check_image_shape(train_arrays, config.data)
+  model = make_model(config)
+  writer = MetricWriter(os.path.join(workdir, "tensorboard"))
+  run = _Run(config=config, model=model, train=train_arrays, test=test_arrays, writer=writer,
+             key=jax.random.key(c.seed), mesh=mesh)
+  ckpts = ckpt_lib.Stage1Checkpoints(workdir, max_to_keep=c.checkpoints_to_keep)
+  logging.info("data: %d train / %d test images of shape %s; devices: %d", len(train_arrays),
+               len(test_arrays), train_arrays.images.shape[1:], jax.device_count())
+
+  restored = ckpts.restore(model)
+  if restored is None:
+    tree = initial_tree(config)
+    variables = model.init(jax.random.fold_in(run.key, 999), tree)
+    cursor = {"phase": "initial", "iteration": 0, "not_expandable": [], "phase_id": 0}
+    step = 0
+  else:
+    step, variables, tree, meta = restored
+    cursor = meta["cursor"]
+    run.global_epoch = meta.get("global_epoch", 0)
+    logging.info("resumed from checkpoint %d: phase %s, iteration %d, tree %s", step,
+                 cursor["phase"], cursor["iteration"], tree)
+
+  def save(variables, tree, cursor):
+    nonlocal step
+    step += 1
+    ckpts.save(step, variables, tree, cursor, extra={"global_epoch": run.global_epoch})
+
+  while cursor["phase"] != "done":
+    phase_id = cursor["phase_id"] + 1
+    cursor = dict(cursor, phase_id=phase_id)
+    if cursor["phase"] == "initial":
+      variables = train_phase(run, "initial", variables, tree, c.num_epochs, phase_id=phase_id)
+      grow = c.grow and tree.depth < model.max_depth
+      cursor["phase"] = "grow" if grow else "prune"
+    elif cursor["phase"] == "grow":
+      variables, tree, cursor = _grow_iteration(run, variables, tree, cursor, phase_id)
+    elif cursor["phase"] == "prune":
+      if c.prune:
+        variables, tree = _prune(run, variables, tree)
+      cursor["phase"] = "finetune"
+    elif cursor["phase"] == "finetune":
+      n_ft = c.num_epochs_finetuning
+      variables = train_phase(run, "finetune", variables, tree, n_ft, phase_id=phase_id,
+                              decay_kl=max(0.01, 1.0 / max(1, n_ft - 1)))
+      cursor["phase"] = "done"
+    save(variables, tree, cursor)
+  ckpts.close()
+
+  metrics = final_metrics(run, variables, tree)
+  metrics["wall_time_s"] = time.perf_counter() - t_run
+  metrics["train_images_per_second"] = (float(np.median(run.images_per_second))
+                                        if run.images_per_second else None)
+  ckpt_lib.export_treevae(os.path.join(workdir, "export"), model, variables, tree, {
+      "config": json.loads(config.to_json_best_effort()),
+      "data": {"name": config.data.name, "image_shape": list(model.image_shape),
+               "normalisation": "float32 in [0, 1] (uint8 / 255)",
+               "num_classes": train_arrays.num_classes},
+      "metrics": metrics})
+  with open(os.path.join(workdir, "stage1_metrics.json"), "w") as f:
+    json.dump(metrics, f, indent=2)
+  write_tree_figure(run, variables, tree, os.path.join(workdir, "tree.png"))
+  writer.close()
+  logging.info("stage 1 done in %s: %s", _format_eta(metrics["wall_time_s"]),
+               {k: v for k, v in metrics["test"].items() if not isinstance(v, list)})
+  return metrics
+
+
+def final_metrics(run: _Run, variables, tree: Tree) -> dict:
+  """Clustering metrics on the test split (+ train), ELBO terms and a K-means baseline."""
+  c = run.config.stage1
+  out = {"tree": json.loads(tree.to_json()), "num_leaves": tree.num_leaves}
+  for split, arrays in (("train", run.train), ("test", run.test)):
+    probs = predict_leaf_probs(run.model, variables, tree, arrays, c.eval_batch_size)
+    labels = arrays.labels if arrays.num_classes else None
+    out[split] = clustering.summary(tree, labels, probs)
+  if not c.final_elbo:
+    return _with_kmeans(run, out, tree)
+  # Negative ELBO on the test split at α = 1 (one latent sample per node).
+  nelbo, rec = [], []
+  key = jax.random.fold_in(run.key, 123_456)
+  for i, batch in enumerate(data_lib.batches(run.test, c.eval_batch_size, shuffle=False,
+                                             drop_remainder=False, pad=True)):
+    terms, _ = eval_terms(variables, batch["image"], jax.random.fold_in(key, i), model=run.model,
+                          tree=tree)
+    nelbo.append(np.asarray(terms["nelbo"])[batch["mask"]])
+    rec.append(np.asarray(terms["rec"])[batch["mask"]])
+  out["test"]["nelbo"] = float(np.concatenate(nelbo).mean())
+  out["test"]["rec"] = float(np.concatenate(rec).mean())
+  return _with_kmeans(run, out, tree)
+
+
+def _with_kmeans(run: _Run, out: dict, tree: Tree) -> dict:
+  c = run.config.stage1
+  if run.test.num_classes and c.kmeans_baseline:
+    out["kmeans_pixels"] = kmeans_baseline(run.train, run.test, tree.num_leaves, c.seed)
+  return out
+
+
+def kmeans_baseline(train: data_lib.Arrays, test: data_lib.Arrays, k: int, seed: int) -> dict:
+  """scikit-learn K-means on raw pixels with ``k`` clusters, fit on train, scored on test."""
+  from sklearn.cluster import KMeans
+  flat = lambda a: a.images.reshape(len(a), -1).astype(np.float32) / 255.0
+  km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(flat(train))
+  pred = km.predict(flat(test))
+  return {"num_clusters": k, "nmi": clustering.nmi(test.labels, pred),
+          "accuracy": clustering.accuracy(test.labels, pred),
+          "leaf_purity": clustering.leaf_purity(test.labels, pred)}
+
+
+def write_tree_figure(run: _Run, variables, tree: Tree, path: str, num: int | None = None):
+  """The learned tree: each node's share of test samples, real and generated images per leaf."""
+  from tree_diffusion.treevae import figure
+  c = run.config.stage1
+  num = num or c.figure_images_per_leaf
+  probs = predict_leaf_probs(run.model, variables, tree, run.test, c.eval_batch_size)
+  assign = probs.argmax(1)
+  share = np.bincount(assign, minlength=tree.num_leaves) / max(len(assign), 1)
+  shape = run.model.image_shape
+  real = np.full((tree.num_leaves, num) + shape, np.nan, np.float32)
+  for k in range(tree.num_leaves):
+    rows = np.flatnonzero(assign == k)[:num]
+    real[k, :len(rows)] = run.test.images[rows] / 255.0
+  gen = generate(variables, jax.random.fold_in(run.key, 777), model=run.model, tree=tree, num=num)
+  images = np.clip(np.asarray(gen["images"]), 0.0, 1.0)
+  figure.save_tree_figure(path, tree, share, [real, images], row_titles=["test", "generated"],
+                          title=f"{run.config.data.name}: {tree.num_leaves} leaves")
+
+
+def _check_workdir(workdir: str):
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"workdir {workdir} is not writable ({e.strerror}); "
+                          f"pass a --workdir you can write to") from None
