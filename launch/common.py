@@ -3,7 +3,7 @@ user errors into one-line messages (exit code 1) instead of tracebacks."""
 
 import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 
 
 def setup():
@@ -22,6 +22,22 @@ def _user_errors():
   return (data.DataError, checkpoint.CheckpointError, PermissionError, FileNotFoundError)
 
 
+def _one_line(e: BaseException) -> str:
+  # Some errors carry the repr of a multi-line message (escaped newlines and quotes).
+  msg = str(e).replace("\\n", " ").replace("\\'", "'")
+  return " ".join(msg.split())
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a mistyped or ill-typed ``--config.x=…`` as a one-line error."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {_one_line(e)} (see --help)")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    sys.exit(f"error: bad --config override: {_one_line(e)}")
+
+
 def run(main):
   """``absl.app.run(main)`` with expected errors reported as ``error: …`` on one line."""
   def wrapped(argv):
@@ -29,5 +45,5 @@ def run(main):
       return main(argv)
     except _user_errors() as e:
       logging.error("%s", e)
-      sys.exit(f"error: {e}")
-  app.run(wrapped)
+      sys.exit(f"error: {_one_line(e)}")
+  app.run(wrapped, flags_parser=_parse_flags)

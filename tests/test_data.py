@@ -87,7 +87,7 @@ def test_check_image_shape(mnist_5k):
 
 
 def test_load_iterates_one_epoch():
-  config = ml_collections.ConfigDict(dict(data=_config(), train=dict(batch_size=300)))
+  config = ml_collections.ConfigDict(dict(data=_config(), stage1=dict(eval_batch_size=300)))
   batches = list(data.load(config, 'test'))
   assert [len(b['label']) for b in batches] == [300, 300, 300, 100]
   assert set(batches[0]) == {'image', 'label'}

@@ -748,7 +748,7 @@ def load(config: Any, split: str, *, batch_size: int | None = None, shuffle: boo
   Args:
     config: the whole config; ``config.data`` selects the dataset.
     split: 'train' or 'test'.
-    batch_size: rows per batch; defaults to ``config.train.batch_size`` if present, else 256.
+    batch_size: rows per batch; defaults to ``config.stage1.eval_batch_size`` if present, else 256.
     shuffle: whether to shuffle (epoch 0 of ``batches``' seeded permutation).
     seed: shuffling seed.
 
@@ -763,8 +763,8 @@ def load(config: Any, split: str, *, batch_size: int | None = None, shuffle: boo
   arrays = load_arrays(config.data, split)
   check_image_shape(arrays, config.data)
   if batch_size is None:
-    train = config.get('train', None) if hasattr(config, 'get') else None
-    batch_size = int(_get(train, 'batch_size', 256)) if train is not None else 256
+    train = config.get('stage1', None) if hasattr(config, 'get') else None
+    batch_size = int(_get(train, 'eval_batch_size', 256)) if train is not None else 256
   it = batches(arrays, batch_size, shuffle=shuffle, seed=seed, drop_remainder=False)
   return ({'image': b['image'], 'label': b['label']} for b in it)
 

@@ -604,6 +604,25 @@ def split_variables(variables: Variables, tree: Tree, parent: int) -> Variables:
   return out
 
 
+def frozen_path_variables(variables: Variables, tree: Tree, parent: int) -> Variables:
+  """What :meth:`TreeVAE.frozen_path` reads: shared networks and the nodes on the path to ``parent``.
+
+  The split's own variables (``parent``'s routers, its children) are left out, so the frozen
+  inputs never alias the arrays that the split's train step updates (and donates).
+  """
+  on_path = {node_key(n) for n in tree.path(parent)}
+  out = {}
+  for col, v in variables.items():
+    out[col] = {}
+    for k, val in v.items():
+      if not k.startswith("node_"):
+        out[col][k] = val
+      elif k in on_path:
+        drop = (P_ROUTER, Q_ROUTER) if k == node_key(parent) else ()
+        out[col][k] = {c: x for c, x in val.items() if c not in drop}
+  return out
+
+
 def merge_split_variables(variables: Variables, tree: Tree, parent: int,
                           split: Variables) -> Variables:
   """Writes a trained split back into the tree's variables (inverse of :func:`split_variables`)."""

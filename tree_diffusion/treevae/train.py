@@ -30,8 +30,8 @@ from tree_diffusion import sharding
 from tree_diffusion.eval import clustering
 from tree_diffusion.tree import Tree, depth_of
 from tree_diffusion.treevae import growing
-from tree_diffusion.treevae.model import (TreeVAE, grow_variables, merge_split_variables,
-                                          prune_variables, split_variables)
+from tree_diffusion.treevae.model import (TreeVAE, frozen_path_variables, grow_variables,
+                                          merge_split_variables, prune_variables, split_variables)
 from tree_diffusion.writer import MetricWriter
 
 PyTree = Any
@@ -68,9 +68,12 @@ def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
 
 def init_state(variables, cfg: StepConfig) -> TrainState:
   """A fresh train state (new optimiser, as every phase of the reference starts with)."""
-  flat, _ = jax.flatten_util.ravel_pytree(variables["params"])
-  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                    batch_stats=variables["batch_stats"], opt_state=make_optimizer(cfg).init(flat))
+  # Copies: the steps donate their state, which must not delete the caller's arrays.
+  params = jax.tree_util.tree_map(jnp.copy, variables["params"])
+  batch_stats = jax.tree_util.tree_map(jnp.copy, variables["batch_stats"])
+  flat, _ = jax.flatten_util.ravel_pytree(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=make_optimizer(cfg).init(flat))
 
 
 # --------------------------------------------------------------------------------- steps
@@ -163,8 +166,8 @@ def split_step(state: TrainState, frozen_variables, images: jax.Array, key: jax.
   parameters are their own pytree, so the frozen tree has no optimiser state and cannot move —
   the effect of an optax mask, without computing or storing anything for the frozen part.
   """
-  x, frozen = frozen_inputs(frozen_variables, images, key, state.step, model=model, tree=tree,
-                            parent=parent, cfg=cfg)
+  x, frozen = frozen_inputs(frozen_path_variables(frozen_variables, tree, parent), images, key,
+                            state.step, model=model, tree=tree, parent=parent, cfg=cfg)
   return _split_update(state, x, frozen, key, alpha, lr, model=model,
                        depth=_canonical_split_depth(model, depth_of(parent)), cfg=cfg)
 
@@ -265,8 +268,12 @@ def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, pha
     logging.warning("%s: %d samples are fewer than one batch of %d; phase skipped", name, n, load_bs)
     return variables
   decay_kl = c.decay_kl if decay_kl is None else decay_kl
+  # Everything the steps see lives on the mesh, replicated: inputs whose sharding differs from the
+  # steps' outputs (e.g. freshly initialised arrays) would make jit retrace and recompile.
+  replicated = sharding.replicated(run.mesh)
+  variables = jax.device_put(variables, replicated)
   trained = variables if parent is None else split_variables(variables, tree, parent)
-  state = init_state(trained, cfg)
+  state = jax.device_put(init_state(trained, cfg), replicated)
   phase_key = jax.random.fold_in(run.key, phase_id)
   logging.info("%s: %d epochs × %d steps on %d samples, tree %s", name, epochs, steps_per_epoch, n,
                tree)
