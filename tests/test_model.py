@@ -243,3 +243,23 @@ def test_schedules():
   assert train_lib.kl_weight(500, 0.5, 0.01) == 1.0
   assert train_lib.step_lr(99, 1e-3, 0.1, 100) == 1e-3
   assert abs(train_lib.step_lr(100, 1e-3, 0.1, 100) - 1e-4) < 1e-12
+
+
+def test_colour_contrastive_steps_run():
+  """cnn2 + mse + two augmented views + InfoNCE/NT-Xent: a full step and a split step."""
+  from tree_diffusion import augment
+  model = TreeVAE(encoder="cnn2", image_size=16, channels=3, latent_channels=(2,) * 3,
+                  bottom_up_channels=(4,) * 3, representation_dim=4, res_connections=True,
+                  output="mse", contrastive=True)
+  cfg = train_lib.StepConfig(contrastive=True, aug_weight=100.0, augment=augment.CIFAR)
+  images = jnp.asarray(np.random.default_rng(4).uniform(size=(4, 16, 16, 3)), jnp.float32)
+  tree0 = Tree.complete(1)
+  v0 = model.init(jax.random.key(0), tree0)
+  state, terms = train_lib.train_step(train_lib.init_state(v0, cfg), images, jax.random.key(1),
+                                      0.1, 1e-3, model=model, tree=tree0, cfg=cfg)
+  assert np.isfinite(float(terms["loss"])) and float(terms["aug"]) > 0
+  tree, v = grow_variables(model, v0, tree0, 2, jax.random.key(2))
+  state = train_lib.init_state(split_variables(v, tree, 2), cfg)
+  state, terms = train_lib.split_step(state, v, images, jax.random.key(3), 0.1, 1e-3, model=model,
+                                      tree=tree, parent=2, cfg=cfg)
+  assert np.isfinite(float(terms["loss"])) and float(terms["aug"]) > 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import flax.linen as nn
 import jax
@@ -665,9 +665,3 @@ def check_variables(tree: Tree, variables: Variables):
   extra = {k for k in params if k.startswith("node_")} - {node_key(n) for n in tree.nodes}
   if extra:
     raise ValueError(f"variables hold nodes not in the tree: {sorted(extra)}")
-
-
-def component_labels(params: PyTree, fn: Callable[[tuple[str, ...]], str]) -> PyTree:
-  """Maps every leaf of ``params`` to ``fn(path_of_dict_keys)`` (for optax masks)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: fn(tuple(getattr(p, "key", str(p)) for p in path)), params)

@@ -20,10 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Modules keep Flax's default initialisers; TreeVAE.init (model.py) replaces every weight by
-# PyTorch's default init, drawn with NumPy (see ``torch_default_init`` there).
-torch_init = nn.initializers.lecun_normal()
-torch_init_transpose = nn.initializers.lecun_normal()
+# Modules keep Flax's default initialisers; TreeVAE.init (model.py, ``_init_module``) replaces
+# every weight by PyTorch's default init, drawn with NumPy.
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -46,8 +44,7 @@ def _bn(train: bool, name: str | None = None) -> nn.BatchNorm:
 def conv(features: int, kernel: int, stride: int = 1, padding: int = 1, bias: bool = False,
          name: str | None = None) -> nn.Conv:
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((padding, padding), (padding, padding)), use_bias=bias,
-                 kernel_init=torch_init, name=name)
+                 padding=((padding, padding), (padding, padding)), use_bias=bias, name=name)
 
 
 def conv_transpose(features: int, kernel: int, stride: int, padding: int, bias: bool = False,
@@ -55,12 +52,11 @@ def conv_transpose(features: int, kernel: int, stride: int, padding: int, bias: 
   """PyTorch ``ConvTranspose2d(k, stride, padding)``: output ``(n−1)·s − 2p + k``."""
   pad = kernel - 1 - padding
   return nn.ConvTranspose(features, (kernel, kernel), strides=(stride, stride),
-                          padding=((pad, pad), (pad, pad)), use_bias=bias,
-                          kernel_init=torch_init_transpose, name=name)
+                          padding=((pad, pad), (pad, pad)), use_bias=bias, name=name)
 
 
 def dense(features: int, bias: bool = True, name: str | None = None) -> nn.Dense:
-  return nn.Dense(features, use_bias=bias, kernel_init=torch_init, name=name)
+  return nn.Dense(features, use_bias=bias, name=name)
 
 
 def _row_placement(k: int, n_in: int, n_out: int, stride: int, pad: int,
@@ -123,8 +119,8 @@ class RowConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    init = torch_init_transpose if self.transpose else torch_init
-    kernel = self.param("kernel", init, (self.kernel, self.kernel, x.shape[-1], self.features))
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (self.kernel, self.kernel, x.shape[-1], self.features))
     y = conv2d_rows(x, kernel, self.stride, self.padding, self.transpose)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,))

@@ -35,7 +35,6 @@ from tree_diffusion.treevae.model import (TreeVAE, frozen_path_variables, grow_v
 from tree_diffusion.writer import MetricWriter
 
 PyTree = Any
-TERMS = ("loss", "rec", "kl_root", "kl_nodes", "kl_decisions", "aug")
 
 
 @flax.struct.dataclass
