@@ -27,8 +27,9 @@ def main(argv):
   logging.info("config:\n%s", _CONFIG.value)
   metrics = train.train_and_export(_CONFIG.value, _WORKDIR.value)
   test = metrics["test"]
-  print(f"leaves {metrics['num_leaves']}  test NMI {test.get('nmi', float('nan')):.3f}  "
-        f"leaf purity {test.get('leaf_purity', float('nan')):.3f}  -> {_WORKDIR.value}")
+  scores = (f"test NMI {test['nmi']:.3f}  leaf purity {test['leaf_purity']:.3f}" if "nmi" in test
+            else "no labels: see tree.png and stage1_metrics.json")
+  print(f"leaves {metrics['num_leaves']}  {scores}  -> {_WORKDIR.value}")
 
 
 if __name__ == "__main__":
