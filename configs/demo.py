@@ -7,7 +7,8 @@ Sized for a 2-core CPU (about 10 minutes, compiles included). Deviations from ``
 (the reference's MNIST settings), all for time: half the channels (latent 8, bottom-up 16), about
 7% of the reference's epochs (4,000 images instead of 60,000 make each epoch 15× shorter), KL
 warm-up ×10 faster (0.01 per epoch), no intermediate full-tree training (each full-tree phase on a
-new tree costs a compile), no test-set ELBO at the end. Expected: 8–10 leaves, test NMI ≥ 0.6.
+new tree costs a compile), no test-set ELBO at the end. Measured on 2 CPU cores: 10 leaves grown,
+8 after pruning, test NMI 0.568, leaf purity 0.556, 9 min 58 s (README).
 """
 
 from configs import common
