@@ -6,7 +6,7 @@ from tree_diffusion.tree import Tree
 from tree_diffusion.treevae import growing
 
 
-def _probs(counts, k, n_extra_mass=None):
+def _probs(counts, k):
   """Hard one-hot rows: counts[i] samples fully in leaf i."""
   rows = [np.eye(k)[i] for i, c in enumerate(counts) for _ in range(c)]
   return np.asarray(rows)

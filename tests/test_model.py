@@ -139,7 +139,6 @@ def test_leaf_probabilities_follow_bfs_order_on_a_pruned_tree():
   probs = np.asarray(out["leaf_probs"], np.float64)
   np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
   # Independent composition: apply each q-router on its bottom-up level and multiply by hand.
-  ds = [X]
   enc = TINY.encoder_def()
   ds = [enc.apply({"params": v["params"]["encoder"], "batch_stats": v["batch_stats"]["encoder"]},
                   X, train=False)]

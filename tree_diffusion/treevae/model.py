@@ -589,18 +589,22 @@ def grow_variables(model: TreeVAE, variables: Variables, tree: Tree, leaf: int,
   return new_tree, out
 
 
+def _split_layout(tree: Tree, parent: int):
+  """Pairs (path in the split's own pytree, path in the tree's variables) of a split."""
+  left, right = tree.children(parent)
+  return ([((comp,), (node_key(parent), comp)) for comp in (P_ROUTER, Q_ROUTER)]
+          + [(("left",), (node_key(left),)), (("right",), (node_key(right),))])
+
+
 def split_variables(variables: Variables, tree: Tree, parent: int) -> Variables:
   """The variables of the split under ``parent`` as their own pytree (for :meth:`apply_split`)."""
-  left, right = tree.children(parent)
   out = {}
   for col, v in variables.items():
     out[col] = {}
-    for comp in (P_ROUTER, Q_ROUTER):
-      if comp in v.get(node_key(parent), {}):
-        out[col][comp] = v[node_key(parent)][comp]
-    for side, c in (("left", left), ("right", right)):
-      if node_key(c) in v:
-        out[col][side] = v[node_key(c)]
+    for (own,), tree_path in _split_layout(tree, parent):
+      value = _get(v, tree_path)
+      if value is not None:
+        out[col][own] = value
   return out
 
 
@@ -626,15 +630,14 @@ def frozen_path_variables(variables: Variables, tree: Tree, parent: int) -> Vari
 def merge_split_variables(variables: Variables, tree: Tree, parent: int,
                           split: Variables) -> Variables:
   """Writes a trained split back into the tree's variables (inverse of :func:`split_variables`)."""
-  left, right = tree.children(parent)
   out = _copy_dicts(variables)
   for col, v in split.items():
-    for comp in (P_ROUTER, Q_ROUTER):
-      if comp in v:
-        out[col].setdefault(node_key(parent), {})[comp] = v[comp]
-    for side, c in (("left", left), ("right", right)):
-      if side in v:
-        out[col][node_key(c)] = v[side]
+    for (own,), tree_path in _split_layout(tree, parent):
+      if own in v:
+        node = out[col]
+        for p in tree_path[:-1]:
+          node = node.setdefault(p, {})
+        node[tree_path[-1]] = v[own]
   return out
 
 

@@ -195,12 +195,6 @@ def generate(variables, key, *, model: TreeVAE, tree: Tree, num: int):
   return model.generate(variables, tree, key, num)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "tree"))
-def reconstruct(variables, images, key, *, model: TreeVAE, tree: Tree):
-  out, _ = model.apply(variables, tree, images, key, train=False, return_recon=True)
-  return out["recon"], out["leaf_probs"]
-
-
 def predict_leaf_probs(model: TreeVAE, variables, tree: Tree, arrays: data_lib.Arrays,
                        batch_size: int) -> np.ndarray:
   """``[N, K]`` leaf probabilities of every row of ``arrays`` (padded fixed-shape batches)."""
@@ -311,9 +305,6 @@ def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, pha
     last = epoch == epochs - 1
     if parent is None:
       variables = {"params": state.params, "batch_stats": state.batch_stats}
-    else:
-      variables = merge_split_variables(variables, tree, parent, {"params": state.params,
-                                                                  "batch_stats": state.batch_stats})
     if c.eval_every_epochs and ((epoch + 1) % c.eval_every_epochs == 0 or last):
       if run.test.num_classes and parent is None:
         probs = predict_leaf_probs(run.model, variables, tree, run.test, c.eval_batch_size)
@@ -324,6 +315,9 @@ def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, pha
     run.global_epoch += 1
     if c.log_every_epochs and ((epoch + 1) % c.log_every_epochs == 0 or last or epoch == 0):
       logging.info(log_line)
+  if parent is not None:
+    variables = merge_split_variables(variables, tree, parent, {"params": state.params,
+                                                                "batch_stats": state.batch_stats})
   return variables
 
 
