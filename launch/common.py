@@ -18,8 +18,9 @@ def setup():
 
 
 def _user_errors():
-  from tree_diffusion import checkpoint, data  # pylint: disable=g-import-not-at-top
-  return (data.DataError, checkpoint.CheckpointError, PermissionError, FileNotFoundError)
+  from tree_diffusion import checkpoint, data, errors  # pylint: disable=g-import-not-at-top
+  return (data.DataError, checkpoint.CheckpointError, errors.ConfigError, PermissionError,
+          FileNotFoundError)
 
 
 def _one_line(e: BaseException) -> str:

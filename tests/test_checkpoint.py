@@ -53,3 +53,50 @@ def test_load_treevae_refuses_a_training_workdir(tmp_path):
   (tmp_path / "checkpoints").mkdir()
   with pytest.raises(checkpoint.CheckpointError, match="export"):
     checkpoint.load_treevae(str(tmp_path))
+
+
+# ------------------------------------------------------------------- stage 1 → stage 2
+
+
+def _stage2_config(**data):
+  from configs import demo
+  c = demo.get_config("tiny")
+  c.data.update(data)
+  return c
+
+
+def test_stage2_loads_the_export_it_is_pointed_at(tmp_path):
+  from tree_diffusion.diffusion import train as train_lib
+  tree, v = _grown()
+  run = tmp_path / "run"
+  checkpoint.export_treevae(str(run / "export"), TINY, v, tree, {})
+  c = _stage2_config()
+  model, variables, loaded, path, fingerprint, _ = train_lib.load_stage1(c, str(run))
+  assert model == TINY and loaded == tree and path == str((run / "export").resolve())
+  for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(variables)):
+    np.testing.assert_array_equal(a, b)
+  # The fingerprint identifies the export: another export has another one.
+  checkpoint.export_treevae(str(tmp_path / "other"), TINY, v, tree,
+                            {"metrics": {"nmi": 0.1}})
+  assert checkpoint.export_fingerprint(str(tmp_path / "other")) != fingerprint
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", "does not exist: train stage 1 first"),
+    ("workdir", "looks like a training workdir"),
+    ("shape", "was trained on 28x28x1 images but config.data"),
+])
+def test_stage2_refuses_a_wrong_export(tmp_path, case, match):
+  from tree_diffusion.diffusion import train as train_lib
+  from tree_diffusion.errors import ConfigError
+  tree, v = _grown()
+  run = tmp_path / "run"
+  checkpoint.export_treevae(str(run / "export"), TINY, v, tree, {})
+  (run / "checkpoints").mkdir()
+  c = _stage2_config(image_size=32) if case == "shape" else _stage2_config()
+  if case == "missing":
+    c.diffusion.treevae_export = str(tmp_path / "nowhere")
+  if case == "workdir":
+    c.diffusion.treevae_export = str(run)
+  with pytest.raises((checkpoint.CheckpointError, ConfigError), match=match):
+    train_lib.load_stage1(c, str(run))

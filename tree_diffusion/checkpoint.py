@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -124,3 +125,73 @@ def _json_default(o):
   if hasattr(o, "to_dict"):
     return o.to_dict()
   raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+# ----------------------------------------------------------------------------------- stage 2
+
+
+def export_fingerprint(path: str) -> str:
+  """Identity of a stage-1 export: a hash of its ``meta.json`` (config, tree, metrics, version)."""
+  meta_file = epath.Path(path) / "meta.json"
+  return hashlib.sha256(meta_file.read_bytes()).hexdigest()[:16]
+
+
+def resolve_export(path: str) -> str:
+  """Checks that ``path`` is a usable stage-1 export; returns it absolute.
+
+  Raises:
+    CheckpointError: a missing directory, a training workdir instead of its export, or something
+      that is not an export, each with the fix.
+  """
+  p = epath.Path(path)
+  if not p.exists():
+    raise CheckpointError(f"stage-1 export {p} does not exist: train stage 1 first "
+                          f"(launch/train_treevae.py writes WORKDIR/export) or set "
+                          f"--config.diffusion.treevae_export=PATH/TO/export")
+  read_export_meta(path)  # training workdir / wrong format → CheckpointError with the fix
+  return str(p.resolve())
+
+
+class Stage2Checkpoints:
+  """Orbax checkpoints of stage 2 in ``directory``: the train state (params, EMA, optimiser, step)
+  and JSON meta (which export it was trained on, epoch, config)."""
+
+  def __init__(self, directory: str, max_to_keep: int = 3):
+    self.directory = epath.Path(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory.resolve(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def save(self, step: int, state, meta: dict):
+    meta = {"version": __version__, **meta}
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)))
+    self.manager.wait_until_finished()
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def read_meta(self, step: int | None = None) -> dict | None:
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, abstract_state, step: int | None = None):
+    """``(step, state, meta)`` of ``step`` (default latest) restored into ``abstract_state``'s
+    structure, or ``None`` when there is no checkpoint."""
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    if step not in self.manager.all_steps():
+      raise CheckpointError(f"no stage-2 checkpoint {step} in {self.directory}; "
+                            f"have {sorted(self.manager.all_steps())}")
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+        abstract_state)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return step, out["state"], out["meta"]
+
+  def close(self):
+    self.manager.close()

@@ -21,11 +21,11 @@ def data_sharded(mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
-def check_batch_size(batch_size: int, mesh) -> None:
+def check_batch_size(batch_size: int, mesh, setting: str = "stage1.batch_size") -> None:
   n = mesh.devices.size
   if batch_size % n:
     raise ValueError(f"batch size {batch_size} is not divisible by the {n} devices of the mesh; "
-                     f"use a multiple of {n} (e.g. --config.stage1.batch_size={batch_size // n * n or n})")
+                     f"use a multiple of {n} (e.g. --config.{setting}={batch_size // n * n or n})")
 
 
 def put_batch(batch: dict, mesh) -> dict:

@@ -394,12 +394,14 @@ class TreeVAE:
           prob[tree.children(n)[0]] = prob[n]
     return jnp.stack([prob[n] for n in tree.leaves], axis=1)
 
-  def generate(self, variables: Variables, tree: Tree, key: jax.Array, num: int):
+  def generate(self, variables: Variables, tree: Tree, key: jax.Array, num: int,
+               decode: bool = True):
     """Prior samples (§4.6): root ``z ~ N(0, I)``, children from their priors, p-router routing.
 
     Returns:
-      dict with ``images`` ``[K, num, H, W, C]`` (every leaf decoded), ``leaf_probs`` ``[num, K]``
-      (products of p-router decisions) and ``z`` (node id → latent sample).
+      dict with ``images`` ``[K, num, H, W, C]`` (every leaf decoded; ``None`` when not
+      ``decode``), ``leaf_probs`` ``[num, K]`` (products of p-router decisions) and ``z`` (node
+      id → latent sample).
     """
     run = _Runner(variables, train=False)
     z = {0: jax.random.normal(jax.random.fold_in(key, 0), (num,) + self.latent_shape(0))}
@@ -422,13 +424,15 @@ class TreeVAE:
       for n in nodes:
         if tree.is_passthrough(n):
           prob[tree.children(n)[0]] = prob[n]
+    leaf_probs = jnp.stack([prob[n] for n in tree.leaves], 1)
+    if not decode:
+      return dict(images=None, leaf_probs=leaf_probs, z=z)
     images = {}
     for group in self.decoder_groups(tree.leaves):
       outs = self.decode(run, [(node_key(n),) for n in group], depth_of(group[0]),
                          jnp.stack([z[n] for n in group]))
       images.update({n: losses.output_image(outs[i], self.output) for i, n in enumerate(group)})
-    return dict(images=jnp.stack([images[n] for n in tree.leaves]),
-                leaf_probs=jnp.stack([prob[n] for n in tree.leaves], 1), z=z)
+    return dict(images=jnp.stack([images[n] for n in tree.leaves]), leaf_probs=leaf_probs, z=z)
 
 
 # ----------------------------------------------------------------------------------- helpers

@@ -27,6 +27,7 @@ from tree_diffusion import augment as augment_lib
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
 from tree_diffusion import sharding
+from tree_diffusion.runs import check_workdir, format_eta
 from tree_diffusion.eval import clustering
 from tree_diffusion.tree import Tree, depth_of
 from tree_diffusion.treevae import growing
@@ -218,11 +219,6 @@ def step_lr(epoch: int, lr: float, decay_lr: float, decay_stepsize: int) -> floa
   return float(lr * decay_lr ** (epoch // decay_stepsize))
 
 
-def _format_eta(seconds: float) -> str:
-  seconds = max(0, int(seconds))
-  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 @dataclasses.dataclass
 class _Run:
   """What the phases of one run share (not part of the checkpoint)."""
@@ -301,7 +297,7 @@ def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, pha
     log_line = (f"{name} epoch {epoch + 1}/{epochs}: loss {means['loss']:.2f} rec {means['rec']:.2f} "
                 f"kl_root {means['kl_root']:.2f} kl_nodes {means['kl_nodes']:.2f} "
                 f"kl_dec {means['kl_decisions']:.3f} aug {means['aug']:.3f} α {alpha:.3f} "
-                f"lr {lr:.1e} | {ips:.0f} img/s, phase ETA {_format_eta(eta)}")
+                f"lr {lr:.1e} | {ips:.0f} img/s, phase ETA {format_eta(eta)}")
     last = epoch == epochs - 1
     if parent is None:
       variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -401,7 +397,7 @@ def train_and_export(config, workdir: str) -> dict:
   """
   c = config.stage1
   t_run = time.perf_counter()
-  _check_workdir(workdir)
+  check_workdir(workdir)
   mesh = sharding.make_mesh()
   sharding.check_batch_size(c.batch_size // 2 if c.augment and "InfoNCE" in c.augmentation_method
                             else c.batch_size, mesh)
@@ -469,7 +465,7 @@ def train_and_export(config, workdir: str) -> dict:
     json.dump(metrics, f, indent=2)
   write_tree_figure(run, variables, tree, os.path.join(workdir, "tree.png"))
   writer.close()
-  logging.info("stage 1 done in %s: %s", _format_eta(metrics["wall_time_s"]),
+  logging.info("stage 1 done in %s: %s", format_eta(metrics["wall_time_s"]),
                {k: v for k, v in metrics["test"].items() if not isinstance(v, list)})
   return metrics
 
@@ -516,32 +512,27 @@ def kmeans_baseline(train: data_lib.Arrays, test: data_lib.Arrays, k: int, seed:
           "leaf_purity": clustering.leaf_purity(test.labels, pred)}
 
 
+def test_examples(model: TreeVAE, variables, tree: Tree, arrays: data_lib.Arrays, num: int,
+                  batch_size: int):
+  """Each leaf's share of ``arrays`` (argmax of the leaf probabilities) and up to ``num`` of its
+  images, ``[K, num, H, W, C]`` in [0, 1] with NaN where a leaf has fewer (blank figure slots)."""
+  probs = predict_leaf_probs(model, variables, tree, arrays, batch_size)
+  assign = probs.argmax(1)
+  share = np.bincount(assign, minlength=tree.num_leaves) / max(len(assign), 1)
+  real = np.full((tree.num_leaves, num) + model.image_shape, np.nan, np.float32)
+  for k in range(tree.num_leaves):
+    rows = np.flatnonzero(assign == k)[:num]
+    real[k, :len(rows)] = arrays.images[rows] / 255.0
+  return share, real
+
+
 def write_tree_figure(run: _Run, variables, tree: Tree, path: str, num: int | None = None):
   """The learned tree: each node's share of test samples, real and generated images per leaf."""
   from tree_diffusion.treevae import figure
   c = run.config.stage1
   num = num or c.figure_images_per_leaf
-  probs = predict_leaf_probs(run.model, variables, tree, run.test, c.eval_batch_size)
-  assign = probs.argmax(1)
-  share = np.bincount(assign, minlength=tree.num_leaves) / max(len(assign), 1)
-  shape = run.model.image_shape
-  real = np.full((tree.num_leaves, num) + shape, np.nan, np.float32)
-  for k in range(tree.num_leaves):
-    rows = np.flatnonzero(assign == k)[:num]
-    real[k, :len(rows)] = run.test.images[rows] / 255.0
+  share, real = test_examples(run.model, variables, tree, run.test, num, c.eval_batch_size)
   gen = generate(variables, jax.random.fold_in(run.key, 777), model=run.model, tree=tree, num=num)
   images = np.clip(np.asarray(gen["images"]), 0.0, 1.0)
   figure.save_tree_figure(path, tree, share, [real, images], row_titles=["test", "generated"],
                           title=f"{run.config.data.name}: {tree.num_leaves} leaves")
-
-
-def _check_workdir(workdir: str):
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise PermissionError(f"workdir {workdir} is not writable ({e.strerror}); "
-                          f"pass a --workdir you can write to") from None

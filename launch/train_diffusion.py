@@ -1,0 +1,38 @@
+"""Stage 2: trains (or resumes) the cluster-conditional diffusion model on a stage-1 export.
+
+    python launch/train_diffusion.py --config=configs/demo.py --workdir=runs/demo
+    python launch/train_diffusion.py --config=configs/mnist.py --workdir=runs/mnist \
+        --config.diffusion.conditioning=image+path
+
+The stage-1 export is read from WORKDIR/export (what launch/train_treevae.py writes) unless
+--config.diffusion.treevae_export points elsewhere; stage 2 writes into WORKDIR/diffusion/.
+Re-running the command resumes from the latest checkpoint.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from launch import common  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (holds the stage-1 export).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  common.setup()
+  from tree_diffusion.diffusion import train  # after setup(): jax is configured first
+  logging.info("config:\n%s", _CONFIG.value.diffusion)
+  summary = train.train_and_save(_CONFIG.value, _WORKDIR.value)
+  print(f"stage 2: {summary['steps']} steps, {summary['conditioning']} conditioning, "
+        f"{summary['parameters']:,} parameters -> {train.stage2_dir(_WORKDIR.value)}")
+
+
+if __name__ == "__main__":
+  common.run(main)

@@ -1,0 +1,166 @@
+"""Stage-2 outputs: load a trained denoiser, run the sampling modes, write PNG grids, ``.npz``
+files and the tree figure with every leaf's diffusion samples next to its TreeVAE samples.
+
+Images are written as uint8 ``round(clip(x, 0, 1) · 255)`` (the reference floors after the clip
+when it saves PNGs; rounding is the unbiased choice and is used everywhere in this project).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from tree_diffusion import checkpoint as ckpt_lib
+from tree_diffusion import data as data_lib
+from tree_diffusion.diffusion import train as train_lib
+from tree_diffusion.diffusion.conditioning import Denoiser, make_denoiser
+from tree_diffusion.diffusion.sampler import MODES, Sampler, SamplerConfig
+from tree_diffusion.tree import Tree
+from tree_diffusion.treevae.model import TreeVAE
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+  """``round(clip(x, 0, 1) · 255)`` as uint8."""
+  return np.rint(np.clip(np.nan_to_num(x, nan=1.0), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
+  """``[N, H, W, C]`` floats → one uint8 RGB grid with ``columns`` columns on white."""
+  n, h, w, c = images.shape
+  rows = -(-n // columns)
+  grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
+  px = to_uint8(images)
+  if c == 1:
+    px = np.repeat(px, 3, axis=-1)
+  for i in range(n):
+    r, col = divmod(i, columns)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = px[i]
+  return grid
+
+
+@dataclasses.dataclass
+class Stage2:
+  """A trained stage 2 ready to sample: the EMA weights, the frozen TreeVAE and the tree."""
+  config: Any
+  denoiser: Denoiser
+  ema_params: Any
+  model: TreeVAE
+  tvae_vars: Any
+  tree: Tree
+  step: int
+  export: str
+  samplers: dict = dataclasses.field(default_factory=dict)
+
+  def sampler(self, mode: str, mesh=None) -> Sampler:
+    """The compiled sampler of ``mode`` (built once per mode and reused)."""
+    if mode not in self.samplers:
+      self.samplers[mode] = Sampler(self.denoiser, self.model, self.tree,
+                                    SamplerConfig.from_config(self.config.diffusion), mode,
+                                    self.config.diffusion.sampling.batch_size, mesh)
+    return self.samplers[mode]
+
+
+def load_stage2(config, workdir: str, step: int | None = None) -> Stage2:
+  """Loads the latest (or ``step``) stage-2 checkpoint of ``workdir`` and its stage-1 export."""
+  c = config.diffusion
+  denoiser = make_denoiser(c.conditioning, c.unet)
+  model, tvae_vars, tree, path, fingerprint, _ = train_lib.load_stage1(config, workdir)
+  ckpts = ckpt_lib.Stage2Checkpoints(os.path.join(train_lib.stage2_dir(workdir), "checkpoints"))
+  if ckpts.latest_step() is None:
+    raise ckpt_lib.CheckpointError(f"no stage-2 checkpoint in {ckpts.directory}: run "
+                                   f"launch/train_diffusion.py with this --workdir first")
+  meta = ckpts.read_meta(step)
+  if meta.get("export_fingerprint") != fingerprint:
+    raise ckpt_lib.CheckpointError(
+        f"the stage-2 checkpoint was trained on the stage-1 export {meta.get('export')}, not on "
+        f"{path}: point --config.diffusion.treevae_export at that export")
+  if meta.get("conditioning") != denoiser.conditioning.name:
+    raise ckpt_lib.CheckpointError(
+        f"the stage-2 checkpoint uses conditioning {meta.get('conditioning')!r}, the config "
+        f"{denoiser.conditioning.name!r}: pass --config.diffusion.conditioning={meta.get('conditioning')}")
+  abstract = train_lib.abstract_state(denoiser, train_lib.StepConfig.from_config(c), model, tree)
+  step, state, _ = ckpts.restore(abstract, step)
+  ckpts.close()
+  return Stage2(config, denoiser, state.ema_params, model, tvae_vars, tree, step, path)
+
+
+def sample_modes(s: Stage2, workdir: str, modes=MODES, num: int | None = None,
+                 mesh=None) -> dict:
+  """Runs each mode and writes ``WORKDIR/diffusion/samples/<mode>/{grid.png, samples.npz}``.
+
+  ``sample*`` draw ``num`` prior samples (default ``diffusion.sampling.num_samples``); ``recons*``
+  use the first ``num`` test images. The ``.npz`` holds ``images`` and ``vae_images`` (uint8),
+  ``leaf`` (index into the tree's leaves) and ``leaf_probs``; ``*_all_leaves`` have a leaf axis.
+  """
+  sc = s.config.diffusion.sampling
+  num = num or sc.num_samples
+  cfg = SamplerConfig.from_config(s.config.diffusion)
+  key = jax.random.key(sc.seed)
+  test = None
+  summary = {"step": s.step, "export": s.export, "sampler": dataclasses.asdict(cfg),
+             "timesteps": len(cfg.respaced()), "modes": {}}
+  for mode in modes:
+    sampler = s.sampler(mode, mesh)
+    images = None
+    if mode.startswith("recons"):
+      if test is None:
+        test = data_lib.load_arrays(s.config.data, "test")
+        data_lib.check_image_shape(test, s.config.data)
+      images = test.images[:num].astype(np.float32) / np.float32(255.0)
+    t0 = time.perf_counter()
+    out = sampler.run(s.ema_params, s.tvae_vars, key, num=num, images=images)
+    dt = time.perf_counter() - t0
+    n_images = out["image"].shape[0] * (s.tree.num_leaves if sampler.all_leaves else 1)
+    out_dir = os.path.join(train_lib.stage2_dir(workdir), "samples", mode)
+    os.makedirs(out_dir, exist_ok=True)
+    np.savez_compressed(os.path.join(out_dir, "samples.npz"), images=to_uint8(out["image"]),
+                        vae_images=to_uint8(out["vae_image"]), leaf=out["leaf"],
+                        leaf_probs=out["leaf_probs"], leaf_nodes=np.asarray(s.tree.leaves))
+    if sampler.all_leaves:  # one row per example: its image through every leaf
+      rows = out["image"][:16]
+      grid = image_grid(rows.reshape((-1,) + rows.shape[2:]), columns=s.tree.num_leaves)
+    else:
+      grid = image_grid(out["image"][:64], columns=8)
+    Image.fromarray(grid).save(os.path.join(out_dir, "grid.png"))
+    summary["modes"][mode] = {"images": int(n_images), "wall_time_s": dt,
+                              "images_per_second_incl_compile": n_images / dt}
+    logging.info("%s: %d images in %.1f s -> %s", mode, n_images, dt, out_dir)
+  with open(os.path.join(train_lib.stage2_dir(workdir), "samples", "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def write_tree_figure(s: Stage2, workdir: str, mesh=None) -> str:
+  """``WORKDIR/diffusion/tree.png``: the stage-1 tree figure with, under every leaf, test images
+  assigned to it, TreeVAE samples and diffusion samples of the same prior draws.
+
+  ``figure_samples`` prior samples go through every leaf (``sample_all_leaves``); each leaf shows
+  the ``figure_images_per_leaf`` of them most likely to reach it under the p-routers.
+  """
+  from tree_diffusion.treevae import figure
+  from tree_diffusion.treevae.train import test_examples
+  sc = s.config.diffusion.sampling
+  num = sc.figure_images_per_leaf
+  test = data_lib.load_arrays(s.config.data, "test")
+  share, real = test_examples(s.model, s.tvae_vars, s.tree, test, num,
+                              s.config.stage1.eval_batch_size)
+  out = s.sampler("sample_all_leaves", mesh).run(s.ema_params, s.tvae_vars, jax.random.key(sc.seed + 1),
+                    num=max(sc.figure_samples, num))
+  k = s.tree.num_leaves
+  order = np.argsort(-out["leaf_probs"], axis=0, kind="stable")[:num]   # [num, K] example ids
+  vae = np.stack([out["vae_image"][order[:, j], j] for j in range(k)])
+  ddpm = np.stack([out["image"][order[:, j], j] for j in range(k)])
+  path = os.path.join(train_lib.stage2_dir(workdir), "tree.png")
+  figure.save_tree_figure(path, s.tree, share, [real, np.clip(vae, 0, 1), np.clip(ddpm, 0, 1)],
+                          row_titles=["test", "TreeVAE", "diffusion"],
+                          title=f"{s.config.data.name}: {k} leaves, "
+                                f"{s.denoiser.conditioning.name} diffusion")
+  return path

@@ -1,0 +1,289 @@
+"""Stage-2 training: the path-conditioned denoiser on top of the frozen stage-1 export (§5).
+
+Each step runs the frozen TreeVAE on the batch (posterior samples, q-router leaf probabilities),
+draws one leaf per sample from those probabilities, builds the condition, noises the images at a
+uniform ``t`` and regresses ε (L2, or L1). Adam with a linear warm-up from 0, global-norm clipping
+and the EMA update all happen inside one jitted step that donates the train state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from tree_diffusion import checkpoint as ckpt_lib
+from tree_diffusion import data as data_lib
+from tree_diffusion import sharding
+from tree_diffusion.diffusion import frozen, schedule
+from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_condition,
+                                                   make_denoiser)
+from tree_diffusion.errors import ConfigError
+from tree_diffusion.runs import check_workdir, format_eta
+from tree_diffusion.tree import Tree
+from tree_diffusion.treevae.model import TreeVAE
+from tree_diffusion.writer import MetricWriter
+
+PyTree = Any
+LOSSES = ("l2", "l1")
+
+
+@flax.struct.dataclass
+class DiffusionState:
+  step: jax.Array
+  params: PyTree
+  ema_params: PyTree
+  opt_state: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static settings of the train step (hashable)."""
+  T: int = 1000
+  beta_1: float = 1e-4
+  beta_T: float = 0.02
+  loss: str = "l2"
+  lr: float = 2e-4
+  warmup_steps: int = 5000
+  grad_clip: float = 1.0
+  ema_decay: float = 0.9999
+  cfg_drop_rate: float = 0.0
+
+  @classmethod
+  def from_config(cls, c) -> "StepConfig":
+    if c.loss not in LOSSES:
+      raise ConfigError(f"unknown diffusion loss {c.loss!r}; use one of {LOSSES}")
+    if not 0.0 <= c.cfg_drop_rate < 1.0:
+      raise ConfigError(f"diffusion.cfg_drop_rate must be in [0, 1), got {c.cfg_drop_rate}")
+    return cls(T=c.T, beta_1=c.beta_1, beta_T=c.beta_T, loss=c.loss, lr=c.lr,
+               warmup_steps=c.warmup_steps, grad_clip=c.grad_clip, ema_decay=c.ema_decay,
+               cfg_drop_rate=c.cfg_drop_rate)
+
+  def alpha_bar(self) -> np.ndarray:
+    return schedule.alpha_bars(schedule.linear_betas(self.T, self.beta_1, self.beta_T))
+
+
+def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
+  """Clip by global norm, then Adam at ``lr · min(step / warmup, 1)`` (the first update uses 0)."""
+  warm = max(cfg.warmup_steps, 1)
+  lr = lambda count: cfg.lr * jnp.minimum(count / warm, 1.0) if cfg.warmup_steps else cfg.lr
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(lr))
+
+
+def init_state(denoiser: Denoiser, cfg: StepConfig, key: jax.Array, example_cond: dict,
+               image_shape) -> DiffusionState:
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  init = jax.jit(lambda k: denoiser.init({"params": k, "dropout": k}, x, t, example_cond,
+                                         train=False)["params"])
+  params = init(key)
+  return DiffusionState(step=jnp.zeros((), jnp.int32), params=params,
+                        ema_params=jax.tree_util.tree_map(jnp.copy, params),
+                        opt_state=make_optimizer(cfg).init(params))
+
+
+def example_condition(denoiser: Denoiser, model: TreeVAE, tree: Tree) -> dict:
+  """A batch-1 condition with the right shapes (for ``init``)."""
+  tables = PathTables.from_tree(tree)
+  z_dim = max(int(np.prod(model.latent_shape(d))) for d in range(tree.depth + 1))
+  z_all = jnp.zeros((1, len(tree.nodes), z_dim), jnp.float32)
+  images = jnp.zeros((tree.num_leaves, 1) + model.image_shape, jnp.float32)
+  return make_condition(denoiser.conditioning, tables, z_all, jnp.zeros((1,), jnp.int32), images)
+
+
+def diffusion_loss(params, denoiser: Denoiser, cfg: StepConfig, x0, cond, t, eps, dropout_key):
+  """Mean over all elements of ``|ε − ε̂|²`` (or ``|·|``) at ``x_t = sqrt(ᾱ_t) x0 + sqrt(1−ᾱ_t) ε``
+  (+ the image condition for form2)."""
+  ab = jnp.asarray(cfg.alpha_bar(), jnp.float32)[t][:, None, None, None]
+  x_t = jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * eps
+  if denoiser.conditioning.form2:
+    x_t = x_t + cond["image"]
+  pred = denoiser.apply({"params": params}, x_t, t, cond, train=True,
+                        rngs={"dropout": dropout_key})
+  err = pred - eps
+  return jnp.mean(err ** 2) if cfg.loss == "l2" else jnp.mean(jnp.abs(err))
+
+
+@functools.partial(jax.jit, static_argnames=("denoiser", "model", "tree", "cfg"), donate_argnums=0)
+def train_step(state: DiffusionState, tvae_vars, images: jax.Array, key: jax.Array, *,
+               denoiser: Denoiser, model: TreeVAE, tree: Tree, cfg: StepConfig):
+  """One optimiser step on a batch of images in [0, 1]; returns ``(state, metrics)``."""
+  b = images.shape[0]
+  keys = jax.random.split(jax.random.fold_in(key, state.step), 6)
+  cond_kind = denoiser.conditioning
+  z_all, probs, leaf_images = frozen.posterior(model, tree, tvae_vars, images, keys[0],
+                                               decode=cond_kind.image is not None)
+  leaf = jax.random.categorical(keys[1], jnp.log(jnp.maximum(probs, 1e-30))).astype(jnp.int32)
+  keep = (jax.random.uniform(keys[2], (b,)) >= cfg.cfg_drop_rate) if cfg.cfg_drop_rate else None
+  cond = make_condition(cond_kind, PathTables.from_tree(tree), z_all, leaf, leaf_images, keep)
+  t = jax.random.randint(keys[3], (b,), 0, cfg.T)
+  eps = jax.random.normal(keys[4], images.shape, jnp.float32)
+  loss, grads = jax.value_and_grad(diffusion_loss)(state.params, denoiser, cfg, images, cond, t,
+                                                   eps, keys[5])
+  updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  d = cfg.ema_decay
+  ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+  metrics = dict(loss=loss, grad_norm=optax.global_norm(grads))
+  return DiffusionState(step=state.step + 1, params=params, ema_params=ema,
+                        opt_state=opt_state), metrics
+
+
+# --------------------------------------------------------------------------------- the run
+
+
+def export_path(config, workdir: str) -> str:
+  """The stage-1 export stage 2 conditions on: ``diffusion.treevae_export`` or ``WORKDIR/export``."""
+  return config.diffusion.treevae_export or os.path.join(workdir, "export")
+
+
+def load_stage1(config, workdir: str):
+  """Loads and checks the stage-1 export for this config.
+
+  Returns:
+    ``(model, variables, tree, path, fingerprint, meta)``.
+
+  Raises:
+    CheckpointError: missing export, a training workdir instead of its export.
+    ConfigError: the export's image shape differs from the dataset's.
+  """
+  path = ckpt_lib.resolve_export(export_path(config, workdir))
+  meta = ckpt_lib.read_export_meta(path)
+  m = meta["model"]
+  got = (m["image_size"], m["image_size"], m["channels"])
+  want = (config.data.image_size, config.data.image_size, config.data.channels)
+  if got != want:
+    raise ConfigError(
+        f"the stage-1 export {path} was trained on {'x'.join(map(str, got))} images but "
+        f"config.data ({config.data.name}) has {'x'.join(map(str, want))}: point "
+        f"--config.diffusion.treevae_export at an export of this dataset (or use its config)")
+  model, variables, tree = ckpt_lib.load_treevae(path)
+  return model, variables, tree, path, ckpt_lib.export_fingerprint(path), meta
+
+
+def stage2_dir(workdir: str) -> str:
+  return os.path.join(workdir, "diffusion")
+
+
+def abstract_state(denoiser: Denoiser, cfg: StepConfig, model: TreeVAE, tree: Tree):
+  cond = example_condition(denoiser, model, tree)
+  return jax.eval_shape(lambda: init_state(denoiser, cfg, jax.random.key(0), cond,
+                                           model.image_shape))
+
+
+def train_and_save(config, workdir: str) -> dict:
+  """Trains (or resumes) stage 2 in ``WORKDIR/diffusion`` on the frozen stage-1 export.
+
+  Checkpoints (params, EMA params, optimiser state, step) go to ``WORKDIR/diffusion/checkpoints``
+  every ``checkpoint_every_steps`` and at the end, with the export's path and fingerprint;
+  re-running the command resumes from the latest one (and refuses one trained on another export).
+
+  Returns:
+    A summary (also written to ``WORKDIR/diffusion/train_summary.json``).
+  """
+  c = config.diffusion
+  t_run = time.perf_counter()
+  check_workdir(stage2_dir(workdir))
+  denoiser = make_denoiser(c.conditioning, c.unet)
+  cfg = StepConfig.from_config(c)
+  model, tvae_vars, tree, path, fingerprint, _ = load_stage1(config, workdir)
+  train = data_lib.load_arrays(config.data, "train")
+  data_lib.check_image_shape(train, config.data)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(c.batch_size, mesh, setting="diffusion.batch_size")
+  steps_per_epoch = data_lib.num_batches(len(train), c.batch_size, drop_remainder=True)
+  if steps_per_epoch == 0:
+    raise ConfigError(f"{len(train)} training images are fewer than one batch of {c.batch_size}; "
+                      f"lower --config.diffusion.batch_size")
+  total = c.num_steps if c.num_steps > 0 else c.num_epochs * steps_per_epoch
+
+  replicated = sharding.replicated(mesh)
+  tvae_vars = jax.device_put(tvae_vars, replicated)
+  ckpts = ckpt_lib.Stage2Checkpoints(os.path.join(stage2_dir(workdir), "checkpoints"),
+                                     max_to_keep=c.checkpoints_to_keep)
+  key = jax.random.key(c.seed)
+  meta = ckpts.read_meta()
+  if meta is not None and meta.get("export_fingerprint") != fingerprint:
+    raise ckpt_lib.CheckpointError(
+        f"the stage-2 checkpoints in {ckpts.directory} were trained on the stage-1 export "
+        f"{meta.get('export')} (fingerprint {meta.get('export_fingerprint')}), not on {path} "
+        f"(fingerprint {fingerprint}): use a new --workdir or point "
+        f"--config.diffusion.treevae_export at the original export")
+  if meta is not None:
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+        abstract_state(denoiser, cfg, model, tree))
+    step0, state, _ = ckpts.restore(abstract)
+    logging.info("resumed stage 2 from checkpoint %d", step0)
+  else:
+    state = init_state(denoiser, cfg, jax.random.fold_in(key, 1),
+                       example_condition(denoiser, model, tree), model.image_shape)
+  state = jax.device_put(state, replicated)
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+  step = int(state.step)
+  logging.info("stage 2: %s conditioning, %s parameters, %d steps (%d per epoch of %d images), "
+               "batch %d, from step %d; tree %s", denoiser.conditioning.name, f"{n_params:,}",
+               total, steps_per_epoch, len(train), c.batch_size, step, tree)
+
+  writer = MetricWriter(os.path.join(stage2_dir(workdir), "tensorboard"))
+  save_meta = lambda: {"export": path, "export_fingerprint": fingerprint,
+                       "conditioning": denoiser.conditioning.name, "epoch": step // steps_per_epoch,
+                       "config": json.loads(config.to_json_best_effort())}
+  step_key = jax.random.fold_in(key, 2)
+  loss_sum, n_sum, t_log, t_start, step_start = 0.0, 0, time.perf_counter(), time.perf_counter(), step
+  rates = []
+  while step < total:
+    epoch, offset = divmod(step, steps_per_epoch)
+    it = data_lib.batches(train, c.batch_size, shuffle=c.shuffle, seed=c.seed, epoch=epoch,
+                          drop_remainder=True)
+    for i, batch in enumerate(it):
+      if i < offset:
+        continue
+      if step >= total:
+        break
+      images = sharding.put_batch({"image": batch["image"]}, mesh)["image"]
+      state, metrics = train_step(state, tvae_vars, images, step_key, denoiser=denoiser,
+                                  model=model, tree=tree, cfg=cfg)
+      step += 1
+      loss_sum = loss_sum + metrics["loss"]
+      n_sum += 1
+      if step % c.log_every_steps == 0 or step == total:
+        loss = float(loss_sum) / n_sum
+        if not np.isfinite(loss):
+          raise FloatingPointError(f"stage 2, step {step}: non-finite loss {loss}; the last "
+                                   f"checkpoint ({ckpts.latest_step()}) is kept")
+        now = time.perf_counter()
+        ips = n_sum * c.batch_size / (now - t_log)
+        if step - step_start > n_sum:  # the first window includes compilation
+          rates.append(ips)
+        eta = (now - t_start) / (step - step_start) * (total - step)
+        writer.write_scalars(step, {"train/loss": loss, "train/grad_norm": float(metrics["grad_norm"]),
+                                    "train/images_per_second": ips})
+        logging.info("stage 2 step %d/%d (epoch %d): loss %.4f | %.0f img/s, ETA %s", step, total,
+                     step // steps_per_epoch + 1, loss, ips, format_eta(eta))
+        loss_sum, n_sum, t_log = 0.0, 0, now
+      if step % c.checkpoint_every_steps == 0 and step < total:
+        ckpts.save(step, state, save_meta())
+  if ckpts.latest_step() != step:
+    ckpts.save(step, state, save_meta())
+  ckpts.close()
+  writer.close()
+  summary = {"steps": step, "epochs": step / steps_per_epoch, "parameters": n_params,
+             "conditioning": denoiser.conditioning.name, "export": path,
+             "export_fingerprint": fingerprint, "wall_time_s": time.perf_counter() - t_run,
+             "train_images_per_second": float(np.median(rates)) if rates else None}
+  with open(os.path.join(stage2_dir(workdir), "train_summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  logging.info("stage 2 done: %s", summary)
+  return summary
