@@ -15,6 +15,11 @@ def get_config(arg=None):
   c.stage1.num_epochs = 35
   c.stage1.num_epochs_smalltree = 35
   c.stage1.augmentation = "celeba"
+  # Stage 2 (treediffusion.md §4.3): five levels, batch 32, 200 epochs.
+  c.diffusion.unet.ch_mults = (1, 2, 2, 2, 4)
+  c.diffusion.batch_size = 32
+  c.diffusion.sampling.batch_size = 32
+  c.diffusion.num_epochs = 200
   if args.get("tiny"):
     c = cifar10.tiny_colour(c)
   return c

@@ -26,6 +26,10 @@ def colour(c, image_size, res_connections):
   s.augment = True
   s.augmentation_method = "InfoNCE,instancewise_full"
   s.aug_decisions_weight = 100.0
+  # Stage 2 (treediffusion.md §4.3): ch 128, attention at downsampling factor 8 (the 4×4 level).
+  c.diffusion.unet.update(dict(ch=128, attn_resolutions=(16, 8)))
+  c.diffusion.batch_size = 64
+  c.diffusion.sampling.batch_size = 64
   return c
 
 

