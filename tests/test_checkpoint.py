@@ -100,3 +100,18 @@ def test_stage2_refuses_a_wrong_export(tmp_path, case, match):
     c.diffusion.treevae_export = str(run)
   with pytest.raises((checkpoint.CheckpointError, ConfigError), match=match):
     train_lib.load_stage1(c, str(run))
+
+
+def test_stage2_refuses_checkpoints_of_another_export(tmp_path):
+  from tree_diffusion.diffusion import train as train_lib
+  tree, v = _grown()
+  run = tmp_path / "run"
+  checkpoint.export_treevae(str(run / "export"), TINY, v, tree, {})
+  ckpts = checkpoint.Stage2Checkpoints(str(run / "diffusion" / "checkpoints"))
+  ckpts.save(5, {"w": jnp.zeros((2,))}, {"export": "/elsewhere/export",
+                                         "export_fingerprint": "0123456789abcdef"})
+  ckpts.close()
+  with pytest.raises(checkpoint.CheckpointError, match="trained on the stage-1 export /elsewhere"):
+    train_lib.train_and_save(_stage2_config(), str(run))
+  with pytest.raises(checkpoint.CheckpointError, match="no stage-2 checkpoint 7"):
+    checkpoint.Stage2Checkpoints(str(run / "diffusion" / "checkpoints")).read_meta(7)

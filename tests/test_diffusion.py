@@ -71,6 +71,14 @@ def test_unknown_conditioning_is_a_config_error(name):
     Conditioning.parse(name)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="ddpn"), "unknown sampler"), (dict(spacing="cosine"), "spacing"),
+    (dict(variance="learned"), "variance"), (dict(eta=-1.0), "eta")])
+def test_bad_sampler_settings_are_config_errors(kwargs, match):
+  with pytest.raises(ConfigError, match=match):
+    sampler_lib.SamplerConfig(**kwargs)
+
+
 def test_timestep_embedding_is_cos_first():
   t = np.array([0, 3, 999])
   got = np.asarray(timestep_embedding(jnp.asarray(t), 8))

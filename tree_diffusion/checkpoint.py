@@ -171,10 +171,16 @@ class Stage2Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def _check_step(self, step: int):
+    if step not in self.manager.all_steps():
+      raise CheckpointError(f"no stage-2 checkpoint {step} in {self.directory}; "
+                            f"have {sorted(self.manager.all_steps())}")
+
   def read_meta(self, step: int | None = None) -> dict | None:
     step = self.manager.latest_step() if step is None else step
     if step is None:
       return None
+    self._check_step(step)
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, abstract_state, step: int | None = None):
@@ -183,9 +189,7 @@ class Stage2Checkpoints:
     step = self.manager.latest_step() if step is None else step
     if step is None:
       return None
-    if step not in self.manager.all_steps():
-      raise CheckpointError(f"no stage-2 checkpoint {step} in {self.directory}; "
-                            f"have {sorted(self.manager.all_steps())}")
+    self._check_step(step)
     abstract = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
         abstract_state)

@@ -60,7 +60,14 @@ class SamplerConfig:
 
   def __post_init__(self):
     if self.method not in METHODS:
-      raise ConfigError(f"unknown sampler {self.method!r}; use one of {METHODS}")
+      raise ConfigError(f"unknown sampler {self.method!r}; use one of {METHODS} "
+                        f"(--config.diffusion.sampling.method)")
+    if self.spacing not in schedule.SPACINGS:
+      raise ConfigError(f"unknown timestep spacing {self.spacing!r}; use one of "
+                        f"{schedule.SPACINGS} (--config.diffusion.sampling.spacing)")
+    if self.variance not in ("fixedlarge", "fixedsmall"):
+      raise ConfigError(f"unknown DDPM variance {self.variance!r}; use 'fixedlarge' or "
+                        f"'fixedsmall' (--config.diffusion.sampling.ddpm_variance)")
     if self.eta < 0:
       raise ConfigError(f"DDIM eta must be >= 0, got {self.eta}")
 
