@@ -1,1 +1,2 @@
-"""Evaluation: clustering metrics (and, later, FID, classifier purity, likelihood)."""
+"""Evaluation: clustering metrics, the Fréchet distance (and, later, Inception features,
+classifier purity, likelihood)."""
