@@ -156,10 +156,12 @@ class PathTables:
     path_pos: ``[K, D]`` BFS positions of the root→leaf path of every leaf (``tree.leaves`` order),
       padded with 0.
     path_mask: ``[K, D]`` 1 for real path entries.
+    leaf_pos: ``[K]`` BFS positions of the leaves (``tree.leaves`` order).
   """
   nodes: tuple[int, ...]
   path_pos: np.ndarray
   path_mask: np.ndarray
+  leaf_pos: np.ndarray
 
   @classmethod
   def from_tree(cls, tree: Tree) -> "PathTables":
@@ -171,7 +173,8 @@ class PathTables:
     for k, p in enumerate(paths):
       path_pos[k, :len(p)] = [pos[n] for n in p]
       path_mask[k, :len(p)] = 1.0
-    return cls(tuple(tree.nodes), path_pos, path_mask)
+    leaf_pos = np.asarray([pos[n] for n in tree.leaves], np.int32)
+    return cls(tuple(tree.nodes), path_pos, path_mask, leaf_pos)
 
 
 def stack_latents(z: dict, nodes) -> jax.Array:
@@ -206,19 +209,12 @@ def make_condition(cond: Conditioning, tables: PathTables, z_all: jax.Array, lea
     out["ids"] = pos.astype(jnp.float32)
     out["mask"] = jnp.asarray(tables.path_mask)[leaf]
   elif cond.signal is not None:
-    leaf_node_pos = jnp.asarray([tables.nodes.index(n) for n in _leaves(tables)], jnp.int32)
-    out["latents"] = z_all[jnp.arange(b), leaf_node_pos[leaf]][:, None]      # [B, 1, z]
+    out["latents"] = z_all[jnp.arange(b), jnp.asarray(tables.leaf_pos)[leaf]][:, None]  # [B, 1, z]
     out["ids"] = leaf.astype(jnp.float32)[:, None]
     out["mask"] = jnp.ones((b, 1), jnp.float32)
   if cond.signal is not None and keep is not None:
     out["mask"] = out["mask"] * keep[:, None].astype(jnp.float32)
   return out
-
-
-def _leaves(tables: PathTables) -> list[int]:
-  """Leaf node ids in ``tree.leaves`` order (the last real entry of each path)."""
-  last = tables.path_mask.sum(1).astype(int) - 1
-  return [tables.nodes[tables.path_pos[k, last[k]]] for k in range(len(last))]
 
 
 def null_condition(cond: dict) -> dict:
