@@ -154,7 +154,7 @@ def write_tree_figure(s: Stage2, workdir: str, mesh=None) -> str:
                               s.config.stage1.eval_batch_size)
   out = s.sampler("sample_all_leaves", mesh).run(s.ema_params, s.tvae_vars,
                                                 jax.random.key(sc.seed + 1),
-                    num=max(sc.figure_samples, num))
+                                                num=max(sc.figure_samples, num))
   k = s.tree.num_leaves
   order = np.argsort(-out["leaf_probs"], axis=0, kind="stable")[:num]   # [num, K] example ids
   vae = np.stack([out["vae_image"][order[:, j], j] for j in range(k)])
