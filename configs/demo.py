@@ -48,6 +48,17 @@ def get_config(arg=None):
   d.checkpoint_every_steps = 500
   d.sampling.update(dict(steps=50, batch_size=64, num_samples=16, figure_samples=24,
                          figure_images_per_leaf=6))
+  # The purity classifier, sized for the same CPU: a 78k-parameter ResNet (4 stages of one block,
+  # width 8) instead of the reference's pretrained ResNet-50, 16 epochs of batch 64 with random
+  # 2-pixel shifts, Adam 2e-3 with a cosine decay (the reference: 50 epochs of batch 32 at a
+  # constant 1e-3). Measured on 2 (shared) CPU cores: test accuracy 0.980 on the 1,000 test digits,
+  # 2 min 08 s and 2 min 19 s (two runs) for launch/train_classifier.py.
+  c.classifier.update(dict(width=8, stage_sizes=(1, 1, 1, 1), batch_size=64, num_epochs=16,
+                           lr=2e-3, lr_schedule="cosine", augment="shift", log_every_steps=62))
+  # Evaluation sized for the same CPU (launch/evaluate.py): 500 generations and 500 reconstructed
+  # test digits per FID instead of 10,000, 50 prior samples through every leaf for the purity, 100
+  # importance samples per test digit for the likelihood (the reference: 1,000).
+  c.eval.update(dict(num_samples=500, recons_num=500, purity_samples=50, ll_samples=100))
   if args.get("tiny"):
     c = common.tiny(c)
     c.stage1.final_elbo = True

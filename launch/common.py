@@ -19,8 +19,9 @@ def setup():
 
 def _user_errors():
   from tree_diffusion import checkpoint, data, errors  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.eval import inception  # pylint: disable=g-import-not-at-top
   return (data.DataError, checkpoint.CheckpointError, errors.ConfigError, PermissionError,
-          FileNotFoundError)
+          FileNotFoundError, inception.InceptionWeightsError)
 
 
 def _one_line(e: BaseException) -> str:

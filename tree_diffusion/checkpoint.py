@@ -171,6 +171,13 @@ class Stage2Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  @staticmethod
+  def steps_in(directory: str) -> list[int]:
+    """The committed checkpoint steps in ``directory`` (``[]`` if it does not exist); read-only."""
+    if not epath.Path(directory).is_dir():
+      return []
+    return sorted(int(s) for s in ocp.utils.checkpoint_steps(epath.Path(directory).resolve()))
+
   def _check_step(self, step: int):
     if step not in self.manager.all_steps():
       raise CheckpointError(f"no stage-2 checkpoint {step} in {self.directory}; "

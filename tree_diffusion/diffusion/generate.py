@@ -92,6 +92,33 @@ def load_stage2(config, workdir: str, step: int | None = None) -> Stage2:
   return Stage2(config, denoiser, state.ema_params, model, tvae_vars, tree, step, path)
 
 
+def with_checkpoint(s: Stage2, workdir: str, step: int) -> Stage2:
+  """``s`` with the EMA weights of checkpoint ``step`` (same export; compiled samplers shared)."""
+  ckpts = ckpt_lib.Stage2Checkpoints(os.path.join(train_lib.stage2_dir(workdir), "checkpoints"))
+  try:
+    meta = ckpts.read_meta(step)
+    if meta.get("conditioning") != s.denoiser.conditioning.name or meta.get("export") != s.export:
+      return load_stage2(s.config, workdir, step)
+    abstract = train_lib.abstract_state(s.denoiser, train_lib.StepConfig.from_config(s.config.diffusion),
+                                        s.model, s.tree)
+    step, state, _ = ckpts.restore(abstract, step)
+  finally:
+    ckpts.close()
+  return dataclasses.replace(s, ema_params=state.ema_params, step=step)
+
+
+def most_likely_per_leaf(out: dict, num: int) -> tuple[np.ndarray, np.ndarray]:
+  """From ``sample_all_leaves`` output: per leaf the ``num`` examples most likely to reach it.
+
+  Returns ``(vae, diffusion)`` images, each ``[K, num, H, W, C]``.
+  """
+  k = out["leaf_probs"].shape[1]
+  order = np.argsort(-out["leaf_probs"], axis=0, kind="stable")[:num]   # [num, K] example ids
+  vae = np.stack([out["vae_image"][order[:, j], j] for j in range(k)])
+  ddpm = np.stack([out["image"][order[:, j], j] for j in range(k)])
+  return vae, ddpm
+
+
 def sample_modes(s: Stage2, workdir: str, modes=MODES, num: int | None = None,
                  mesh=None) -> dict:
   """Runs each mode and writes ``WORKDIR/diffusion/samples/<mode>/{grid.png, samples.npz}``.
@@ -156,9 +183,7 @@ def write_tree_figure(s: Stage2, workdir: str, mesh=None) -> str:
                                                 jax.random.key(sc.seed + 1),
                                                 num=max(sc.figure_samples, num))
   k = s.tree.num_leaves
-  order = np.argsort(-out["leaf_probs"], axis=0, kind="stable")[:num]   # [num, K] example ids
-  vae = np.stack([out["vae_image"][order[:, j], j] for j in range(k)])
-  ddpm = np.stack([out["image"][order[:, j], j] for j in range(k)])
+  vae, ddpm = most_likely_per_leaf(out, num)
   path = os.path.join(train_lib.stage2_dir(workdir), "tree.png")
   figure.save_tree_figure(path, s.tree, share, [real, np.clip(vae, 0, 1), np.clip(ddpm, 0, 1)],
                           row_titles=["test", "TreeVAE", "diffusion"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 EPS = 1e-7
 
@@ -67,6 +68,26 @@ def reconstruction_loss(x, out, kind: str) -> jax.Array:
   if kind == "mse":
     return _sum_per_sample((out - x) ** 2)
   raise ValueError(f"unknown output activation {kind!r}; use 'sigmoid' or 'mse'")
+
+
+def gaussian_log_density(z, mu, var) -> jax.Array:
+  """``log N(z; mu, var + ε)`` summed over all but the batch axis → ``[B]``."""
+  v = var + EPS
+  return _sum_per_sample(-0.5 * (jnp.log(2.0 * jnp.pi * v) + (z - mu) ** 2 / v))
+
+
+def log_likelihood(x, out, kind: str) -> jax.Array:
+  """``log p(x | z)`` per sample ``[B]`` of the decoder's observation model.
+
+  ``sigmoid``: the Bernoulli whose negative log is the training BCE. ``mse``: ``N(x; out, ½ I)``,
+  whose negative log is the training loss ``Σ (out − x)²`` plus the constant ``(D/2) log π`` that
+  training drops (the reference's likelihood code for colour images is broken; this is the
+  density its loss actually fits).
+  """
+  if kind == "mse":
+    d = np.prod(x.shape[1:])
+    return -reconstruction_loss(x, out, kind) - 0.5 * d * np.log(np.pi)
+  return -reconstruction_loss(x, out, kind)
 
 
 def output_image(out, kind: str):

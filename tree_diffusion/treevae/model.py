@@ -201,8 +201,8 @@ class TreeVAE:
   # ``vmap``. The compiled graph then grows with the tree's depth, not with its number of nodes,
   # which keeps compile times flat as the tree grows and batches the small per-node matmuls.
 
-  def latents(self, run: "_Runner", prefixes, depth: int, d: jax.Array, z_parents, key):
-    """Posterior samples and KLs of nodes at one depth: ``[N, B, R, R, C]``, ``[N, B]``.
+  def latent_distributions(self, run: "_Runner", prefixes, depth: int, d: jax.Array, z_parents):
+    """Posterior and prior ``(mu_q, var_q, mu_p, var_p)`` of nodes at one depth, ``[N, B, R, R, C]``.
 
     ``prefixes`` name each node's variables (``("node_5",)``). Root: ``q = N(mû, vâr)``, prior
     ``N(0, I)``. Other nodes: prior from the transformation of the parent's *sample*, posterior by
@@ -211,12 +211,15 @@ class TreeVAE:
     mu_hat, var_hat = run.many([p + (DENSE,) for p in prefixes],
                                self.component_def(DENSE, depth), (d,), (None,))
     if z_parents is None:
-      mu_p, var_p = jnp.zeros_like(mu_hat), jnp.ones_like(var_hat)
-      mu_q, var_q = mu_hat, var_hat
-    else:
-      mu_p, var_p = run.many([p + (TRANSFORM,) for p in prefixes],
-                             self.component_def(TRANSFORM, depth), (z_parents,), (0,))
-      mu_q, var_q = losses.merge_gaussians(mu_hat, var_hat, mu_p, var_p)
+      return mu_hat, var_hat, jnp.zeros_like(mu_hat), jnp.ones_like(var_hat)
+    mu_p, var_p = run.many([p + (TRANSFORM,) for p in prefixes],
+                           self.component_def(TRANSFORM, depth), (z_parents,), (0,))
+    mu_q, var_q = losses.merge_gaussians(mu_hat, var_hat, mu_p, var_p)
+    return mu_q, var_q, mu_p, var_p
+
+  def latents(self, run: "_Runner", prefixes, depth: int, d: jax.Array, z_parents, key):
+    """Posterior samples and KLs of nodes at one depth: ``[N, B, R, R, C]``, ``[N, B]``."""
+    mu_q, var_q, mu_p, var_p = self.latent_distributions(run, prefixes, depth, d, z_parents)
     z = losses.sample_gaussian(jax.random.fold_in(key, depth), mu_q, var_q)
     kl = jax.vmap(losses.gaussian_kl)(mu_q, var_q, mu_p, var_p)
     return z, kl
@@ -316,6 +319,62 @@ class TreeVAE:
     if return_recon:
       result["recon"] = jnp.stack([recon[n] for n in tree.leaves])
     return result, run.batch_stats()
+
+  def path_log_weights(self, variables: Variables, tree: Tree, x: jax.Array, key: jax.Array,
+                       details: bool = False):
+    """Log importance weights of one posterior sample, per leaf (eval-mode BatchNorm).
+
+    Every node's latent is drawn from the posterior as in :meth:`apply`; for leaf ``k`` with
+    root-to-leaf path ``P_k`` the weight is::
+
+        log w_k = log p(x | z_k) + log p(z_0) − log q(z_0 | x)
+                  + Σ_{i → j on P_k} [log p(c_j | z_i) + log p(z_j | z_i) − log q(z_j | z_i, x)]
+
+    with ``p(c_j | z_i)`` the p-router's probability of taking the edge (1 through passthrough
+    nodes). ``logsumexp_k log w_k`` is an unbiased (in ``exp``) estimate of ``p(x)`` in which
+    the discrete path is summed out exactly instead of sampled (see :mod:`tree_diffusion.eval.
+    likelihood`). Gaussians use ``var + EPS`` as everywhere in the model. ``p(x | z)`` is the
+    decoder's Bernoulli for ``sigmoid`` outputs and ``N(x; out, ½ I)`` for ``mse`` ones, the
+    density whose negative log is the training loss ``Σ (out − x)²`` plus ``(D/2) log π``.
+
+    Returns:
+      ``[B, K]`` (columns in ``tree.leaves`` order), or ``(log_w, parts)`` with ``details``:
+      ``parts`` holds per node ``z``, ``mu_q``, ``var_q``, ``mu_p``, ``var_p``, per internal node
+      ``pi_p`` and per leaf the decoder output ``out`` (for independent checks).
+    """
+    run = _Runner(variables, train=False)
+    ds = self.bottom_up(run, x)
+    acc, edge, parts = {}, {0: 0.0}, {}
+    for depth, nodes in enumerate(tree.levels):
+      d = ds[self.max_depth - depth]
+      z_par = None if depth == 0 else jnp.stack([parts[(n - 1) // 2]["z"] for n in nodes])
+      mu_q, var_q, mu_p, var_p = self.latent_distributions(
+          run, [(node_key(n),) for n in nodes], depth, d, z_par)
+      zs = losses.sample_gaussian(jax.random.fold_in(key, depth), mu_q, var_q)
+      ratio = (jax.vmap(losses.gaussian_log_density)(zs, mu_p, var_p)
+               - jax.vmap(losses.gaussian_log_density)(zs, mu_q, var_q))          # [N, B]
+      for i, n in enumerate(nodes):
+        parts[n] = dict(z=zs[i], mu_q=mu_q[i], var_q=var_q[i], mu_p=mu_p[i], var_p=var_p[i])
+        acc[n] = (0.0 if n == 0 else acc[(n - 1) // 2]) + edge[n] + ratio[i]
+      internal = tuple(n for n in nodes if tree.is_internal(n))
+      if internal:
+        pi_p = self.router_probs(run, [(node_key(n), P_ROUTER) for n in internal], depth, P_ROUTER,
+                                 jnp.stack([parts[n]["z"] for n in internal]), 0)
+        for i, n in enumerate(internal):
+          parts[n]["pi_p"] = pi_p[i]
+          edge[2 * n + 1] = jnp.log(jnp.maximum(pi_p[i], 1e-30))
+          edge[2 * n + 2] = jnp.log(jnp.maximum(1.0 - pi_p[i], 1e-30))
+      for n in nodes:
+        if tree.is_passthrough(n):
+          edge[tree.children(n)[0]] = 0.0
+    for group in self.decoder_groups(tree.leaves):
+      outs = self.decode(run, [(node_key(n),) for n in group], depth_of(group[0]),
+                         jnp.stack([parts[n]["z"] for n in group]))
+      for i, n in enumerate(group):
+        parts[n]["out"] = outs[i]
+        acc[n] = acc[n] + losses.log_likelihood(x, outs[i], self.output)
+    log_w = jnp.stack([acc[n] for n in tree.leaves], axis=1)
+    return (log_w, parts) if details else log_w
 
   # Small-tree (growing) phase, §3.3. The frozen tree and the new split are two functions: the
   # split's step then depends only on the depth of the split node, so it compiles once per depth

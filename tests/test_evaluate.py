@@ -1,0 +1,80 @@
+"""Evaluation plumbing: checkpoint selection, settings validation, the CSV rows and the report,
+the histogram row of the tree figure."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import demo
+from tree_diffusion.errors import ConfigError
+from tree_diffusion.eval import evaluate
+
+
+def test_select_steps():
+  assert evaluate.select_steps([1000, 500], "all") == [500, 1000]
+  assert evaluate.select_steps([1000, 500], "latest") == [1000]
+  assert evaluate.select_steps([1000, 500], "500") == [500]
+  assert evaluate.select_steps([], "none") == []
+  with pytest.raises(ConfigError, match=r"no stage-2 checkpoint\(s\) \[700\]; have \[500, 1000\]"):
+    evaluate.select_steps([500, 1000], "500,700")
+  with pytest.raises(ConfigError, match="no stage-2 checkpoints"):
+    evaluate.select_steps([], "latest")
+  with pytest.raises(ConfigError, match="comma-separated"):
+    evaluate.select_steps([500], "newest")
+
+
+def test_settings_from_config_and_bad_modes():
+  config = demo.get_config("tiny")
+  s = evaluate.Settings.from_config(config)
+  assert s.modes == tuple(config.eval.modes) and s.num_samples == config.eval.num_samples
+  assert evaluate.Settings.from_config(config, ["recons"]).key() != s.key()
+  with pytest.raises(ConfigError, match="unknown mode.*sampel"):
+    evaluate.Settings.from_config(config, ["sampel"])
+  config.eval.ll_samples = 0
+  with pytest.raises(ConfigError, match="ll_samples"):
+    evaluate.Settings.from_config(config)
+
+
+def _metrics():
+  purity = lambda w, n: {"weighted_majority_fraction": w, "total_kept": n}
+  return {
+      "num_leaves": 3, "export": "/run/export", "settings": {"num_samples": 8, "purity_samples": 4},
+      "stage1": {"clustering": {"nmi": 0.5, "accuracy": 0.6, "leaf_purity": 0.7,
+                                "dendrogram_purity": 0.4},
+                 "log_likelihood": {"log_likelihood": -100.0, "log_likelihood_stderr": 1.0,
+                                    "num_samples": 2},
+                 "fid": {"gen": 30.0, "rec": 20.0, "num_rec": 8, "num_reference": 16}},
+      "checkpoints": {
+          "10": {"modes": {"sample": {"fid": 5.0}, "recons": {"fid": 4.0},
+                           "sample_all_leaves": {"purity": {"thresholds": {
+                               "0.5": purity(0.8, 9), "0.9": purity(0.9, 3)}}}}},
+          "2": {"modes": {"sample": {"fid": 7.0}}}}}
+
+
+def test_csv_rows_and_report(tmp_path):
+  rows = evaluate.csv_rows(_metrics())
+  assert [r["step"] for r in rows] == [2, 10]                      # numeric order
+  assert rows[1]["fid_gen"] == 5.0 and rows[1]["fid_rec"] == 4.0
+  assert rows[1]["majority_p0.5"] == 0.8 and rows[1]["kept_p0.9"] == 3
+  assert rows[0]["fid_rec"] is None and rows[0]["nmi"] == 0.5 and rows[0]["treevae_fid_gen"] == 30.0
+  evaluate.write_csv(str(tmp_path / "m.csv"), _metrics())
+  lines = (tmp_path / "m.csv").read_text().splitlines()
+  assert lines[0].split(",") == list(evaluate.CSV_COLUMNS) and len(lines) == 3
+  config = demo.get_config("tiny")
+  evaluate.write_report(str(tmp_path / "r.md"), _metrics(), config)
+  text = (tmp_path / "r.md").read_text()
+  assert "| 10 | 4.00 | 5.00 | 0.800 (9) | 0.900 (3) |" in text
+  assert "MNIST TreeDiffusion (this conditioning) | 1.5 ± 0.0 | 1.8 ± 0.1" in text
+  config.data.name = "folder"
+  evaluate.write_report(str(tmp_path / "r2.md"), _metrics(), config)
+  assert "No published numbers" in (tmp_path / "r2.md").read_text()
+
+
+def test_histogram_images():
+  img = evaluate.histogram_images([[0.25, 0.75], None], height=10, bar=2)
+  assert img.shape == (2, 1, 10, 2 * 2 + 3, 3)
+  col = lambda x: img[0, 0, :9, x]                                  # above the baseline
+  blue, orange = (col(1) != 1).all(-1).sum(), (col(4) != 1).all(-1).sum()
+  assert (blue, orange) == (round(0.25 * 8), round(0.75 * 8))
+  assert np.allclose(img[0, 0, 8, 4], (0.95, 0.55, 0.1))            # majority class in orange
+  assert np.all(img[1, 0, :9] == 1.0)                               # nothing kept: blank

@@ -1,0 +1,620 @@
+"""Batch evaluation of run directories: the stage-1 export and every selected stage-2 checkpoint.
+
+For each run directory (``WORKDIR``, as written by the launchers) this computes
+
+* stage 1 (the export, once): NMI, accuracy, leaf purity and dendrogram purity on the test split,
+  the importance-sampled test log-likelihood (:mod:`tree_diffusion.eval.likelihood`), and the
+  TreeVAE's own FID of generations and reconstructions (leaf *drawn* from the leaf
+  probabilities, as the diffusion modes do; the reference's TreeVAE-only routine takes the argmax);
+* per stage-2 checkpoint (its EMA weights): FID of ``sample`` generations (overall and per drawn
+  leaf, each leaf against the test images the TreeVAE assigns to it), FID of ``recons``
+  reconstructions, and the classifier's per-leaf purity of ``sample_all_leaves`` generations at
+  each threshold, with PNG grids, the tree figure and the per-leaf histogram figure;
+
+and writes ``WORKDIR/eval/metrics.json``, ``metrics.csv`` (one row per checkpoint), ``report.md``
+(the numbers next to the paper's Table 1) and ``step_<N>/*.png``. The Inception network, the
+samplers and the reference features (cached in ``WORKDIR/eval/cache``) are built once and reused
+for every checkpoint and run directory of the process. Checkpoints already evaluated with the same
+settings are skipped unless ``force``.
+
+All FIDs compare against the full **test** split (Table 1 is "test-set generative
+performance"); generated images are quantised as ``round(clip(x, 0, 1) · 255)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from tree_diffusion import checkpoint as ckpt_lib
+from tree_diffusion import data as data_lib
+from tree_diffusion.diffusion import generate
+from tree_diffusion.diffusion import train as train_lib
+from tree_diffusion.diffusion.sampler import MODES
+from tree_diffusion.errors import ConfigError
+from tree_diffusion.eval import classifier as classifier_lib
+from tree_diffusion.eval import clustering
+from tree_diffusion.eval import fid as fid_lib
+from tree_diffusion.eval.likelihood import LogLikelihood
+from tree_diffusion.runs import format_eta
+from tree_diffusion.tree import Tree
+from tree_diffusion.treevae.model import TreeVAE
+from tree_diffusion.treevae.train import predict_leaf_probs
+
+# The paper's Table 1 (reference/treediffusion.md §9.1): test-set FID, 10k samples, mean ± std.
+PAPER_TABLE1 = {
+    "MNIST": {"TreeVAE": ((24.0, 0.9), (21.8, 0.7)), "TreeVAE + Diffusion": ((1.4, 0.0), (1.8, 0.1)),
+              "TreeDiffusion": ((1.5, 0.0), (1.8, 0.1))},
+    "FashionMNIST": {"TreeVAE": ((40.7, 2.1), (41.9, 2.1)),
+                     "TreeVAE + Diffusion": ((4.8, 0.2), (4.8, 0.2)),
+                     "TreeDiffusion": ((5.5, 0.6), (5.4, 0.4))},
+    "CIFAR-10": {"TreeVAE": ((175.8, 1.4), (188.0, 2.0)),
+                 "TreeVAE + Diffusion": ((12.3, 0.1), (19.7, 0.2)),
+                 "TreeDiffusion": ((12.5, 0.4), (17.8, 0.4))},
+    "CUBICC": {"TreeVAE": ((232.5, 7.1), (255.3, 8.8)),
+               "TreeVAE + Diffusion": ((12.7, 6.5), (96.0, 2.1)),
+               "TreeDiffusion": ((13.4, 0.9), (29.0, 5.4))},
+    "CelebA": {"TreeVAE": ((75.2, 15.0), (77.9, 5.6)),
+               "TreeVAE + Diffusion": ((15.4, 3.2), (30.1, 7.5)),
+               "TreeDiffusion": ((14.1, 6.0), (18.4, 7.2))},
+}
+_PAPER_NAMES = {"mnist": "MNIST", "mnist_5k": "MNIST", "fashion_mnist": "FashionMNIST",
+                "cifar10": "CIFAR-10", "cubicc": "CUBICC", "celeb_a": "CelebA", "celeba": "CelebA"}
+# Which Table-1 row a stage-2 conditioning corresponds to.
+_PAPER_METHOD = {"path": "TreeDiffusion", "image": "TreeVAE + Diffusion"}
+STAGE2_MODES = ("sample", "recons", "sample_all_leaves", "recons_all_leaves")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What an evaluation computes (``config.eval``); part of the key that decides re-evaluation."""
+  modes: tuple[str, ...] = ("sample", "recons", "sample_all_leaves")
+  num_samples: int = 10000
+  recons_num: int = 0
+  purity_samples: int = 1000
+  fid: bool = True
+  fid_batch_size: int = 50
+  inception_weights: str = ""
+  ll_samples: int = 1000
+  ll_batch_size: int = 100
+  batch_size: int = 500
+  train_classifier: bool = True
+  grid_images: int = 64
+  seed: int = 0
+
+  @classmethod
+  def from_config(cls, config, modes: Sequence[str] | None = None) -> "Settings":
+    e = config.eval
+    fields = {f.name: e[f.name] for f in dataclasses.fields(cls) if f.name in e}
+    fields["modes"] = tuple(modes if modes is not None else fields.get("modes", cls.modes))
+    s = cls(**fields)
+    s.validate()
+    return s
+
+  def validate(self):
+    bad = [m for m in self.modes if m not in STAGE2_MODES]
+    if bad:
+      raise ConfigError(f"unknown mode(s) {', '.join(bad)}; use --modes with some of "
+                        f"{','.join(STAGE2_MODES)}")
+    for name in ("num_samples", "purity_samples", "ll_samples", "fid_batch_size", "batch_size",
+                 "ll_batch_size"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"config.eval.{name} must be ≥ 1, got {getattr(self, name)}")
+    if self.fid and self.num_samples < 2:
+      raise ConfigError("config.eval.num_samples must be ≥ 2 for FID")
+
+  def key(self) -> str:
+    d = dataclasses.asdict(self)
+    d.pop("inception_weights")
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def select_steps(available: Sequence[int], spec: str) -> list[int]:
+  """``all`` | ``latest`` | ``none`` | comma-separated steps → the steps to evaluate.
+
+  Raises:
+    ConfigError: a requested step is not among ``available``, or nothing is available.
+  """
+  available = sorted(int(s) for s in available)
+  spec = (spec or "all").strip().lower()
+  if spec == "none":
+    return []
+  if not available:
+    raise ConfigError("no stage-2 checkpoints")
+  if spec == "all":
+    return available
+  if spec == "latest":
+    return available[-1:]
+  try:
+    steps = [int(s) for s in spec.split(",") if s.strip()]
+  except ValueError:
+    raise ConfigError(f"--checkpoints={spec!r}: use all, latest, none or comma-separated steps "
+                      f"(have {available})") from None
+  missing = [s for s in steps if s not in available]
+  if missing:
+    raise ConfigError(f"no stage-2 checkpoint(s) {missing}; have {available}")
+  return steps
+
+
+# ------------------------------------------------------------------------- TreeVAE passes
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tree", "num"))
+def _tvae_generate(variables, key, *, model: TreeVAE, tree: Tree, num: int):
+  out = model.generate(variables, tree, key, num)
+  logits = jnp.log(jnp.maximum(out["leaf_probs"], 1e-30))
+  leaf = jax.random.categorical(jax.random.fold_in(key, 7), logits)
+  return out["images"][leaf, jnp.arange(num)], leaf
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tree"))
+def _tvae_reconstruct(variables, x, key, *, model: TreeVAE, tree: Tree):
+  out, _ = model.apply(variables, tree, x, key, train=False, return_recon=True)
+  logits = jnp.log(jnp.maximum(out["leaf_probs"], 1e-30))
+  leaf = jax.random.categorical(jax.random.fold_in(key, 7), logits)
+  return out["recon"][leaf, jnp.arange(x.shape[0])], leaf
+
+
+def _batched(fn, total: int, batch: int):
+  """Runs ``fn(i, n)`` → (images, leaves) for fixed-size batches; concatenates the first ``total``."""
+  imgs, leaves = [], []
+  for i, start in enumerate(range(0, total, batch)):
+    a, b = fn(i, batch)
+    n = min(batch, total - start)
+    imgs.append(generate.to_uint8(np.asarray(a)[:n]))
+    leaves.append(np.asarray(b)[:n])
+  return np.concatenate(imgs), np.concatenate(leaves)
+
+
+def histogram_images(histograms: Sequence[Sequence[float] | None], height: int = 40,
+                     bar: int = 4) -> np.ndarray:
+  """Class histograms drawn as small bar-chart images ``[K, 1, H, W, 3]`` in [0, 1] (a figure row).
+
+  The majority class is drawn in orange, the others in blue; ``None`` (nothing kept) is blank.
+  """
+  k = len(histograms)
+  c = max((len(h) for h in histograms if h is not None), default=1)
+  w = c * bar + (c + 1)
+  out = np.ones((k, 1, height, w, 3), np.float32)
+  for i, h in enumerate(histograms):
+    out[i, 0, -1, :] = 0.6                                      # baseline
+    if h is None:
+      continue
+    h = np.asarray(h, np.float64)
+    top = int(np.argmax(h))
+    for j, v in enumerate(h):
+      rows = int(round(float(v) * (height - 2)))
+      x0 = 1 + j * (bar + 1)
+      colour = (0.95, 0.55, 0.1) if j == top else (0.2, 0.4, 0.8)
+      if rows:
+        out[i, 0, height - 1 - rows:height - 1, x0:x0 + bar] = colour
+  return out
+
+
+# ----------------------------------------------------------------------------- evaluator
+
+
+class Evaluator:
+  """Evaluates run directories; holds what is reused across checkpoints and runs."""
+
+  def __init__(self, settings: Settings, *, mesh=None, log: Callable[[str], Any] = logging.info):
+    self.settings, self.mesh, self.log = settings, mesh, log
+    self._extractor = None
+    self._weights_id = None
+    self._reference_memo: dict[str, np.ndarray] = {}
+
+  # ------------------------------------------------------------------ Inception features
+
+  def extractor(self):
+    if self._extractor is None:
+      from tree_diffusion.eval import inception  # pylint: disable=g-import-not-at-top
+      t0 = time.perf_counter()
+      params, self._weights_id = inception.load_inception_params(
+          self.settings.inception_weights or None, with_id=True)
+      self._extractor = inception.FeatureExtractor(params, batch_size=self.settings.fid_batch_size,
+                                                   mesh=self.mesh)
+      self.log(f"Inception weights loaded in {time.perf_counter() - t0:.1f} s")
+    return self._extractor
+
+  def features(self, images: np.ndarray, what: str) -> np.ndarray:
+    t0 = time.perf_counter()
+    out = self.extractor()(images)
+    dt = time.perf_counter() - t0
+    self.log(f"Inception features of {len(images)} {what} in {dt:.1f} s "
+             f"({len(images) / max(dt, 1e-9):.1f} images/s)")
+    return out
+
+  def reference_features(self, workdir: str, config, split: str, arrays: data_lib.Arrays
+                         ) -> np.ndarray:
+    """Features of a whole real split, cached in ``WORKDIR/eval/cache`` and in memory."""
+    self.extractor()
+    meta = {"dataset": config.data.name, "split": split, "num_images": len(arrays),
+            "image_shape": list(arrays.images.shape[1:]),
+            "images_sha1": fid_lib.images_digest(arrays.images), "inception": self._weights_id}
+    memo = json.dumps(meta, sort_keys=True)
+    path = os.path.join(workdir, "eval", "cache", f"inception_{config.data.name}_{split}.npz")
+    if memo in self._reference_memo:
+      feats = self._reference_memo[memo]
+      if fid_lib.load_features(path, meta) is None:
+        fid_lib.save_features(path, feats, meta)
+      return feats
+    feats = fid_lib.cached_features(path, meta,
+                                    lambda: self.features(arrays.images, f"real {split} images"))
+    self._reference_memo[memo] = feats
+    return feats
+
+  def data_fid(self, config, workdir: str) -> dict:
+    """FID between the dataset's own train and test splits (a floor for generated images)."""
+    t0 = time.perf_counter()
+    train, test = (data_lib.load_arrays(config.data, split) for split in ("train", "test"))
+    f_train = self.reference_features(workdir, config, "train", train)
+    f_test = self.reference_features(workdir, config, "test", test)
+    out = {"fid_train_vs_test": fid_lib.fid_from_features(f_train, f_test),
+           "num_train": len(train), "num_test": len(test),
+           "wall_time_s": time.perf_counter() - t0}
+    self.log(f"{config.data.name}: FID(train, test) = {out['fid_train_vs_test']:.3f} "
+             f"({len(train)} vs {len(test)} images, {out['wall_time_s']:.0f} s)")
+    return out
+
+  # ------------------------------------------------------------------ stage 1
+
+  def stage1(self, config, workdir: str, model: TreeVAE, variables, tree: Tree,
+             test: data_lib.Arrays, test_probs: np.ndarray, out_dir: str) -> dict:
+    s = self.settings
+    t0 = time.perf_counter()
+    labels = test.labels if test.num_classes else None
+    out = {"clustering": clustering.summary(tree, labels, test_probs)}
+    key = jax.random.key(s.seed)
+    ll = LogLikelihood(model, tree, s.ll_samples, s.ll_batch_size, self.mesh)
+    out["log_likelihood"] = ll.run(variables, test, jax.random.fold_in(key, 1), log=self.log)
+    self.log(f"stage 1: test log-likelihood {out['log_likelihood']['log_likelihood']:.2f} "
+             f"({s.ll_samples} importance samples)")
+    if s.fid:
+      ref = self.reference_features(workdir, config, "test", test)
+      ref_leaves = test_probs.argmax(1)
+      k = tree.num_leaves
+      gen, gen_leaf = _batched(
+          lambda i, b: _tvae_generate(variables, jax.random.fold_in(jax.random.fold_in(key, 2), i),
+                                      model=model, tree=tree, num=b),
+          s.num_samples, s.batch_size)
+      n_rec = s.recons_num or len(test)
+      x = test.images[:n_rec].astype(np.float32) / np.float32(255.0)
+      pad = -len(x) % s.batch_size
+      xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], np.float32)])
+      rec, rec_leaf = _batched(
+          lambda i, b: _tvae_reconstruct(variables, xp[i * b:(i + 1) * b],
+                                         jax.random.fold_in(jax.random.fold_in(key, 3), i),
+                                         model=model, tree=tree), n_rec, s.batch_size)
+      g, r = self.features(gen, "TreeVAE samples"), self.features(rec, "TreeVAE reconstructions")
+      out["fid"] = {"gen": fid_lib.fid_from_features(g, ref), "rec": fid_lib.fid_from_features(r, ref),
+                    "num_gen": int(len(gen)), "num_rec": int(len(rec)), "reference": "test",
+                    "num_reference": int(len(ref)),
+                    "gen_per_leaf": fid_lib.per_group_fid(g, gen_leaf, ref, ref_leaves, k)}
+      os.makedirs(out_dir, exist_ok=True)
+      for name, imgs in (("treevae_sample.png", gen), ("treevae_recons.png", rec)):
+        Image.fromarray(generate.image_grid(imgs[:s.grid_images] / 255.0, columns=8)).save(
+            os.path.join(out_dir, name))
+      self.log(f"stage 1: TreeVAE FID gen {out['fid']['gen']:.2f}, rec {out['fid']['rec']:.2f}")
+    out["wall_time_s"] = time.perf_counter() - t0
+    return out
+
+  # ------------------------------------------------------------------ stage 2
+
+  def checkpoint(self, config, workdir: str, stage2: generate.Stage2, test: data_lib.Arrays,
+                 test_probs: np.ndarray, classifier, out_dir: str) -> dict:
+    s = self.settings
+    t0 = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    key = jax.random.key(s.seed)
+    k = stage2.tree.num_leaves
+    ref = ref_leaves = None
+    if s.fid and ({"sample", "recons"} & set(s.modes)):
+      ref = self.reference_features(workdir, config, "test", test)
+      ref_leaves = test_probs.argmax(1)
+    out: dict[str, Any] = {"step": int(stage2.step), "modes": {}}
+    for mode in s.modes:
+      sampler = stage2.sampler(mode, self.mesh)
+      images = None
+      if mode == "sample":
+        num = s.num_samples
+      elif mode == "sample_all_leaves":
+        num = s.purity_samples
+      else:
+        n_rec = s.recons_num or len(test)
+        images, num = test.images[:n_rec].astype(np.float32) / np.float32(255.0), None
+      t1 = time.perf_counter()
+      res = sampler.run(stage2.ema_params, stage2.tvae_vars, jax.random.fold_in(key, 10),
+                        num=num, images=images)
+      imgs = generate.to_uint8(res["image"])
+      m: dict[str, Any] = {"images": int(imgs.shape[0] * (k if sampler.all_leaves else 1)),
+                           "sampling_s": time.perf_counter() - t1}
+      if sampler.all_leaves:
+        grid = imgs[:max(1, s.grid_images // k)]
+        Image.fromarray(generate.image_grid(grid.reshape((-1,) + grid.shape[2:]) / 255.0,
+                                            columns=k)).save(os.path.join(out_dir, f"{mode}.png"))
+      else:
+        Image.fromarray(generate.image_grid(imgs[:s.grid_images] / 255.0, columns=8)).save(
+            os.path.join(out_dir, f"{mode}.png"))
+      if mode in ("sample", "recons") and s.fid:
+        f = self.features(imgs, f"{mode} images")
+        m["fid"] = fid_lib.fid_from_features(f, ref)
+        m["fid_per_leaf"] = fid_lib.per_group_fid(f, res["leaf"], ref, ref_leaves, k)
+        self.log(f"step {stage2.step}: FID {mode} {m['fid']:.2f} ({len(imgs)} images)")
+      if mode == "sample_all_leaves":
+        if classifier is not None:
+          m["purity"] = classifier_lib.leaf_purity_report(
+              classifier, imgs, res["leaf_probs"], config.classifier.thresholds,
+              s.batch_size, mesh=self.mesh)
+          pred = np.asarray(m["purity"].pop("predicted"))
+          for t in config.classifier.thresholds:
+            classifier_lib.save_leaf_histogram_figure(
+                os.path.join(out_dir, f"leaf_histograms_p{t:g}.png"), imgs, res["leaf_probs"],
+                pred, classifier.model.num_classes, t, class_names=classifier.class_names,
+                leaf_labels=[str(n) for n in stage2.tree.leaves],
+                title=f"{config.data.name}, step {stage2.step}: classes of samples with "
+                      f"p(leaf) ≥ {t:g}")
+          first = m["purity"]["thresholds"][str(float(config.classifier.thresholds[0]))]
+          self.log(f"step {stage2.step}: weighted majority fraction "
+                   f"{first['weighted_majority_fraction']} at p ≥ {first['threshold']}")
+        self._tree_figure(config, stage2, test, test_probs, res, m.get("purity"),
+                          os.path.join(out_dir, "tree.png"))
+      out["modes"][mode] = m
+    out["wall_time_s"] = time.perf_counter() - t0
+    return out
+
+  def _tree_figure(self, config, stage2, test, test_probs, res, purity, path):
+    """The tree with, per leaf: test images, TreeVAE and diffusion samples, class histogram."""
+    from tree_diffusion.treevae import figure  # pylint: disable=g-import-not-at-top
+    num = config.diffusion.sampling.figure_images_per_leaf
+    k = stage2.tree.num_leaves
+    assign = test_probs.argmax(1)
+    share = np.bincount(assign, minlength=k) / max(len(assign), 1)
+    real = np.full((k, num) + test.images.shape[1:], np.nan, np.float32)
+    for j in range(k):
+      rows = np.flatnonzero(assign == j)[:num]
+      real[j, :len(rows)] = test.images[rows] / 255.0
+    vae, ddpm = generate.most_likely_per_leaf(res, num)
+    rows_, titles = [real, np.clip(vae, 0, 1), np.clip(ddpm, 0, 1)], ["test", "TreeVAE", "diffusion"]
+    if purity is not None:
+      t = str(float(config.classifier.thresholds[0]))
+      hists = [leaf["histogram"] for leaf in purity["thresholds"][t]["leaves"]]
+      rows_.append(histogram_images(hists))
+      titles.append(f"classes (p>={float(t):g})")
+    figure.save_tree_figure(path, stage2.tree, share, rows_, row_titles=titles,
+                            title=f"{config.data.name}: {k} leaves, step {stage2.step}")
+
+  # ------------------------------------------------------------------ a whole run
+
+  def run(self, config, workdir: str, checkpoints: str = "all", force: bool = False,
+          data_fid: bool = False) -> dict:
+    """Evaluates ``workdir``; returns (and writes) its ``eval/metrics.json`` content."""
+    s = self.settings
+    eval_dir = os.path.join(workdir, "eval")
+    metrics_path = os.path.join(eval_dir, "metrics.json")
+    stage2_ckpt_dir = os.path.join(train_lib.stage2_dir(workdir), "checkpoints")
+    available = ckpt_lib.Stage2Checkpoints.steps_in(stage2_ckpt_dir)
+    try:
+      steps = select_steps(available, checkpoints)
+    except ConfigError as e:
+      if str(e) == "no stage-2 checkpoints":
+        raise ConfigError(f"no stage-2 checkpoints in {stage2_ckpt_dir}: train stage 2 "
+                          f"(launch/train_diffusion.py --workdir={workdir}) or pass "
+                          f"--checkpoints=none to evaluate stage 1 only") from None
+      raise
+    if s.fid:
+      self.extractor()          # a missing weights file is an error before any heavy work
+    model, variables, tree, export, fingerprint, _ = train_lib.load_stage1(config, workdir)
+    test = data_lib.load_arrays(config.data, "test")
+    data_lib.check_image_shape(test, config.data)
+    metrics = _read_metrics(metrics_path)
+    if metrics.get("export_fingerprint") != fingerprint:
+      metrics = {}
+    metrics.update(dataset=config.data.name, export=export, export_fingerprint=fingerprint,
+                   num_leaves=tree.num_leaves, settings=dataclasses.asdict(s))
+    if data_fid and s.fid and (force or "data" not in metrics):
+      metrics["data"] = self.data_fid(config, workdir)
+    test_probs = predict_leaf_probs(model, variables, tree, test, s.batch_size)
+    skey = s.key()
+    if force or metrics.get("stage1", {}).get("settings_key") != skey:
+      self.log(f"{workdir}: evaluating the stage-1 export ({tree.num_leaves} leaves)")
+      metrics["stage1"] = dict(self.stage1(config, workdir, model, variables, tree, test,
+                                           test_probs, eval_dir), settings_key=skey)
+      _write_json(metrics_path, metrics)
+    else:
+      self.log(f"{workdir}: stage 1 already evaluated with these settings")
+    done = metrics.setdefault("checkpoints", {})
+    todo = [st for st in steps if force or done.get(str(st), {}).get("settings_key") != skey]
+    if len(todo) < len(steps):
+      self.log(f"{workdir}: skipping checkpoints {sorted(set(steps) - set(todo))} (already "
+               f"evaluated; --force re-evaluates)")
+    classifier = self._classifier(config, workdir) if (todo and "sample_all_leaves" in s.modes) else None
+    stage2 = None
+    t0 = time.perf_counter()
+    for i, step in enumerate(todo):
+      stage2 = (generate.load_stage2(config, workdir, step) if stage2 is None
+                else generate.with_checkpoint(stage2, workdir, step))
+      self.log(f"{workdir}: evaluating stage-2 checkpoint {step} ({i + 1}/{len(todo)})")
+      done[str(step)] = dict(self.checkpoint(config, workdir, stage2, test, test_probs, classifier,
+                                             os.path.join(eval_dir, f"step_{step}")),
+                             settings_key=skey)
+      _write_json(metrics_path, metrics)
+      dt = time.perf_counter() - t0
+      self.log(f"{workdir}: checkpoint {step} done; ETA {format_eta(dt / (i + 1) * (len(todo) - i - 1))}")
+    if classifier is not None:
+      metrics["classifier"] = {k: classifier.meta.get(k) for k in ("test_accuracy", "model")}
+    _write_json(metrics_path, metrics)
+    write_csv(os.path.join(eval_dir, "metrics.csv"), metrics)
+    write_report(os.path.join(eval_dir, "report.md"), metrics, config)
+    return metrics
+
+  def _classifier(self, config, workdir: str):
+    """The purity classifier (trained here if absent and allowed); ``None`` without labels."""
+    train = data_lib.load_arrays(config.data, "train")
+    if train.num_classes < 2:
+      self.log(f"{'no labels' if not train.num_classes else 'a single class'}: the classifier "
+               f"purity of generations is skipped")
+      return None
+    directory = classifier_lib.classifier_dir(config, workdir)
+    if os.path.exists(os.path.join(directory, classifier_lib.META_FILE)) or not self.settings.train_classifier:
+      return classifier_lib.load_for_config(config, workdir)   # a mismatch is an error, not retrained
+    self.log(f"no classifier in {directory}: training one (config.classifier; disable with "
+             f"--config.eval.train_classifier=False)")
+    test = data_lib.load_arrays(config.data, "test")
+    clf, _ = classifier_lib.train_classifier(config, train, test, mesh=self.mesh, log=self.log)
+    classifier_lib.save_classifier(directory, clf)
+    return clf
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _read_metrics(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    logging.warning("%s is unreadable (%s); evaluating again", path, e)
+    return {}
+
+
+def _write_json(path: str, obj: dict) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, default=_json_default)
+  os.replace(tmp, path)
+
+
+def _json_default(o):
+  if isinstance(o, (np.integer,)):
+    return int(o)
+  if isinstance(o, (np.floating,)):
+    return float(o)
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def _get(d: dict, *path, default=None):
+  for p in path:
+    if not isinstance(d, dict) or p not in d:
+      return default
+    d = d[p]
+  return d
+
+
+CSV_COLUMNS = ("step", "fid_gen", "fid_rec", "majority_p0.5", "majority_p0.9", "kept_p0.5",
+               "kept_p0.9", "treevae_fid_gen", "treevae_fid_rec", "nmi", "accuracy", "leaf_purity",
+               "dendrogram_purity", "test_log_likelihood", "num_leaves")
+
+
+def csv_rows(metrics: dict) -> list[dict]:
+  """One row per evaluated checkpoint (stage-1 columns repeated on every row)."""
+  s1 = metrics.get("stage1", {})
+  common = {"treevae_fid_gen": _get(s1, "fid", "gen"), "treevae_fid_rec": _get(s1, "fid", "rec"),
+            "nmi": _get(s1, "clustering", "nmi"), "accuracy": _get(s1, "clustering", "accuracy"),
+            "leaf_purity": _get(s1, "clustering", "leaf_purity"),
+            "dendrogram_purity": _get(s1, "clustering", "dendrogram_purity"),
+            "test_log_likelihood": _get(s1, "log_likelihood", "log_likelihood"),
+            "num_leaves": metrics.get("num_leaves")}
+  rows = []
+  for step in sorted(metrics.get("checkpoints", {}), key=int):
+    c = metrics["checkpoints"][step]
+    row = {"step": int(step), "fid_gen": _get(c, "modes", "sample", "fid"),
+           "fid_rec": _get(c, "modes", "recons", "fid"), **common}
+    for t in ("0.5", "0.9"):
+      th = _get(c, "modes", "sample_all_leaves", "purity", "thresholds", t) or {}
+      row[f"majority_p{t}"] = th.get("weighted_majority_fraction")
+      row[f"kept_p{t}"] = th.get("total_kept")
+    rows.append(row)
+  if not rows:
+    rows.append({"step": None, **common})
+  return rows
+
+
+def write_csv(path: str, metrics: dict) -> None:
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+    w.writeheader()
+    for row in csv_rows(metrics):
+      w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+
+
+def format_value(v, digits: int = 2) -> str:
+  if v is None:
+    return "–"
+  if isinstance(v, float):
+    return f"{v:.{digits}f}"
+  return str(v)
+
+
+def write_report(path: str, metrics: dict, config) -> None:
+  """A short Markdown report: stage-1 metrics, one table row per checkpoint, the paper's row."""
+  s = metrics.get("settings", {})
+  s1 = metrics.get("stage1", {})
+  cl = s1.get("clustering", {})
+  ll = s1.get("log_likelihood", {})
+  paper_name = _PAPER_NAMES.get(config.data.name)
+  method = _PAPER_METHOD.get(config.diffusion.conditioning, None)
+  lines = [f"# Evaluation of `{metrics.get('export', '')}`", "",
+           f"Dataset `{config.data.name}`, {metrics.get('num_leaves')} leaves; FID against the "
+           f"full test split ({_get(s1, 'fid', 'num_reference', default='–')} images) with "
+           f"{s.get('num_samples')} generations and {_get(s1, 'fid', 'num_rec', default='–')} "
+           f"reconstructions; classifier purity on {s.get('purity_samples')} prior samples per "
+           f"leaf.", "", "## Stage 1 (TreeVAE export, test split)", "",
+           "| NMI | accuracy | leaf purity | dendrogram purity | log-likelihood | FID (rec) | FID (gen) |",
+           "|---|---|---|---|---|---|---|",
+           f"| {format_value(cl.get('nmi'), 3)} | {format_value(cl.get('accuracy'), 3)} | "
+           f"{format_value(cl.get('leaf_purity'), 3)} | {format_value(cl.get('dendrogram_purity'), 3)} | "
+           f"{format_value(ll.get('log_likelihood'))} ± {format_value(ll.get('log_likelihood_stderr'))} "
+           f"({ll.get('num_samples', '–')} samples"
+           f"{', ' + format_value(ll.get('bits_per_dim'), 3) + ' bits/dim' if 'bits_per_dim' in ll else ''}) | "
+           f"{format_value(_get(s1, 'fid', 'rec'))} | {format_value(_get(s1, 'fid', 'gen'))} |", ""]
+  data = metrics.get("data")
+  if data:
+    lines += [f"The dataset's own FID(train, test) ({data['num_train']} vs {data['num_test']} "
+              f"real images): {format_value(data['fid_train_vs_test'])}.", ""]
+  lines += ["## Stage 2 checkpoints", "",
+            "| step | FID (rec) | FID (gen) | majority fraction p≥0.5 (kept) | p≥0.9 (kept) |",
+            "|---|---|---|---|---|"]
+  for row in csv_rows(metrics):
+    if row["step"] is None:
+      continue
+    lines.append(f"| {row['step']} | {format_value(row['fid_rec'])} | {format_value(row['fid_gen'])} | "
+                 f"{format_value(row['majority_p0.5'], 3)} ({format_value(row['kept_p0.5'])}) | "
+                 f"{format_value(row['majority_p0.9'], 3)} ({format_value(row['kept_p0.9'])}) |")
+  clf = metrics.get("classifier")
+  if clf:
+    lines += ["", f"Purity classifier: test accuracy {format_value(clf.get('test_accuracy'), 4)}."]
+  lines += ["", "## The paper's Table 1 (test-set FID, 10k samples, mean ± std over 10 runs)", ""]
+  if paper_name is None:
+    lines.append(f"No published numbers for `{config.data.name}`.")
+  else:
+    lines += ["| method | FID (rec) | FID (gen) |", "|---|---|---|"]
+    for m, ((r, rs), (g, gs)) in PAPER_TABLE1[paper_name].items():
+      mark = " (this conditioning)" if m == method else ""
+      lines.append(f"| {paper_name} {m}{mark} | {r} ± {rs} | {g} ± {gs} |")
+    if config.data.name == "mnist_5k":
+      lines += ["", "`mnist_5k` is a 5,000-image subset (1,000 test images): FID against 1,000 "
+                "images is biased upwards relative to the paper's 10,000, and the demo models "
+                "are far smaller and shorter-trained than the paper's."]
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
