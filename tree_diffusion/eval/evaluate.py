@@ -234,7 +234,16 @@ class Evaluator:
 
   def features(self, images: np.ndarray, what: str) -> np.ndarray:
     t0 = time.perf_counter()
-    out = self.extractor()(images)
+    last = [t0]
+
+    def progress(done: int, total: int):
+      now = time.perf_counter()
+      if now - last[0] >= 30.0 and done < total:    # long feature passes report every 30 s
+        last[0] = now
+        self.log(f"Inception features of {what}: {done}/{total}, ETA "
+                 f"{format_eta((now - t0) / done * (total - done))}")
+
+    out = self.extractor()(images, progress)
     dt = time.perf_counter() - t0
     self.log(f"Inception features of {len(images)} {what} in {dt:.1f} s "
              f"({len(images) / max(dt, 1e-9):.1f} images/s)")
