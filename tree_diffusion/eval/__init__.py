@@ -1,2 +1,2 @@
-"""Evaluation: clustering metrics, the Fréchet distance (and, later, Inception features,
-classifier purity, likelihood)."""
+"""Evaluation: clustering metrics, the FID Inception and Fréchet distance, the per-leaf purity
+classifier, the importance-sampled log-likelihood, and batch evaluation of run directories."""
