@@ -52,7 +52,7 @@ from tree_diffusion.eval.likelihood import LogLikelihood
 from tree_diffusion.runs import format_eta
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
-from tree_diffusion.treevae.train import predict_leaf_probs
+from tree_diffusion.treevae.train import leaf_examples, predict_leaf_probs
 
 # The paper's Table 1 (reference/treediffusion.md §9.1): test-set FID, 10k samples, mean ± std.
 PAPER_TABLE1 = {
@@ -392,12 +392,7 @@ class Evaluator:
     from tree_diffusion.treevae import figure  # pylint: disable=g-import-not-at-top
     num = config.diffusion.sampling.figure_images_per_leaf
     k = stage2.tree.num_leaves
-    assign = test_probs.argmax(1)
-    share = np.bincount(assign, minlength=k) / max(len(assign), 1)
-    real = np.full((k, num) + test.images.shape[1:], np.nan, np.float32)
-    for j in range(k):
-      rows = np.flatnonzero(assign == j)[:num]
-      real[j, :len(rows)] = test.images[rows] / 255.0
+    share, real = leaf_examples(test_probs, test, num)
     vae, ddpm = generate.most_likely_per_leaf(res, num)
     rows_, titles = [real, np.clip(vae, 0, 1), np.clip(ddpm, 0, 1)], ["test", "TreeVAE", "diffusion"]
     if purity is not None:

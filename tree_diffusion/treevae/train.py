@@ -516,11 +516,16 @@ def test_examples(model: TreeVAE, variables, tree: Tree, arrays: data_lib.Arrays
                   batch_size: int):
   """Each leaf's share of ``arrays`` (argmax of the leaf probabilities) and up to ``num`` of its
   images, ``[K, num, H, W, C]`` in [0, 1] with NaN where a leaf has fewer (blank figure slots)."""
-  probs = predict_leaf_probs(model, variables, tree, arrays, batch_size)
+  return leaf_examples(predict_leaf_probs(model, variables, tree, arrays, batch_size), arrays, num)
+
+
+def leaf_examples(probs: np.ndarray, arrays: data_lib.Arrays, num: int):
+  """:func:`test_examples` from leaf probabilities ``[N, K]`` already computed for ``arrays``."""
+  k_leaves = probs.shape[1]
   assign = probs.argmax(1)
-  share = np.bincount(assign, minlength=tree.num_leaves) / max(len(assign), 1)
-  real = np.full((tree.num_leaves, num) + model.image_shape, np.nan, np.float32)
-  for k in range(tree.num_leaves):
+  share = np.bincount(assign, minlength=k_leaves) / max(len(assign), 1)
+  real = np.full((k_leaves, num) + arrays.images.shape[1:], np.nan, np.float32)
+  for k in range(k_leaves):
     rows = np.flatnonzero(assign == k)[:num]
     real[k, :len(rows)] = arrays.images[rows] / 255.0
   return share, real
