@@ -85,7 +85,7 @@ def export_treevae(export_dir: str, model: TreeVAE, variables, tree: Tree, meta:
   full_meta = {"format": EXPORT_FORMAT, "version": __version__, "model": model.to_dict(),
                "tree": json.loads(tree.to_json()), **meta}
   tmp = path / "meta.json.tmp"
-  tmp.write_text(json.dumps(full_meta, indent=2, default=_json_default))
+  tmp.write_text(json.dumps(full_meta, indent=2, default=json_default))
   os.replace(tmp, path / "meta.json")  # meta.json appears only once the export is complete
 
 
@@ -119,7 +119,8 @@ def load_treevae(path: str):
   return model, variables, tree
 
 
-def _json_default(o):
+def json_default(o):
+  """``json.dump`` fallback for numpy scalars/arrays and objects with ``to_dict``."""
   if hasattr(o, "tolist"):
     return o.tolist()
   if hasattr(o, "to_dict"):

@@ -503,18 +503,8 @@ def _write_json(path: str, obj: dict) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=_json_default)
+    json.dump(obj, f, indent=1, default=ckpt_lib.json_default)
   os.replace(tmp, path)
-
-
-def _json_default(o):
-  if isinstance(o, (np.integer,)):
-    return int(o)
-  if isinstance(o, (np.floating,)):
-    return float(o)
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def _get(d: dict, *path, default=None):
