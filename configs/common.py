@@ -41,7 +41,8 @@ def base() -> ml_collections.ConfigDict:
       initial_depth=1, grow=True, prune=True, num_clusters_tree=10, max_growth_iterations=150,
       augment=False, augmentation_method="simple", augmentation="none", aug_decisions_weight=1.0,
       log_every_epochs=1, eval_every_epochs=10, checkpoints_to_keep=3,
-      figure_images_per_leaf=6, kmeans_baseline=True, final_elbo=True))
+      figure_images_per_leaf=6, kmeans_baseline=True, final_elbo=True,
+      dtype="float32"))                        # compute dtype: float32 | bfloat16 (mixed precision)
 
   # Stage 2 (reference/treediffusion.md §4.3, §5, §6.5): the MNIST/FMNIST ddpm section of the
   # reference configs, with the paper's final conditioning (path only, pure-noise start).
@@ -57,6 +58,8 @@ def base() -> ml_collections.ConfigDict:
       seed=0, batch_size=256, num_epochs=1000,
       num_steps=0,                  # > 0 overrides num_epochs
       shuffle=True,                 # the reference iterates unshuffled (§5.5)
+      dtype="float32",              # compute dtype of the UNet and the frozen TreeVAE: float32 |
+                                    # bfloat16 (params, optimiser, EMA stay float32)
       log_every_steps=100, checkpoint_every_steps=5000, checkpoints_to_keep=3,
       sampling=ml_collections.ConfigDict(dict(
           method="ddim", steps=100, spacing="quad", eta=0.0, ddpm_variance="fixedlarge",

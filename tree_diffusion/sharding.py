@@ -1,24 +1,58 @@
-"""Mesh and shardings: data parallelism over one mesh axis ``"data"`` with replicated parameters."""
+"""Mesh and shardings: data parallelism over a 2-axis mesh ``("replica", "data")``, params replicated.
+
+The batch is split over *both* axes (``P(("replica", "data"))``); parameters and optimiser state
+are replicated. The two axes only say where the devices are: ``"replica"`` runs across processes
+(hosts, slow links between them) and ``"data"`` over the devices of one process, so each process
+holds one contiguous block of every global batch and can feed it from its own rows of the data
+(:func:`process_rows`, :func:`put_batch` with ``jax.make_array_from_process_local_data``). On one
+process the mesh is ``(1, devices)``, the same computation as a 1-D data-parallel mesh.
+"""
 
 from __future__ import annotations
 
+import collections
+from typing import Iterable, Iterator
+
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+AXES = ("replica", "data")
 
-def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-  """A 1-D mesh ``("data",)`` over the first ``num_devices`` devices (default: all)."""
+
+def make_mesh(num_devices: int | None = None, replicas: int | None = None) -> jax.sharding.Mesh:
+  """The ``("replica", "data")`` mesh over the first ``num_devices`` devices (default: all).
+
+  Args:
+    num_devices: devices to use (a divisor of the device count; default all).
+    replicas: size of the ``"replica"`` axis (default: the number of processes, so that each
+      process's devices form one row).
+  """
   n = num_devices or jax.device_count()
-  return jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,))
+  r = replicas or jax.process_count()
+  if n % r:
+    raise ValueError(f"{n} devices cannot form {r} replica rows")
+  axis_types = (AxisType.Auto,) * 2
+  if jax.process_count() > 1 and r == jax.process_count() and n == jax.device_count():
+    # One row per process: its devices hold a contiguous block of every batch.
+    devices = mesh_utils.create_hybrid_device_mesh((1, n // r), (r, 1))
+    return jax.sharding.Mesh(devices, AXES, axis_types=axis_types)
+  return jax.make_mesh((r, n // r), AXES, axis_types=axis_types, devices=jax.devices()[:n])
 
 
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def batch_spec(mesh, *leading) -> P:
+  """A partition spec splitting the axis after ``leading`` (usually none) over every mesh axis."""
+  return P(*leading, tuple(mesh.axis_names))
+
+
 def data_sharded(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P("data"))
+  """The leading (batch) axis split over every mesh axis."""
+  return NamedSharding(mesh, batch_spec(mesh))
 
 
 def check_batch_size(batch_size: int, mesh, setting: str = "stage1.batch_size") -> None:
@@ -28,7 +62,43 @@ def check_batch_size(batch_size: int, mesh, setting: str = "stage1.batch_size") 
                      f"use a multiple of {n} (e.g. --config.{setting}={batch_size // n * n or n})")
 
 
-def put_batch(batch: dict, mesh) -> dict:
-  """Moves a host batch (numpy arrays, leading batch axis) onto the mesh, split over ``"data"``."""
+def process_rows(mesh, global_batch: int) -> slice:
+  """The rows of a ``global_batch`` this process feeds (one contiguous block)."""
+  index_map = data_sharded(mesh).addressable_devices_indices_map((global_batch,))
+  starts = [idx[0].start or 0 for idx in index_map.values()]
+  stops = [global_batch if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+  lo, hi = min(starts), max(stops)
+  if sum(b - a for a, b in set(zip(starts, stops))) != hi - lo:
+    raise ValueError(f"this process's devices do not hold one contiguous block of the batch "
+                     f"({sorted(set(zip(starts, stops)))}); build the mesh with make_mesh()")
+  return slice(lo, hi)
+
+
+def put_batch(batch: dict, mesh, global_batch: int | None = None) -> dict:
+  """Moves this process's rows of a batch onto the mesh as global arrays split over the batch axis.
+
+  ``batch`` holds host arrays with this process's rows (:func:`process_rows`); on one process
+  that is the whole batch. ``global_batch`` defaults to ``rows × processes``.
+  """
   sharding = data_sharded(mesh)
-  return {k: jax.device_put(np.asarray(v), sharding) for k, v in batch.items()}
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    n = global_batch or v.shape[0] * jax.process_count()
+    out[k] = jax.make_array_from_process_local_data(sharding, v, (n,) + v.shape[1:])
+  return out
+
+
+def prefetch(batches: Iterable[dict], mesh, global_batch: int, size: int = 2) -> Iterator[dict]:
+  """:func:`put_batch` over an iterator of host batches, keeping ``size`` batches in flight.
+
+  Transfers are asynchronous: while the device runs step ``i``, batches ``i+1 … i+size`` are
+  already being copied, so a step never waits for its input.
+  """
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(put_batch(batch, mesh, global_batch))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

@@ -25,12 +25,14 @@ embedding is ``y = 0``) and its image condition.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tree_diffusion import precision
 from tree_diffusion.diffusion.unet import UNet, torch_uniform
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.tree import Tree
@@ -79,11 +81,12 @@ class Conditioning:
 class MLP(nn.Module):
   """``Linear → SiLU → Linear`` (the reference's projection block)."""
   features: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, u):
-    u = nn.Dense(self.features, kernel_init=torch_uniform)(u)
-    return nn.Dense(self.features, kernel_init=torch_uniform)(nn.silu(u))
+    u = nn.Dense(self.features, kernel_init=torch_uniform, dtype=self.dtype)(u)
+    return nn.Dense(self.features, kernel_init=torch_uniform, dtype=self.dtype)(nn.silu(u))
 
 
 class SignalEncoder(nn.Module):
@@ -92,15 +95,16 @@ class SignalEncoder(nn.Module):
   features: int
   use_latent: bool
   use_id: bool
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, latents, ids, mask):
     terms = 0.0
     if self.use_latent:
-      terms = terms + MLP(self.features, name="latent")(latents)
+      terms = terms + MLP(self.features, self.dtype, name="latent")(latents)
     if self.use_id:
-      terms = terms + MLP(self.features, name="node_id")(ids[..., None])
-    return jnp.einsum("bd,bde->be", mask.astype(jnp.float32), terms)
+      terms = terms + MLP(self.features, self.dtype, name="node_id")(ids[..., None])
+    return jnp.einsum("bd,bde->be", mask.astype(jnp.float32), terms.astype(jnp.float32))
 
 
 class Denoiser(nn.Module):
@@ -112,28 +116,30 @@ class Denoiser(nn.Module):
   """
   conditioning: Conditioning
   unet: dict   # UNet hyper-parameters (hashable items)
+  dtype: Any = jnp.float32   # compute dtype (parameters stay float32; the output is float32)
 
   @nn.compact
   def __call__(self, x_t, t, cond: dict, *, train: bool):
     unet = UNet(out_channels=x_t.shape[-1], scale_shift=self.conditioning.signal is not None,
-                **dict(self.unet))
+                dtype=self.dtype, **dict(self.unet))
     y = None
     if self.conditioning.signal is not None:
       y = SignalEncoder(unet.embed_dim, self.conditioning.uses_latent, self.conditioning.uses_id,
-                        name="signal")(cond["latents"], cond["ids"], cond["mask"])
+                        self.dtype, name="signal")(cond["latents"], cond["ids"], cond["mask"])
     x = x_t
     if self.conditioning.image is not None:
       x = jnp.concatenate([x_t, cond["image"].astype(x_t.dtype)], axis=-1)
     return unet(x, t, y, train=train)
 
 
-def make_denoiser(conditioning: str | Conditioning, unet_config) -> Denoiser:
-  """A :class:`Denoiser` from a conditioning name and the config's ``diffusion.unet`` section."""
+def make_denoiser(conditioning: str | Conditioning, unet_config, dtype: str = "float32") -> Denoiser:
+  """A :class:`Denoiser` from a conditioning name, the config's ``diffusion.unet`` section and the
+  compute dtype (``diffusion.dtype``)."""
   cond = conditioning if isinstance(conditioning, Conditioning) else Conditioning.parse(conditioning)
   u = dict(unet_config)
   for k in ("ch_mults", "attn_resolutions"):
     u[k] = tuple(int(v) for v in u[k])
-  return Denoiser(cond, FrozenItems(u))
+  return Denoiser(cond, FrozenItems(u), precision.compute_dtype(dtype, "diffusion.dtype"))
 
 
 class FrozenItems(dict):

@@ -71,8 +71,9 @@ class Stage2:
 def load_stage2(config, workdir: str, step: int | None = None) -> Stage2:
   """Loads the latest (or ``step``) stage-2 checkpoint of ``workdir`` and its stage-1 export."""
   c = config.diffusion
-  denoiser = make_denoiser(c.conditioning, c.unet)
+  denoiser = make_denoiser(c.conditioning, c.unet, c.dtype)
   model, tvae_vars, tree, path, fingerprint, _ = train_lib.load_stage1(config, workdir)
+  model = dataclasses.replace(model, dtype=c.dtype)   # the frozen TreeVAE in the sampler
   ckpts = ckpt_lib.Stage2Checkpoints(os.path.join(train_lib.stage2_dir(workdir), "checkpoints"))
   if ckpts.latest_step() is None:
     raise ckpt_lib.CheckpointError(f"no stage-2 checkpoint in {ckpts.directory}: run "

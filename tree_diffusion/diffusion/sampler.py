@@ -151,7 +151,9 @@ class Sampler:
   """One compiled sampler for a (denoiser, TreeVAE, tree, chain, mode, batch size).
 
   Call :meth:`run` for whole jobs (batching, padding, progress) or :meth:`batch` for one batch.
-  ``traces`` counts how often the batch function was traced (1 after any number of calls).
+  ``fn(params, tvae_vars, key, *inputs(ids, leaves, images))`` is the jitted batch function on
+  device arrays (what the benchmark times). ``traces`` counts how often it was traced (1 after
+  any number of calls).
   """
 
   def __init__(self, denoiser: Denoiser, model: TreeVAE, tree: Tree, cfg: SamplerConfig, mode: str,
@@ -165,8 +167,9 @@ class Sampler:
     self.tables = PathTables.from_tree(tree)
     self.traces = 0
     rep, data = sharding.replicated(self.mesh), sharding.data_sharded(self.mesh)
-    self._fn = jax.jit(self._batch, in_shardings=(rep, rep, rep, data, data, data),
-                       out_shardings=data)
+    self._data = data
+    self.fn = jax.jit(self._batch, in_shardings=(rep, rep, rep, data, data, data),
+                      out_shardings=data)
 
   @property
   def all_leaves(self) -> bool:
@@ -209,8 +212,8 @@ class Sampler:
     x0 = reverse_chain(eps_fn, x_T, self.cfg, sub(3), shift=cond["image"] if cond_kind.form2 else None)
     return dict(image=x0, vae_image=vae_image, leaf=leaves, leaf_probs=probs)
 
-  def batch(self, params, tvae_vars, key, ids, leaves=None, images=None) -> dict[str, np.ndarray]:
-    """One batch of at most ``batch_size`` entries; returns host arrays for exactly those."""
+  def inputs(self, ids, leaves=None, images=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(ids, leaves, images)`` of at most ``batch_size`` entries, padded, on the mesh."""
     n = len(ids)
     b = self.batch_size
     if n > b:
@@ -222,8 +225,12 @@ class Sampler:
       images = np.zeros((b,) + self.model.image_shape, np.float32)
     else:
       images = pad(np.asarray(images, np.float32))
-    out = self._fn(params, tvae_vars, key, ids, leaves, images)
-    return {k: np.asarray(v)[:n] for k, v in out.items()}
+    return tuple(jax.device_put(a, self._data) for a in (ids, leaves, images))
+
+  def batch(self, params, tvae_vars, key, ids, leaves=None, images=None) -> dict[str, np.ndarray]:
+    """One batch of at most ``batch_size`` entries; returns host arrays for exactly those."""
+    out = self.fn(params, tvae_vars, key, *self.inputs(ids, leaves, images))
+    return {k: np.asarray(v)[: len(ids)] for k, v in out.items()}
 
   def run(self, params, tvae_vars, key, num: int | None = None,
           images: np.ndarray | None = None, log_every: int = 10) -> dict[str, np.ndarray]:

@@ -195,9 +195,10 @@ def train_and_save(config, workdir: str) -> dict:
   c = config.diffusion
   t_run = time.perf_counter()
   check_workdir(stage2_dir(workdir))
-  denoiser = make_denoiser(c.conditioning, c.unet)
+  denoiser = make_denoiser(c.conditioning, c.unet, c.dtype)
   cfg = StepConfig.from_config(c)
   model, tvae_vars, tree, path, fingerprint, _ = load_stage1(config, workdir)
+  model = dataclasses.replace(model, dtype=c.dtype)   # the frozen TreeVAE's forward in the step
   train = data_lib.load_arrays(config.data, "train")
   data_lib.check_image_shape(train, config.data)
   mesh = sharding.make_mesh()

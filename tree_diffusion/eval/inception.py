@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from tree_diffusion import sharding
 
@@ -804,6 +804,10 @@ class FeatureExtractor:
     self._net = jax.jit(self._forward, in_shardings=(rep, self._data), out_shardings=self._data)
     self._prep = jax.jit(preprocess, in_shardings=self._data, out_shardings=self._data)
 
+  def features(self, params: Params, images: jax.Array) -> jax.Array:
+    """uint8 ``[batch_size, H, W, C]`` on the mesh → ``[batch_size, 2048]`` (device arrays)."""
+    return self._net(params, self._prep(images))
+
   def _forward(self, params: Params, x: jax.Array) -> jax.Array:
     self.traces += 1
     apply = lambda xb: self.model.apply({"params": params}, xb)
@@ -814,7 +818,7 @@ class FeatureExtractor:
     steps = b // (n * mb)
     xs = x.reshape((n, steps, mb) + x.shape[1:]).swapaxes(0, 1)
     xs = xs.reshape((steps, n * mb) + x.shape[1:])
-    xs = jax.lax.with_sharding_constraint(xs, NamedSharding(self.mesh, P(None, "data")))
+    xs = jax.lax.with_sharding_constraint(xs, NamedSharding(self.mesh, sharding.batch_spec(self.mesh, None)))
     ys = jax.lax.map(apply, xs)
     return ys.reshape(steps, n, mb, FEATURES).swapaxes(0, 1).reshape(b, FEATURES)
 
@@ -826,7 +830,7 @@ class FeatureExtractor:
     if images.ndim == 3:
       images = images[..., None]
     _check_images(images.shape, images.dtype)
-    return self._run(images, lambda b: self._net(self.params, self._prep(b)), progress)
+    return self._run(images, lambda b: self.features(self.params, b), progress)
 
   def _run(self, arr: np.ndarray, fn: Callable[[jax.Array], jax.Array],
            progress: Callable[[int, int], None] | None) -> np.ndarray:

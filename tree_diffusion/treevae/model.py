@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tree_diffusion import precision
 from tree_diffusion.tree import Tree, depth_of
 from tree_diffusion.treevae import losses
 from tree_diffusion.treevae import networks
@@ -68,6 +69,11 @@ class TreeVAE:
   output: str = "sigmoid"
   dropout_router: float = 0.0
   contrastive: bool = False
+  # Compute dtype of the networks (an execution policy, not architecture: not exported). With
+  # "bfloat16" each module runs its convolutions/matmuls in bfloat16 on bfloat16 copies of its
+  # float32 parameters (BatchNorm statistics in float32) and hands float32 back, so the latent
+  # Gaussians, KLs, routing probabilities and losses between modules are float32.
+  dtype: str = "float32"
 
   def __post_init__(self):
     object.__setattr__(self, "latent_channels", tuple(self.latent_channels))
@@ -79,13 +85,17 @@ class TreeVAE:
     if self.output not in ("sigmoid", "mse"):
       raise ValueError(f"unknown output {self.output!r}; use 'sigmoid' or 'mse'")
     networks.activation(self.act)
+    precision.compute_dtype(self.dtype)
 
   @classmethod
   def from_config(cls, c) -> "TreeVAE":
     return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls) if f.name in c})
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    """The architecture (what an export records; the compute ``dtype`` is left out)."""
+    d = dataclasses.asdict(self)
+    d.pop("dtype")
+    return d
 
   # ------------------------------------------------------------------------- per-depth sizes
 
@@ -268,7 +278,7 @@ class TreeVAE:
       ``kl_nodes``, ``kl_decisions`` (``[B]``), ``aug`` (scalar), ``leaf_probs`` ``[B, K]`` in
       ``tree.leaves`` order, ``z`` (node id → sample) and optionally ``recon``.
     """
-    run = _Runner(variables, train)
+    run = _Runner(variables, train, dtype=self.dtype)
     b = x.shape[0]
     ds = self.bottom_up(run, x)
     prob = {0: jnp.ones((b,), x.dtype)}
@@ -342,7 +352,7 @@ class TreeVAE:
       ``parts`` holds per node ``z``, ``mu_q``, ``var_q``, ``mu_p``, ``var_p``, per internal node
       ``pi_p`` and per leaf the decoder output ``out`` (for independent checks).
     """
-    run = _Runner(variables, train=False)
+    run = _Runner(variables, train=False, dtype=self.dtype)
     ds = self.bottom_up(run, x)
     acc, edge, parts = {}, {0: 0.0}, {}
     for depth, nodes in enumerate(tree.levels):
@@ -388,7 +398,7 @@ class TreeVAE:
       dict with ``d_parent`` and ``d_child`` (bottom-up features read by the split node and its
       children), ``z_parent`` (sample of the split node) and ``prob`` (its path probability, ``[B]``).
     """
-    run = _Runner(variables, train=False)
+    run = _Runner(variables, train=False, dtype=self.dtype)
     ds = self.bottom_up(run, x)
     prob = jnp.ones((x.shape[0],), x.dtype)
     z = None
@@ -418,7 +428,7 @@ class TreeVAE:
       train: BatchNorm with batch statistics.
       contrastive: add the router InfoNCE of the split.
     """
-    run = _Runner(variables, train)
+    run = _Runner(variables, train, dtype=self.dtype)
     prob, z_par = frozen["prob"], frozen["z_parent"]
     pi_p = self.router_probs(run, [(P_ROUTER,)], depth, P_ROUTER, z_par[None], 0)[0]
     pi_q = self.router_probs(run, [(Q_ROUTER,)], depth, Q_ROUTER, frozen["d_parent"], None)[0]
@@ -437,7 +447,7 @@ class TreeVAE:
 
   def leaf_probabilities(self, variables: Variables, tree: Tree, x: jax.Array) -> jax.Array:
     """``[B, K]`` soft cluster assignments: products of q-router decisions (eval mode, no sampling)."""
-    run = _Runner(variables, train=False)
+    run = _Runner(variables, train=False, dtype=self.dtype)
     ds = self.bottom_up(run, x)
     prob = {0: jnp.ones((x.shape[0],), x.dtype)}
     for depth, nodes in enumerate(tree.levels):
@@ -462,7 +472,7 @@ class TreeVAE:
       ``decode``), ``leaf_probs`` ``[num, K]`` (products of p-router decisions) and ``z`` (node
       id → latent sample).
     """
-    run = _Runner(variables, train=False)
+    run = _Runner(variables, train=False, dtype=self.dtype)
     z = {0: jax.random.normal(jax.random.fold_in(key, 0), (num,) + self.latent_shape(0))}
     key = jax.random.fold_in(key, 1)
     prob = {0: jnp.ones((num,), jnp.float32)}
@@ -504,9 +514,10 @@ class _Runner:
   others run in eval mode. This is how the small-tree phase freezes the big tree.
   """
 
-  def __init__(self, variables: Variables, train: bool, prefixes=None):
+  def __init__(self, variables: Variables, train: bool, prefixes=None, dtype: str = "float32"):
     self.variables = variables
     self.train = train
+    self.dtype = precision.compute_dtype(dtype)
     self.prefixes = None if prefixes is None else [tuple(p) for p in prefixes]
     self.updates: list[tuple[tuple[str, ...], Any]] = []
 
@@ -519,20 +530,29 @@ class _Runner:
     v = {"params": _get(self.variables["params"], path)}
     if v["params"] is None:
       raise KeyError(f"no parameters at {'/'.join(path)}")
+    v["params"] = self._cast(v["params"])
     stats = _get(self.variables.get("batch_stats", {}), path)
     if stats is not None:
       v["batch_stats"] = stats
     return v
 
+  def _cast(self, tree):
+    """Floating arrays of ``tree`` in the compute dtype (a no-op in float32)."""
+    if self.dtype == jnp.float32:
+      return tree
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(self.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
   def _apply_fn(self, module: nn.Module, train: bool, has_stats: bool):
+    f32 = lambda out: jax.tree_util.tree_map(lambda o: o.astype(jnp.float32), out)
     if isinstance(module, networks.GaussianHead):
-      return lambda v, *a: (module.apply(v, *a), None)
+      return lambda v, *a: (f32(module.apply(v, *self._cast(a))), None)
     if train and has_stats:
       def fn(v, *a):
-        out, new = module.apply(v, *a, train=True, mutable=["batch_stats"])
-        return out, new["batch_stats"]
+        out, new = module.apply(v, *self._cast(a), train=True, mutable=["batch_stats"])
+        return f32(out), new["batch_stats"]
       return fn
-    return lambda v, *a: (module.apply(v, *a, train=train), None)
+    return lambda v, *a: (f32(module.apply(v, *self._cast(a), train=train)), None)
 
   def __call__(self, path: tuple[str, ...], module: nn.Module, *args):
     v = self._vars(path)

@@ -100,7 +100,7 @@ def conv2d_rows(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
     h_out, w_out = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     x = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0)))
     row_stride = stride
-  placement = jnp.asarray(_row_placement(k, w, w_out, stride, pad, transpose))
+  placement = jnp.asarray(_row_placement(k, w, w_out, stride, pad, transpose), kernel.dtype)
   toeplitz = jnp.einsum("ydio,dab->yaibo", kernel, placement).reshape(k * w * c, w_out * cout)
   x = x.reshape(b, x.shape[1], w * c)
   bands = jnp.stack([x[:, dy:dy + row_stride * (h_out - 1) + 1:row_stride] for dy in range(k)],

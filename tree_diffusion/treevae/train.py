@@ -234,7 +234,11 @@ class _Run:
 
 
 def _step_config(run: _Run) -> StepConfig:
-  c = run.config.stage1
+  return step_config(run.config.stage1)
+
+
+def step_config(c) -> StepConfig:
+  """The train step's static settings from the config's ``stage1`` section."""
   contrastive = bool(c.augment) and "InfoNCE" in c.augmentation_method
   aug = augment_lib.get(c.augmentation) if c.augment else None
   return StepConfig(weight_decay=c.weight_decay, contrastive=contrastive,
@@ -334,7 +338,7 @@ def make_model(config) -> TreeVAE:
                  representation_dim=config.treevae.representation_dim,
                  res_connections=config.treevae.res_connections, act=config.treevae.act,
                  output=config.treevae.output, dropout_router=config.treevae.dropout_router,
-                 contrastive=contrastive)
+                 contrastive=contrastive, dtype=c.dtype)
 
 
 def _grow_iteration(run: _Run, variables, tree: Tree, cursor: dict, phase_id: int):

@@ -1,0 +1,115 @@
+"""Throughput of both stages, the sampler and Inception; one JSON line per measurement.
+
+    python launch/benchmark.py --config=configs/mnist.py --parts=treevae,diffusion
+    python launch/benchmark.py --config=configs/mnist.py --parts=sampler --batch=512 \
+        --config.diffusion.sampling.steps=100 --dtype=bfloat16
+    python launch/benchmark.py --config=configs/mnist.py --estimate_end_to_end
+
+Inputs are random arrays of the config's image shape (no dataset needed). Each line gives
+images/s, XLA's FLOPs per image, achieved TFLOP/s and utilisation against the chip's peak
+(``--peak_tflops`` or the spec sheet of a known chip), compile time and memory.
+``--estimate_end_to_end`` measures every part at the config's batch sizes and adds a line with
+the hours a whole paper row would take (stage 1 schedule, stage 2 steps, sampling, FID features),
+next to the reference code's hours from its measured rates where known.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from launch import common  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_PARTS = flags.DEFINE_list("parts", ["treevae", "diffusion", "sampler", "inception"],
+                           "What to measure: treevae, diffusion, sampler, inception.")
+_BATCH = flags.DEFINE_integer("batch", None, "Batch size (default: the config's for each part).")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed calls per part (after the warm-up).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_TREE_DEPTH = flags.DEFINE_integer("tree_depth", 3, "Depth of the complete benchmark tree "
+                                   "(3: 8 leaves, a 4-node root-to-leaf path).")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device (default: the spec "
+                           "sheet of a known chip; none on CPU).")
+_INCEPTION = flags.DEFINE_string("inception_weights", "", "FID Inception weights (default: the "
+                                 "usual lookup; random weights of the same shape if none).")
+_E2E = flags.DEFINE_bool("estimate_end_to_end", False, "Measure every part at the config's "
+                         "batch sizes and estimate the hours of a whole paper row.")
+_FID_RUNS = flags.DEFINE_integer("fid_runs", 10, "Sampling runs of the end-to-end estimate.")
+_TRAIN_SIZE = flags.DEFINE_integer("train_size", None, "Training images of the end-to-end "
+                                   "estimate (default: the named dataset's size).")
+_OUTPUT = flags.DEFINE_string("output", "", "Also append the JSON lines to this file.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  del argv
+  common.setup()
+  import jax  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import benchmark, sharding  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  parts = list(benchmark.PARTS) if _E2E.value else _PARTS.value
+  bad = [p for p in parts if p not in benchmark.PARTS]
+  if bad:
+    raise ConfigError(f"unknown part(s) {', '.join(bad)}; use --parts with some of "
+                      f"{','.join(benchmark.PARTS)}")
+  setup = benchmark.Setup(config, sharding.make_mesh(), _DTYPE.value, _TREE_DEPTH.value,
+                          _STEPS.value, _WARMUP.value)
+  out = open(_OUTPUT.value, "a") if _OUTPUT.value else None
+
+  def emit(line: str):
+    print(line, flush=True)
+    if out:
+      out.write(line + "\n")
+      out.flush()
+
+  rates = {}
+  for i, part in enumerate(parts):
+    logging.info("benchmark %d/%d: %s on %d %s device(s), %s", i + 1, len(parts), part,
+                 jax.device_count(), jax.devices()[0].device_kind, _DTYPE.value)
+    batch = None if _E2E.value else _BATCH.value
+    if part == "inception":
+      m = benchmark.inception_batch(setup, batch or config.eval.fid_batch_size,
+                                    _INCEPTION.value)
+    else:
+      m = benchmark.run_part(setup, part, batch)
+    if _PEAK.value:
+      m.peak_tflops = _PEAK.value
+    m.extra["config"] = _config_name()
+    rates[part] = m.images_per_s
+    emit(m.to_json())
+
+  if _E2E.value:
+    name = config.data.name
+    train_size, test_size = benchmark.DATASET_SIZES.get(name, (None, None))
+    train_size = _TRAIN_SIZE.value or train_size
+    if train_size is None:
+      raise ConfigError(f"no known size for dataset {name!r}: pass --train_size")
+    kwargs = dict(train_size=train_size, test_size=test_size or 10_000, fid_runs=_FID_RUNS.value)
+    est = benchmark.end_to_end(config, rates, **kwargs)
+    est.update(config=_config_name(), device=jax.devices()[0].device_kind,
+               num_devices=jax.device_count(), dtype=_DTYPE.value)
+    if name in benchmark.REFERENCE_H200:
+      ref = benchmark.end_to_end(config, benchmark.REFERENCE_H200[name], **kwargs)
+      est["reference_h200_hours"] = ref["hours"]
+      est["reference_h200_total_hours_without_inception"] = ref["total_hours"]
+    import json  # pylint: disable=g-import-not-at-top
+    emit(json.dumps(est))
+  if out:
+    out.close()
+
+
+def _config_name() -> str:
+  for arg in sys.argv:
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+  return ""
+
+
+if __name__ == "__main__":
+  common.run(main)
