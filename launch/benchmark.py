@@ -32,6 +32,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _TREE_DEPTH = flags.DEFINE_integer("tree_depth", 3, "Depth of the complete benchmark tree "
                                    "(3: 8 leaves, a 4-node root-to-leaf path).")
+_TREE = flags.DEFINE_list("tree", None, "Node ids (heap numbering: children of i are 2i+1, 2i+2) "
+                          "of any benchmark tree, e.g. 0,1,2,4,9,10; overrides --tree_depth.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device (default: the spec "
                            "sheet of a known chip; none on CPU).")
 _INCEPTION = flags.DEFINE_string("inception_weights", "", "FID Inception weights (default: the "
@@ -58,8 +60,14 @@ def main(argv):
   if bad:
     raise ConfigError(f"unknown part(s) {', '.join(bad)}; use --parts with some of "
                       f"{','.join(benchmark.PARTS)}")
+  nodes = None
+  if _TREE.value:
+    try:
+      nodes = tuple(int(n) for n in _TREE.value)
+    except ValueError:
+      raise ConfigError(f"--tree needs integer node ids, got {','.join(_TREE.value)}") from None
   setup = benchmark.Setup(config, sharding.make_mesh(), _DTYPE.value, _TREE_DEPTH.value,
-                          _STEPS.value, _WARMUP.value)
+                          _STEPS.value, _WARMUP.value, nodes)
   out = open(_OUTPUT.value, "a") if _OUTPUT.value else None
 
   def emit(line: str):

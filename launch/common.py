@@ -1,20 +1,39 @@
-"""What every launcher does: hide accelerators from TensorFlow, log the topology, turn expected
-user errors into one-line messages (exit code 1) instead of tracebacks."""
+"""What every launcher does: join the other processes of a multi-host job, hide accelerators from
+TensorFlow, log the topology, and turn expected user errors into one-line messages (exit code 1)
+instead of tracebacks."""
 
 import sys
 
 from absl import app, flags, logging
 
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Multi-host run: call jax.distributed.initialize() before anything else. On Cloud TPU pods, "
+    "SLURM and other clusters JAX finds its peers itself; elsewhere pass the three flags below.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (with --distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
 
 def setup():
+  if _DISTRIBUTED.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    # CPU processes (tests, debugging) need a collectives backend; GPUs and TPUs have their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   try:  # TensorFlow (only present to prepare tfds data) must not grab GPU memory.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], "GPU")
   except ImportError:
     pass
   import jax  # pylint: disable=g-import-not-at-top
-  logging.info("process %d/%d, %d devices (%s)", jax.process_index(), jax.process_count(),
-               jax.device_count(), jax.devices()[0].platform)
+  logging.info("process %d/%d, %d devices (%d local, %s)", jax.process_index(),
+               jax.process_count(), jax.device_count(), jax.local_device_count(),
+               jax.devices()[0].platform)
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)   # one process reports progress
 
 
 def _user_errors():

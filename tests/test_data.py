@@ -165,6 +165,22 @@ def test_batches_indices_subset(small):
     data.batches(small, 4, shuffle=False, drop_remainder=False, indices=np.array([10]))
 
 
+def test_batches_part_and_skip(small):
+  """Process blocks of each batch put back together give the whole epoch; skip resumes mid-epoch."""
+  kw = dict(shuffle=True, seed=4, epoch=2, drop_remainder=True)
+  whole = [b['index'] for b in data.batches(small, 4, **kw)]
+  halves = [[b['index'] for b in data.batches(small, 4, part=slice(i * 2, i * 2 + 2), **kw)]
+            for i in range(2)]
+  for w, lo, hi in zip(whole, *halves):
+    np.testing.assert_array_equal(np.concatenate([lo, hi]), w)
+  first = next(data.batches(small, 4, part=slice(2, 4), **kw))
+  np.testing.assert_array_equal(first['label'], small.labels[whole[0][2:]])
+  resumed = [b['index'] for b in data.batches(small, 4, skip=1, **kw)]
+  assert len(resumed) == 1 and np.array_equal(resumed[0], whole[1])
+  with pytest.raises(ValueError):
+    data.batches(small, 4, shuffle=False, drop_remainder=False, pad=True, part=slice(0, 2))
+
+
 def test_batches_image_is_uint8_over_255(small):
   batch = next(data.batches(small, 10, shuffle=False, drop_remainder=False))
   assert batch['image'].dtype == np.float32

@@ -22,7 +22,7 @@ from tree_diffusion.treevae.model import TreeVAE
 
 TREE = Tree.complete(1)
 MODEL = TreeVAE(latent_channels=(2,) * 2, bottom_up_channels=(4,) * 2)
-UNET = dict(ch=8, ch_mults=(1, 2), num_res_blocks=1, attn_resolutions=(2,), num_heads=2,
+UNET = dict(ch=8, ch_mults=(1,), num_res_blocks=1, attn_resolutions=(1,), num_heads=2,
             dropout=0.0, norm_groups=4)
 LOSS_RTOL = 1e-2
 

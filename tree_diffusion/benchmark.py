@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tree_diffusion import sharding
+from tree_diffusion.errors import ConfigError
 from tree_diffusion.tree import Tree
 
 PARTS = ("treevae", "diffusion", "sampler", "inception")
@@ -180,6 +181,7 @@ class Setup:
   tree_depth: int = 3
   steps: int = 20
   warmup: int = 2
+  tree_nodes: tuple[int, ...] | None = None   # any tree (heap node ids); overrides tree_depth
 
   def measurement(self, part: str, batch: int, seconds: float, compile_s: float,
                   flops: float | None, source: str, compiled=None, **extra) -> Measurement:
@@ -196,10 +198,13 @@ class Setup:
 def _tree_and_model(setup: Setup):
   from tree_diffusion.treevae import train as train1
   model = dataclasses.replace(train1.make_model(setup.config), dtype=setup.dtype)
-  if setup.tree_depth > model.max_depth:
-    raise ValueError(f"--tree_depth={setup.tree_depth} exceeds the config's max depth "
-                     f"{model.max_depth}")
-  tree = Tree.complete(setup.tree_depth)
+  try:
+    tree = Tree(tuple(setup.tree_nodes)) if setup.tree_nodes else Tree.complete(setup.tree_depth)
+  except ValueError as e:
+    raise ConfigError(f"bad benchmark tree: {e}") from None
+  if tree.depth > model.max_depth:
+    raise ConfigError(f"a tree of depth {tree.depth} exceeds the config's max depth "
+                      f"{model.max_depth}")
   variables = jax.device_put(model.init(jax.random.key(0), tree), sharding.replicated(setup.mesh))
   return model, tree, variables
 

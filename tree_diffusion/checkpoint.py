@@ -77,16 +77,28 @@ def export_treevae(export_dir: str, model: TreeVAE, variables, tree: Tree, meta:
   """Writes the final stage-1 model: ``variables/`` and ``meta.json`` (overwrites an old export)."""
   check_variables(tree, variables)
   path = epath.Path(export_dir).resolve()
-  if (path / "variables").exists():
-    (path / "variables").rmtree()
-  path.mkdir(parents=True, exist_ok=True)
+  writer = jax.process_index() == 0   # on several processes, the variables are saved together
+  if writer:
+    if (path / "variables").exists():
+      (path / "variables").rmtree()
+    path.mkdir(parents=True, exist_ok=True)
+  _sync("export_dir_ready")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path / "variables", variables)
-  full_meta = {"format": EXPORT_FORMAT, "version": __version__, "model": model.to_dict(),
-               "tree": json.loads(tree.to_json()), **meta}
-  tmp = path / "meta.json.tmp"
-  tmp.write_text(json.dumps(full_meta, indent=2, default=json_default))
-  os.replace(tmp, path / "meta.json")  # meta.json appears only once the export is complete
+  if writer:
+    full_meta = {"format": EXPORT_FORMAT, "version": __version__, "model": model.to_dict(),
+                 "tree": json.loads(tree.to_json()), **meta}
+    tmp = path / "meta.json.tmp"
+    tmp.write_text(json.dumps(full_meta, indent=2, default=json_default))
+    os.replace(tmp, path / "meta.json")  # meta.json appears only once the export is complete
+  _sync("export_written")
+
+
+def _sync(name: str):
+  """A barrier across processes (nothing on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def read_export_meta(path: str) -> dict:

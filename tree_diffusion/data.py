@@ -673,8 +673,8 @@ def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
 
 
 def batches(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-            drop_remainder: bool, indices: np.ndarray | None = None, pad: bool = False
-            ) -> Iterator[dict[str, np.ndarray]]:
+            drop_remainder: bool, indices: np.ndarray | None = None, pad: bool = False,
+            part: slice | None = None, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Iterates over one epoch of batches.
 
   The order is ``np.random.default_rng([seed, epoch]).permutation`` of the rows when shuffling
@@ -692,6 +692,9 @@ def batches(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int = 0, ep
       shuffling).
     pad: with ``drop_remainder=False``, pad the last batch to ``batch_size`` with zeros; every
       batch then carries a ``mask``.
+    part: only these rows of every batch are read and returned (this process's block of a global
+      batch, ``sharding.process_rows``); the order of the epoch is unchanged.
+    skip: start at this batch of the epoch (resuming); skipped batches are not read.
 
   Returns:
     An iterator of dicts: ``image`` float32 [B,H,W,C] in [0,1] (= uint8 / 255), ``label`` int32
@@ -702,6 +705,8 @@ def batches(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int = 0, ep
     raise ValueError(f'batch_size must be positive, got {batch_size}')
   if pad and drop_remainder:
     raise ValueError('pad=True needs drop_remainder=False (there is nothing left to pad)')
+  if pad and part is not None:
+    raise ValueError('pad=True cannot be combined with part (pad the global batch instead)')
   if seed < 0 or epoch < 0:
     raise ValueError(f'seed and epoch must be >= 0, got seed={seed}, epoch={epoch}')
   n = len(arrays)
@@ -717,14 +722,16 @@ def batches(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int = 0, ep
   if shuffle:
     rows = rows[np.random.default_rng([seed, epoch]).permutation(rows.size)]
   # Validated eagerly above; the generator below does the lazy part.
-  return _iterate(arrays, rows, batch_size, drop_remainder, pad)
+  return _iterate(arrays, rows, batch_size, drop_remainder, pad, part, skip)
 
 
-def _iterate(arrays: Arrays, rows: np.ndarray, batch_size: int, drop_remainder: bool, pad: bool
-             ) -> Iterator[dict[str, np.ndarray]]:
-  for start in range(0, num_batches(rows.size, batch_size, drop_remainder) * batch_size,
-                     batch_size):
+def _iterate(arrays: Arrays, rows: np.ndarray, batch_size: int, drop_remainder: bool, pad: bool,
+             part: slice | None, skip: int) -> Iterator[dict[str, np.ndarray]]:
+  for start in range(skip * batch_size,
+                     num_batches(rows.size, batch_size, drop_remainder) * batch_size, batch_size):
     index = rows[start:start + batch_size]
+    if part is not None:
+      index = index[part]
     # Division (not multiplication by 1/255) keeps image exactly equal to uint8 / 255 in float32.
     image = arrays.images[index].astype(np.float32) / np.float32(255.0)
     batch = {'image': image, 'label': arrays.labels[index], 'index': index}

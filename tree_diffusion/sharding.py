@@ -26,23 +26,42 @@ def make_mesh(num_devices: int | None = None, replicas: int | None = None) -> ja
 
   Args:
     num_devices: devices to use (a divisor of the device count; default all).
-    replicas: size of the ``"replica"`` axis (default: the number of processes, so that each
-      process's devices form one row).
+    replicas: size of the ``"replica"`` axis (default: the number of processes when all devices
+      are used, so that each process's devices form one row; else 1).
   """
   n = num_devices or jax.device_count()
-  r = replicas or jax.process_count()
+  r = replicas or (jax.process_count() if n == jax.device_count() else 1)
   if n % r:
     raise ValueError(f"{n} devices cannot form {r} replica rows")
   axis_types = (AxisType.Auto,) * 2
   if jax.process_count() > 1 and r == jax.process_count() and n == jax.device_count():
     # One row per process: its devices hold a contiguous block of every batch.
-    devices = mesh_utils.create_hybrid_device_mesh((1, n // r), (r, 1))
+    devices = mesh_utils.create_hybrid_device_mesh((1, n // r), (r, 1), process_is_granule=True)
     return jax.sharding.Mesh(devices, AXES, axis_types=axis_types)
   return jax.make_mesh((r, n // r), AXES, axis_types=axis_types, devices=jax.devices()[:n])
 
 
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def replicate(tree, mesh):
+  """``tree`` (arrays, keys, numpy) on every device of the mesh, replicated.
+
+  With several processes every process must pass the same values; arrays committed to one local
+  device go through the host first (``device_put`` cannot move them to other processes' devices).
+  """
+  rep = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, rep)
+
+  def put(a):
+    if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(a)), impl=jax.random.key_impl(a))
+    if isinstance(a, jax.Array) and a.sharding == rep:
+      return a
+    return jax.device_put(np.asarray(a), rep)
+  return jax.tree_util.tree_map(put, tree)
 
 
 def batch_spec(mesh, *leading) -> P:

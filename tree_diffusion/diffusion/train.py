@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -210,7 +211,7 @@ def train_and_save(config, workdir: str) -> dict:
   total = c.num_steps if c.num_steps > 0 else c.num_epochs * steps_per_epoch
 
   replicated = sharding.replicated(mesh)
-  tvae_vars = jax.device_put(tvae_vars, replicated)
+  tvae_vars = sharding.replicate(tvae_vars, mesh)
   ckpts = ckpt_lib.Stage2Checkpoints(os.path.join(stage2_dir(workdir), "checkpoints"),
                                      max_to_keep=c.checkpoints_to_keep)
   key = jax.random.key(c.seed)
@@ -230,7 +231,7 @@ def train_and_save(config, workdir: str) -> dict:
   else:
     state = init_state(denoiser, cfg, jax.random.fold_in(key, 1),
                        example_condition(denoiser, model, tree), model.image_shape)
-  state = jax.device_put(state, replicated)
+  state = sharding.replicate(state, mesh)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   step = int(state.step)
   logging.info("stage 2: %s conditioning, %s parameters, %d steps (%d per epoch of %d images), "
@@ -244,16 +245,17 @@ def train_and_save(config, workdir: str) -> dict:
   step_key = jax.random.fold_in(key, 2)
   loss_sum, n_sum, t_log, t_start, step_start = 0.0, 0, time.perf_counter(), time.perf_counter(), step
   rates = []
+  step_key = sharding.replicate(step_key, mesh)
+  rows = sharding.process_rows(mesh, c.batch_size)   # this process's block of every batch
   while step < total:
     epoch, offset = divmod(step, steps_per_epoch)
-    it = data_lib.batches(train, c.batch_size, shuffle=c.shuffle, seed=c.seed, epoch=epoch,
-                          drop_remainder=True)
-    for i, batch in enumerate(it):
-      if i < offset:
-        continue
-      if step >= total:
-        break
-      images = sharding.put_batch({"image": batch["image"]}, mesh)["image"]
+    left = min(steps_per_epoch - offset, total - step)
+    epoch_batches = data_lib.batches(train, c.batch_size, shuffle=c.shuffle, seed=c.seed,
+                                     epoch=epoch, drop_remainder=True, part=rows, skip=offset)
+    epoch_batches = itertools.islice(epoch_batches, left)
+    for batch in sharding.prefetch(({"image": b["image"]} for b in epoch_batches), mesh,
+                                   c.batch_size):
+      images = batch["image"]
       state, metrics = train_step(state, tvae_vars, images, step_key, denoiser=denoiser,
                                   model=model, tree=tree, cfg=cfg)
       step += 1
@@ -284,7 +286,8 @@ def train_and_save(config, workdir: str) -> dict:
              "conditioning": denoiser.conditioning.name, "export": path,
              "export_fingerprint": fingerprint, "wall_time_s": time.perf_counter() - t_run,
              "train_images_per_second": float(np.median(rates)) if rates else None}
-  with open(os.path.join(stage2_dir(workdir), "train_summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  if jax.process_index() == 0:
+    with open(os.path.join(stage2_dir(workdir), "train_summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
   logging.info("stage 2 done: %s", summary)
   return summary

@@ -263,27 +263,32 @@ def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, pha
   decay_kl = c.decay_kl if decay_kl is None else decay_kl
   # Everything the steps see lives on the mesh, replicated: inputs whose sharding differs from the
   # steps' outputs (e.g. freshly initialised arrays) would make jit retrace and recompile.
-  replicated = sharding.replicated(run.mesh)
-  variables = jax.device_put(variables, replicated)
+  variables = sharding.replicate(variables, run.mesh)
   trained = variables if parent is None else split_variables(variables, tree, parent)
-  state = jax.device_put(init_state(trained, cfg), replicated)
+  state = sharding.replicate(init_state(trained, cfg), run.mesh)
   phase_key = jax.random.fold_in(run.key, phase_id)
   logging.info("%s: %d epochs × %d steps on %d samples, tree %s", name, epochs, steps_per_epoch, n,
                tree)
   t_start = time.perf_counter()
+  phase_key = sharding.replicate(phase_key, run.mesh)
+  rows = sharding.process_rows(run.mesh, load_bs)   # this process's block of every batch
   for epoch in range(epochs):
     alpha = kl_weight(epoch, c.kl_start, decay_kl)
     lr = step_lr(epoch, c.lr, c.decay_lr, c.decay_stepsize)
+    # On the mesh once per epoch: the steps then never wait for a host-to-device copy.
+    alpha_d, lr_d = sharding.replicate((np.float32(alpha), np.float32(lr)), run.mesh)
     t0 = time.perf_counter()
     sums = None
-    for batch in data_lib.batches(run.train, load_bs, shuffle=True, seed=c.seed + phase_id,
-                                  epoch=epoch, drop_remainder=True, indices=indices):
-      images = sharding.put_batch({"image": batch["image"]}, run.mesh)["image"]
+    epoch_batches = data_lib.batches(run.train, load_bs, shuffle=True, seed=c.seed + phase_id,
+                                     epoch=epoch, drop_remainder=True, indices=indices, part=rows)
+    for batch in sharding.prefetch(({"image": b["image"]} for b in epoch_batches), run.mesh,
+                                   load_bs):
+      images = batch["image"]
       if parent is None:
-        state, terms = train_step(state, images, phase_key, alpha, lr, model=run.model, tree=tree,
-                                  cfg=cfg)
+        state, terms = train_step(state, images, phase_key, alpha_d, lr_d, model=run.model,
+                                  tree=tree, cfg=cfg)
       else:
-        state, terms = split_step(state, variables, images, phase_key, alpha, lr,
+        state, terms = split_step(state, variables, images, phase_key, alpha_d, lr_d,
                                   model=run.model, tree=tree, parent=parent, cfg=cfg)
       sums = terms if sums is None else jax.tree_util.tree_map(jnp.add, sums, terms)
     means = {k: float(v) / steps_per_epoch for k, v in jax.device_get(sums).items()}
@@ -465,8 +470,9 @@ def train_and_export(config, workdir: str) -> dict:
                "normalisation": "float32 in [0, 1] (uint8 / 255)",
                "num_classes": train_arrays.num_classes},
       "metrics": metrics})
-  with open(os.path.join(workdir, "stage1_metrics.json"), "w") as f:
-    json.dump(metrics, f, indent=2)
+  if jax.process_index() == 0:   # every process computed the same metrics; one writes them
+    with open(os.path.join(workdir, "stage1_metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=2)
   write_tree_figure(run, variables, tree, os.path.join(workdir, "tree.png"))
   writer.close()
   logging.info("stage 1 done in %s: %s", format_eta(metrics["wall_time_s"]),
@@ -543,5 +549,7 @@ def write_tree_figure(run: _Run, variables, tree: Tree, path: str, num: int | No
   share, real = test_examples(run.model, variables, tree, run.test, num, c.eval_batch_size)
   gen = generate(variables, jax.random.fold_in(run.key, 777), model=run.model, tree=tree, num=num)
   images = np.clip(np.asarray(gen["images"]), 0.0, 1.0)
+  if jax.process_index() != 0:   # all processes compute (the arrays span them), one draws
+    return
   figure.save_tree_figure(path, tree, share, [real, images], row_titles=["test", "generated"],
                           title=f"{run.config.data.name}: {tree.num_leaves} leaves")
