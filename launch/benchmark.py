@@ -102,7 +102,7 @@ def main(argv):
     est = benchmark.end_to_end(config, rates, **kwargs)
     est.update(config=_config_name(), device=jax.devices()[0].device_kind,
                num_devices=jax.device_count(), dtype=_DTYPE.value)
-    if name in benchmark.REFERENCE_H200:
+    if name in benchmark.REFERENCE_H200 and _is_reference_model(config):
       ref = benchmark.end_to_end(config, benchmark.REFERENCE_H200[name], **kwargs)
       est["reference_h200_hours"] = ref["hours"]
       est["reference_h200_total_hours_without_inception"] = ref["total_hours"]
@@ -110,6 +110,17 @@ def main(argv):
     emit(json.dumps(est))
   if out:
     out.close()
+
+
+def _is_reference_model(config) -> bool:
+  """Whether the networks are those of the dataset's own config (what the reference rates time)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  try:
+    default = importlib.import_module(f"configs.{config.data.name}").get_config()
+  except ImportError:
+    return False
+  return (config.treevae.to_dict() == default.treevae.to_dict()
+          and config.diffusion.unet.to_dict() == default.diffusion.unet.to_dict())
 
 
 def _config_name() -> str:

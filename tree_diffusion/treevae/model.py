@@ -85,7 +85,7 @@ class TreeVAE:
     if self.output not in ("sigmoid", "mse"):
       raise ValueError(f"unknown output {self.output!r}; use 'sigmoid' or 'mse'")
     networks.activation(self.act)
-    precision.compute_dtype(self.dtype)
+    precision.compute_dtype(self.dtype, "stage1.dtype")
 
   @classmethod
   def from_config(cls, c) -> "TreeVAE":
