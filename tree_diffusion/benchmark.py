@@ -143,7 +143,8 @@ def compiled_memory(compiled) -> int | None:
 
 
 def device_peak_memory() -> int | None:
-  """The allocator's peak bytes on the first local device (GPU/TPU; None on CPU)."""
+  """The allocator's peak bytes on the first local device since the process started (GPU/TPU;
+  None on CPU): with several parts in one run, a part's figure includes the earlier ones'."""
   stats = jax.local_devices()[0].memory_stats()
   return None if not stats else stats.get("peak_bytes_in_use")
 
