@@ -242,10 +242,9 @@ def train_and_save(config, workdir: str) -> dict:
   save_meta = lambda: {"export": path, "export_fingerprint": fingerprint,
                        "conditioning": denoiser.conditioning.name, "epoch": step // steps_per_epoch,
                        "config": json.loads(config.to_json_best_effort())}
-  step_key = jax.random.fold_in(key, 2)
+  step_key = sharding.replicate(jax.random.fold_in(key, 2), mesh)
   loss_sum, n_sum, t_log, t_start, step_start = 0.0, 0, time.perf_counter(), time.perf_counter(), step
   rates = []
-  step_key = sharding.replicate(step_key, mesh)
   rows = sharding.process_rows(mesh, c.batch_size)   # this process's block of every batch
   while step < total:
     epoch, offset = divmod(step, steps_per_epoch)

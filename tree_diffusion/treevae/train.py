@@ -266,11 +266,10 @@ def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, pha
   variables = sharding.replicate(variables, run.mesh)
   trained = variables if parent is None else split_variables(variables, tree, parent)
   state = sharding.replicate(init_state(trained, cfg), run.mesh)
-  phase_key = jax.random.fold_in(run.key, phase_id)
+  phase_key = sharding.replicate(jax.random.fold_in(run.key, phase_id), run.mesh)
   logging.info("%s: %d epochs × %d steps on %d samples, tree %s", name, epochs, steps_per_epoch, n,
                tree)
   t_start = time.perf_counter()
-  phase_key = sharding.replicate(phase_key, run.mesh)
   rows = sharding.process_rows(run.mesh, load_bs)   # this process's block of every batch
   for epoch in range(epochs):
     alpha = kl_weight(epoch, c.kl_start, decay_kl)
