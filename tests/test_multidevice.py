@@ -36,12 +36,12 @@ SCRIPT = textwrap.dedent("""
     den = make_denoiser("image+path", dict(ch=8, ch_mults=(1, 2), num_res_blocks=1,
                                            attn_resolutions=(2,), num_heads=2, dropout=0.0,
                                            norm_groups=4))
-    state = T.init_state(den, T.StepConfig(), jax.random.key(1),
-                         T.example_condition(den, model, tree), model.image_shape)
-    leaves, treedef = jax.tree_util.tree_flatten(state.params)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    params = jax.tree_util.tree_unflatten(
-        treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    shapes = jax.eval_shape(lambda: T.init_state(den, T.StepConfig(), jax.random.key(1),
+                                                 T.example_condition(den, model, tree),
+                                                 model.image_shape)).params
+    rng = np.random.default_rng(2)   # random parameters drawn on the host: nothing to compile
+    params = jax.tree_util.tree_map(
+        lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32), shapes)
     cfg = S.SamplerConfig(steps=3, spacing="uniform", eta=0.5)   # stochastic: chain noise too
     out, samplers = {}, {}
     for n_dev, batch in ((8, 6), (1, 1), (1, 6)):
@@ -102,6 +102,14 @@ TRAJECTORY = textwrap.dedent("""
                                      num_heads=2, dropout=0.0, norm_groups=4))
     cfg1, cfg2 = T1.StepConfig(), T2.StepConfig(warmup_steps=2, lr=1e-3)
     data = np.random.default_rng(0).uniform(0, 1, (5, 8, 28, 28, 1)).astype(np.float32)
+    if STAGE == 2:   # random parameters drawn on the host: no compile of the UNet's init
+      shapes = jax.eval_shape(lambda: T2.init_state(
+          den, cfg2, jax.random.key(1), T2.example_condition(den, model, tree), model.image_shape))
+      rng = np.random.default_rng(1)
+      params = jax.tree_util.tree_map(
+          lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32), shapes.params)
+      state2 = T2.DiffusionState(step=np.zeros((), np.int32), params=params, ema_params=params,
+                                 opt_state=jax.device_get(T2.make_optimizer(cfg2).init(params)))
 
     def trajectory(mesh, guard):
       rep = lambda tree: sharding.replicate(tree, mesh)
@@ -109,8 +117,7 @@ TRAJECTORY = textwrap.dedent("""
       if STAGE == 1:
         s1 = rep(T1.init_state(variables, cfg1))
       else:
-        s2 = rep(T2.init_state(den, cfg2, jax.random.key(1),
-                               T2.example_condition(den, model, tree), model.image_shape))
+        s2 = rep(state2)
       tv = rep(variables)
       key, alpha, lr = rep((jax.random.key(2), np.float32(0.5), np.float32(1e-3)))
       losses = []
