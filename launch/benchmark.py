@@ -80,12 +80,7 @@ def main(argv):
   for i, part in enumerate(parts):
     logging.info("benchmark %d/%d: %s on %d %s device(s), %s", i + 1, len(parts), part,
                  jax.device_count(), jax.devices()[0].device_kind, _DTYPE.value)
-    batch = None if _E2E.value else _BATCH.value
-    if part == "inception":
-      m = benchmark.inception_batch(setup, batch or config.eval.fid_batch_size,
-                                    _INCEPTION.value)
-    else:
-      m = benchmark.run_part(setup, part, batch)
+    m = benchmark.run_part(setup, part, None if _E2E.value else _BATCH.value, _INCEPTION.value)
     if _PEAK.value:
       m.peak_tflops = _PEAK.value
     m.extra["config"] = _config_name()

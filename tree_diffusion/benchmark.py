@@ -330,7 +330,8 @@ def inception_batch(setup: Setup, batch: int, weights: str | None = None) -> Mea
                            micro_batch=ext.micro_batch)
 
 
-def run_part(setup: Setup, part: str, batch: int | None = None) -> Measurement:
+def run_part(setup: Setup, part: str, batch: int | None = None,
+             inception_weights: str | None = None) -> Measurement:
   """Measures ``part`` at ``batch`` (default: the config's batch size for that work)."""
   c = setup.config
   default = {"treevae": c.stage1.batch_size, "diffusion": c.diffusion.batch_size,
@@ -339,8 +340,9 @@ def run_part(setup: Setup, part: str, batch: int | None = None) -> Measurement:
     raise ValueError(f"unknown part {part!r}; use one of {', '.join(PARTS)}")
   b = batch or default[part]
   sharding.check_batch_size(b, setup.mesh, setting="--batch")
-  fn = {"treevae": treevae_step, "diffusion": diffusion_step, "sampler": sampler_batch,
-        "inception": inception_batch}[part]
+  if part == "inception":
+    return inception_batch(setup, b, inception_weights)
+  fn = {"treevae": treevae_step, "diffusion": diffusion_step, "sampler": sampler_batch}[part]
   return fn(setup, b)
 
 
