@@ -41,6 +41,7 @@ def base() -> ml_collections.ConfigDict:
       initial_depth=1, grow=True, prune=True, num_clusters_tree=10, max_growth_iterations=150,
       augment=False, augmentation_method="simple", augmentation="none", aug_decisions_weight=1.0,
       log_every_epochs=1, eval_every_epochs=10, checkpoints_to_keep=3,
+      checkpoint_every_steps=5000,             # inside a phase too (0: at phase ends only)
       figure_images_per_leaf=6, kmeans_baseline=True, final_elbo=True,
       dtype="float32"))                        # compute dtype: float32 | bfloat16 (mixed precision)
 

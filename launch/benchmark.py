@@ -50,6 +50,7 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   del argv
   common.setup()
+  common.check_config(_CONFIG.value)
   import jax  # pylint: disable=g-import-not-at-top
   from tree_diffusion import benchmark, sharding  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top

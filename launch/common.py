@@ -1,7 +1,10 @@
 """What every launcher does: join the other processes of a multi-host job, hide accelerators from
-TensorFlow, log the topology, and turn expected user errors into one-line messages (exit code 1)
-instead of tracebacks."""
+TensorFlow, log the topology, check the config, turn expected user errors into one-line messages
+(exit code 1) instead of tracebacks, and turn a graceful stop (SIGTERM, Ctrl-C) into exit code 0
+with the command that resumes."""
 
+import os
+import shlex
 import sys
 
 from absl import app, flags, logging
@@ -36,11 +39,23 @@ def setup():
     logging.set_verbosity(logging.WARNING)   # one process reports progress
 
 
+def check_config(config):
+  """Unknown keys and ill-typed values of a config file, against ``configs/common.py``'s base."""
+  from configs import common as config_common  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import validation  # pylint: disable=g-import-not-at-top
+  validation.check_types(config, config_common.base())
+
+
 def _user_errors():
   from tree_diffusion import checkpoint, data, errors  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import inception  # pylint: disable=g-import-not-at-top
   return (data.DataError, checkpoint.CheckpointError, errors.ConfigError, PermissionError,
-          FileNotFoundError, inception.InceptionWeightsError)
+          FileNotFoundError, inception.InceptionWeightsError, errors.TrainingDivergedError)
+
+
+def resume_command() -> str:
+  return " ".join(shlex.quote(a) for a in [sys.executable, os.path.relpath(sys.argv[0])]
+                  + sys.argv[1:])
 
 
 def _one_line(e: BaseException) -> str:
@@ -60,10 +75,15 @@ def _parse_flags(argv):
 
 
 def run(main):
-  """``absl.app.run(main)`` with expected errors reported as ``error: …`` on one line."""
+  """``absl.app.run(main)`` with expected errors reported as ``error: …`` on one line, and a
+  graceful stop (:class:`preemption.Preempted`) as exit code 0 with the command that resumes."""
   def wrapped(argv):
+    from tree_diffusion import preemption  # pylint: disable=g-import-not-at-top
     try:
       return main(argv)
+    except preemption.Preempted as e:
+      logging.warning("%s. Resume with the same command: %s", e, resume_command())
+      sys.exit(0)
     except _user_errors() as e:
       logging.error("%s", e)
       sys.exit(f"error: {_one_line(e)}")

@@ -37,6 +37,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   common.setup()
+  common.check_config(_CONFIG.value)
   from absl import logging  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import evaluate  # after setup()
   settings = evaluate.Settings.from_config(_CONFIG.value, _MODES.value)

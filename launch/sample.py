@@ -33,6 +33,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   common.setup()
+  common.check_config(_CONFIG.value)
   from tree_diffusion.diffusion import generate, sampler  # after setup()
   from tree_diffusion.errors import ConfigError
   bad = [m for m in _MODES.value if m not in sampler.MODES]

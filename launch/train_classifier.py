@@ -28,6 +28,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   common.setup()
+  common.check_config(_CONFIG.value)
   # After setup(): jax is configured first.
   from tree_diffusion import data as data_lib  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import classifier as clf  # pylint: disable=g-import-not-at-top

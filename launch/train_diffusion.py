@@ -27,9 +27,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   common.setup()
-  from tree_diffusion.diffusion import train  # after setup(): jax is configured first
+  common.check_config(_CONFIG.value)
+  from tree_diffusion import preemption  # after setup(): jax is configured first
+  from tree_diffusion.diffusion import train
   logging.info("config:\n%s", _CONFIG.value.diffusion)
-  summary = train.train_and_save(_CONFIG.value, _WORKDIR.value)
+  with preemption.StopRequest() as stop:   # SIGTERM / Ctrl-C: checkpoint, then exit 0
+    summary = train.train_and_save(_CONFIG.value, _WORKDIR.value, stop=stop)
   print(f"stage 2: {summary['steps']} steps, {summary['conditioning']} conditioning, "
         f"{summary['parameters']:,} parameters -> {train.stage2_dir(_WORKDIR.value)}")
 

@@ -23,9 +23,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   common.setup()
-  from tree_diffusion.treevae import train  # after setup(): jax is configured first
+  common.check_config(_CONFIG.value)
+  from tree_diffusion import preemption  # after setup(): jax is configured first
+  from tree_diffusion.treevae import train
   logging.info("config:\n%s", _CONFIG.value)
-  metrics = train.train_and_export(_CONFIG.value, _WORKDIR.value)
+  with preemption.StopRequest() as stop:   # SIGTERM / Ctrl-C: checkpoint, then exit 0
+    metrics = train.train_and_export(_CONFIG.value, _WORKDIR.value, stop=stop)
   test = metrics["test"]
   scores = (f"test NMI {test['nmi']:.3f}  leaf purity {test['leaf_purity']:.3f}" if "nmi" in test
             else "no labels: see tree.png and stage1_metrics.json")

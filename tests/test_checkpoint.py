@@ -1,6 +1,8 @@
 """Stage-1 checkpoints (round trip with a grown tree) and the export → load_treevae hand-off."""
 
 import json
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +28,8 @@ def test_checkpoint_round_trip(tmp_path):
   ckpts.save(1, TINY.init(jax.random.key(5), Tree.complete(1)), Tree.complete(1), cursor)
   ckpts.save(2, v, tree, cursor)
   ckpts.close()
-  step, restored, rtree, meta = checkpoint.Stage1Checkpoints(str(tmp_path)).restore(TINY)
-  assert step == 2 and rtree == tree and meta["cursor"] == cursor
+  step, restored, rtree, meta, phase = checkpoint.Stage1Checkpoints(str(tmp_path)).restore(TINY)
+  assert step == 2 and rtree == tree and meta["cursor"] == cursor and phase == {}
   for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(restored)):
     np.testing.assert_array_equal(a, b)
   assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(restored)
@@ -115,3 +117,130 @@ def test_stage2_refuses_checkpoints_of_another_export(tmp_path):
     train_lib.train_and_save(_stage2_config(), str(run))
   with pytest.raises(checkpoint.CheckpointError, match="no stage-2 checkpoint 7"):
     checkpoint.Stage2Checkpoints(str(run / "diffusion" / "checkpoints")).read_meta(7)
+
+
+# ------------------------------------------------------------- damaged and foreign checkpoints
+
+STATE = {"w": np.arange(50_000, dtype=np.float32), "b": np.ones((3, 3), np.float32)}
+ABSTRACT = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in STATE.items()}
+
+
+def _two_checkpoints(directory, meta=None):
+  ckpts = checkpoint.Stage2Checkpoints(str(directory))
+  for step in (1, 2):
+    ckpts.save(step, {k: v + step for k, v in STATE.items()}, dict(meta or {}, step=step))
+  ckpts.close()
+
+
+def _files(directory):
+  return sorted((os.path.relpath(os.path.join(r, f), directory), os.path.getsize(os.path.join(r, f)))
+                for r, _, fs in os.walk(directory) for f in fs)
+
+
+def _damage(step_dir, how):
+  if how == "bad_json":
+    (step_dir / "meta" / "metadata").write_text('{"step": ')
+    return
+  data = max((os.path.join(r, f) for r, _, fs in os.walk(step_dir / "state") for f in fs
+              if "/d/" in os.path.join(r, f)), key=os.path.getsize)
+  with open(data, "r+b") as f:
+    if how == "truncated":
+      f.truncate(os.path.getsize(data) // 2)
+    else:        # garbled bytes in the middle: Orbax reads them back without noticing
+      f.seek(os.path.getsize(data) // 2)
+      f.write(b"\x5a" * 64)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbled", "bad_json"])
+def test_an_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path, how):
+  directory = tmp_path / "checkpoints"
+  _two_checkpoints(directory)
+  _damage(directory / "2", how)
+  damaged = _files(directory / "2")
+  ckpts = checkpoint.Stage2Checkpoints(str(directory))
+  step, state, meta = ckpts.restore_latest(lambda meta: ABSTRACT)
+  assert step == 1 and meta["step"] == 1
+  np.testing.assert_array_equal(state["w"], STATE["w"] + 1)
+  # The damaged one is moved aside untouched, so that step 2 can be written again.
+  assert ckpts.all_steps() == [1] and _files(tmp_path / "checkpoints.unreadable" / "2") == damaged
+  ckpts.save(2, STATE, {})
+  assert ckpts.all_steps() == [1, 2]
+
+
+def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
+  directory = tmp_path / "checkpoints"
+  _two_checkpoints(directory)
+  _damage(directory / "1", "truncated")
+  _damage(directory / "2", "bad_json")
+  before = _files(directory)
+  with pytest.raises(checkpoint.CheckpointError, match="no stage-2 checkpoint in .* can be read"):
+    checkpoint.Stage2Checkpoints(str(directory)).restore_latest(lambda meta: ABSTRACT)
+  assert _files(directory) == before
+
+
+def test_a_half_written_checkpoint_is_ignored_and_removed(tmp_path):
+  directory = tmp_path / "checkpoints"
+  _two_checkpoints(directory)
+  # What a process killed while saving step 3 leaves behind: Orbax's temporary directory.
+  shutil.copytree(directory / "2", directory / "3.orbax-checkpoint-tmp")
+  (directory / "3.orbax-checkpoint-tmp" / "commit_success.txt").unlink(missing_ok=True)
+  ckpts = checkpoint.Stage2Checkpoints(str(directory))
+  assert ckpts.restore_latest(lambda meta: ABSTRACT)[0] == 2
+  assert sorted(os.listdir(directory)) == ["1", "2"]
+
+
+def test_config_differences_name_each_changed_key():
+  saved = {"a": {"x": 1, "y": [1, 2], "s": {"deep": "p"}}, "b": 0.5}
+  now = {"a": {"x": 1, "y": [1, 3], "s": {"deep": "q"}, "new": 1}, "b": 0.5}
+  assert checkpoint.config_differences(saved, now) == [
+      "a.new: '<missing>' (checkpoint) → 1 (now)", "a.s.deep: 'p' (checkpoint) → 'q' (now)",
+      "a.y: [1, 2] (checkpoint) → [1, 3] (now)"]
+  assert checkpoint.config_differences(saved, now, ignore=("a.s", "a.y", "a.new")) == []
+
+
+def test_a_checkpoint_of_another_config_or_version_is_refused(tmp_path):
+  directory = tmp_path / "checkpoints"
+  c = _stage2_config()
+  _two_checkpoints(directory, {"config": checkpoint.config_sections(c, checkpoint.STAGE2_SECTIONS)})
+  restore = lambda c: checkpoint.Stage2Checkpoints(str(directory)).restore_for_training(
+      ABSTRACT, c, lambda step, meta: None)
+  assert restore(c)[0] == 2
+  c.diffusion.num_steps = 50            # only moves the end: resumable
+  c.diffusion.log_every_steps = 7
+  assert restore(c)[0] == 2
+  c.diffusion.lr = 2e-3
+  c.data.test_fraction = 0.2
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"another config \(data.test_fraction: 0.1 \(checkpoint\) → 0.2 \(now\); "
+                           r"diffusion.lr: 0.001 \(checkpoint\) → 0.002 \(now\)\)"):
+    restore(c)
+  meta_file = directory / "2" / "meta" / "metadata"
+  meta_file.write_text(meta_file.read_text().replace(checkpoint.__version__, "0.0.1"))
+  with pytest.raises(checkpoint.CheckpointError, match="written by tree_diffusion 0.0.1, this is"):
+    restore(_stage2_config())
+  assert checkpoint.Stage2Checkpoints(str(directory)).all_steps() == [1, 2]   # nothing moved
+
+
+def test_stage2_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                                             monkeypatch):
+  from tree_diffusion.diffusion import train as train_lib
+  from tree_diffusion.errors import TrainingDivergedError
+  tree, v = _grown()
+  run = tmp_path / "run"
+  checkpoint.export_treevae(str(run / "export"), TINY, v, tree, {})
+
+  def diverging_step(state, tvae_vars, images, key, **static):   # step 3 returns NaN
+    del tvae_vars, images, key, static
+    loss = jnp.where(state.step >= 2, jnp.nan, 1.0)
+    return state.replace(step=state.step + 1), {"loss": loss, "grad_norm": jnp.float32(0.5)}
+
+  monkeypatch.setattr(train_lib, "train_step", diverging_step)
+  c = _stage2_config()
+  c.diffusion.num_steps = 5      # tiny: checkpoints every 2 steps, logs every step
+  directory = run / "diffusion" / "checkpoints"
+  with pytest.raises(TrainingDivergedError,
+                     match=f"non-finite loss in stage 2 between steps 3 and 3 .mean loss nan, "
+                           f"grad_norm 0.5.; nothing was saved after it, the last good one is "
+                           f"checkpoint 2 in {directory} .kept."):
+    train_lib.train_and_save(c, str(run))
+  assert checkpoint.Stage2Checkpoints(str(directory)).all_steps() == [2]

@@ -215,15 +215,23 @@ def test_grow_keeps_old_parameters_and_a_split_step_changes_only_the_new_subtree
 
 
 def test_full_step_traces_once_per_tree(grown):
+  """One trace per tree: new α/lr values and the step's own output state reuse it (traced, not
+  compiled: a retrace would come from an output state whose types differ from its input's)."""
   tree0, v0, tree, v = grown
   cfg = train_lib.StepConfig()
   step = jax.jit(chex.assert_max_traces(train_lib._train_step, n=2),
                  static_argnames=("model", "tree", "cfg"))
   for t, var in ((tree0, v0), (tree, v)):
-    state = train_lib.init_state(var, cfg)
+    state = jax.eval_shape(lambda v: train_lib.init_state(v, cfg), var)
     for i in range(3):
-      state, terms = step(state, X, jax.random.key(i), 0.1 * i, 1e-3, model=TINY, tree=t, cfg=cfg)
-    assert np.isfinite(float(terms["loss"]))
+      traced = step.trace(state, X, jax.random.key(i), 0.1 * i, 1e-3, model=TINY, tree=t, cfg=cfg)
+      new_state, terms = traced.out_info
+      assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
+      assert [(a.shape, a.dtype, a.weak_type) for a in jax.tree_util.tree_leaves(new_state)] == [
+          (a.shape, a.dtype, getattr(a, "weak_type", False))
+          for a in jax.tree_util.tree_leaves(state)]
+      assert terms["loss"].shape == ()
+      state = new_state
   chex.clear_trace_counter()
 
 
@@ -254,9 +262,10 @@ def test_colour_contrastive_steps_run():
   images = jnp.asarray(np.random.default_rng(4).uniform(size=(4, 16, 16, 3)), jnp.float32)
   tree0 = Tree.complete(1)
   v0 = model.init(jax.random.key(0), tree0)
-  state, terms = train_lib.train_step(train_lib.init_state(v0, cfg), images, jax.random.key(1),
-                                      0.1, 1e-3, model=model, tree=tree0, cfg=cfg)
-  assert np.isfinite(float(terms["loss"])) and float(terms["aug"]) > 0
+  # The full step is traced (its shapes checked), the split step, with the same terms, also run.
+  _, terms = train_lib.train_step.trace(train_lib.init_state(v0, cfg), images, jax.random.key(1),
+                                        0.1, 1e-3, model=model, tree=tree0, cfg=cfg).out_info
+  assert terms["aug"].shape == () and terms["loss"].dtype == jnp.float32
   tree, v = grow_variables(model, v0, tree0, 2, jax.random.key(2))
   state = train_lib.init_state(split_variables(v, tree, 2), cfg)
   state, terms = train_lib.split_step(state, v, images, jax.random.key(3), 0.1, 1e-3, model=model,

@@ -1,3 +1,3 @@
 """tree_diffusion: TreeVAE + path-conditioned diffusion (TreeDiffusion) in JAX/Flax."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,10 +1,17 @@
-"""Checkpoints of stage 1 and its export, the hand-off to stage 2.
+"""Checkpoints of both stages and the stage-1 export, the hand-off to stage 2.
 
-* Training checkpoints: one Orbax ``CheckpointManager`` in ``WORKDIR/checkpoints``; each step saves
-  ``Composite(state=StandardSave(variables), meta=JsonSave(meta))``. ``meta`` holds the tree JSON and
-  the training cursor (phase, growth iteration, …). Restoring reads ``meta`` first, rebuilds the
-  abstract variables of that tree with ``jax.eval_shape`` and restores into them, so arrays come
-  back with the right structure however much the tree has grown.
+* Training checkpoints: one Orbax ``CheckpointManager`` per stage (``WORKDIR/checkpoints``,
+  ``WORKDIR/diffusion/checkpoints``); each step saves ``Composite(state=StandardSave(arrays),
+  meta=JsonSave(meta))``. ``meta`` holds what the arrays need to be rebuilt (stage 1: the tree
+  JSON and the schedule cursor), the config sections that determine training, the library
+  version and a CRC32 of every array. Restoring reads ``meta`` first, checks config and version
+  (a mismatch is refused with the differences), builds the abstract arrays with ``jax.eval_shape``
+  and restores into them, so arrays come back with the right structure however much the tree has
+  grown.
+* Commits are atomic: Orbax writes into ``<step>.orbax-checkpoint-tmp-…`` and renames it when
+  complete; a run killed while saving leaves that temporary directory, which the next run ignores
+  and removes. A checkpoint that cannot be read back (truncated or garbled files, bad JSON, wrong
+  checksum) is moved to ``<dir>.unreadable/<step>`` with a warning and the previous one is used.
 * Export: ``WORKDIR/export/`` holds ``variables/`` (an Orbax ``StandardCheckpointer`` directory)
   and ``meta.json`` (model hyper-parameters, tree, data shape and normalisation, config, metrics,
   library version). :func:`load_treevae` is all stage 2 needs.
@@ -15,10 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+import zlib
+from typing import Any, Callable, Iterable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from tree_diffusion import __version__
@@ -38,39 +48,210 @@ def _abstract_variables(model: TreeVAE, tree: Tree):
                                 model.init(jax.random.key(0), tree))
 
 
-class Stage1Checkpoints:
-  """Saves and restores ``(variables, tree, cursor)`` of a stage-1 run."""
+def checksum(arrays) -> str:
+  """CRC32 of every array's bytes (in tree order), as hex: detects garbled checkpoint files,
+  which Orbax itself restores without complaint."""
+  crc = 0
+  for leaf in jax.tree_util.tree_leaves(arrays):
+    if isinstance(leaf, jax.Array):   # replicated over processes: this process's full copy
+      leaf = leaf.addressable_data(0)
+    crc = zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).tobytes(), crc)
+  return f"{crc:08x}"
 
-  def __init__(self, workdir: str, max_to_keep: int = 3):
-    self.directory = epath.Path(workdir) / "checkpoints"
+
+def config_sections(config, sections: Iterable[str]) -> dict:
+  """The JSON form of ``config``'s ``sections`` (what a checkpoint records and compares)."""
+  full = json.loads(config.to_json_best_effort())
+  return {s: full.get(s) for s in sections}
+
+
+def config_differences(saved: dict, current: dict, ignore: Iterable[str] = ()) -> list[str]:
+  """``["stage1.lr: 0.001 (checkpoint) → 0.002 (now)", …]`` over nested dicts, except the dotted
+  keys (or key prefixes) in ``ignore``."""
+  ignore = tuple(ignore)
+  out = []
+
+  def walk(a, b, prefix):
+    if isinstance(a, dict) and isinstance(b, dict):
+      for k in sorted(set(a) | set(b)):
+        walk(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{prefix}{k}.")
+      return
+    key = prefix[:-1]
+    if any(key == i or key.startswith(i + ".") for i in ignore):
+      return
+    if a != b:
+      out.append(f"{key}: {a!r} (checkpoint) → {b!r} (now)")
+
+  walk(saved, current, "")
+  return out
+
+
+class _Checkpoints:
+  """An Orbax manager with checksums, config/version checks and fall-back past unreadable steps."""
+
+  kind = "checkpoint"
+
+  def __init__(self, directory, max_to_keep: int = 3):
+    self.directory = epath.Path(directory)
     self.manager = ocp.CheckpointManager(
         self.directory.resolve(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             cleanup_tmp_directories=True))
 
-  def save(self, step: int, variables, tree: Tree, cursor: dict, extra: dict | None = None):
-    meta = {"tree": json.loads(tree.to_json()), "cursor": cursor, "version": __version__,
-            **(extra or {})}
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(variables),
+  def _save(self, step: int, arrays, meta: dict):
+    meta = {"version": __version__, **meta, "checksum": checksum(arrays)}
+    logging.info("saving %s %d in %s", self.kind, step, self.directory)
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
                                                     meta=ocp.args.JsonSave(meta)))
-    self.manager.wait_until_finished()
+    self.manager.wait_until_finished()   # committed (renamed into place) before we go on
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def restore(self, model: TreeVAE, step: int | None = None):
-    """Returns ``(step, variables, tree, meta)`` of ``step`` (default latest) or ``None``."""
-    step = self.manager.latest_step() if step is None else step
-    if step is None:
-      return None
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    tree = Tree.from_json(meta["tree"])
-    abstract = _abstract_variables(model, tree)
-    state = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-    return step, state, tree, meta
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def describe_latest(self) -> str:
+    """``"checkpoint 4 in DIR (kept)"`` or ``"none yet (a restart begins afresh)"``: for messages."""
+    step = self.manager.latest_step()
+    return ("none yet (a restart begins afresh)" if step is None
+            else f"checkpoint {step} in {self.directory} (kept)")
+
+  def _read_meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def _read(self, step: int, abstract_fn: Callable[[dict], Any], check: Callable[[int, dict], None]):
+    """``(arrays, meta)`` of ``step``; ``CheckpointError`` from ``check`` passes through, any
+    other failure is returned as the exception."""
+    try:
+      meta = self._read_meta(step)
+    except Exception as e:  # pylint: disable=broad-except  (a half-written/garbled JSON file)
+      return e
+    check(step, meta)
+    try:
+      arrays = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_fn(meta))))["state"]
+    except Exception as e:  # pylint: disable=broad-except  (missing or truncated array files)
+      return e
+    if "checksum" in meta and checksum(arrays) != meta["checksum"]:
+      return CheckpointError(f"checksum {checksum(arrays)} != {meta['checksum']} recorded at save")
+    return arrays, meta
+
+  def restore_latest(self, abstract_fn: Callable[[dict], Any],
+                     check: Callable[[int, dict], None] = lambda step, meta: None):
+    """``(step, arrays, meta)`` of the newest readable checkpoint, or ``None`` if there is none.
+
+    Newer checkpoints that cannot be read are moved to ``<dir>.unreadable/`` (with a warning) once
+    an older one has been read, so that training can write those steps again.
+
+    Raises:
+      CheckpointError: ``check`` refused the newest readable checkpoint (config or version), or no
+        checkpoint can be read (nothing is moved then).
+    """
+    bad = []
+    for step in reversed(self.all_steps()):
+      out = self._read(step, abstract_fn, check)
+      if isinstance(out, Exception):
+        bad.append((step, out))
+        continue
+      for s, err in bad:
+        self._move_aside(s, err, step)
+      return (step,) + out
+    if bad:
+      raise CheckpointError(
+          f"no {self.kind} in {self.directory} can be read (steps "
+          f"{', '.join(f'{s}: {_short(e)}' for s, e in bad)}); move the directory away to start "
+          f"afresh")
+    return None
+
+  def _move_aside(self, step: int, err: Exception, fallback: int):
+    target_dir = epath.Path(str(self.directory.resolve()) + ".unreadable")
+    target = target_dir / str(step)
+    if jax.process_index() == 0:
+      target_dir.mkdir(parents=True, exist_ok=True)
+      n = 1
+      while target.exists():
+        target, n = target_dir / f"{step}_{n}", n + 1
+      (self.directory.resolve() / str(step)).rename(target)
+    _sync(f"moved_unreadable_{step}")
+    logging.warning("%s %d in %s cannot be read (%s): moved to %s, resuming from %d instead",
+                    self.kind, step, self.directory, _short(err), target, fallback)
+    self.manager.reload()
 
   def close(self):
     self.manager.close()
+
+
+def _short(e: BaseException) -> str:
+  msg = " ".join(str(e).split())
+  return f"{type(e).__name__}: {msg[:200]}"
+
+
+def check_compatible(kind: str, step: int, directory, meta: dict, config: dict,
+                     ignore: Iterable[str]):
+  """Refuses a checkpoint of another library version or config; the message lists what differs."""
+  if meta.get("version") != __version__:
+    raise CheckpointError(
+        f"{kind} {step} in {directory} was written by tree_diffusion {meta.get('version')}, this "
+        f"is {__version__}: resume with that version, or start afresh with a new --workdir")
+  if "config" not in meta:
+    return
+  diffs = config_differences({k: meta["config"].get(k) for k in config}, config, ignore)
+  if diffs:
+    raise CheckpointError(
+        f"{kind} {step} in {directory} was trained with another config ({'; '.join(diffs)}): "
+        f"resume with the original settings, or start afresh with a new --workdir")
+
+
+# ----------------------------------------------------------------------------------- stage 1
+
+# Settings that do not change what stage 1 computes: they may differ when a run is resumed.
+STAGE1_RESUMABLE_CHANGES = (
+    "data.data_dir", "stage1.log_every_epochs", "stage1.eval_every_epochs",
+    "stage1.checkpoints_to_keep", "stage1.checkpoint_every_steps",
+    "stage1.figure_images_per_leaf", "stage1.kmeans_baseline", "stage1.final_elbo")
+STAGE1_SECTIONS = ("data", "treevae", "stage1")
+
+
+class Stage1Checkpoints(_Checkpoints):
+  """Saves and restores ``(variables, tree, cursor)`` of a stage-1 run, plus — for a checkpoint
+  taken inside a phase — the phase's train state and sample indices (see ``treevae/train.py``)."""
+
+  kind = "stage-1 checkpoint"
+
+  def __init__(self, workdir: str, max_to_keep: int = 3):
+    super().__init__(epath.Path(workdir) / "checkpoints", max_to_keep)
+
+  def save(self, step: int, variables, tree: Tree, cursor: dict, extra: dict | None = None,
+           phase_arrays: dict | None = None):
+    meta = {"tree": json.loads(tree.to_json()), "cursor": cursor, **(extra or {})}
+    arrays = {"variables": variables, **(phase_arrays or {})}
+    self._save(step, arrays, meta)
+
+  def restore(self, model: TreeVAE, config=None,
+              phase_abstract: Callable[[dict, Tree, Any], dict] | None = None):
+    """``(step, variables, tree, meta, phase_arrays)`` of the newest readable checkpoint, or
+    ``None``. ``config`` (if given) must match the checkpoint's (see ``STAGE1_RESUMABLE_CHANGES``);
+    ``phase_abstract(meta, tree, abstract_variables)`` gives the abstract phase arrays of a
+    checkpoint taken inside a phase."""
+    current = None if config is None else config_sections(config, STAGE1_SECTIONS)
+
+    def check(step, meta):
+      if current is not None:
+        check_compatible(self.kind, step, self.directory, meta, current, STAGE1_RESUMABLE_CHANGES)
+
+    def abstract(meta):
+      tree = Tree.from_json(meta["tree"])
+      variables = _abstract_variables(model, tree)
+      extra = phase_abstract(meta, tree, variables) if phase_abstract is not None else {}
+      return {"variables": variables, **extra}
+
+    out = self.restore_latest(abstract, check)
+    if out is None:
+      return None
+    step, arrays, meta = out
+    variables = arrays.pop("variables")
+    return step, variables, Tree.from_json(meta["tree"]), meta, arrays
 
 
 def export_treevae(export_dir: str, model: TreeVAE, variables, tree: Tree, meta: dict[str, Any]):
@@ -165,24 +346,23 @@ def resolve_export(path: str) -> str:
   return str(p.resolve())
 
 
-class Stage2Checkpoints:
+# Settings that do not change what stage 2 computes up to a step: they may differ on resume
+# (num_steps/num_epochs only move the end; the export is identified by its fingerprint).
+STAGE2_RESUMABLE_CHANGES = (
+    "data.data_dir", "diffusion.log_every_steps", "diffusion.checkpoint_every_steps",
+    "diffusion.checkpoints_to_keep", "diffusion.num_steps", "diffusion.num_epochs",
+    "diffusion.sampling", "diffusion.treevae_export")
+STAGE2_SECTIONS = ("data", "diffusion")
+
+
+class Stage2Checkpoints(_Checkpoints):
   """Orbax checkpoints of stage 2 in ``directory``: the train state (params, EMA, optimiser, step)
   and JSON meta (which export it was trained on, epoch, config)."""
 
-  def __init__(self, directory: str, max_to_keep: int = 3):
-    self.directory = epath.Path(directory)
-    self.manager = ocp.CheckpointManager(
-        self.directory.resolve(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+  kind = "stage-2 checkpoint"
 
   def save(self, step: int, state, meta: dict):
-    meta = {"version": __version__, **meta}
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)))
-    self.manager.wait_until_finished()
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    self._save(step, state, meta)
 
   @staticmethod
   def steps_in(directory: str) -> list[int]:
@@ -201,21 +381,34 @@ class Stage2Checkpoints:
     if step is None:
       return None
     self._check_step(step)
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return self._read_meta(step)
 
   def restore(self, abstract_state, step: int | None = None):
     """``(step, state, meta)`` of ``step`` (default latest) restored into ``abstract_state``'s
-    structure, or ``None`` when there is no checkpoint."""
+    structure, or ``None`` when there is no checkpoint (no fall-back: evaluation of one step)."""
     step = self.manager.latest_step() if step is None else step
     if step is None:
       return None
     self._check_step(step)
-    abstract = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
-        abstract_state)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return step, out["state"], out["meta"]
+    out = self._read(step, lambda meta: _abstract_like(abstract_state), lambda s, m: None)
+    if isinstance(out, Exception):
+      raise CheckpointError(f"stage-2 checkpoint {step} in {self.directory} cannot be read "
+                            f"({_short(out)})")
+    return (step,) + out
 
-  def close(self):
-    self.manager.close()
+  def restore_for_training(self, abstract_state, config, check_meta: Callable[[int, dict], None]):
+    """``(step, state, meta)`` of the newest readable checkpoint (falling back past unreadable
+    ones), refused if its config or version differs; ``None`` when there is none."""
+    current = config_sections(config, STAGE2_SECTIONS)
+
+    def check(step, meta):
+      check_meta(step, meta)
+      check_compatible(self.kind, step, self.directory, meta, current, STAGE2_RESUMABLE_CHANGES)
+
+    return self.restore_latest(lambda meta: _abstract_like(abstract_state), check)
+
+
+def _abstract_like(tree):
+  return jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+      tree)

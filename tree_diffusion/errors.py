@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the setting and a valid choice."""
+
+
+class TrainingDivergedError(FloatingPointError):
+  """A non-finite loss; the message names the step, the loss terms and the last good checkpoint."""

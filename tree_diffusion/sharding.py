@@ -18,6 +18,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from tree_diffusion.errors import ConfigError
+
 AXES = ("replica", "data")
 
 
@@ -77,7 +79,7 @@ def data_sharded(mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, mesh, setting: str = "stage1.batch_size") -> None:
   n = mesh.devices.size
   if batch_size % n:
-    raise ValueError(f"batch size {batch_size} is not divisible by the {n} devices of the mesh; "
+    raise ConfigError(f"batch size {batch_size} is not divisible by the {n} devices of the mesh; "
                      f"use a multiple of {n} (e.g. --config.{setting}={batch_size // n * n or n})")
 
 

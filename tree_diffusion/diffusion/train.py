@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import itertools
 import json
 import os
@@ -26,11 +25,11 @@ from absl import logging
 
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
-from tree_diffusion import sharding
+from tree_diffusion import preemption, sharding, validation
 from tree_diffusion.diffusion import frozen, schedule
 from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_condition,
                                                    make_denoiser)
-from tree_diffusion.errors import ConfigError
+from tree_diffusion.errors import ConfigError, TrainingDivergedError
 from tree_diffusion.runs import check_workdir, format_eta
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
@@ -149,18 +148,12 @@ def export_path(config, workdir: str) -> str:
   return config.diffusion.treevae_export or os.path.join(workdir, "export")
 
 
-def load_stage1(config, workdir: str):
-  """Loads and checks the stage-1 export for this config.
-
-  Returns:
-    ``(model, variables, tree, path, fingerprint, meta)``.
+def check_export(config, path: str, meta: dict):
+  """Checks a stage-1 export's meta against this config before anything is loaded.
 
   Raises:
-    CheckpointError: missing export, a training workdir instead of its export.
-    ConfigError: the export's image shape differs from the dataset's.
+    ConfigError: the export was trained on images of another shape or on another dataset.
   """
-  path = ckpt_lib.resolve_export(export_path(config, workdir))
-  meta = ckpt_lib.read_export_meta(path)
   m = meta["model"]
   got = (m["image_size"], m["image_size"], m["channels"])
   want = (config.data.image_size, config.data.image_size, config.data.channels)
@@ -169,6 +162,30 @@ def load_stage1(config, workdir: str):
         f"the stage-1 export {path} was trained on {'x'.join(map(str, got))} images but "
         f"config.data ({config.data.name}) has {'x'.join(map(str, want))}: point "
         f"--config.diffusion.treevae_export at an export of this dataset (or use its config)")
+  saved = (meta.get("config") or {}).get("data")
+  if saved is not None:
+    current = ckpt_lib.config_sections(config, ("data",))["data"]
+    diffs = ckpt_lib.config_differences({"data": saved}, {"data": current}, ("data.data_dir",))
+    if diffs:
+      raise ConfigError(
+          f"the stage-1 export {path} was trained on other data ({'; '.join(diffs)}): "
+          f"use the config of that stage-1 run, or point --config.diffusion.treevae_export at an "
+          f"export of this data")
+
+
+def load_stage1(config, workdir: str):
+  """Loads and checks the stage-1 export for this config.
+
+  Returns:
+    ``(model, variables, tree, path, fingerprint, meta)``.
+
+  Raises:
+    CheckpointError: missing export, a training workdir instead of its export.
+    ConfigError: the export's images or dataset differ from this config's.
+  """
+  path = ckpt_lib.resolve_export(export_path(config, workdir))
+  meta = ckpt_lib.read_export_meta(path)
+  check_export(config, path, meta)
   model, variables, tree = ckpt_lib.load_treevae(path)
   return model, variables, tree, path, ckpt_lib.export_fingerprint(path), meta
 
@@ -183,27 +200,39 @@ def abstract_state(denoiser: Denoiser, cfg: StepConfig, model: TreeVAE, tree: Tr
                                            model.image_shape))
 
 
-def train_and_save(config, workdir: str) -> dict:
+def train_and_save(config, workdir: str, stop: preemption.StopRequest | None = None) -> dict:
   """Trains (or resumes) stage 2 in ``WORKDIR/diffusion`` on the frozen stage-1 export.
 
   Checkpoints (params, EMA params, optimiser state, step) go to ``WORKDIR/diffusion/checkpoints``
   every ``checkpoint_every_steps`` and at the end, with the export's path and fingerprint;
-  re-running the command resumes from the latest one (and refuses one trained on another export).
+  re-running the command resumes from the latest readable one (and refuses one trained on another
+  export, config or library version). The batch order is a seeded permutation per epoch and the
+  step key ``fold_in(key, step)``, so a resumed run is bit-identical to an uninterrupted one.
+
+  Args:
+    config: the full config (``data`` and ``diffusion`` are used).
+    workdir: the run directory (holds the stage-1 export unless ``diffusion.treevae_export``).
+    stop: checked after every step; when set, a checkpoint of that step is written and
+      :class:`preemption.Preempted` raised (the launcher makes one from SIGTERM/SIGINT).
 
   Returns:
     A summary (also written to ``WORKDIR/diffusion/train_summary.json``).
   """
   c = config.diffusion
+  stop = stop if stop is not None else preemption.never()
   t_run = time.perf_counter()
-  check_workdir(stage2_dir(workdir))
+  validation.check_stage2(config)
   denoiser = make_denoiser(c.conditioning, c.unet, c.dtype)
   cfg = StepConfig.from_config(c)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(c.batch_size, mesh, setting="diffusion.batch_size")
+  path = ckpt_lib.resolve_export(export_path(config, workdir))
+  check_export(config, path, ckpt_lib.read_export_meta(path))
+  check_workdir(stage2_dir(workdir))
   model, tvae_vars, tree, path, fingerprint, _ = load_stage1(config, workdir)
   model = dataclasses.replace(model, dtype=c.dtype)   # the frozen TreeVAE's forward in the step
   train = data_lib.load_arrays(config.data, "train")
   data_lib.check_image_shape(train, config.data)
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(c.batch_size, mesh, setting="diffusion.batch_size")
   steps_per_epoch = data_lib.num_batches(len(train), c.batch_size, drop_remainder=True)
   if steps_per_epoch == 0:
     raise ConfigError(f"{len(train)} training images are fewer than one batch of {c.batch_size}; "
@@ -215,18 +244,21 @@ def train_and_save(config, workdir: str) -> dict:
   ckpts = ckpt_lib.Stage2Checkpoints(os.path.join(stage2_dir(workdir), "checkpoints"),
                                      max_to_keep=c.checkpoints_to_keep)
   key = jax.random.key(c.seed)
-  meta = ckpts.read_meta()
-  if meta is not None and meta.get("export_fingerprint") != fingerprint:
-    raise ckpt_lib.CheckpointError(
-        f"the stage-2 checkpoints in {ckpts.directory} were trained on the stage-1 export "
-        f"{meta.get('export')} (fingerprint {meta.get('export_fingerprint')}), not on {path} "
-        f"(fingerprint {fingerprint}): use a new --workdir or point "
-        f"--config.diffusion.treevae_export at the original export")
-  if meta is not None:
-    abstract = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-        abstract_state(denoiser, cfg, model, tree))
-    step0, state, _ = ckpts.restore(abstract)
+
+  def check_same_export(step, meta):
+    if meta.get("export_fingerprint") != fingerprint:
+      raise ckpt_lib.CheckpointError(
+          f"the stage-2 checkpoints in {ckpts.directory} were trained on the stage-1 export "
+          f"{meta.get('export')} (fingerprint {meta.get('export_fingerprint')}), not on {path} "
+          f"(fingerprint {fingerprint}): use a new --workdir or point "
+          f"--config.diffusion.treevae_export at the original export")
+
+  abstract = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+      abstract_state(denoiser, cfg, model, tree))
+  restored = ckpts.restore_for_training(abstract, config, check_same_export)
+  if restored is not None:
+    step0, state, _ = restored
     logging.info("resumed stage 2 from checkpoint %d", step0)
   else:
     state = init_state(denoiser, cfg, jax.random.fold_in(key, 1),
@@ -239,11 +271,25 @@ def train_and_save(config, workdir: str) -> dict:
                total, steps_per_epoch, len(train), c.batch_size, step, tree)
 
   writer = MetricWriter(os.path.join(stage2_dir(workdir), "tensorboard"))
+  config_json = ckpt_lib.config_sections(config, ckpt_lib.STAGE2_SECTIONS)
   save_meta = lambda: {"export": path, "export_fingerprint": fingerprint,
                        "conditioning": denoiser.conditioning.name, "epoch": step // steps_per_epoch,
-                       "config": json.loads(config.to_json_best_effort())}
+                       "config": config_json}
   step_key = sharding.replicate(jax.random.fold_in(key, 2), mesh)
   loss_sum, n_sum, t_log, t_start, step_start = 0.0, 0, time.perf_counter(), time.perf_counter(), step
+  unchecked_sum, unchecked = 0.0, 0     # losses since the last finiteness check
+
+  def check_finite(grad_norm=None):
+    nonlocal unchecked_sum, unchecked
+    if unchecked and not np.isfinite(float(unchecked_sum)):
+      norm = "" if grad_norm is None else f", grad_norm {float(grad_norm):.4g}"
+      raise TrainingDivergedError(
+          f"non-finite loss in stage 2 between steps {step - unchecked + 1} and {step} (mean "
+          f"loss {float(unchecked_sum) / unchecked:.4g}{norm}); nothing was saved after it, the "
+          f"last good one is {ckpts.describe_latest()}. Lower --config.diffusion.lr or check the "
+          f"data")
+    unchecked_sum, unchecked = 0.0, 0
+
   rates = []
   rows = sharding.process_rows(mesh, c.batch_size)   # this process's block of every batch
   while step < total:
@@ -259,12 +305,11 @@ def train_and_save(config, workdir: str) -> dict:
                                   model=model, tree=tree, cfg=cfg)
       step += 1
       loss_sum = loss_sum + metrics["loss"]
-      n_sum += 1
+      unchecked_sum = unchecked_sum + metrics["loss"]
+      n_sum, unchecked = n_sum + 1, unchecked + 1
       if step % c.log_every_steps == 0 or step == total:
+        check_finite(metrics["grad_norm"])
         loss = float(loss_sum) / n_sum
-        if not np.isfinite(loss):
-          raise FloatingPointError(f"stage 2, step {step}: non-finite loss {loss}; the last "
-                                   f"checkpoint ({ckpts.latest_step()}) is kept")
         now = time.perf_counter()
         ips = n_sum * c.batch_size / (now - t_log)
         if step - step_start > n_sum:  # the first window includes compilation
@@ -273,11 +318,19 @@ def train_and_save(config, workdir: str) -> dict:
         writer.write_scalars(step, {"train/loss": loss, "train/grad_norm": float(metrics["grad_norm"]),
                                     "train/images_per_second": ips})
         logging.info("stage 2 step %d/%d (epoch %d): loss %.4f | %.0f img/s, ETA %s", step, total,
-                     step // steps_per_epoch + 1, loss, ips, format_eta(eta))
+                     (step - 1) // steps_per_epoch + 1, loss, ips, format_eta(eta))
         loss_sum, n_sum, t_log = 0.0, 0, now
-      if step % c.checkpoint_every_steps == 0 and step < total:
+      if step == total:
+        break
+      stopping = stop.requested()
+      if stopping or step % c.checkpoint_every_steps == 0:
+        check_finite(metrics["grad_norm"])    # never save a diverged state
         ckpts.save(step, state, save_meta())
+        if stopping:
+          raise preemption.Preempted(f"stopped by {stop.signal_name} at stage-2 step {step}/"
+                                     f"{total}; checkpoint {step} saved in {ckpts.directory}")
   if ckpts.latest_step() != step:
+    check_finite()
     ckpts.save(step, state, save_meta())
   ckpts.close()
   writer.close()

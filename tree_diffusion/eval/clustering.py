@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import scipy.optimize
-import sklearn.metrics
 
 from tree_diffusion.tree import Tree
 
@@ -204,6 +203,7 @@ def adjusted_rand(labels: Any, preds: Any) -> float:
   labels = _as_vector(labels, "labels")
   preds = _as_vector(preds, "preds")
   _check_same_length(labels, preds, "labels", "preds")
+  import sklearn.metrics  # pylint: disable=g-import-not-at-top  (1.7 s; only needed here)
   return float(sklearn.metrics.adjusted_rand_score(labels, preds))
 
 

@@ -26,7 +26,8 @@ from absl import logging
 from tree_diffusion import augment as augment_lib
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
-from tree_diffusion import sharding
+from tree_diffusion import preemption, sharding, validation
+from tree_diffusion.errors import TrainingDivergedError
 from tree_diffusion.runs import check_workdir, format_eta
 from tree_diffusion.eval import clustering
 from tree_diffusion.tree import Tree, depth_of
@@ -229,6 +230,8 @@ class _Run:
   writer: MetricWriter
   key: jax.Array
   mesh: Any
+  ckpts: ckpt_lib.Stage1Checkpoints | None = None
+  stop: preemption.StopRequest = dataclasses.field(default_factory=preemption.never)
   global_epoch: int = 0
   images_per_second: list = dataclasses.field(default_factory=list)
 
@@ -247,8 +250,16 @@ def step_config(c) -> StepConfig:
 
 def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, phase_id: int,
                 parent: int | None = None, indices: np.ndarray | None = None,
-                decay_kl: float | None = None):
-  """Trains for ``epochs`` with a fresh optimiser, StepLR and KL annealer; returns new variables."""
+                decay_kl: float | None = None, resume_state: TrainState | None = None,
+                save_in_phase=None):
+  """Trains for ``epochs`` with a fresh optimiser, StepLR and KL annealer; returns new variables.
+
+  Everything a step sees is a function of ``(phase_id, state.step)``: the batch order (a seeded
+  permutation per epoch), the step's key, α and the learning rate. So a phase resumed from
+  ``resume_state`` (a checkpoint taken inside it) continues bit for bit as if never stopped.
+  ``save_in_phase(state)`` writes such a checkpoint (every ``stage1.checkpoint_every_steps`` and
+  when ``run.stop`` asks for a stop, after which :class:`preemption.Preempted` is raised).
+  """
   c = run.config.stage1
   if epochs <= 0:
     return variables
@@ -265,21 +276,37 @@ def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, pha
   # steps' outputs (e.g. freshly initialised arrays) would make jit retrace and recompile.
   variables = sharding.replicate(variables, run.mesh)
   trained = variables if parent is None else split_variables(variables, tree, parent)
-  state = sharding.replicate(init_state(trained, cfg), run.mesh)
+  state = init_state(trained, cfg) if resume_state is None else resume_state
+  state = sharding.replicate(state, run.mesh)
   phase_key = sharding.replicate(jax.random.fold_in(run.key, phase_id), run.mesh)
-  logging.info("%s: %d epochs × %d steps on %d samples, tree %s", name, epochs, steps_per_epoch, n,
-               tree)
-  t_start = time.perf_counter()
+  total = epochs * steps_per_epoch
+  done = int(state.step)                            # steps of this phase already taken
+  logging.info("%s: %d epochs × %d steps on %d samples, tree %s%s", name, epochs, steps_per_epoch,
+               n, tree, f" (resumed at step {done})" if done else "")
+  t_start, done_start = time.perf_counter(), done
   rows = sharding.process_rows(run.mesh, load_bs)   # this process's block of every batch
-  for epoch in range(epochs):
+
+  def check_finite(sums, count, epoch):
+    means = {k: float(v) / max(count, 1) for k, v in jax.device_get(sums).items()}
+    if not np.isfinite(means["loss"]):
+      terms = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
+      raise TrainingDivergedError(
+          f"non-finite loss in stage 1, {name}, epoch {epoch + 1}, phase step {done} (mean of the "
+          f"last {count} steps: {terms}); nothing was saved after it, the last good one is "
+          f"{'none' if run.ckpts is None else run.ckpts.describe_latest()}. Lower "
+          f"--config.stage1.lr or check the data")
+    return means
+
+  for epoch in range(done // steps_per_epoch, epochs):
     alpha = kl_weight(epoch, c.kl_start, decay_kl)
     lr = step_lr(epoch, c.lr, c.decay_lr, c.decay_stepsize)
     # On the mesh once per epoch: the steps then never wait for a host-to-device copy.
     alpha_d, lr_d = sharding.replicate((np.float32(alpha), np.float32(lr)), run.mesh)
     t0 = time.perf_counter()
-    sums = None
+    sums, count = None, 0
     epoch_batches = data_lib.batches(run.train, load_bs, shuffle=True, seed=c.seed + phase_id,
-                                     epoch=epoch, drop_remainder=True, indices=indices, part=rows)
+                                     epoch=epoch, drop_remainder=True, indices=indices, part=rows,
+                                     skip=done - epoch * steps_per_epoch)
     for batch in sharding.prefetch(({"image": b["image"]} for b in epoch_batches), run.mesh,
                                    load_bs):
       images = batch["image"]
@@ -290,15 +317,24 @@ def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, pha
         state, terms = split_step(state, variables, images, phase_key, alpha_d, lr_d,
                                   model=run.model, tree=tree, parent=parent, cfg=cfg)
       sums = terms if sums is None else jax.tree_util.tree_map(jnp.add, sums, terms)
-    means = {k: float(v) / steps_per_epoch for k, v in jax.device_get(sums).items()}
+      done, count = done + 1, count + 1
+      if done == total or save_in_phase is None:
+        continue   # the phase's end is saved by the schedule
+      stop = run.stop.requested()
+      if stop or (c.checkpoint_every_steps and done % c.checkpoint_every_steps == 0):
+        check_finite(sums, count, epoch)     # never save a diverged state
+        step = save_in_phase(state)
+        if stop:
+          raise preemption.Preempted(
+              f"stopped by {run.stop.signal_name} in {name} at phase step {done}/{total}; "
+              f"checkpoint {step} saved in {run.ckpts.directory}")
+    means = check_finite(sums, count, epoch)
     dt = time.perf_counter() - t0
-    ips = steps_per_epoch * c.batch_size / dt
-    if epoch > 0:  # the first epoch includes compilation
+    ips = count * c.batch_size / dt
+    if done - done_start > count:  # the first epoch of a process includes compilation
       run.images_per_second.append(ips)
-    if not np.isfinite(means["loss"]):
-      raise FloatingPointError(f"{name}, epoch {epoch}: non-finite loss; terms {means}")
     elapsed = time.perf_counter() - t_start
-    eta = elapsed / (epoch + 1) * (epochs - epoch - 1)
+    eta = elapsed / (done - done_start) * (total - done)
     scalars = {f"train/{k}": v for k, v in means.items()}
     scalars.update({"train/alpha": alpha, "train/lr": lr, "train/images_per_second": ips,
                     "tree/num_leaves": tree.num_leaves})
@@ -345,15 +381,23 @@ def make_model(config) -> TreeVAE:
                  contrastive=contrastive, dtype=c.dtype)
 
 
-def _grow_iteration(run: _Run, variables, tree: Tree, cursor: dict, phase_id: int):
-  """One pass of the growing loop (§4.2 step 2): maybe intermediate training, then one split."""
+# The schedule is a state machine over ``cursor["phase"]``: initial → grow ⇄ (intermediate |
+# small_tree) → prune → finetune → done. Each pass of the loop in :func:`train_and_export` runs one
+# state and saves a checkpoint; a checkpoint taken inside a training phase also holds the phase's
+# train state (``cursor["in_phase"]`` is then set and the pass resumes instead of restarting).
+
+
+def _grow_decision(run: _Run, variables, tree: Tree, cursor: dict, phase_id: int):
+  """The ``grow`` state (§4.2 step 2): intermediate training is due, or pick a leaf and grow it.
+
+  Returns ``(variables, tree, cursor, indices)``; ``indices`` are the rows the new small tree
+  trains on (``None`` unless the next state is ``small_tree``).
+  """
   c = run.config.stage1
   it = cursor["iteration"]
   if (c.intermediate_fulltrain and it > 0 and it % 3 == 0 and not cursor.get("intermediate_done")
       and c.num_epochs_intermediate_fulltrain > 0):
-    variables = train_phase(run, f"intermediate[{it}]", variables, tree,
-                            c.num_epochs_intermediate_fulltrain, phase_id=phase_id)
-    return variables, tree, dict(cursor, intermediate_done=True)
+    return variables, tree, dict(cursor, phase="intermediate"), None
 
   probs = predict_leaf_probs(run.model, variables, tree, run.train, c.eval_batch_size)
   load_bs = c.batch_size // 2 if _step_config(run).contrastive else c.batch_size
@@ -364,22 +408,30 @@ def _grow_iteration(run: _Run, variables, tree: Tree, cursor: dict, phase_id: in
   logging.info("growing iteration %d: %s (effective leaves %d; counts %s)", it, decision.reason,
                decision.n_effective, decision.counts)
   if decision.leaf is None:
-    return variables, tree, dict(cursor, phase="prune", not_expandable=not_expandable)
-
-  idx = growing.subset_indices(probs, tree, decision.leaf, decision.threshold)
+    return variables, tree, dict(cursor, phase="prune", not_expandable=not_expandable), None
+  indices = growing.subset_indices(probs, tree, decision.leaf, decision.threshold).astype(np.int32)
   grow_key = jax.random.fold_in(jax.random.fold_in(run.key, 10_000), phase_id)
   tree, variables = grow_variables(run.model, variables, tree, decision.leaf, grow_key)
-  variables = train_phase(run, f"small-tree[{it}] leaf {decision.leaf}", variables, tree,
-                          c.num_epochs_smalltree, phase_id=phase_id, parent=decision.leaf,
-                          indices=idx)
-  cursor = dict(cursor, iteration=it + 1, intermediate_done=False, not_expandable=not_expandable)
-  if it + 1 >= c.max_growth_iterations:
+  split = {"leaf": decision.leaf, "n_effective": int(decision.n_effective),
+           "num_indices": int(len(indices))}
+  return variables, tree, dict(cursor, phase="small_tree", split=split,
+                               not_expandable=not_expandable), indices
+
+
+def _after_small_tree(run: _Run, variables, tree: Tree, cursor: dict) -> dict:
+  """The cursor after a small tree: the next growth iteration, or pruning when enough leaves."""
+  c = run.config.stage1
+  it = cursor["iteration"] + 1
+  split = cursor["split"]
+  cursor = {k: v for k, v in cursor.items() if k != "split"}
+  cursor.update(phase="grow", iteration=it, intermediate_done=False)
+  if it >= c.max_growth_iterations:
     cursor["phase"] = "prune"
-  elif decision.n_effective + 1 == c.num_clusters_tree:
+  elif split["n_effective"] + 1 == c.num_clusters_tree:
     probs = predict_leaf_probs(run.model, variables, tree, run.train, c.eval_batch_size)
     if growing.effective_leaves(probs).sum() >= c.num_clusters_tree:
       cursor["phase"] = "prune"
-  return variables, tree, cursor
+  return cursor
 
 
 def _prune(run: _Run, variables, tree: Tree):
@@ -395,16 +447,43 @@ def _prune(run: _Run, variables, tree: Tree):
     logging.info("pruned leaf %d -> %s", leaf, tree)
 
 
-def train_and_export(config, workdir: str) -> dict:
+def _phase_abstract(run: _Run):
+  """Abstract arrays beside the variables in a checkpoint: the small tree's row indices and, for
+  a checkpoint inside a training phase, that phase's train state."""
+  cfg = _step_config(run)
+
+  def fn(meta: dict, tree: Tree, variables) -> dict:
+    cursor = meta["cursor"]
+    out = {}
+    if cursor["phase"] == "small_tree":
+      out["indices"] = jax.ShapeDtypeStruct((cursor["split"]["num_indices"],), jnp.int32)
+    if cursor.get("in_phase"):
+      trained = (split_variables(variables, tree, cursor["split"]["leaf"])
+                 if cursor["phase"] == "small_tree" else variables)
+      out["train_state"] = jax.eval_shape(lambda v: init_state(v, cfg), trained)
+    return out
+
+  return fn
+
+
+def train_and_export(config, workdir: str, stop: preemption.StopRequest | None = None) -> dict:
   """Runs (or resumes) stage 1 in ``workdir`` and writes the export, metrics and tree figure.
 
-  Resume order: the latest checkpoint in ``workdir/checkpoints``, else a fresh start.
+  Resume order: the newest readable checkpoint in ``workdir/checkpoints`` (refused if it was
+  written with another config or library version), else a fresh start.
+
+  Args:
+    config: the full config (``data``, ``treevae``, ``stage1`` are used).
+    workdir: the run directory.
+    stop: checked after every step; when set, a checkpoint of that step is written and
+      :class:`preemption.Preempted` raised (the launchers make one from SIGTERM/SIGINT).
 
   Returns:
     The final metrics (also written to ``workdir/stage1_metrics.json``).
   """
   c = config.stage1
   t_run = time.perf_counter()
+  validation.check_stage1(config)
   check_workdir(workdir)
   mesh = sharding.make_mesh()
   sharding.check_batch_size(c.batch_size // 2 if c.augment and "InfoNCE" in c.augmentation_method
@@ -413,51 +492,90 @@ def train_and_export(config, workdir: str) -> dict:
   test_arrays = data_lib.load_arrays(config.data, "test")
   data_lib.check_image_shape(train_arrays, config.data)
   model = make_model(config)
-  writer = MetricWriter(os.path.join(workdir, "tensorboard"))
-  run = _Run(config=config, model=model, train=train_arrays, test=test_arrays, writer=writer,
-             key=jax.random.key(c.seed), mesh=mesh)
   ckpts = ckpt_lib.Stage1Checkpoints(workdir, max_to_keep=c.checkpoints_to_keep)
+  run = _Run(config=config, model=model, train=train_arrays, test=test_arrays, writer=None,
+             key=jax.random.key(c.seed), mesh=mesh, ckpts=ckpts,
+             stop=stop if stop is not None else preemption.never())
   logging.info("data: %d train / %d test images of shape %s; devices: %d", len(train_arrays),
                len(test_arrays), train_arrays.images.shape[1:], jax.device_count())
 
-  restored = ckpts.restore(model)
+  restored = ckpts.restore(model, config, _phase_abstract(run))
+  phase_arrays = {}
   if restored is None:
     tree = initial_tree(config)
     variables = model.init(jax.random.fold_in(run.key, 999), tree)
     cursor = {"phase": "initial", "iteration": 0, "not_expandable": [], "phase_id": 0}
     step = 0
   else:
-    step, variables, tree, meta = restored
+    step, variables, tree, meta, phase_arrays = restored
     cursor = meta["cursor"]
     run.global_epoch = meta.get("global_epoch", 0)
-    logging.info("resumed from checkpoint %d: phase %s, iteration %d, tree %s", step,
-                 cursor["phase"], cursor["iteration"], tree)
+    where = (f"step {cursor['in_phase']['step']} of phase {cursor['phase']}"
+             if cursor.get("in_phase") else f"phase {cursor['phase']}")
+    logging.info("resumed from checkpoint %d: %s, iteration %d, tree %s", step, where,
+                 cursor["iteration"], tree)
+  run.writer = MetricWriter(os.path.join(workdir, "tensorboard"))
+  config_json = ckpt_lib.config_sections(config, ckpt_lib.STAGE1_SECTIONS)
 
-  def save(variables, tree, cursor):
+  def save(variables, tree, cursor, arrays=None) -> int:
     nonlocal step
     step += 1
-    ckpts.save(step, variables, tree, cursor, extra={"global_epoch": run.global_epoch})
+    ckpts.save(step, variables, tree, cursor, phase_arrays=arrays,
+               extra={"global_epoch": run.global_epoch, "config": config_json})
+    return step
 
   while cursor["phase"] != "done":
-    phase_id = cursor["phase_id"] + 1
-    cursor = dict(cursor, phase_id=phase_id)
-    if cursor["phase"] == "initial":
-      variables = train_phase(run, "initial", variables, tree, c.num_epochs, phase_id=phase_id)
+    resume_state = phase_arrays.get("train_state")
+    indices = phase_arrays.get("indices")
+    indices = None if indices is None else np.asarray(indices)
+    phase_arrays = {}
+    if resume_state is None:   # a new pass (a resumed one keeps its phase id)
+      cursor = dict(cursor, phase_id=cursor["phase_id"] + 1)
+    cursor.pop("in_phase", None)
+    phase_id, phase = cursor["phase_id"], cursor["phase"]
+
+    def save_in_phase(state, variables=variables, tree=tree, cursor=cursor, indices=indices):
+      arrays = {"train_state": state}
+      if indices is not None:
+        arrays["indices"] = indices
+      return save(variables, tree, dict(cursor, in_phase={"step": int(state.step)}), arrays)
+
+    train = functools.partial(train_phase, run, phase_id=phase_id, resume_state=resume_state,
+                              save_in_phase=save_in_phase)
+    if phase == "initial":
+      variables = train("initial", variables, tree, c.num_epochs)
       grow = c.grow and tree.depth < model.max_depth
       cursor["phase"] = "grow" if grow else "prune"
-    elif cursor["phase"] == "grow":
-      variables, tree, cursor = _grow_iteration(run, variables, tree, cursor, phase_id)
-    elif cursor["phase"] == "prune":
+    elif phase == "grow":
+      variables, tree, cursor, indices = _grow_decision(run, variables, tree, cursor, phase_id)
+    elif phase == "intermediate":
+      variables = train(f"intermediate[{cursor['iteration']}]", variables, tree,
+                        c.num_epochs_intermediate_fulltrain)
+      cursor.update(phase="grow", intermediate_done=True)
+    elif phase == "small_tree":
+      leaf = cursor["split"]["leaf"]
+      variables = train(f"small-tree[{cursor['iteration']}] leaf {leaf}", variables, tree,
+                        c.num_epochs_smalltree, parent=leaf, indices=indices)
+      cursor, indices = _after_small_tree(run, variables, tree, cursor), None
+    elif phase == "prune":
       if c.prune:
         variables, tree = _prune(run, variables, tree)
       cursor["phase"] = "finetune"
-    elif cursor["phase"] == "finetune":
+    elif phase == "finetune":
       n_ft = c.num_epochs_finetuning
-      variables = train_phase(run, "finetune", variables, tree, n_ft, phase_id=phase_id,
-                              decay_kl=max(0.01, 1.0 / max(1, n_ft - 1)))
+      variables = train("finetune", variables, tree, n_ft,
+                        decay_kl=max(0.01, 1.0 / max(1, n_ft - 1)))
       cursor["phase"] = "done"
-    save(variables, tree, cursor)
+    else:
+      raise ckpt_lib.CheckpointError(f"unknown stage-1 phase {phase!r} in checkpoint {step}")
+    saved = save(variables, tree, cursor, None if indices is None else {"indices": indices})
+    if indices is not None:
+      phase_arrays = {"indices": indices}
+    if cursor["phase"] != "done" and run.stop.requested():
+      raise preemption.Preempted(f"stopped by {run.stop.signal_name} after stage-1 phase {phase}; "
+                                 f"checkpoint {saved} saved in {ckpts.directory}")
   ckpts.close()
+  writer = run.writer
 
   metrics = final_metrics(run, variables, tree)
   metrics["wall_time_s"] = time.perf_counter() - t_run

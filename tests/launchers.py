@@ -1,0 +1,52 @@
+"""Running the launchers as subprocesses (shared by the end-to-end and error tests)."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, timeout=600, script="train_treevae.py", env=None):
+  """Runs ``launch/<script>`` with ``args``; returns the ``CompletedProcess`` (text output)."""
+  env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args],
+                        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def write_image_folder(folder, n=64):
+  """``n`` unlabelled 28x28 PNGs (real digits of mnist_5k's test split) in one flat folder."""
+  from PIL import Image
+  from configs import demo
+  from tree_diffusion import data
+  images = data.load_arrays(demo.get_config().data, "test").images[:n, :, :, 0]
+  folder.mkdir()
+  for i, im in enumerate(images):
+    Image.fromarray(im).save(folder / f"img_{i:03d}.png")
+
+
+def run_with_signals(*args, script, signals, timeout=600):
+  """Runs a launcher; ``signals`` is a list of ``(text, signal[, delay_s])``: each signal is sent
+  (``delay_s`` seconds) after a stderr line contains its text, in order. Returns ``(exit code,
+  stderr)``."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  p = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", script), *args],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                       cwd=ROOT)
+  watchdog = threading.Timer(timeout, p.kill)
+  watchdog.start()
+  lines, todo = [], list(signals)
+  try:
+    for line in p.stderr:
+      lines.append(line)
+      if todo and todo[0][0] in line:
+        _, sig, *delay = todo.pop(0)
+        time.sleep(delay[0] if delay else 0.0)
+        p.send_signal(sig)
+    rc = p.wait()
+  finally:
+    watchdog.cancel()
+  assert not todo, f"{script} never logged {todo[0][0]!r}; stderr:\n{''.join(lines)[-3000:]}"
+  return rc, "".join(lines)
