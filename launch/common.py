@@ -71,7 +71,10 @@ def _parse_flags(argv):
   except flags.Error as e:
     sys.exit(f"error: {_one_line(e)} (see --help)")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    sys.exit(f"error: bad --config override: {_one_line(e)}")
+    msg = _one_line(e)
+    while len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":   # str(KeyError) quotes
+      msg = msg[1:-1]
+    sys.exit(f"error: bad --config override: {msg}")
 
 
 def run(main):

@@ -135,7 +135,8 @@ def test_contrastive_terms_against_numpy():
 def test_leaf_probabilities_follow_bfs_order_on_a_pruned_tree():
   tree = Tree.root_only().grow(0).grow(1).grow(4).prune([3])  # leaves 2, 9, 10; 1 passthrough
   v = TINY.init(jax.random.key(0), tree)
-  out, _ = TINY.apply(v, tree, X, jax.random.key(1), train=False)
+  # Jitted: one compile each instead of hundreds of op-by-op dispatches.
+  out, _ = jax.jit(lambda v: TINY.apply(v, tree, X, jax.random.key(1), train=False))(v)
   probs = np.asarray(out["leaf_probs"], np.float64)
   np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
   # Independent composition: apply each q-router on its bottom-up level and multiply by hand.
@@ -156,8 +157,9 @@ def test_leaf_probabilities_follow_bfs_order_on_a_pruned_tree():
   pi0, pi4 = q(0, 0), q(4, 2)
   want = np.stack([1 - pi0, pi0 * pi4, pi0 * (1 - pi4)], 1)  # columns: leaves 2, 9, 10
   np.testing.assert_allclose(probs, want, rtol=1e-5)
-  np.testing.assert_allclose(TINY.leaf_probabilities(v, tree, X), want, rtol=1e-5)
-  gen = TINY.generate(v, tree, jax.random.key(2), 3)
+  np.testing.assert_allclose(jax.jit(lambda v: TINY.leaf_probabilities(v, tree, X))(v), want,
+                             rtol=1e-5)
+  gen = jax.jit(lambda v: TINY.generate(v, tree, jax.random.key(2), 3))(v)
   assert gen["images"].shape == (3, 3, 28, 28, 1)
   np.testing.assert_allclose(gen["leaf_probs"].sum(1), 1.0, rtol=1e-5)
 
