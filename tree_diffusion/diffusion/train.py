@@ -226,10 +226,9 @@ def train_and_save(config, workdir: str, stop: preemption.StopRequest | None = N
   cfg = StepConfig.from_config(c)
   mesh = sharding.make_mesh()
   sharding.check_batch_size(c.batch_size, mesh, setting="diffusion.batch_size")
-  path = ckpt_lib.resolve_export(export_path(config, workdir))
-  check_export(config, path, ckpt_lib.read_export_meta(path))
-  check_workdir(stage2_dir(workdir))
+  # The export's meta is checked against the config before its (small) variables are read.
   model, tvae_vars, tree, path, fingerprint, _ = load_stage1(config, workdir)
+  check_workdir(stage2_dir(workdir))
   model = dataclasses.replace(model, dtype=c.dtype)   # the frozen TreeVAE's forward in the step
   train = data_lib.load_arrays(config.data, "train")
   data_lib.check_image_shape(train, config.data)
