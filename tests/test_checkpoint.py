@@ -203,7 +203,7 @@ def test_a_checkpoint_of_another_config_or_version_is_refused(tmp_path):
   c = _stage2_config()
   _two_checkpoints(directory, {"config": checkpoint.config_sections(c, checkpoint.STAGE2_SECTIONS)})
   restore = lambda c: checkpoint.Stage2Checkpoints(str(directory)).restore_for_training(
-      ABSTRACT, c, lambda step, meta: None)
+      lambda: ABSTRACT, c, lambda step, meta: None)
   assert restore(c)[0] == 2
   c.diffusion.num_steps = 50            # only moves the end: resumable
   c.diffusion.log_every_steps = 7

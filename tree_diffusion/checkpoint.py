@@ -396,16 +396,18 @@ class Stage2Checkpoints(_Checkpoints):
                             f"({_short(out)})")
     return (step,) + out
 
-  def restore_for_training(self, abstract_state, config, check_meta: Callable[[int, dict], None]):
+  def restore_for_training(self, abstract_state: Callable[[], Any], config,
+                           check_meta: Callable[[int, dict], None]):
     """``(step, state, meta)`` of the newest readable checkpoint (falling back past unreadable
-    ones), refused if its config or version differs; ``None`` when there is none."""
+    ones), refused if its config or version differs; ``None`` when there is none.
+    ``abstract_state()`` gives the restore target (only called when there is a checkpoint)."""
     current = config_sections(config, STAGE2_SECTIONS)
 
     def check(step, meta):
       check_meta(step, meta)
       check_compatible(self.kind, step, self.directory, meta, current, STAGE2_RESUMABLE_CHANGES)
 
-    return self.restore_latest(lambda meta: _abstract_like(abstract_state), check)
+    return self.restore_latest(lambda meta: _abstract_like(abstract_state()), check)
 
 
 def _abstract_like(tree):

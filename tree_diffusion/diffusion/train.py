@@ -252,7 +252,7 @@ def train_and_save(config, workdir: str, stop: preemption.StopRequest | None = N
           f"(fingerprint {fingerprint}): use a new --workdir or point "
           f"--config.diffusion.treevae_export at the original export")
 
-  abstract = jax.tree_util.tree_map(
+  abstract = lambda: jax.tree_util.tree_map(   # traced only when there is a checkpoint
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
       abstract_state(denoiser, cfg, model, tree))
   restored = ckpts.restore_for_training(abstract, config, check_same_export)
