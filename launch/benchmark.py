@@ -7,7 +7,9 @@
 
 Inputs are random arrays of the config's image shape (no dataset needed). Each line gives
 images/s, XLA's FLOPs per image, achieved TFLOP/s and utilisation against the chip's peak
-(``--peak_tflops`` or the spec sheet of a known chip), compile time and memory.
+(``--peak_tflops``, the spec sheet of a known chip, or on a CPU the rate of a 2048² matmul measured
+in the same process: float32, and bfloat16 where the CPU has bf16 units), compile time and memory;
+on a CPU also its model and the instruction-set flags that matter.
 ``--estimate_end_to_end`` measures every part at the config's batch sizes and adds a line with
 the hours a whole paper row would take (stage 1 schedule, stage 2 steps, sampling, FID features),
 next to the reference code's hours from its measured rates where known.
@@ -35,7 +37,7 @@ _TREE_DEPTH = flags.DEFINE_integer("tree_depth", 3, "Depth of the complete bench
 _TREE = flags.DEFINE_list("tree", None, "Node ids (heap numbering: children of i are 2i+1, 2i+2) "
                           "of any benchmark tree, e.g. 0,1,2,4,9,10; overrides --tree_depth.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device (default: the spec "
-                           "sheet of a known chip; none on CPU).")
+                           "sheet of a known chip; on a CPU a matmul measured at start).")
 _INCEPTION = flags.DEFINE_string("inception_weights", "", "FID Inception weights (default: the "
                                  "usual lookup; random weights of the same shape if none).")
 _E2E = flags.DEFINE_bool("estimate_end_to_end", False, "Measure every part at the config's "
@@ -49,7 +51,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
-  common.setup()
+  common.setup(compilation_cache=False)   # compile times are part of the measurement
   common.check_config(_CONFIG.value)
   import jax  # pylint: disable=g-import-not-at-top
   from tree_diffusion import benchmark, sharding  # pylint: disable=g-import-not-at-top
@@ -67,8 +69,14 @@ def main(argv):
       nodes = tuple(int(n) for n in _TREE.value)
     except ValueError:
       raise ConfigError(f"--tree needs integer node ids, got {','.join(_TREE.value)}") from None
-  setup = benchmark.Setup(config, sharding.make_mesh(), _DTYPE.value, _TREE_DEPTH.value,
-                          _STEPS.value, _WARMUP.value, nodes)
+  mesh = sharding.make_mesh()
+  peaks = {}
+  if mesh.devices.flat[0].platform == "cpu" and not _PEAK.value:
+    peaks = benchmark.cpu_peaks(mesh)
+    logging.info("CPU %s: measured matmul peak %s", benchmark.cpu_info()["model"],
+                 ", ".join(f"{k} {v * 1e3:.0f} GFLOP/s" for k, v in peaks.items()))
+  setup = benchmark.Setup(config, mesh, _DTYPE.value, _TREE_DEPTH.value, _STEPS.value,
+                          _WARMUP.value, nodes, peaks)
   out = open(_OUTPUT.value, "a") if _OUTPUT.value else None
 
   def emit(line: str):

@@ -17,9 +17,49 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (with --distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", None,
+    "Directory of JAX's persistent compilation cache, so that a re-run or a resume compiles "
+    "nothing it compiled before; 'none' turns it off. Default: $TREE_DIFFUSION_COMPILATION_CACHE, "
+    "else $JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/tree_diffusion/jax (~/.cache/…).")
 
 
-def setup():
+def compilation_cache_dir(default_on: bool = True) -> str | None:
+  """The persistent compilation cache directory of this run (None: off)."""
+  d = _CACHE.value
+  if d is None and not default_on:
+    return None
+  if d is None:
+    d = os.environ.get("TREE_DIFFUSION_COMPILATION_CACHE") or os.environ.get(
+        "JAX_COMPILATION_CACHE_DIR")
+  if d is None:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    d = os.path.join(base, "tree_diffusion", "jax")
+  return None if d.strip().lower() in ("", "none", "off") else os.path.abspath(d)
+
+
+def _use_compilation_cache(default_on: bool):
+  import jax  # pylint: disable=g-import-not-at-top
+  d = compilation_cache_dir(default_on)
+  if d is None:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return
+  try:
+    os.makedirs(d, exist_ok=True)
+  except OSError as e:
+    logging.warning("compilation cache %s cannot be created (%s): compiling without it", d, e)
+    return
+  jax.config.update("jax_compilation_cache_dir", d)
+  # Every program: a tree change brings a dozen step programs of 20-60 s each on a CPU, and the
+  # small ones (samplers, metrics) add up; an entry is written once.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  logging.info("compilation cache: %s (--compilation_cache=none turns it off)", d)
+
+
+def setup(compilation_cache: bool = True):
+  """``compilation_cache``: use the persistent cache unless ``--compilation_cache=none`` (False:
+  only when the flag names a directory, as the benchmark does to time real compiles)."""
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=g-import-not-at-top
     # CPU processes (tests, debugging) need a collectives backend; GPUs and TPUs have their own.
@@ -31,6 +71,7 @@ def setup():
     tf.config.set_visible_devices([], "GPU")
   except ImportError:
     pass
+  _use_compilation_cache(compilation_cache)
   import jax  # pylint: disable=g-import-not-at-top
   logging.info("process %d/%d, %d devices (%d local, %s)", jax.process_index(),
                jax.process_count(), jax.device_count(), jax.local_device_count(),

@@ -57,3 +57,37 @@ def test_launcher_rejects_an_unknown_part_in_one_line():
   assert r.returncode == 1
   assert r.stderr.strip().splitlines()[-1] == (
       "error: unknown part(s) unet; use --parts with some of treevae,diffusion,sampler,inception")
+
+
+def test_cpu_utilisation_is_against_the_measured_peak_of_the_whole_process():
+  """CPU devices (``--xla_force_host_platform_device_count``) share the cores that the one
+  measured matmul used: the peak is not multiplied by the device count."""
+  m = benchmark.Measurement(part="x", batch=32, steps=3, seconds_per_step=2.0, compile_s=1.0,
+                            flops_per_image=8e9, flops_source="xla", device="cpu",
+                            num_devices=2, dtype="float32", peak_tflops=0.2)
+  assert m.tflops == pytest.approx(0.128)            # 8 GFLOP x 16 images/s
+  assert m.utilisation == pytest.approx(0.64)
+
+
+def test_measured_peaks_fill_in_where_no_spec_sheet_is_known():
+  import jax
+  from tree_diffusion import sharding
+  mesh = sharding.make_mesh()
+  assert benchmark.measure_matmul_tflops(mesh, "float32", n=64, repeats=2) > 0
+  for dtype, peaks, want in [("float32", {"float32": 0.2}, 0.2),
+                             ("bfloat16", {"float32": 0.2}, 0.2),     # no bf16 units
+                             ("bfloat16", {"float32": 0.2, "bfloat16": 0.8}, 0.8)]:
+    setup = benchmark.Setup(None, mesh, dtype, measured_peaks=peaks)
+    m = setup.measurement("x", 32, 2.0, 1.0, 32 * 8e9, "xla")
+    assert m.peak_tflops == want
+    assert m.utilisation == pytest.approx(0.128 / want)
+    assert m.extra["utilisation_vs_fp32_peak"] == pytest.approx(0.64)
+    assert m.extra["peak_source"] == "measured matmul"
+    assert set(m.extra["cpu"]["flags"]) <= set(benchmark.CPU_FLAGS)
+  assert jax.devices()[0].platform == "cpu"
+
+
+def test_native_bf16_from_the_cpu_flags():
+  assert benchmark.native_bf16({"model": "x", "flags": ["avx2", "avx512_bf16"]})
+  assert benchmark.native_bf16({"model": "x", "flags": ["amx_bf16"]})
+  assert not benchmark.native_bf16({"model": "x", "flags": ["avx2", "avx512f"]})

@@ -36,6 +36,51 @@ def test_conv2d_rows_matches_lax(h, cin, cout, k, s, p, transpose):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def _lax_conv(x, w, s, p, transpose):
+  if transpose:  # PyTorch ConvTranspose2d(padding=p) on the dilated input, no kernel flip
+    k = w.shape[0]
+    return jax.lax.conv_transpose(x, w, (s, s), [(k - 1 - p, k - 1 - p)] * 2,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.lax.conv_general_dilated(x, w, (s, s), [(p, p)] * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# Every convolution of the cnn1 networks of configs/mnist.py (encoder channels 1-11-21-32, decoder
+# 16-11-6-1) and configs/demo.py (1-6-11-16, 8-5-3-1), and the 3x3 convolutions on their 2x2
+# maps: (h, cin, cout, k, stride, transpose).
+_CNN1_LAYERS = [
+    (28, 1, 11, 12, 1, False), (19, 11, 21, 12, 1, False), (10, 21, 32, 7, 5, False),  # encoder
+    (2, 16, 11, 7, 5, True), (10, 11, 6, 12, 1, True), (19, 6, 1, 12, 1, True),        # decoder
+    (28, 1, 6, 12, 1, False), (19, 6, 11, 12, 1, False), (10, 11, 16, 7, 5, False),    # demo
+    (2, 8, 5, 7, 5, True), (10, 5, 3, 12, 1, True), (19, 3, 1, 12, 1, True),
+    (2, 32, 32, 3, 1, False), (2, 16, 1, 3, 1, False)]                                  # maps
+
+
+@pytest.mark.parametrize("h,cin,cout,k,s,transpose", _CNN1_LAYERS)
+def test_dense_and_row_convolutions_match_lax_in_value_and_gradient(h, cin, cout, k, s, transpose):
+  """conv2d_dense and conv2d_rows (the forms RowConv picks from) against lax, forward and both
+  gradients, on the shapes the configs use."""
+  x = jax.random.normal(jax.random.key(0), (3, h, h, cin))
+  w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) / np.sqrt(k * k * cin)
+  ref = _lax_conv(x, w, s, 1, transpose)
+  cot = jax.random.normal(jax.random.key(2), ref.shape)
+  want_dx, want_dw = jax.vjp(lambda a, b: _lax_conv(a, b, s, 1, transpose), x, w)[1](cot)
+  for conv in (networks.conv2d_dense, networks.conv2d_rows):
+    got, vjp = jax.vjp(lambda a, b, conv=conv: conv(a, b, s, 1, transpose), x, w)
+    got_dx, got_dw = vjp(cot)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=conv.__name__)
+    np.testing.assert_allclose(got_dx, want_dx, rtol=1e-4, atol=1e-4, err_msg=conv.__name__)
+    np.testing.assert_allclose(got_dw, want_dw, rtol=1e-4, atol=2e-4, err_msg=conv.__name__)
+
+
+def test_row_conv_picks_the_dense_form_for_the_decoders():
+  """Dense where it does at most DENSE_FLOP_RATIO x the banded FLOPs: every decoder layer and the
+  2x2 maps of the mnist model, the wide-kernel encoder layer on 28x28 images stays banded."""
+  pick = lambda h, cin, cout, k, s, t: networks._dense_is_cheaper((1, h, h, cin), k, cout, s, 1, t)
+  assert [pick(*layer) for layer in _CNN1_LAYERS[:6]] == [False, True, True, True, True, True]
+  assert pick(2, 32, 32, 3, 1, False)
+
+
 def test_cnn1_shapes_follow_the_reference():
   # Encoder 28→19→10→2 with kernels 12/12/7; decoder 2→10→19→28 (treevae.md §8.2).
   enc = networks.Cnn1Encoder(28, 1, 32, 2)

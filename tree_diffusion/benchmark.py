@@ -60,6 +60,60 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
   return None
 
 
+# CPU flags (``/proc/cpuinfo``) that decide which kernels run fast; reported with CPU figures.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile",
+             "amx_bf16")
+
+
+def cpu_info() -> dict:
+  """``{"model": …, "flags": [...]}`` of this machine's CPU (Linux; empty elsewhere)."""
+  model, flags = "", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+          model = value.strip()
+        elif key == "flags" and not flags:
+          flags = set(value.split())
+  except OSError:
+    pass
+  return {"model": model, "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def native_bf16(info: dict) -> bool:
+  """Whether the CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX)."""
+  return bool({"avx512_bf16", "amx_bf16"} & set(info["flags"]))
+
+
+def measure_matmul_tflops(mesh, dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+  """TFLOP/s of an ``n × n`` matmul on one device of ``mesh`` (best of ``repeats`` after a warm-up).
+
+  On a CPU this is the practical peak of the process (all its cores run one matmul): the
+  reference for utilisation, since CPUs have no spec-sheet figure that XLA can reach.
+  """
+  dev = mesh.devices.flat[0]
+  a = jax.device_put(jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (n, n)), dtype), dev)
+  fn = jax.jit(lambda x, y: x @ y)
+  fn(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best / 1e12
+
+
+def cpu_peaks(mesh) -> dict:
+  """Measured matmul peaks of this CPU: ``float32``, and ``bfloat16`` where it has bf16 units."""
+  info = cpu_info()
+  peaks = {"float32": measure_matmul_tflops(mesh, "float32")}
+  if native_bf16(info):
+    peaks["bfloat16"] = measure_matmul_tflops(mesh, "bfloat16")
+  return peaks
+
+
 # ------------------------------------------------------------------------------------ timing
 
 
@@ -93,10 +147,11 @@ class Measurement:
 
   @property
   def utilisation(self) -> float | None:
-    """Achieved / peak FLOP/s of all devices together."""
+    """Achieved / peak FLOP/s of all devices together (on a CPU the measured peak of the whole
+    process: CPU devices share its cores)."""
     if self.tflops is None or not self.peak_tflops:
       return None
-    return self.tflops / (self.peak_tflops * self.num_devices)
+    return self.tflops / (self.peak_tflops * (1 if self.device == "cpu" else self.num_devices))
 
   def to_dict(self) -> dict:
     d = {"part": self.part, "images_per_s": round(self.images_per_s, 2),
@@ -183,16 +238,28 @@ class Setup:
   steps: int = 20
   warmup: int = 2
   tree_nodes: tuple[int, ...] | None = None   # any tree (heap node ids); overrides tree_depth
+  # Measured matmul TFLOP/s per dtype (CPU: see cpu_peaks); used where no spec sheet is known.
+  measured_peaks: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def measurement(self, part: str, batch: int, seconds: float, compile_s: float,
                   flops: float | None, source: str, compiled=None, **extra) -> Measurement:
     dev = self.mesh.devices.flat[0]
+    peak = peak_tflops(dev.device_kind, self.dtype)
+    if peak is None and self.measured_peaks:
+      # A CPU without bf16 units runs bf16 no faster than float32: its float32 peak is the limit.
+      peak = self.measured_peaks.get(self.dtype, self.measured_peaks.get("float32"))
+      extra = dict(extra, peak_source="measured matmul", measured_peak_tflops={
+          k: round(v, 4) for k, v in self.measured_peaks.items()})
+      if "float32" in self.measured_peaks and flops:
+        extra["utilisation_vs_fp32_peak"] = round(
+            flops / seconds / 1e12 / self.measured_peaks["float32"], 4)
+    if dev.platform == "cpu":
+      extra = dict(extra, cpu=cpu_info())
     return Measurement(
         part=part, batch=batch, steps=self.steps, seconds_per_step=seconds, compile_s=compile_s,
         flops_per_image=None if flops is None else flops / batch, flops_source=source,
         device=dev.device_kind, num_devices=self.mesh.devices.size, dtype=self.dtype,
-        peak_tflops=peak_tflops(dev.device_kind, self.dtype),
-        peak_memory_bytes=device_peak_memory(),
+        peak_tflops=peak, peak_memory_bytes=device_peak_memory(),
         compiled_memory_bytes=None if compiled is None else compiled_memory(compiled), extra=extra)
 
 
@@ -319,7 +386,7 @@ def inception_batch(setup: Setup, batch: int, weights: str | None = None) -> Mea
     source = "random"
   ext = inception.FeatureExtractor(params, setup.mesh, batch_size=batch)
   images = _images(setup, ext.batch_size, uint8=True)
-  fn = jax.jit(ext.features)
+  fn = jax.jit(ext.features, compiler_options=ext.compiler_options)
   compiled, compile_s = compile_fn(fn, ext.params, images)
   seconds, _ = time_calls(lambda c: (c, compiled(ext.params, images)), None, setup.steps,
                           setup.warmup)

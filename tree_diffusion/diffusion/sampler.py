@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from tree_diffusion import sharding
+from tree_diffusion import sharding, xla_options
 from tree_diffusion.diffusion import frozen, schedule
 from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_condition,
                                                    null_condition)
@@ -169,7 +169,8 @@ class Sampler:
     rep, data = sharding.replicated(self.mesh), sharding.data_sharded(self.mesh)
     self._data = data
     self.fn = jax.jit(self._batch, in_shardings=(rep, rep, rep, data, data, data),
-                      out_shardings=data)
+                      out_shardings=data,
+                      compiler_options=xla_options.conv_net(xla_options.mesh_platform(self.mesh)))
 
   @property
   def all_leaves(self) -> bool:

@@ -9,7 +9,6 @@ and the EMA update all happen inside one jitted step that donates the train stat
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import os
@@ -25,7 +24,7 @@ from absl import logging
 
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
-from tree_diffusion import preemption, sharding, validation
+from tree_diffusion import preemption, sharding, validation, xla_options
 from tree_diffusion.diffusion import frozen, schedule
 from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_condition,
                                                    make_denoiser)
@@ -115,7 +114,7 @@ def diffusion_loss(params, denoiser: Denoiser, cfg: StepConfig, x0, cond, t, eps
   return jnp.mean(err ** 2) if cfg.loss == "l2" else jnp.mean(jnp.abs(err))
 
 
-@functools.partial(jax.jit, static_argnames=("denoiser", "model", "tree", "cfg"), donate_argnums=0)
+@xla_options.conv_net_jit(static_argnames=("denoiser", "model", "tree", "cfg"), donate_argnums=0)
 def train_step(state: DiffusionState, tvae_vars, images: jax.Array, key: jax.Array, *,
                denoiser: Denoiser, model: TreeVAE, tree: Tree, cfg: StepConfig):
   """One optimiser step on a batch of images in [0, 1]; returns ``(state, metrics)``."""

@@ -41,7 +41,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding
 
-from tree_diffusion import sharding
+from tree_diffusion import sharding, xla_options
 
 SIZE = 299
 FEATURES = 2048
@@ -801,7 +801,9 @@ class FeatureExtractor:
     rep, self._data = sharding.replicated(self.mesh), sharding.data_sharded(self.mesh)
     self.params = jax.device_put(params, rep)
     self.traces = 0
-    self._net = jax.jit(self._forward, in_shardings=(rep, self._data), out_shardings=self._data)
+    self.compiler_options = xla_options.conv_net(xla_options.mesh_platform(self.mesh))
+    self._net = jax.jit(self._forward, in_shardings=(rep, self._data), out_shardings=self._data,
+                        compiler_options=self.compiler_options)
     self._prep = jax.jit(preprocess, in_shardings=self._data, out_shardings=self._data)
 
   def features(self, params: Params, images: jax.Array) -> jax.Array:
