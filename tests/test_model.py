@@ -79,6 +79,12 @@ def test_row_conv_picks_the_dense_form_for_the_decoders():
   pick = lambda h, cin, cout, k, s, t: networks._dense_is_cheaper((1, h, h, cin), k, cout, s, 1, t)
   assert [pick(*layer) for layer in _CNN1_LAYERS[:6]] == [False, True, True, True, True, True]
   assert pick(2, 32, 32, 3, 1, False)
+  # On the CPU (these tests' backend) RowConv runs the dense form there: a gather builds M.
+  conv = networks.RowConv(6, 12, 1, 1, transpose=True)
+  x = jnp.zeros((2, 10, 10, 11))
+  v = conv.init(jax.random.key(0), x)
+  prims = {str(e.primitive) for e in jax.make_jaxpr(lambda v: conv.apply(v, x))(v).jaxpr.eqns}
+  assert "gather" in prims
 
 
 def test_cnn1_shapes_follow_the_reference():

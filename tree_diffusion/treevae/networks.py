@@ -173,9 +173,11 @@ def _dense_is_cheaper(shape, k: int, cout: int, stride: int, pad: int, transpose
 
 
 class RowConv(nn.Module):
-  """Conv / transposed conv (PyTorch padding semantics) as matmuls: :func:`conv2d_dense` where it
-  costs at most ``DENSE_FLOP_RATIO`` × the FLOPs of :func:`conv2d_rows`, else the banded form.
-  Same parameters and the same result either way (to float32 rounding)."""
+  """Conv / transposed conv (PyTorch padding semantics) as matmuls: on a CPU :func:`conv2d_dense`
+  where it costs at most ``DENSE_FLOP_RATIO`` × the FLOPs of :func:`conv2d_rows`, otherwise (and
+  on GPUs and TPUs, whose programs stay as they were measured) the banded form. Same parameters
+  and the same result either way, to float32 rounding. The platform is the default backend's,
+  read when the module is traced."""
   features: int
   kernel: int
   stride: int = 1
@@ -187,8 +189,9 @@ class RowConv(nn.Module):
   def __call__(self, x):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (self.kernel, self.kernel, x.shape[-1], self.features))
-    conv = conv2d_dense if _dense_is_cheaper(x.shape, self.kernel, self.features, self.stride,
-                                             self.padding, self.transpose) else conv2d_rows
+    dense = jax.default_backend() == "cpu" and _dense_is_cheaper(
+        x.shape, self.kernel, self.features, self.stride, self.padding, self.transpose)
+    conv = conv2d_dense if dense else conv2d_rows
     y = conv(x, kernel, self.stride, self.padding, self.transpose)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,))
