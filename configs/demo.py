@@ -4,13 +4,14 @@
                                     #   launch/sample.py with --config=configs/demo.py
                                     #   --workdir=runs/demo
 
-Sized for a 2-core CPU: stage 1 about 10 minutes, stage 2 about 12, sampling about 3 (compiles
-included). Stage-1 deviations from ``configs/mnist.py`` (the reference's MNIST settings), all for
-time: half the channels (latent 8, bottom-up 16), batch 128 (twice the updates per epoch), about
-6% of the reference's epochs (4,000 images instead of 60,000 make each epoch 15× shorter), KL
-warm-up ×10 faster (0.01 per epoch), no intermediate full-tree training (each full-tree phase on
-a new tree costs a compile), no test-set ELBO at the end. Measured on 2 CPU cores: 10 leaves,
-test NMI 0.642, leaf purity 0.639, 9 min 26 s (README). Stage-2 deviations are listed below.
+Sized for a 2-core CPU: stage 1 about 3½ minutes, stage 2 about 5, sampling about 1½ on an AMD
+EPYC (compiles included; less with the compilation cache warm). Stage-1 deviations from
+``configs/mnist.py`` (the reference's MNIST settings), all for time: half the channels (latent 8,
+bottom-up 16), batch 128 (twice the updates per epoch), about 6% of the reference's epochs (4,000
+images instead of 60,000 make each epoch 15× shorter), KL warm-up ×10 faster (0.01 per epoch), no
+intermediate full-tree training (each full-tree phase on a new tree costs a compile), no test-set
+ELBO at the end. Measured on 2 CPU cores: 10 leaves, test NMI 0.570, leaf purity 0.586, 3 min 20 s
+(README; tree growth differs between CPUs). Stage-2 deviations are listed below.
 """
 
 from configs import common
