@@ -776,10 +776,10 @@ class FeatureExtractor:
   """pool3 features of uint8 images, in fixed-size batches sharded over the mesh axis ``"data"``.
 
   Two jitted functions: ``network`` on preprocessed ``[B, 299, 299, 3]`` batches (params
-  replicated), compiled once whatever the input image size (with :mod:`~tree_diffusion.
-  xla_options` for its platform, so it is called on its own, not inside another ``jit``), and the
-  cheap ``prep`` (``uint8 [B, H, W, C]`` → float), compiled once per input shape. The last partial batch is
-  padded to the batch size and the padding dropped. ``traces`` counts network traces.
+  replicated), compiled once whatever the input image size, with the platform's
+  :mod:`tree_diffusion.xla_options` (so it runs on its own, not inside another ``jit``); and the
+  cheap ``prep`` (``uint8 [B, H, W, C]`` → float), compiled once per input shape. The last partial
+  batch is padded to the batch size and the padding dropped. ``traces`` counts network traces.
 
   ``micro_batch``: each device runs its share of a batch through the network in sequential chunks
   of this many images (``lax.map``). XLA:CPU convolutions slow down with the batch size, so on CPU
@@ -803,8 +803,8 @@ class FeatureExtractor:
     self.params = jax.device_put(params, rep)
     self.traces = 0
     self.compiler_options = xla_options.conv_net(xla_options.mesh_platform(self.mesh))
-    self.network = jax.jit(self._forward, in_shardings=(rep, self._data), out_shardings=self._data,
-                        compiler_options=self.compiler_options)
+    self.network = jax.jit(self._forward, in_shardings=(rep, self._data),
+                           out_shardings=self._data, compiler_options=self.compiler_options)
     self.prep = jax.jit(preprocess, in_shardings=self._data, out_shardings=self._data)
 
   def features(self, params: Params, images: jax.Array) -> jax.Array:

@@ -139,18 +139,17 @@ def conv2d_rows(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
   """
   b, h, w, c = x.shape
   k, _, _, cout = kernel.shape
+  h_out, w_out = _out_size(h, k, stride, pad, transpose), _out_size(w, k, stride, pad, transpose)
   if transpose:
-    h_out, w_out = (h - 1) * stride - 2 * pad + k, (w - 1) * stride - 2 * pad + k
     if stride > 1:  # dilate the rows; the width is handled by the Toeplitz matrix
       x = jnp.zeros((b, (h - 1) * stride + 1, w, c), x.dtype).at[:, ::stride].set(x)
     x = jnp.pad(x, ((0, 0), (k - 1 - pad, k - 1 - pad), (0, 0), (0, 0)))
     row_stride = 1
   else:
-    h_out, w_out = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     x = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0)))
     row_stride = stride
-  placement = jnp.asarray(_row_placement(k, w, w_out, stride, pad, transpose), kernel.dtype)
-  toeplitz = jnp.einsum("ydio,dab->yaibo", kernel, placement).reshape(k * w * c, w_out * cout)
+  toeplitz = _width_toeplitz(kernel, w, w_out, stride, pad, transpose).reshape(
+      k * w * c, w_out * cout)
   x = x.reshape(b, x.shape[1], w * c)
   bands = jnp.stack([x[:, dy:dy + row_stride * (h_out - 1) + 1:row_stride] for dy in range(k)],
                     axis=2)  # [B, H_out, k, W*C]
