@@ -7,7 +7,9 @@ on one core. Letting YNNPACK take elementwise ops and reductions too
 MNIST UNet train step ran 1.2× faster, the 96-step sampler 1.4× and Inception 1.4×. The TreeVAE's
 programs (many small vmapped per-node ops) ran 0.75× as fast with it, so they keep the defaults.
 The options are passed per program (``jax.jit(compiler_options=…)``) and only when the program is
-compiled for a CPU: GPU and TPU programs are compiled exactly as before.
+compiled for a CPU: GPU and TPU programs are compiled exactly as before. JAX accepts compiler
+options on the outermost ``jit`` only, so on a CPU the stage-2 ``train_step``, ``Sampler.fn`` and
+``FeatureExtractor.network`` are called directly, not from inside another ``jax.jit``.
 """
 
 from __future__ import annotations
