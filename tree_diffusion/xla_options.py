@@ -1,8 +1,8 @@
 """XLA compiler options chosen per platform for the convolutional networks' programs.
 
 On a CPU, XLA (jaxlib 0.10) hands convolutions and matmuls to YNNPACK but compiles elementwise
-work (GroupNorm, SiLU, the AdaGN scale-shift, residual adds, the DDIM update) into loops that run
-on one core. Letting YNNPACK take elementwise ops and reductions too
+work (GroupNorm, SiLU, the AdaGN scale-shift, residual adds, the DDIM update) into its own loops,
+which it does not split over the cores. Letting YNNPACK take elementwise ops and reductions too
 (``xla_cpu_experimental_ynn_fusion_type``) spreads them over all cores: on a 2-core AMD EPYC the
 MNIST UNet train step ran 1.2× faster, the 96-step sampler 1.4× and Inception 1.4×. The TreeVAE's
 programs (many small vmapped per-node ops) ran 0.75× as fast with it, so they keep the defaults.
