@@ -70,13 +70,15 @@ def main(argv):
     except ValueError:
       raise ConfigError(f"--tree needs integer node ids, got {','.join(_TREE.value)}") from None
   mesh = sharding.make_mesh()
-  peaks = {}
-  if mesh.devices.flat[0].platform == "cpu" and not _PEAK.value:
-    peaks = benchmark.cpu_peaks(mesh)
-    logging.info("CPU %s: measured matmul peak %s", benchmark.cpu_info()["model"],
-                 ", ".join(f"{k} {v * 1e3:.0f} GFLOP/s" for k, v in peaks.items()))
+  cpu, peaks = None, {}
+  if mesh.devices.flat[0].platform == "cpu":
+    cpu = benchmark.cpu_info()
+    if not _PEAK.value:
+      peaks = benchmark.cpu_peaks(mesh, cpu)
+      logging.info("CPU %s: measured matmul peak %s", cpu["model"],
+                   ", ".join(f"{k} {v * 1e3:.0f} GFLOP/s" for k, v in peaks.items()))
   setup = benchmark.Setup(config, mesh, _DTYPE.value, _TREE_DEPTH.value, _STEPS.value,
-                          _WARMUP.value, nodes, peaks)
+                          _WARMUP.value, nodes, peaks, cpu)
   out = open(_OUTPUT.value, "a") if _OUTPUT.value else None
 
   def emit(line: str):

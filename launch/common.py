@@ -27,14 +27,13 @@ _CACHE = flags.DEFINE_string(
 def compilation_cache_dir(default_on: bool = True) -> str | None:
   """The persistent compilation cache directory of this run (None: off)."""
   d = _CACHE.value
-  if d is None and not default_on:
-    return None
   if d is None:
-    d = os.environ.get("TREE_DIFFUSION_COMPILATION_CACHE") or os.environ.get(
-        "JAX_COMPILATION_CACHE_DIR")
-  if d is None:
+    if not default_on:
+      return None
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    d = os.path.join(base, "tree_diffusion", "jax")
+    d = (os.environ.get("TREE_DIFFUSION_COMPILATION_CACHE")
+         or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+         or os.path.join(base, "tree_diffusion", "jax"))
   return None if d.strip().lower() in ("", "none", "off") else os.path.abspath(d)
 
 

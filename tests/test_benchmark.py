@@ -77,7 +77,7 @@ def test_measured_peaks_fill_in_where_no_spec_sheet_is_known():
   for dtype, peaks, want in [("float32", {"float32": 0.2}, 0.2),
                              ("bfloat16", {"float32": 0.2}, 0.2),     # no bf16 units
                              ("bfloat16", {"float32": 0.2, "bfloat16": 0.8}, 0.8)]:
-    setup = benchmark.Setup(None, mesh, dtype, measured_peaks=peaks)
+    setup = benchmark.Setup(None, mesh, dtype, measured_peaks=peaks, cpu=benchmark.cpu_info())
     m = setup.measurement("x", 32, 2.0, 1.0, 32 * 8e9, "xla")
     assert m.peak_tflops == want
     assert m.utilisation == pytest.approx(0.128 / want)

@@ -105,9 +105,9 @@ def measure_matmul_tflops(mesh, dtype: str = "float32", n: int = 2048, repeats: 
   return 2.0 * n ** 3 / best / 1e12
 
 
-def cpu_peaks(mesh) -> dict:
-  """Measured matmul peaks of this CPU: ``float32``, and ``bfloat16`` where it has bf16 units."""
-  info = cpu_info()
+def cpu_peaks(mesh, info: dict) -> dict:
+  """Measured matmul peaks of this CPU (``info``: :func:`cpu_info`): ``float32``, and
+  ``bfloat16`` where it has bf16 units."""
   peaks = {"float32": measure_matmul_tflops(mesh, "float32")}
   if native_bf16(info):
     peaks["bfloat16"] = measure_matmul_tflops(mesh, "bfloat16")
@@ -240,6 +240,7 @@ class Setup:
   tree_nodes: tuple[int, ...] | None = None   # any tree (heap node ids); overrides tree_depth
   # Measured matmul TFLOP/s per dtype (CPU: see cpu_peaks); used where no spec sheet is known.
   measured_peaks: dict[str, float] = dataclasses.field(default_factory=dict)
+  cpu: dict | None = None   # cpu_info() of a CPU run, reported with every measurement
 
   def measurement(self, part: str, batch: int, seconds: float, compile_s: float,
                   flops: float | None, source: str, compiled=None, **extra) -> Measurement:
@@ -253,8 +254,8 @@ class Setup:
       if "float32" in self.measured_peaks and flops:
         extra["utilisation_vs_fp32_peak"] = round(
             flops / seconds / 1e12 / self.measured_peaks["float32"], 4)
-    if dev.platform == "cpu":
-      extra = dict(extra, cpu=cpu_info())
+    if self.cpu is not None:
+      extra = dict(extra, cpu=self.cpu)
     return Measurement(
         part=part, batch=batch, steps=self.steps, seconds_per_step=seconds, compile_s=compile_s,
         flops_per_image=None if flops is None else flops / batch, flops_source=source,

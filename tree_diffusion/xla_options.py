@@ -30,8 +30,9 @@ def conv_net(platform: str) -> dict[str, Any] | None:
   return dict(CONV_NET_CPU) if platform == "cpu" else None
 
 
-def mesh_platform(mesh) -> str:
-  return mesh.devices.flat[0].platform
+def conv_net_for_mesh(mesh) -> dict[str, Any] | None:
+  """:func:`conv_net` for the platform of ``mesh``'s devices."""
+  return conv_net(mesh.devices.flat[0].platform)
 
 
 class ConvNetJit:
@@ -59,12 +60,6 @@ class ConvNetJit:
 
   def lower(self, *args, **kwargs):
     return self._for_backend().lower(*args, **kwargs)
-
-  def trace(self, *args, **kwargs):
-    return self._for_backend().trace(*args, **kwargs)
-
-  def eval_shape(self, *args, **kwargs):
-    return self._for_backend().eval_shape(*args, **kwargs)
 
 
 def conv_net_jit(**jit_kwargs) -> Callable[[Callable], ConvNetJit]:

@@ -170,7 +170,7 @@ class Sampler:
     self._data = data
     self.fn = jax.jit(self._batch, in_shardings=(rep, rep, rep, data, data, data),
                       out_shardings=data,
-                      compiler_options=xla_options.conv_net(xla_options.mesh_platform(self.mesh)))
+                      compiler_options=xla_options.conv_net_for_mesh(self.mesh))
 
   @property
   def all_leaves(self) -> bool:

@@ -17,6 +17,9 @@ Weights (:func:`load_inception_params`) are read without torch from a TorchScrip
 ``pt_inception-2015-12-05-6726825d.pth`` (``torch.save`` of a state dict, zip or legacy format),
 and converted once to ``$XDG_CACHE_HOME/tree_diffusion/inception_fid_2015_12_05.npz``. Nothing is
 downloaded: pytorch-fid publishes no checksum of its ``.pth`` that could be verified here.
+
+One module, long because the network, its preprocessing, the reading of both torch file formats
+and the sharded feature extractor together are one job (FID features) that nothing else shares.
 """
 
 from __future__ import annotations
@@ -802,9 +805,9 @@ class FeatureExtractor:
     rep, self._data = sharding.replicated(self.mesh), sharding.data_sharded(self.mesh)
     self.params = jax.device_put(params, rep)
     self.traces = 0
-    self.compiler_options = xla_options.conv_net(xla_options.mesh_platform(self.mesh))
     self.network = jax.jit(self._forward, in_shardings=(rep, self._data),
-                           out_shardings=self._data, compiler_options=self.compiler_options)
+                           out_shardings=self._data,
+                           compiler_options=xla_options.conv_net_for_mesh(self.mesh))
     self.prep = jax.jit(preprocess, in_shardings=self._data, out_shardings=self._data)
 
   def features(self, params: Params, images: jax.Array) -> jax.Array:
