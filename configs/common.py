@@ -54,6 +54,9 @@ def base() -> ml_collections.ConfigDict:
           ch=64, ch_mults=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), num_heads=8,
           dropout=0.1, norm_groups=32)),
       T=1000, beta_1=1e-4, beta_T=0.02,
+      schedule="linear",            # linear (the reference) | cosine (beta_1, beta_T unused)
+      prediction="eps",             # what the UNet outputs: eps (the reference) | x0 | v
+      center_data=False,            # run the chain on 2x - 1 in [-1, 1] (the reference: x in [0, 1])
       loss="l2", lr=2e-4, warmup_steps=5000, grad_clip=1.0, ema_decay=0.9999,
       cfg_drop_rate=0.0,            # classifier-free guidance: per-sample condition dropout
       seed=0, batch_size=256, num_epochs=1000,

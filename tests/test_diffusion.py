@@ -184,7 +184,7 @@ def test_unet_zero_initialised_convs(tiny):
 def test_train_step_warmup_starts_at_zero_and_ema_follows(tiny):
   model, tvae_vars, x = tiny
   den = make_denoiser("image+path", TINY_UNET)
-  cfg = train_lib.StepConfig(warmup_steps=4, lr=1e-2, ema_decay=0.9, T=1000)
+  cfg = train_lib.StepConfig(warmup_steps=4, lr=1e-2, ema_decay=0.9)
   state = train_lib.init_state(den, cfg, jax.random.key(0),
                                train_lib.example_condition(den, model, UNBALANCED), (28, 28, 1))
   init = jax.device_get(state.params)

@@ -1,6 +1,7 @@
 """Evaluation plumbing: checkpoint selection, settings validation, the CSV rows and the report,
 the histogram row of the tree figure."""
 
+import json
 import ml_collections
 import numpy as np
 import pytest
@@ -47,7 +48,9 @@ def _metrics():
       "checkpoints": {
           "10": {"modes": {"sample": {"fid": 5.0}, "recons": {"fid": 4.0},
                            "sample_all_leaves": {"purity": {"thresholds": {
-                               "0.5": purity(0.8, 9), "0.9": purity(0.9, 3)}}}}},
+                               "0.5": purity(0.8, 9), "0.9": purity(0.9, 3)}},
+                               "purity_treevae": {"thresholds": {
+                                   "0.5": purity(0.6, 9), "0.9": purity(0.7, 3)}}}}},
           "2": {"modes": {"sample": {"fid": 7.0}}}}}
 
 
@@ -63,7 +66,8 @@ def test_csv_rows_and_report(tmp_path):
   config = demo.get_config("tiny")
   evaluate.write_report(str(tmp_path / "r.md"), _metrics(), config)
   text = (tmp_path / "r.md").read_text()
-  assert "| 10 | 4.00 | 5.00 | 0.800 (9) | 0.900 (3) |" in text
+  assert "| 10 | 4.00 | 5.00 | 0.800 (9) | 0.900 (3) | 0.600 | 0.700 |" in text
+  assert rows[1]["treevae_majority_p0.5"] == 0.6 and rows[0]["treevae_majority_p0.9"] is None
   assert "MNIST TreeDiffusion (this conditioning) | 1.5 ± 0.0 | 1.8 ± 0.1" in text
   config.data.name = "folder"
   evaluate.write_report(str(tmp_path / "r2.md"), _metrics(), config)
@@ -78,3 +82,27 @@ def test_histogram_images():
   assert (blue, orange) == (round(0.25 * 8), round(0.75 * 8))
   assert np.allclose(img[0, 0, 8, 4], (0.95, 0.55, 0.1))            # majority class in orange
   assert np.all(img[1, 0, :9] == 1.0)                               # nothing kept: blank
+
+
+def test_run_summary_table(tmp_path):
+  from tree_diffusion.eval import summary
+  write = lambda rel, obj: ((tmp_path / rel).parent.mkdir(parents=True, exist_ok=True),
+                            (tmp_path / rel).write_text(json.dumps(obj)))
+  write("stage1_metrics.json", {"test": {"num_leaves": 3, "nmi": 0.61234, "leaf_purity": 0.6},
+                                "kmeans_pixels": {"nmi": 0.48, "leaf_purity": 0.55},
+                                "wall_time_s": 200.0})
+  write("diffusion/train_summary.json", {"wall_time_s": 301.0})
+  write("diffusion/samples/summary.json", {"modes": {"sample": {"wall_time_s": 10.0},
+                                                     "recons": {"wall_time_s": 5.0}}})
+  m = _metrics()
+  m["stage1"]["wall_time_s"] = 50.0
+  m["checkpoints"]["10"]["wall_time_s"] = 70.0
+  write("eval/metrics.json", m)
+  text = summary.summary_table(str(tmp_path), {"stage1": 230})
+  rows = [line for line in text.splitlines() if line.startswith("| ")]
+  assert rows[1] == "| k-means on pixels | 0.480 | 0.550 | – | – | – | – |"
+  # The latest checkpoint (10, not 2); stage 1's time from `times`, the rest as recorded.
+  assert rows[2] == "| TreeVAE (3 leaves) | 0.612 | 0.600 | 30.0 | 20.0 | 0.600 (9 kept) | 3 min 50 s |"
+  assert rows[3] == ("| diffusion on the TreeVAE's paths (step 10) | – | – | 5.0 | 4.0 | "
+                     "0.800 (9 kept) | 5 min 01 s |")
+  assert "sampling and figures 15 s, evaluation 2 min 00 s; 11 min 06 s in all." in text

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tree_diffusion.diffusion import schedule
+from tree_diffusion.diffusion import process, schedule
 from tree_diffusion.diffusion.ddim import ddim_step, normal_like
 from tree_diffusion.diffusion.ddpm import ddpm_step
 
@@ -123,3 +123,63 @@ def test_ddpm_step_matches_numpy():
     mean = (b * np.sqrt(a_prev) / (1 - a)) * x0 + (np.sqrt(1 - b) * (1 - a_prev) / (1 - a)) * x
     want = mean + (0.0 if k == 0 else np.sqrt(var[k]) * noise)
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+
+
+# ----------------------------------------------------------- process: schedule, target, range
+
+def test_cosine_schedule_is_the_closed_form():
+  ab = process.cosine_alpha_bars(1000)
+  f = lambda t: np.cos((t / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2
+  t = np.arange(1, 1001, dtype=np.float64)
+  # β is capped at 0.999 only at the very end; before that ᾱ_t = f(t) / f(0) exactly.
+  np.testing.assert_allclose(ab[:990], f(t[:990]) / f(0.0), rtol=1e-12)
+  assert np.all(np.diff(ab) < 0) and 0 < ab[-1] < 1e-6
+  assert process.Process(schedule="cosine").alpha_bar()[500] == pytest.approx(f(501.0) / f(0.0))
+
+
+@pytest.mark.parametrize("prediction", process.PREDICTIONS)
+def test_targets_invert_to_x0_and_eps(prediction):
+  rng = np.random.default_rng(0)
+  x0 = rng.uniform(-1, 1, (3, 4))
+  eps = rng.normal(size=(3, 4))
+  a = np.array([[0.9999], [0.3], [0.002]])
+  x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * eps
+  # The targets written out by hand (v: Salimans & Ho 2022).
+  want = {"eps": eps, "x0": x0, "v": np.sqrt(a) * eps - np.sqrt(1 - a) * x0}[prediction]
+  p = process.Process(prediction=prediction)
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  np.testing.assert_allclose(np.asarray(p.target(f32(x0), f32(eps), f32(a))), want, rtol=1e-5,
+                             atol=1e-6)
+  got_x0, got_eps = p.x0_and_eps(f32(want), f32(x_t), f32(a), clip=False)
+  np.testing.assert_allclose(np.asarray(got_x0), x0, atol=2e-4)
+  np.testing.assert_allclose(np.asarray(got_eps), eps, atol=2e-3 if prediction == "x0" else 2e-4)
+
+
+@pytest.mark.parametrize("prediction,centered,kind", [
+    ("eps", False, "linear"), ("x0", True, "linear"), ("v", True, "cosine"), ("v", False, "linear")])
+def test_chain_with_an_oracle_denoiser_returns_the_data_point(prediction, centered, kind):
+  """For data that is one image, the ideal network output is known in closed form at every
+  (x_t, t); DDIM driven by it must end at that image, in [0, 1], whatever the process."""
+  from tree_diffusion.diffusion import sampler as sampler_lib
+  p = process.Process(schedule=kind, prediction=prediction, center_data=centered)
+  image = np.random.default_rng(1).uniform(0, 1, (2, 5, 5, 1))
+  x_star = 2 * image - 1 if centered else image            # the point in the chain's space
+  ab = p.alpha_bar()
+
+  def oracle(x_t, t):
+    a = jnp.asarray(ab, jnp.float32)[t][:, None, None, None]
+    eps = (x_t - jnp.sqrt(a) * x_star) / jnp.sqrt(1 - a)
+    return p.target(jnp.asarray(x_star, jnp.float32), eps, a)
+
+  cfg = sampler_lib.SamplerConfig(process=p, steps=20, spacing="quad")
+  x_T = jax.random.normal(jax.random.key(0), image.shape)
+  out = jax.jit(lambda x: p.decode(sampler_lib.reverse_chain(oracle, x, cfg, None)))(x_T)
+  np.testing.assert_allclose(np.asarray(out), image, atol=1e-3)
+
+
+def test_unknown_schedule_and_prediction_name_the_setting():
+  from tree_diffusion.errors import ConfigError
+  with pytest.raises(ConfigError, match="diffusion.schedule"):
+    process.Process(schedule="sigmoid")
+  with pytest.raises(ConfigError, match="diffusion.prediction"):
+    process.Process(prediction="score")

@@ -30,7 +30,8 @@ def predict_x0(x_t: jax.Array, eps: jax.Array, alpha_bar_t, clip: bool = True) -
 
 
 def ddim_step(x_t: jax.Array, eps: jax.Array, alpha_bar_t, alpha_bar_prev, eta=0.0,
-              key: jax.Array | None = None, *, clip: bool = True) -> jax.Array:
+              key: jax.Array | None = None, *, clip: bool = True,
+              x0: jax.Array | None = None) -> jax.Array:
   """``x_{t'}`` from ``x_t`` and the predicted noise ``eps`` (DDIM eq. 12).
 
   ``x' = sqrt(ᾱ') x̃0 + sqrt(1 − ᾱ' − σ²) ε̂ + σ ξ`` with
@@ -46,8 +47,11 @@ def ddim_step(x_t: jax.Array, eps: jax.Array, alpha_bar_t, alpha_bar_prev, eta=0
     eta: 0 for DDIM, 1 for the DDPM-like variance.
     key: one key or one per example (see :func:`normal_like`); needed when ``eta > 0``.
     clip: clip ``x̃0`` to [−1, 1].
+    x0: ``x̃0`` when the caller has it already (other prediction targets,
+      :meth:`~tree_diffusion.diffusion.process.Process.x0_and_eps`); ``clip`` is then unused.
   """
-  x0 = predict_x0(x_t, eps, alpha_bar_t, clip)
+  if x0 is None:
+    x0 = predict_x0(x_t, eps, alpha_bar_t, clip)
   sigma = eta * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)) * jnp.sqrt(
       1.0 - alpha_bar_t / alpha_bar_prev)
   x = jnp.sqrt(alpha_bar_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma ** 2, 0.0)) * eps

@@ -9,7 +9,8 @@ from tree_diffusion.diffusion.ddim import normal_like, predict_x0
 
 
 def ddpm_step(x_t: jax.Array, eps: jax.Array, alpha_bar_t, coef_x0, coef_xt, variance,
-              key: jax.Array, *, last, clip: bool = True) -> jax.Array:
+              key: jax.Array, *, last, clip: bool = True,
+              x0: jax.Array | None = None) -> jax.Array:
   """``x_{t−1} ~ N(μ, v)`` with ``μ = c1 x̃0 + c2 x_t`` and ``x̃0`` from ``eps`` (clipped).
 
   Args:
@@ -22,8 +23,10 @@ def ddpm_step(x_t: jax.Array, eps: jax.Array, alpha_bar_t, coef_x0, coef_xt, var
     key: one key or one per example (:func:`~tree_diffusion.diffusion.ddim.normal_like`).
     last: True at the final step (``t = 0``), where no noise is added.
     clip: clip ``x̃0`` to [−1, 1].
+    x0: ``x̃0`` when the caller has it already (``eps`` is then unused, ``clip`` too).
   """
-  x0 = predict_x0(x_t, eps, alpha_bar_t, clip)
+  if x0 is None:
+    x0 = predict_x0(x_t, eps, alpha_bar_t, clip)
   mean = coef_x0 * x0 + coef_xt * x_t
   noise = jnp.sqrt(variance) * normal_like(key, x_t)
   return mean + jnp.where(last, 0.0, 1.0) * noise

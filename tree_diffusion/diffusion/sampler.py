@@ -36,6 +36,7 @@ from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_co
                                                    null_condition)
 from tree_diffusion.diffusion.ddim import ddim_step, normal_like
 from tree_diffusion.diffusion.ddpm import ddpm_step
+from tree_diffusion.diffusion.process import Process
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
@@ -47,9 +48,7 @@ METHODS = ("ddim", "ddpm")
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   """The chain (hashable). Defaults are the reference's: DDIM, 100 ``quad`` steps (96 distinct), η 0."""
-  T: int = 1000
-  beta_1: float = 1e-4
-  beta_T: float = 0.02
+  process: Process = Process()
   method: str = "ddim"
   steps: int = 100
   spacing: str = "quad"
@@ -73,21 +72,21 @@ class SamplerConfig:
 
   @classmethod
   def from_config(cls, c) -> "SamplerConfig":
-    """From the config's ``diffusion`` section (schedule) and ``diffusion.sampling``."""
+    """From the config's ``diffusion`` section (the process) and ``diffusion.sampling``."""
     s = c.sampling
-    return cls(T=c.T, beta_1=c.beta_1, beta_T=c.beta_T, method=s.method, steps=s.steps,
+    return cls(process=Process.from_config(c), method=s.method, steps=s.steps,
                spacing=s.spacing, eta=s.eta, variance=s.ddpm_variance,
                guidance_weight=s.guidance_weight)
 
   def alpha_bar(self) -> np.ndarray:
     """``ᾱ_t`` of the full chain (float64 ``[T]``)."""
-    return schedule.alpha_bars(schedule.linear_betas(self.T, self.beta_1, self.beta_T))
+    return self.process.alpha_bar()
 
   def respaced(self) -> schedule.Respaced:
     try:
-      tau = schedule.spaced_timesteps(self.T, self.steps, self.spacing)
+      tau = schedule.spaced_timesteps(self.process.T, self.steps, self.spacing)
     except ValueError as e:
-      raise ConfigError(str(e)) from None
+      raise ConfigError(f"{e} (--config.diffusion.sampling.steps)") from None
     return schedule.respace(self.alpha_bar(), tau)
 
 
@@ -96,7 +95,8 @@ def reverse_chain(eps_fn, x_T: jax.Array, cfg: SamplerConfig, keys: jax.Array | 
   """Runs the reverse chain from ``x_T`` with one ``lax.scan`` over the respaced steps.
 
   Args:
-    eps_fn: ``(x_t, t) -> ε̂`` with ``t`` int ``[B]`` (original step indices).
+    eps_fn: ``(x_t, t) -> `` the network's output (ε̂, x̃0 or v̂: ``cfg.process.prediction``) with
+      ``t`` int ``[B]`` (original step indices).
     x_T: the start ``[B, …]``.
     cfg: the chain.
     keys: one key per example (``[B]``) for the stochastic samplers; step ``k`` uses
@@ -120,13 +120,14 @@ def reverse_chain(eps_fn, x_T: jax.Array, cfg: SamplerConfig, keys: jax.Array | 
 
   def body(u, s):
     x = u if shift is None else u + shift
-    eps = eps_fn(x, jnp.full((b,), s["t"], jnp.int32))
+    pred = eps_fn(x, jnp.full((b,), s["t"], jnp.int32))
+    x0, eps = cfg.process.x0_and_eps(pred, u, s["a"], cfg.clip)
     step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, s["k"]) if stochastic else None
     if cfg.method == "ddim":
-      u = ddim_step(u, eps, s["a"], s["a_prev"], cfg.eta, step_keys, clip=cfg.clip)
+      u = ddim_step(u, eps, s["a"], s["a_prev"], cfg.eta, step_keys, x0=x0)
     else:
       u = ddpm_step(u, eps, s["a"], s["c1"], s["c2"], s["var"], step_keys, last=s["k"] == 0,
-                    clip=cfg.clip)
+                    x0=x0)
     return u, None
 
   u, _ = jax.lax.scan(body, x_T, xs)
@@ -194,14 +195,15 @@ class Sampler:
     if not self.all_leaves:
       logits = jnp.log(jnp.maximum(probs, 1e-30))
       leaves = jax.vmap(jax.random.categorical)(sub(1), logits).astype(jnp.int32)
-    cond = make_condition(cond_kind, self.tables, z_all, leaves, leaf_images)
+    proc = self.cfg.process
     vae_image = leaf_images[leaves, jnp.arange(leaves.shape[0])]
+    cond = make_condition(cond_kind, self.tables, z_all, leaves, proc.encode(leaf_images))
     shape = (ids.shape[0],) + self.model.image_shape
     noise = normal_like(sub(2), jnp.zeros(shape, jnp.float32))
     if not self.from_prior:
-      start = images
+      start = proc.encode(images)
     elif self.all_leaves and cond_kind.image is not None:
-      start = vae_image
+      start = proc.encode(vae_image)
     else:
       start = None
     if start is None:
@@ -211,7 +213,7 @@ class Sampler:
       x_T = math.sqrt(ab) * start + math.sqrt(1.0 - ab) * noise
     eps_fn = guided_eps(self.denoiser, params, cond, self.cfg.guidance_weight)
     x0 = reverse_chain(eps_fn, x_T, self.cfg, sub(3), shift=cond["image"] if cond_kind.form2 else None)
-    return dict(image=x0, vae_image=vae_image, leaf=leaves, leaf_probs=probs)
+    return dict(image=proc.decode(x0), vae_image=vae_image, leaf=leaves, leaf_probs=probs)
 
   def inputs(self, ids, leaves=None, images=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(ids, leaves, images)`` of at most ``batch_size`` entries, padded, on the mesh."""

@@ -2,7 +2,7 @@
 
 Each step runs the frozen TreeVAE on the batch (posterior samples, q-router leaf probabilities),
 draws one leaf per sample from those probabilities, builds the condition, noises the images at a
-uniform ``t`` and regresses ε (L2, or L1). Adam with a linear warm-up from 0, global-norm clipping
+uniform ``t`` and regresses ε (L2, or L1; or x0 or v, see ``process.py``). Adam with a linear warm-up from 0, global-norm clipping
 and the EMA update all happen inside one jitted step that donates the train state.
 """
 
@@ -25,9 +25,10 @@ from absl import logging
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
 from tree_diffusion import preemption, sharding, validation, xla_options
-from tree_diffusion.diffusion import frozen, schedule
+from tree_diffusion.diffusion import frozen
 from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_condition,
                                                    make_denoiser)
+from tree_diffusion.diffusion.process import Process
 from tree_diffusion.errors import ConfigError, TrainingDivergedError
 from tree_diffusion.runs import check_workdir, format_eta
 from tree_diffusion.tree import Tree
@@ -49,9 +50,7 @@ class DiffusionState:
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """Static settings of the train step (hashable)."""
-  T: int = 1000
-  beta_1: float = 1e-4
-  beta_T: float = 0.02
+  process: Process = Process()
   loss: str = "l2"
   lr: float = 2e-4
   warmup_steps: int = 5000
@@ -65,12 +64,9 @@ class StepConfig:
       raise ConfigError(f"unknown diffusion loss {c.loss!r}; use one of {LOSSES}")
     if not 0.0 <= c.cfg_drop_rate < 1.0:
       raise ConfigError(f"diffusion.cfg_drop_rate must be in [0, 1), got {c.cfg_drop_rate}")
-    return cls(T=c.T, beta_1=c.beta_1, beta_T=c.beta_T, loss=c.loss, lr=c.lr,
+    return cls(process=Process.from_config(c), loss=c.loss, lr=c.lr,
                warmup_steps=c.warmup_steps, grad_clip=c.grad_clip, ema_decay=c.ema_decay,
                cfg_drop_rate=c.cfg_drop_rate)
-
-  def alpha_bar(self) -> np.ndarray:
-    return schedule.alpha_bars(schedule.linear_betas(self.T, self.beta_1, self.beta_T))
 
 
 def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
@@ -102,15 +98,16 @@ def example_condition(denoiser: Denoiser, model: TreeVAE, tree: Tree) -> dict:
 
 
 def diffusion_loss(params, denoiser: Denoiser, cfg: StepConfig, x0, cond, t, eps, dropout_key):
-  """Mean over all elements of ``|ε − ε̂|²`` (or ``|·|``) at ``x_t = sqrt(ᾱ_t) x0 + sqrt(1−ᾱ_t) ε``
-  (+ the image condition for form2)."""
-  ab = jnp.asarray(cfg.alpha_bar(), jnp.float32)[t][:, None, None, None]
+  """Mean over all elements of ``|y − ŷ|²`` (or ``|·|``) at ``x_t = sqrt(ᾱ_t) x0 + sqrt(1−ᾱ_t) ε``
+  (+ the image condition for form2), ``y`` the process's target (ε, x0 or v); ``x0`` and the
+  image condition are already in the chain's space (:meth:`Process.encode`)."""
+  ab = jnp.asarray(cfg.process.alpha_bar(), jnp.float32)[t][:, None, None, None]
   x_t = jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * eps
   if denoiser.conditioning.form2:
     x_t = x_t + cond["image"]
   pred = denoiser.apply({"params": params}, x_t, t, cond, train=True,
                         rngs={"dropout": dropout_key})
-  err = pred - eps
+  err = pred - cfg.process.target(x0, eps, ab)
   return jnp.mean(err ** 2) if cfg.loss == "l2" else jnp.mean(jnp.abs(err))
 
 
@@ -121,15 +118,18 @@ def train_step(state: DiffusionState, tvae_vars, images: jax.Array, key: jax.Arr
   b = images.shape[0]
   keys = jax.random.split(jax.random.fold_in(key, state.step), 6)
   cond_kind = denoiser.conditioning
+  proc = cfg.process
   z_all, probs, leaf_images = frozen.posterior(model, tree, tvae_vars, images, keys[0],
                                                decode=cond_kind.image is not None)
+  if leaf_images is not None:
+    leaf_images = proc.encode(leaf_images)
   leaf = jax.random.categorical(keys[1], jnp.log(jnp.maximum(probs, 1e-30))).astype(jnp.int32)
   keep = (jax.random.uniform(keys[2], (b,)) >= cfg.cfg_drop_rate) if cfg.cfg_drop_rate else None
   cond = make_condition(cond_kind, PathTables.from_tree(tree), z_all, leaf, leaf_images, keep)
-  t = jax.random.randint(keys[3], (b,), 0, cfg.T)
+  t = jax.random.randint(keys[3], (b,), 0, proc.T)
   eps = jax.random.normal(keys[4], images.shape, jnp.float32)
-  loss, grads = jax.value_and_grad(diffusion_loss)(state.params, denoiser, cfg, images, cond, t,
-                                                   eps, keys[5])
+  loss, grads = jax.value_and_grad(diffusion_loss)(state.params, denoiser, cfg, proc.encode(images),
+                                                   cond, t, eps, keys[5])
   updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   d = cfg.ema_decay

@@ -378,9 +378,17 @@ class Evaluator:
                 leaf_labels=[str(n) for n in stage2.tree.leaves],
                 title=f"{config.data.name}, step {stage2.step}: classes of samples with "
                       f"p(leaf) ≥ {t:g}")
-          first = m["purity"]["thresholds"][str(float(config.classifier.thresholds[0]))]
-          self.log(f"step {stage2.step}: weighted majority fraction "
-                   f"{first['weighted_majority_fraction']} at p ≥ {first['threshold']}")
+          # The TreeVAE's own decodings of the same prior samples through the same leaves, kept
+          # by the same leaf probabilities: the column the diffusion model is compared with.
+          m["purity_treevae"] = classifier_lib.leaf_purity_report(
+              classifier, generate.to_uint8(res["vae_image"]), res["leaf_probs"],
+              config.classifier.thresholds, s.batch_size, mesh=self.mesh)
+          m["purity_treevae"].pop("predicted")
+          t0_ = str(float(config.classifier.thresholds[0]))
+          first, tvae = (m[k]["thresholds"][t0_] for k in ("purity", "purity_treevae"))
+          self.log(f"step {stage2.step}: weighted majority fraction at p ≥ {first['threshold']}: "
+                   f"diffusion {first['weighted_majority_fraction']}, TreeVAE "
+                   f"{tvae['weighted_majority_fraction']} ({first['total_kept']} kept)")
         self._tree_figure(config, stage2, test, test_probs, res, m.get("purity"),
                           os.path.join(out_dir, "tree.png"))
       out["modes"][mode] = m
@@ -516,7 +524,7 @@ def _get(d: dict, *path, default=None):
 
 
 CSV_COLUMNS = ("step", "fid_gen", "fid_rec", "majority_p0.5", "majority_p0.9", "kept_p0.5",
-               "kept_p0.9", "treevae_fid_gen", "treevae_fid_rec", "nmi", "accuracy", "leaf_purity",
+               "kept_p0.9", "treevae_majority_p0.5", "treevae_majority_p0.9", "treevae_fid_gen", "treevae_fid_rec", "nmi", "accuracy", "leaf_purity",
                "dendrogram_purity", "test_log_likelihood", "num_leaves")
 
 
@@ -538,6 +546,8 @@ def csv_rows(metrics: dict) -> list[dict]:
       th = _get(c, "modes", "sample_all_leaves", "purity", "thresholds", t) or {}
       row[f"majority_p{t}"] = th.get("weighted_majority_fraction")
       row[f"kept_p{t}"] = th.get("total_kept")
+      tv = _get(c, "modes", "sample_all_leaves", "purity_treevae", "thresholds", t) or {}
+      row[f"treevae_majority_p{t}"] = tv.get("weighted_majority_fraction")
     rows.append(row)
   if not rows:
     rows.append({"step": None, **common})
@@ -587,14 +597,17 @@ def write_report(path: str, metrics: dict, config) -> None:
     lines += [f"The dataset's own FID(train, test) ({data['num_train']} vs {data['num_test']} "
               f"real images): {format_value(data['fid_train_vs_test'])}.", ""]
   lines += ["## Stage 2 checkpoints", "",
-            "| step | FID (rec) | FID (gen) | majority fraction p≥0.5 (kept) | p≥0.9 (kept) |",
-            "|---|---|---|---|---|"]
+            "| step | FID (rec) | FID (gen) | majority fraction p≥0.5 (kept) | p≥0.9 (kept) | "
+            "TreeVAE, same samples: p≥0.5 | p≥0.9 |",
+            "|---|---|---|---|---|---|---|"]
   for row in csv_rows(metrics):
     if row["step"] is None:
       continue
     lines.append(f"| {row['step']} | {format_value(row['fid_rec'])} | {format_value(row['fid_gen'])} | "
                  f"{format_value(row['majority_p0.5'], 3)} ({format_value(row['kept_p0.5'])}) | "
-                 f"{format_value(row['majority_p0.9'], 3)} ({format_value(row['kept_p0.9'])}) |")
+                 f"{format_value(row['majority_p0.9'], 3)} ({format_value(row['kept_p0.9'])}) | "
+                 f"{format_value(row['treevae_majority_p0.5'], 3)} | "
+                 f"{format_value(row['treevae_majority_p0.9'], 3)} |")
   clf = metrics.get("classifier")
   if clf:
     lines += ["", f"Purity classifier: test accuracy {format_value(clf.get('test_accuracy'), 4)}."]

@@ -1,0 +1,51 @@
+"""Prints one table for a run directory and writes it to WORKDIR/summary.md.
+
+    python launch/summarize.py --workdir=runs/demo
+    python launch/summarize.py --workdir=runs/demo --times=stage1=230,stage2=300
+
+Clustering (test NMI and leaf purity, against k-means on pixels), FID of generations and
+reconstructions and the purity of generations for the TreeVAE and the diffusion model (from
+launch/evaluate.py's latest checkpoint), and the wall time of each step: --times (seconds, as
+./demo.sh measures around each command) or else the times the launchers recorded.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+
+from launch import common  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
+_TIMES = flags.DEFINE_list("times", [], "step=seconds pairs (stage1, stage2, sampling, evaluation).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  del argv
+  from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.eval import summary  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(os.path.join(_WORKDIR.value, "stage1_metrics.json")):
+    raise ConfigError(f"{_WORKDIR.value} has no stage1_metrics.json: run launch/train_treevae.py "
+                      f"with this --workdir first")
+  times = {}
+  for item in _TIMES.value:
+    k, _, v = item.partition("=")
+    try:
+      if k not in summary.STEPS:
+        raise ValueError
+      times[k] = float(v)
+    except ValueError:
+      raise ConfigError(f"--times takes step=seconds with a step among {', '.join(summary.STEPS)}, "
+                        f"got {item!r}") from None
+  text = summary.summary_table(_WORKDIR.value, times)
+  path = os.path.join(_WORKDIR.value, "summary.md")
+  with open(path, "w") as f:
+    f.write(text)
+  print(text + f"\n-> {path}")
+
+
+if __name__ == "__main__":
+  common.run(main)
