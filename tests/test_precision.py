@@ -79,7 +79,7 @@ def test_denoiser_bf16_loss_matches_float32_and_state_stays_float32():
   init = lambda den: train2.init_state(den, cfg, jax.random.key(1),
                                        train2.example_condition(den, MODEL, TREE), MODEL.image_shape)
   params = _random_params(jax.eval_shape(lambda: init(den32)).params, 0.05, 3)
-  t = jax.random.randint(keys[2], (b,), 0, cfg.T)
+  t = jax.random.randint(keys[2], (b,), 0, cfg.process.T)
   eps = jax.random.normal(keys[3], (b, 28, 28, 1))
   loss = lambda den: float(jax.jit(lambda p: train2.diffusion_loss(
       p, den, cfg, _images(), cond, t, eps, jax.random.key(0)))(params))
