@@ -12,8 +12,8 @@ instead of 60,000 make each epoch 15x shorter), KL warm-up 5x faster (0.005 per 
 learning-rate step after 20 epochs instead of 100 (both keep the reference's proportions within a
 phase), no intermediate full-tree training (each full-tree phase on a new tree costs a compile),
 no test-set ELBO at the end. Most of stage 1's time is compilation, so epochs are cheap: 30
-initial, 15 per small tree and 30 of fine-tuning gave test NMI 0.61-0.64 over five seeds where
-12/7/10 epochs gave 0.57 (README). Stage-2 deviations are listed below.
+initial, 15 per small tree and 30 of fine-tuning gave test NMI 0.63-0.71 over five seeds (median
+0.645) where 12/7/10 epochs gave 0.57 for seed 42 (README). Stage-2 deviations are listed below.
 """
 
 from configs import common
@@ -42,7 +42,8 @@ def get_config(arg=None):
   # predicts the clean image x0 on data centred to [-1, 1] instead of the noise ε on [0, 1]: after
   # so few steps an ε-model leaves salt-and-pepper noise on every background (the low-noise end of
   # the chain is not learned; FID 182 against the TreeVAE's 130, and v-prediction with a cosine
-  # schedule was no better), an x0-model draws clean digits (FID 59). README: the comparison.
+  # schedule was no better), an x0-model draws clean digits (FID 59 on the same export; 52 against
+  # the TreeVAE's 81 in the demo as shipped). README: the comparison.
   d = c.diffusion
   d.prediction = "x0"
   d.center_data = True
