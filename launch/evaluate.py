@@ -39,7 +39,7 @@ def main(argv):
   common.setup()
   common.check_config(_CONFIG.value)
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from tree_diffusion.eval import evaluate  # after setup()
+  from tree_diffusion.eval import evaluate, report  # after setup()
   settings = evaluate.Settings.from_config(_CONFIG.value, _MODES.value)
   for workdir in _WORKDIR.value:
     if not os.path.isdir(workdir):
@@ -48,11 +48,11 @@ def main(argv):
   ev = evaluate.Evaluator(settings, log=logging.info)
   for workdir in _WORKDIR.value:
     metrics = ev.run(_CONFIG.value, workdir, _CHECKPOINTS.value, _FORCE.value, _DATA_FID.value)
-    rows = evaluate.csv_rows(metrics)
+    rows = report.csv_rows(metrics)
     print(f"{workdir}: {len(metrics.get('checkpoints', {}))} checkpoint(s) evaluated -> "
           f"{os.path.join(workdir, 'eval', 'report.md')}")
     for row in rows:
-      print("  " + ", ".join(f"{k}={evaluate.format_value(v, 3)}" for k, v in row.items()
+      print("  " + ", ".join(f"{k}={report.format_value(v, 3)}" for k, v in row.items()
                              if v is not None))
 
 

@@ -26,7 +26,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
-  from tree_diffusion.eval import summary  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.eval import report  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(os.path.join(_WORKDIR.value, "stage1_metrics.json")):
     raise ConfigError(f"{_WORKDIR.value} has no stage1_metrics.json: run launch/train_treevae.py "
                       f"with this --workdir first")
@@ -34,13 +34,13 @@ def main(argv):
   for item in _TIMES.value:
     k, _, v = item.partition("=")
     try:
-      if k not in summary.STEPS:
+      if k not in report.STEPS:
         raise ValueError
       times[k] = float(v)
     except ValueError:
-      raise ConfigError(f"--times takes step=seconds with a step among {', '.join(summary.STEPS)}, "
+      raise ConfigError(f"--times takes step=seconds with a step among {', '.join(report.STEPS)}, "
                         f"got {item!r}") from None
-  text = summary.summary_table(_WORKDIR.value, times)
+  text = report.summary_table(_WORKDIR.value, times)
   path = os.path.join(_WORKDIR.value, "summary.md")
   with open(path, "w") as f:
     f.write(text)

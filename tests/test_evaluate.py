@@ -8,7 +8,7 @@ import pytest
 
 from configs import demo
 from tree_diffusion.errors import ConfigError
-from tree_diffusion.eval import evaluate
+from tree_diffusion.eval import evaluate, report
 
 
 def test_select_steps():
@@ -55,22 +55,22 @@ def _metrics():
 
 
 def test_csv_rows_and_report(tmp_path):
-  rows = evaluate.csv_rows(_metrics())
+  rows = report.csv_rows(_metrics())
   assert [r["step"] for r in rows] == [2, 10]                      # numeric order
   assert rows[1]["fid_gen"] == 5.0 and rows[1]["fid_rec"] == 4.0
   assert rows[1]["majority_p0.5"] == 0.8 and rows[1]["kept_p0.9"] == 3
   assert rows[0]["fid_rec"] is None and rows[0]["nmi"] == 0.5 and rows[0]["treevae_fid_gen"] == 30.0
-  evaluate.write_csv(str(tmp_path / "m.csv"), _metrics())
+  report.write_csv(str(tmp_path / "m.csv"), _metrics())
   lines = (tmp_path / "m.csv").read_text().splitlines()
-  assert lines[0].split(",") == list(evaluate.CSV_COLUMNS) and len(lines) == 3
+  assert lines[0].split(",") == list(report.CSV_COLUMNS) and len(lines) == 3
   config = demo.get_config("tiny")
-  evaluate.write_report(str(tmp_path / "r.md"), _metrics(), config)
+  report.write_report(str(tmp_path / "r.md"), _metrics(), config)
   text = (tmp_path / "r.md").read_text()
   assert "| 10 | 4.00 | 5.00 | 0.800 (9) | 0.900 (3) | 0.600 | 0.700 |" in text
   assert rows[1]["treevae_majority_p0.5"] == 0.6 and rows[0]["treevae_majority_p0.9"] is None
   assert "MNIST TreeDiffusion (this conditioning) | 1.5 ± 0.0 | 1.8 ± 0.1" in text
   config.data.name = "folder"
-  evaluate.write_report(str(tmp_path / "r2.md"), _metrics(), config)
+  report.write_report(str(tmp_path / "r2.md"), _metrics(), config)
   assert "No published numbers" in (tmp_path / "r2.md").read_text()
 
 
@@ -85,7 +85,7 @@ def test_histogram_images():
 
 
 def test_run_summary_table(tmp_path):
-  from tree_diffusion.eval import summary
+  from tree_diffusion.eval import report
   write = lambda rel, obj: ((tmp_path / rel).parent.mkdir(parents=True, exist_ok=True),
                             (tmp_path / rel).write_text(json.dumps(obj)))
   write("stage1_metrics.json", {"test": {"num_leaves": 3, "nmi": 0.61234, "leaf_purity": 0.6},
@@ -98,7 +98,7 @@ def test_run_summary_table(tmp_path):
   m["stage1"]["wall_time_s"] = 50.0
   m["checkpoints"]["10"]["wall_time_s"] = 70.0
   write("eval/metrics.json", m)
-  text = summary.summary_table(str(tmp_path), {"stage1": 230})
+  text = report.summary_table(str(tmp_path), {"stage1": 230})
   rows = [line for line in text.splitlines() if line.startswith("| ")]
   assert rows[1] == "| k-means on pixels | 0.480 | 0.550 | – | – | – | – |"
   # The latest checkpoint (10, not 2); stage 1's time from `times`, the rest as recorded.

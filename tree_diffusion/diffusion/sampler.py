@@ -78,16 +78,12 @@ class SamplerConfig:
                spacing=s.spacing, eta=s.eta, variance=s.ddpm_variance,
                guidance_weight=s.guidance_weight)
 
-  def alpha_bar(self) -> np.ndarray:
-    """``ᾱ_t`` of the full chain (float64 ``[T]``)."""
-    return self.process.alpha_bar()
-
   def respaced(self) -> schedule.Respaced:
     try:
       tau = schedule.spaced_timesteps(self.process.T, self.steps, self.spacing)
     except ValueError as e:
       raise ConfigError(f"{e} (--config.diffusion.sampling.steps)") from None
-    return schedule.respace(self.alpha_bar(), tau)
+    return schedule.respace(self.process.alpha_bar(), tau)
 
 
 def reverse_chain(eps_fn, x_T: jax.Array, cfg: SamplerConfig, keys: jax.Array | None,
@@ -209,7 +205,7 @@ class Sampler:
     if start is None:
       x_T = noise
     else:  # noisy(u) = sqrt(ᾱ_{T−1}) u + sqrt(1 − ᾱ_{T−1}) ε, as the reference's q_sample at T−1
-      ab = float(self.cfg.alpha_bar()[-1])
+      ab = float(self.cfg.process.alpha_bar()[-1])
       x_T = math.sqrt(ab) * start + math.sqrt(1.0 - ab) * noise
     eps_fn = guided_eps(self.denoiser, params, cond, self.cfg.guidance_weight)
     x0 = reverse_chain(eps_fn, x_T, self.cfg, sub(3), shift=cond["image"] if cond_kind.form2 else None)

@@ -23,7 +23,6 @@ performance"); generated images are quantised as ``round(clip(x, 0, 1) · 255)``
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import hashlib
@@ -48,33 +47,13 @@ from tree_diffusion.errors import ConfigError
 from tree_diffusion.eval import classifier as classifier_lib
 from tree_diffusion.eval import clustering
 from tree_diffusion.eval import fid as fid_lib
+from tree_diffusion.eval import report
 from tree_diffusion.eval.likelihood import LogLikelihood
 from tree_diffusion.runs import format_eta
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 from tree_diffusion.treevae.train import leaf_examples, predict_leaf_probs
 
-# The paper's Table 1 (reference/treediffusion.md §9.1): test-set FID, 10k samples, mean ± std.
-PAPER_TABLE1 = {
-    "MNIST": {"TreeVAE": ((24.0, 0.9), (21.8, 0.7)), "TreeVAE + Diffusion": ((1.4, 0.0), (1.8, 0.1)),
-              "TreeDiffusion": ((1.5, 0.0), (1.8, 0.1))},
-    "FashionMNIST": {"TreeVAE": ((40.7, 2.1), (41.9, 2.1)),
-                     "TreeVAE + Diffusion": ((4.8, 0.2), (4.8, 0.2)),
-                     "TreeDiffusion": ((5.5, 0.6), (5.4, 0.4))},
-    "CIFAR-10": {"TreeVAE": ((175.8, 1.4), (188.0, 2.0)),
-                 "TreeVAE + Diffusion": ((12.3, 0.1), (19.7, 0.2)),
-                 "TreeDiffusion": ((12.5, 0.4), (17.8, 0.4))},
-    "CUBICC": {"TreeVAE": ((232.5, 7.1), (255.3, 8.8)),
-               "TreeVAE + Diffusion": ((12.7, 6.5), (96.0, 2.1)),
-               "TreeDiffusion": ((13.4, 0.9), (29.0, 5.4))},
-    "CelebA": {"TreeVAE": ((75.2, 15.0), (77.9, 5.6)),
-               "TreeVAE + Diffusion": ((15.4, 3.2), (30.1, 7.5)),
-               "TreeDiffusion": ((14.1, 6.0), (18.4, 7.2))},
-}
-_PAPER_NAMES = {"mnist": "MNIST", "mnist_5k": "MNIST", "fashion_mnist": "FashionMNIST",
-                "cifar10": "CIFAR-10", "cubicc": "CUBICC", "celeb_a": "CelebA", "celeba": "CelebA"}
-# Which Table-1 row a stage-2 conditioning corresponds to.
-_PAPER_METHOD = {"path": "TreeDiffusion", "image": "TreeVAE + Diffusion"}
 STAGE2_MODES = ("sample", "recons", "sample_all_leaves", "recons_all_leaves")
 
 
@@ -384,8 +363,8 @@ class Evaluator:
               classifier, generate.to_uint8(res["vae_image"]), res["leaf_probs"],
               config.classifier.thresholds, s.batch_size, mesh=self.mesh)
           m["purity_treevae"].pop("predicted")
-          t0_ = str(float(config.classifier.thresholds[0]))
-          first, tvae = (m[k]["thresholds"][t0_] for k in ("purity", "purity_treevae"))
+          first_t = str(float(config.classifier.thresholds[0]))
+          first, tvae = (m[k]["thresholds"][first_t] for k in ("purity", "purity_treevae"))
           self.log(f"step {stage2.step}: weighted majority fraction at p ≥ {first['threshold']}: "
                    f"diffusion {first['weighted_majority_fraction']}, TreeVAE "
                    f"{tvae['weighted_majority_fraction']} ({first['total_kept']} kept)")
@@ -434,7 +413,7 @@ class Evaluator:
     model, variables, tree, export, fingerprint, _ = train_lib.load_stage1(config, workdir)
     test = data_lib.load_arrays(config.data, "test")
     data_lib.check_image_shape(test, config.data)
-    metrics = _read_metrics(metrics_path)
+    metrics = report.read_json(metrics_path)
     if metrics.get("export_fingerprint") != fingerprint:
       metrics = {}
     metrics.update(dataset=config.data.name, export=export, export_fingerprint=fingerprint,
@@ -471,8 +450,8 @@ class Evaluator:
     if classifier is not None:
       metrics["classifier"] = {k: classifier.meta.get(k) for k in ("test_accuracy", "model")}
     _write_json(metrics_path, metrics)
-    write_csv(os.path.join(eval_dir, "metrics.csv"), metrics)
-    write_report(os.path.join(eval_dir, "report.md"), metrics, config)
+    report.write_csv(os.path.join(eval_dir, "metrics.csv"), metrics)
+    report.write_report(os.path.join(eval_dir, "report.md"), metrics, config)
     return metrics
 
   def _classifier(self, config, workdir: str):
@@ -493,135 +472,9 @@ class Evaluator:
     return clf
 
 
-# ----------------------------------------------------------------------------- outputs
-
-
-def _read_metrics(path: str) -> dict:
-  if not os.path.exists(path):
-    return {}
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    logging.warning("%s is unreadable (%s); evaluating again", path, e)
-    return {}
-
-
 def _write_json(path: str, obj: dict) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1, default=ckpt_lib.json_default)
   os.replace(tmp, path)
-
-
-def _get(d: dict, *path, default=None):
-  for p in path:
-    if not isinstance(d, dict) or p not in d:
-      return default
-    d = d[p]
-  return d
-
-
-CSV_COLUMNS = ("step", "fid_gen", "fid_rec", "majority_p0.5", "majority_p0.9", "kept_p0.5",
-               "kept_p0.9", "treevae_majority_p0.5", "treevae_majority_p0.9", "treevae_fid_gen", "treevae_fid_rec", "nmi", "accuracy", "leaf_purity",
-               "dendrogram_purity", "test_log_likelihood", "num_leaves")
-
-
-def csv_rows(metrics: dict) -> list[dict]:
-  """One row per evaluated checkpoint (stage-1 columns repeated on every row)."""
-  s1 = metrics.get("stage1", {})
-  common = {"treevae_fid_gen": _get(s1, "fid", "gen"), "treevae_fid_rec": _get(s1, "fid", "rec"),
-            "nmi": _get(s1, "clustering", "nmi"), "accuracy": _get(s1, "clustering", "accuracy"),
-            "leaf_purity": _get(s1, "clustering", "leaf_purity"),
-            "dendrogram_purity": _get(s1, "clustering", "dendrogram_purity"),
-            "test_log_likelihood": _get(s1, "log_likelihood", "log_likelihood"),
-            "num_leaves": metrics.get("num_leaves")}
-  rows = []
-  for step in sorted(metrics.get("checkpoints", {}), key=int):
-    c = metrics["checkpoints"][step]
-    row = {"step": int(step), "fid_gen": _get(c, "modes", "sample", "fid"),
-           "fid_rec": _get(c, "modes", "recons", "fid"), **common}
-    for t in ("0.5", "0.9"):
-      th = _get(c, "modes", "sample_all_leaves", "purity", "thresholds", t) or {}
-      row[f"majority_p{t}"] = th.get("weighted_majority_fraction")
-      row[f"kept_p{t}"] = th.get("total_kept")
-      tv = _get(c, "modes", "sample_all_leaves", "purity_treevae", "thresholds", t) or {}
-      row[f"treevae_majority_p{t}"] = tv.get("weighted_majority_fraction")
-    rows.append(row)
-  if not rows:
-    rows.append({"step": None, **common})
-  return rows
-
-
-def write_csv(path: str, metrics: dict) -> None:
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-    w.writeheader()
-    for row in csv_rows(metrics):
-      w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
-
-
-def format_value(v, digits: int = 2) -> str:
-  if v is None:
-    return "–"
-  if isinstance(v, float):
-    return f"{v:.{digits}f}"
-  return str(v)
-
-
-def write_report(path: str, metrics: dict, config) -> None:
-  """A short Markdown report: stage-1 metrics, one table row per checkpoint, the paper's row."""
-  s = metrics.get("settings", {})
-  s1 = metrics.get("stage1", {})
-  cl = s1.get("clustering", {})
-  ll = s1.get("log_likelihood", {})
-  paper_name = _PAPER_NAMES.get(config.data.name)
-  method = _PAPER_METHOD.get(config.diffusion.conditioning, None)
-  lines = [f"# Evaluation of `{metrics.get('export', '')}`", "",
-           f"Dataset `{config.data.name}`, {metrics.get('num_leaves')} leaves; FID against the "
-           f"full test split ({_get(s1, 'fid', 'num_reference', default='–')} images) with "
-           f"{s.get('num_samples')} generations and {_get(s1, 'fid', 'num_rec', default='–')} "
-           f"reconstructions; classifier purity on {s.get('purity_samples')} prior samples per "
-           f"leaf.", "", "## Stage 1 (TreeVAE export, test split)", "",
-           "| NMI | accuracy | leaf purity | dendrogram purity | log-likelihood | FID (rec) | FID (gen) |",
-           "|---|---|---|---|---|---|---|",
-           f"| {format_value(cl.get('nmi'), 3)} | {format_value(cl.get('accuracy'), 3)} | "
-           f"{format_value(cl.get('leaf_purity'), 3)} | {format_value(cl.get('dendrogram_purity'), 3)} | "
-           f"{format_value(ll.get('log_likelihood'))} ± {format_value(ll.get('log_likelihood_stderr'))} "
-           f"({ll.get('num_samples', '–')} samples"
-           f"{', ' + format_value(ll.get('bits_per_dim'), 3) + ' bits/dim' if 'bits_per_dim' in ll else ''}) | "
-           f"{format_value(_get(s1, 'fid', 'rec'))} | {format_value(_get(s1, 'fid', 'gen'))} |", ""]
-  data = metrics.get("data")
-  if data:
-    lines += [f"The dataset's own FID(train, test) ({data['num_train']} vs {data['num_test']} "
-              f"real images): {format_value(data['fid_train_vs_test'])}.", ""]
-  lines += ["## Stage 2 checkpoints", "",
-            "| step | FID (rec) | FID (gen) | majority fraction p≥0.5 (kept) | p≥0.9 (kept) | "
-            "TreeVAE, same samples: p≥0.5 | p≥0.9 |",
-            "|---|---|---|---|---|---|---|"]
-  for row in csv_rows(metrics):
-    if row["step"] is None:
-      continue
-    lines.append(f"| {row['step']} | {format_value(row['fid_rec'])} | {format_value(row['fid_gen'])} | "
-                 f"{format_value(row['majority_p0.5'], 3)} ({format_value(row['kept_p0.5'])}) | "
-                 f"{format_value(row['majority_p0.9'], 3)} ({format_value(row['kept_p0.9'])}) | "
-                 f"{format_value(row['treevae_majority_p0.5'], 3)} | "
-                 f"{format_value(row['treevae_majority_p0.9'], 3)} |")
-  clf = metrics.get("classifier")
-  if clf:
-    lines += ["", f"Purity classifier: test accuracy {format_value(clf.get('test_accuracy'), 4)}."]
-  lines += ["", "## The paper's Table 1 (test-set FID, 10k samples, mean ± std over 10 runs)", ""]
-  if paper_name is None:
-    lines.append(f"No published numbers for `{config.data.name}`.")
-  else:
-    lines += ["| method | FID (rec) | FID (gen) |", "|---|---|---|"]
-    for m, ((r, rs), (g, gs)) in PAPER_TABLE1[paper_name].items():
-      mark = " (this conditioning)" if m == method else ""
-      lines.append(f"| {paper_name} {m}{mark} | {r} ± {rs} | {g} ± {gs} |")
-    if config.data.name == "mnist_5k":
-      lines += ["", "`mnist_5k` is a 5,000-image subset (1,000 test images): FID against 1,000 "
-                "images is biased upwards relative to the paper's 10,000, and the demo models "
-                "are far smaller and shorter-trained than the paper's."]
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
