@@ -21,6 +21,11 @@ def _grown():
   return grow_variables(TINY, TINY.init(jax.random.key(0), tree0), tree0, 2, jax.random.key(1))
 
 
+def _grown_other():
+  tree0 = Tree.complete(1)
+  return grow_variables(TINY, TINY.init(jax.random.key(2), tree0), tree0, 2, jax.random.key(1))[1]
+
+
 def test_checkpoint_round_trip(tmp_path):
   tree, v = _grown()
   ckpts = checkpoint.Stage1Checkpoints(str(tmp_path), max_to_keep=2)
@@ -77,9 +82,8 @@ def test_stage2_loads_the_export_it_is_pointed_at(tmp_path):
   assert model == TINY and loaded == tree and path == str((run / "export").resolve())
   for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(variables)):
     np.testing.assert_array_equal(a, b)
-  # The fingerprint identifies the export: another export has another one.
-  checkpoint.export_treevae(str(tmp_path / "other"), TINY, v, tree,
-                            {"metrics": {"nmi": 0.1}})
+  # The fingerprint identifies the model: another export of other variables has another one.
+  checkpoint.export_treevae(str(tmp_path / "other"), TINY, _grown_other(), tree, {})
   assert checkpoint.export_fingerprint(str(tmp_path / "other")) != fingerprint
 
 

@@ -12,13 +12,18 @@
   complete; a run killed while saving leaves that temporary directory, which the next run ignores
   and removes. A checkpoint that cannot be read back (truncated or garbled files, bad JSON, wrong
   checksum) is moved to ``<dir>.unreadable/<step>`` with a warning and the previous one is used.
+  Readers (sampling, evaluation) open checkpoints ``read_only``: they never create, clean up or
+  delete anything, so they can run next to a trainer writing the same directory.
 * Export: ``WORKDIR/export/`` holds ``variables/`` (an Orbax ``StandardCheckpointer`` directory)
-  and ``meta.json`` (model hyper-parameters, tree, data shape and normalisation, config, metrics,
-  library version). :func:`load_treevae` is all stage 2 needs.
+  and ``meta.json`` (model hyper-parameters, tree, data shape, normalisation and identity, config,
+  metrics, library version, and the :func:`fingerprint` stage 2 records: a hash of only what
+  stage 2 uses). It is written next to the old one and swapped in when complete.
+  :func:`load_treevae` is all stage 2 needs.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -91,19 +96,39 @@ class _Checkpoints:
 
   kind = "checkpoint"
 
-  def __init__(self, directory, max_to_keep: int = 3):
+  def __init__(self, directory, max_to_keep: int = 3, read_only: bool = False):
+    """``read_only``: for readers (sampling, evaluation) next to a running trainer: nothing is
+    created, cleaned up (the trainer's in-flight temporary checkpoint) or deleted."""
     self.directory = epath.Path(directory)
-    self.manager = ocp.CheckpointManager(
-        self.directory.resolve(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             cleanup_tmp_directories=True))
+    self.read_only = read_only
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                             cleanup_tmp_directories=False)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory.resolve(), options=options)
 
   def _save(self, step: int, arrays, meta: dict):
+    if self.read_only:
+      raise ValueError(f"{self.directory} was opened read-only")
     meta = {"version": __version__, **meta, "checksum": checksum(arrays)}
     logging.info("saving %s %d in %s", self.kind, step, self.directory)
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
-                                                    meta=ocp.args.JsonSave(meta)))
-    self.manager.wait_until_finished()   # committed (renamed into place) before we go on
+    kept = self.describe_latest()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
+                                                      meta=ocp.args.JsonSave(meta)))
+      self.manager.wait_until_finished()   # committed (renamed into place) before we go on
+    except Exception as e:  # pylint: disable=broad-except  (Orbax wraps the OSError)
+      cause = _os_error(e)
+      if cause is None:
+        raise
+      what = ("the disk is full" if cause.errno in (errno.ENOSPC, errno.EDQUOT)
+              else f"it cannot be written ({cause.strerror or cause})")
+      raise CheckpointError(
+          f"{self.kind} {step} was not saved in {self.directory}: {what}; the last complete one "
+          f"is {kept}. Free space (or fix the directory) and re-run the same command to resume "
+          f"from it") from e
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -165,6 +190,8 @@ class _Checkpoints:
     return None
 
   def _move_aside(self, step: int, err: Exception, fallback: int):
+    if self.read_only:
+      return
     target_dir = epath.Path(str(self.directory.resolve()) + ".unreadable")
     target = target_dir / str(step)
     if jax.process_index() == 0:
@@ -180,6 +207,17 @@ class _Checkpoints:
 
   def close(self):
     self.manager.close()
+
+
+def _os_error(e: BaseException) -> OSError | None:
+  """The ``OSError`` behind ``e`` (itself, a cause or a context; Orbax re-raises its own)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError) and e.errno is not None:
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def _short(e: BaseException) -> str:
@@ -229,16 +267,20 @@ class Stage1Checkpoints(_Checkpoints):
     self._save(step, arrays, meta)
 
   def restore(self, model: TreeVAE, config=None,
-              phase_abstract: Callable[[dict, Tree, Any], dict] | None = None):
+              phase_abstract: Callable[[dict, Tree, Any], dict] | None = None,
+              check_meta: Callable[[int, dict], None] | None = None):
     """``(step, variables, tree, meta, phase_arrays)`` of the newest readable checkpoint, or
     ``None``. ``config`` (if given) must match the checkpoint's (see ``STAGE1_RESUMABLE_CHANGES``);
     ``phase_abstract(meta, tree, abstract_variables)`` gives the abstract phase arrays of a
-    checkpoint taken inside a phase."""
+    checkpoint taken inside a phase; ``check_meta(step, meta)`` may refuse a checkpoint (raise
+    ``CheckpointError``), e.g. one of another dataset."""
     current = None if config is None else config_sections(config, STAGE1_SECTIONS)
 
     def check(step, meta):
       if current is not None:
         check_compatible(self.kind, step, self.directory, meta, current, STAGE1_RESUMABLE_CHANGES)
+      if check_meta is not None:
+        check_meta(step, meta)
 
     def abstract(meta):
       tree = Tree.from_json(meta["tree"])
@@ -254,25 +296,61 @@ class Stage1Checkpoints(_Checkpoints):
     return step, variables, Tree.from_json(meta["tree"]), meta, arrays
 
 
-def export_treevae(export_dir: str, model: TreeVAE, variables, tree: Tree, meta: dict[str, Any]):
-  """Writes the final stage-1 model: ``variables/`` and ``meta.json`` (overwrites an old export)."""
+def fingerprint(model: TreeVAE, variables, tree: Tree, data_identity: dict | None) -> str:
+  """Identity of a stage-1 model as stage 2 sees it: a hash of the variables (their CRC32), the
+  tree, the model hyper-parameters and the dataset's identity; nothing else (no wall times, no
+  metrics), so that writing the same model again gives the same fingerprint."""
+  key = json.dumps({"checksum": checksum(variables), "tree": json.loads(tree.to_json()),
+                    "model": model.to_dict(), "data": data_identity},
+                   sort_keys=True, default=json_default)
+  return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def export_treevae(export_dir: str, model: TreeVAE, variables, tree: Tree, meta: dict[str, Any],
+                   data_identity: dict | None = None) -> str:
+  """Writes the final stage-1 model: ``variables/`` and ``meta.json``; returns its fingerprint.
+
+  The export is written next to ``export_dir`` (``<export_dir>.tmp-<pid>``) and swapped in only
+  when complete: the old export is renamed to ``<export_dir>.old-<pid>``, the new one renamed into
+  place, then the old one deleted. A run killed at any point leaves a complete export under
+  ``export_dir`` or ``<export_dir>.old-…`` (which :func:`resolve_export` names).
+  """
   check_variables(tree, variables)
   path = epath.Path(export_dir).resolve()
+  tag = f"{os.getpid()}" if jax.process_count() == 1 else "multihost"
+  tmp, old = epath.Path(f"{path}.tmp-{tag}"), epath.Path(f"{path}.old-{tag}")
   writer = jax.process_index() == 0   # on several processes, the variables are saved together
+  print_ = fingerprint(model, variables, tree, data_identity)
   if writer:
-    if (path / "variables").exists():
-      (path / "variables").rmtree()
-    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f"{path.name}.tmp-*"):   # a previous run killed while writing
+      stale.rmtree()
+    tmp.mkdir(parents=True)
   _sync("export_dir_ready")
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path / "variables", variables)
+    ckptr.save(tmp / "variables", variables)
   if writer:
-    full_meta = {"format": EXPORT_FORMAT, "version": __version__, "model": model.to_dict(),
-                 "tree": json.loads(tree.to_json()), **meta}
-    tmp = path / "meta.json.tmp"
-    tmp.write_text(json.dumps(full_meta, indent=2, default=json_default))
-    os.replace(tmp, path / "meta.json")  # meta.json appears only once the export is complete
+    full_meta = {"format": EXPORT_FORMAT, "version": __version__, "fingerprint": print_,
+                 "model": model.to_dict(), "tree": json.loads(tree.to_json()), **meta}
+    if data_identity is not None:
+      full_meta["data"] = {**full_meta.get("data", {}), "identity": data_identity}
+    (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, default=json_default))
+    if path.exists():
+      path.rename(old)
+    tmp.rename(path)
+    if old.exists():
+      old.rmtree()
   _sync("export_written")
+  return print_
+
+
+def export_matches(export_dir: str, expected_fingerprint: str) -> bool:
+  """Whether ``export_dir`` holds a complete, readable export with this fingerprint."""
+  try:
+    meta = read_export_meta(export_dir)
+    load_treevae(export_dir)
+  except Exception:  # pylint: disable=broad-except  (missing, garbled or half-written)
+    return False
+  return meta.get("fingerprint") == expected_fingerprint
 
 
 def _sync(name: str):
@@ -280,6 +358,10 @@ def _sync(name: str):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+_REWRITE = ("rewrite it by re-running launch/train_treevae.py with the same --config and --workdir "
+            "(a finished run only writes the export again)")
 
 
 def read_export_meta(path: str) -> dict:
@@ -290,7 +372,12 @@ def read_export_meta(path: str) -> dict:
     if (p / "checkpoints").exists() or (p / "export").exists():
       hint = f" (this looks like a training workdir: pass {p / 'export'})"
     raise CheckpointError(f"{p} is not a stage-1 export: no meta.json{hint}")
-  meta = json.loads(meta_file.read_text())
+  try:
+    meta = json.loads(meta_file.read_text())
+    if not isinstance(meta, dict):
+      raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{meta_file} is garbled ({_short(e)}); {_REWRITE}") from None
   if meta.get("format") != EXPORT_FORMAT:
     raise CheckpointError(f"{meta_file} has format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
   return meta
@@ -304,11 +391,20 @@ def load_treevae(path: str):
     (``{"params", "batch_stats"}``) and the learned :class:`Tree`.
   """
   meta = read_export_meta(path)
-  model = TreeVAE(**meta["model"])
-  tree = Tree.from_json(meta["tree"])
-  abstract = _abstract_variables(model, tree)
-  with ocp.StandardCheckpointer() as ckptr:
-    variables = ckptr.restore(epath.Path(path).resolve() / "variables", abstract)
+  try:
+    model = TreeVAE(**meta["model"])
+    tree = Tree.from_json(meta["tree"])
+    abstract = _abstract_variables(model, tree)
+    with ocp.StandardCheckpointer() as ckptr:
+      variables = ckptr.restore(epath.Path(path).resolve() / "variables", abstract)
+    check_variables(tree, variables)
+  except Exception as e:  # pylint: disable=broad-except  (truncated, garbled or missing files)
+    raise CheckpointError(f"the stage-1 export {path} cannot be read ({_short(e)}); "
+                          f"{_REWRITE}") from None
+  if "fingerprint" in meta and fingerprint(model, variables, tree,
+                                           meta.get("data", {}).get("identity")) != meta["fingerprint"]:
+    raise CheckpointError(f"the stage-1 export {path} does not match its meta.json (garbled "
+                          f"variables or a mixed export); {_REWRITE}")
   return model, variables, tree
 
 
@@ -325,9 +421,12 @@ def json_default(o):
 
 
 def export_fingerprint(path: str) -> str:
-  """Identity of a stage-1 export: a hash of its ``meta.json`` (config, tree, metrics, version)."""
-  meta_file = epath.Path(path) / "meta.json"
-  return hashlib.sha256(meta_file.read_bytes()).hexdigest()[:16]
+  """Identity of a stage-1 export: its recorded :func:`fingerprint` (variables, tree, model,
+  data); for exports written before it was recorded, a hash of their ``meta.json``."""
+  meta = read_export_meta(path)
+  if "fingerprint" in meta:
+    return meta["fingerprint"]
+  return hashlib.sha256((epath.Path(path) / "meta.json").read_bytes()).hexdigest()[:16]
 
 
 def resolve_export(path: str) -> str:
@@ -339,6 +438,11 @@ def resolve_export(path: str) -> str:
   """
   p = epath.Path(path)
   if not p.exists():
+    old = sorted(p.parent.glob(f"{p.name}.old-*")) if p.parent.exists() else []
+    if old:
+      raise CheckpointError(f"stage-1 export {p} is missing but {old[-1]} holds the previous one "
+                            f"(a run was stopped while replacing it): rename it to {p}, or "
+                            f"{_REWRITE}")
     raise CheckpointError(f"stage-1 export {p} does not exist: train stage 1 first "
                           f"(launch/train_treevae.py writes WORKDIR/export) or set "
                           f"--config.diffusion.treevae_export=PATH/TO/export")

@@ -17,11 +17,32 @@ a run can be reproduced and resumed exactly. The datasets, selected by ``config.
   class (labels are the sorted subfolder names numbered 0..C-1). It is converted once into a local
   TFDS dataset (plain ``Tensor`` features, array_record, so neither writing nor reading needs
   TensorFlow) under ``<data_dir>/local_images/<folder-name>_<hash>/<version>/`` and reused while
-  the folder's files and the relevant config fields stay the same. The 'test' split is a seeded,
+  the folder's files and the relevant config fields stay the same (processes preparing the same
+  build at once take turns on a lock file next to it). The 'test' split is a seeded,
   per-class (stratified) random ``test_fraction`` of the images; ``test_fraction=0`` makes 'test'
   a copy of 'train'.
 * ``cubicc``: like ``folder`` but a class subfolder layout is required. CUBICC must first be
   exported to such a folder (``<folder>/<class name>/<image>.png``).
+
+How folder files are read (``png/jpg/jpeg/bmp/gif/webp/tif/tiff``, hidden entries ignored):
+
+* Folders are searched recursively and symlinked folders and files are followed. A folder reached a
+  second time (a symlink loop, a link back to the dataset or to a class folder, two links to one
+  folder) is skipped with a warning naming it, so every image is listed once; broken links and
+  non-image files are skipped with a warning.
+* Images become grey (``channels=1``, PIL's ITU-R 601-2 luma) or RGB (``channels=3``, grey
+  replicated). Samples wider than 8 bits are scaled to 0..255, per image, rounding half up:
+  16-bit (PIL ``I;16``, e.g. 16-bit PNGs) ``v -> round(v * 255 / 65535)`` (``v / 257``: the high
+  byte with rounding); 32-bit ints (``I``) the same when the image's max is <= 65535, else
+  ``round(v * 255 / (2**31 - 1))``, negatives 0; floats (``F``) as ``[0, 1]`` when the image's max
+  is <= 1, else as ``[0, 255]``, clipped, NaN 0.
+* Images with transparency (an alpha channel as in RGBA, LA, PA, or a transparent palette entry or
+  colour key) whose alpha is not all 255 are composited over one background for the whole
+  dataset, so content drawn only in the alpha channel (ink on a transparent background) stays
+  visible: ``out = (c * a + b * (255 - a)) / 255`` rounded half up, where ``b`` is white (255)
+  unless the alpha-weighted mean grey of the transparent images' colour is light (> 127.5), then
+  black (0). One warning per build says how many images had transparency and which background was
+  used. When resizing, colour premultiplied by alpha and alpha are resized, then composited.
 
 Resize rule (``data.resize=True``, used when an image is not ``image_size`` x ``image_size``):
 center-crop to a square on the shorter side, then resize with PIL's bilinear filter, which is
@@ -34,6 +55,7 @@ User-facing problems raise ``DataError`` with a one-line message that names the 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import importlib.resources
@@ -47,6 +69,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+try:
+  import fcntl  # pylint: disable=g-import-not-at-top
+except ImportError:  # Windows: folder builds are then not locked against each other
+  fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +91,8 @@ NATIVE_SHAPES: Mapping[str, tuple[int, int]] = types.MappingProxyType({
     'celeb_a': (64, 3),
 })
 
-IMAGE_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp'})
+IMAGE_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif',
+                              '.tiff'})
 
 # Where, under the data dir, folder datasets are built (the tfds builder name), and the file in a
 # built dataset's directory that holds its class names.
@@ -72,7 +100,8 @@ LOCAL_BUILDER_NAME = 'local_images'
 CLASS_NAMES_FILE = 'class_names.json'
 # Bump when the way a folder is converted changes, so that older builds are not reused.
 _LOCAL_VERSION = '1.0.0'
-_LOCAL_FORMAT = 1
+# Format 2: high bit depths scaled (not clipped), transparency composited, symlinks followed.
+_LOCAL_FORMAT = 2
 
 # The reference CelebA crop: a 148x148 box whose top-left corner is at (row 40, column 15).
 _CELEB_A_CROP = (40, 15, 148)
@@ -358,17 +387,54 @@ def _visible(names: Sequence[str]) -> list[str]:
   return sorted(n for n in names if not n.startswith('.'))
 
 
-def _image_files_under(root: str, subdir: str) -> list[str]:
-  """Image files below root/subdir (recursively), relative to root; warns about the others."""
+def _is_image_file(path: str) -> bool:
+  """Whether ``path`` is an image file to read; warns about non-image files and broken links."""
+  if not _is_image_name(path):
+    logger.warning('skipping non-image file %s', path)
+    return False
+  if not os.path.isfile(path):  # follows links: False for a broken one
+    logger.warning('skipping %s: it is a broken link or not a file', path)
+    return False
+  return True
+
+
+def _first_visit(path: str, visited: set[tuple[int, int]]) -> bool:
+  """Records the folder ``path`` leads to (following links) in ``visited``; False, with a warning,
+  if it was already there (a symlink loop or a second link to one folder) or cannot be read."""
+  try:
+    stat = os.stat(path)
+  except OSError as e:
+    logger.warning('skipping folder %s (%s)', path, e.strerror or e)
+    return False
+  key = (stat.st_dev, stat.st_ino)
+  if key in visited:
+    logger.warning('skipping folder %s: it leads to %s, which is already scanned (a symlink loop '
+                   'or a second link to one folder)', path, os.path.realpath(path))
+    return False
+  visited.add(key)
+  return True
+
+
+def _image_files_under(root: str, subdir: str, visited: set[tuple[int, int]]) -> list[str]:
+  """Image files below root/subdir, relative to root, warning about the others.
+
+  Recurses into folders and symlinked folders; a folder whose (device, inode) is already in
+  ``visited`` is skipped with a warning, so links back up the tree cannot loop and every image is
+  listed once. root/subdir itself must already be in ``visited``.
+  """
   found = []
-  for dirpath, dirnames, filenames in os.walk(os.path.join(root, subdir)):
-    dirnames[:] = _visible(dirnames)
+
+  def unreadable(error: OSError) -> None:
+    logger.warning('skipping folder %s (%s)', error.filename, error.strerror or error)
+
+  for dirpath, dirnames, filenames in os.walk(os.path.join(root, subdir), onerror=unreadable,
+                                              followlinks=True):
+    dirnames[:] = [d for d in _visible(dirnames)
+                   if _first_visit(os.path.join(dirpath, d), visited)]
     for filename in _visible(filenames):
       path = os.path.join(dirpath, filename)
-      if _is_image_name(filename):
+      if _is_image_file(path):
         found.append(os.path.relpath(path, root))
-      else:
-        logger.warning('skipping non-image file %s', path)
   return found
 
 
@@ -387,12 +453,7 @@ def _scan_folder(folder: str, require_labels: bool) -> _FolderScan:
     if require_labels:
       raise DataError(f'{root} has no class subfolders; export the dataset as '
                       f'{root}/<class name>/<image>.png')
-    files = []
-    for name in top_files:
-      if _is_image_name(name):
-        files.append(name)
-      else:
-        logger.warning('skipping non-image file %s', os.path.join(root, name))
+    files = [name for name in top_files if _is_image_file(os.path.join(root, name))]
     if not files:
       raise DataError(f'no images ({"/".join(sorted(IMAGE_EXTENSIONS))}) found in {root}; put '
                       'images there or set --config.data.folder')
@@ -403,9 +464,14 @@ def _scan_folder(folder: str, require_labels: bool) -> _FolderScan:
   for name in top_files:
     logger.warning('ignoring %s: %s has class subfolders, so files directly in it have no label',
                    os.path.join(root, name), root)
+  # Every class folder (and the root) is marked visited before any is searched, so a link from one
+  # class into another, or back to the root, is skipped instead of listing images twice.
+  root_stat = os.stat(root)
+  visited = {(root_stat.st_dev, root_stat.st_ino)}
+  subdirs = [s for s in subdirs if _first_visit(os.path.join(root, s), visited)]
   per_class = []
   for subdir in subdirs:
-    files = _image_files_under(root, subdir)
+    files = _image_files_under(root, subdir, visited)
     if files:
       per_class.append((subdir, files))
     else:
@@ -450,11 +516,78 @@ def _local_config_name(scan: _FolderScan, settings: Mapping[str, Any], require_l
   return f'{base or "images"}_{digest}'
 
 
-def _decode_image(path: str, size: int, channels: int, resize: bool) -> np.ndarray | None:
-  """One image as uint8 HWC, or None (with a warning) if PIL cannot read it."""
+# The PIL modes whose samples are wider than 8 bits (16-bit unsigned, 32-bit signed, 32-bit float)
+# and the full scale each is mapped from; see _high_depth_to_grey.
+_UINT16_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+_HIGH_DEPTH_MODES = _UINT16_MODES + ('I', 'F')
+
+
+def _round_half_up(values: np.ndarray) -> np.ndarray:
+  return np.floor(np.clip(values, 0.0, 255.0) + 0.5).astype(np.uint8)
+
+
+def _high_depth_to_grey(image: Image.Image) -> Image.Image:
+  """A 16/32-bit grey image as 8-bit 'L', scaled (``convert('L')`` would clip every value > 255).
+
+  The rule, per image, rounding half up: ``I;16`` ``v -> v * 255 / 65535`` (= v / 257, the high
+  byte with rounding); ``I`` the same when the image's max is <= 65535, else
+  ``v * 255 / (2**31 - 1)``, negatives 0; ``F`` ``v * 255`` (a [0, 1] image) when the max is <= 1,
+  else ``v`` (a [0, 255] image), clipped to 0..255, NaN 0.
+  """
+  values = np.asarray(image, np.float64)
+  if image.mode == 'F':
+    values = np.nan_to_num(values, nan=0.0, posinf=np.inf, neginf=0.0)
+    full_scale = 1.0 if values.size and values.max() <= 1.0 else 255.0
+  elif image.mode == 'I' and values.size and values.max() > 65535:
+    full_scale = float(2**31 - 1)
+  else:
+    full_scale = 65535.0
+  return Image.fromarray(_round_half_up(values * 255.0 / full_scale), 'L')
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decoded:
+  """One decoded image at the configured size.
+
+  Attributes:
+    pixels: uint8 [H,W,C], final, when ``alpha`` is None; else float [H,W,C], the colour (0..255)
+      premultiplied by alpha (0..255), to be composited by ``_composite``.
+    alpha: None for an opaque image; else float [H,W,1] in 0..255.
+  """
+
+  pixels: np.ndarray
+  alpha: np.ndarray | None = None
+
+
+def _resize_float(channel: np.ndarray, size: int) -> np.ndarray:
+  """The resize rule applied to one float [H,W] channel (PIL mode 'F', the same filter)."""
+  return np.asarray(_center_crop_resize(Image.fromarray(channel.astype(np.float32), 'F'), size))
+
+
+def _alpha_split(image: Image.Image, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+  """(colour premultiplied by alpha, alpha) as float [H,W,C] and [H,W,1] for an image with
+  transparency that is used (some alpha < 255); None for an opaque one."""
+  if not image.has_transparency_data:
+    return None
+  with_alpha = image.convert('RGBA')  # applies palette transparency and colour keys
+  if channels == 1:
+    with_alpha = with_alpha.convert('LA')
+  array = np.asarray(with_alpha, np.float64)
+  alpha = array[..., -1:]
+  if alpha.min() == 255.0:
+    return None
+  return array[..., :-1] * alpha, alpha
+
+
+def _decode_image(path: str, size: int, channels: int, resize: bool) -> _Decoded | None:
+  """One image at the configured size and channels, or None (with a warning) if PIL cannot read
+  it; an image with used transparency is returned premultiplied (see ``_Decoded``)."""
   try:
     with Image.open(path) as image:
-      # Grey for one channel, RGB for three; alpha is dropped and palettes are expanded.
+      if image.mode in _HIGH_DEPTH_MODES:
+        image = _high_depth_to_grey(image)
+      split = _alpha_split(image, channels)
+      # Grey for one channel, RGB for three; palettes are expanded.
       image = image.convert('L' if channels == 1 else 'RGB')
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     logger.warning('skipping unreadable image %s (%s)', path, e)
@@ -465,8 +598,46 @@ def _decode_image(path: str, size: int, channels: int, resize: bool) -> np.ndarr
       fix = (f'--config.data.image_size={width} or ' if width == height else '')
       raise DataError(f'image {path} is {width}x{height} but data.image_size is {size}; set '
                       f'{fix}--config.data.resize=True')
-    image = _center_crop_resize(image, size)
-  return _from_pil(image)
+    if split is None:
+      image = _center_crop_resize(image, size)
+    else:
+      # Premultiplied colour and alpha resize linearly, so compositing afterwards equals
+      # compositing first and resizing then (up to rounding), without choosing the background yet.
+      split = tuple(np.stack([_resize_float(a[..., c], size) for c in range(a.shape[-1])], -1)
+                    for a in split)
+  if split is None:
+    return _Decoded(_from_pil(image))
+  return _Decoded(*split)
+
+
+def _background(decoded: Sequence[_Decoded]) -> float:
+  """The one background of a dataset's transparent images: white (255) unless the alpha-weighted
+  mean colour of their content is light (grey > 127.5, PIL's luma for RGB), then black (0)."""
+  weight = sum(float(d.alpha.sum()) for d in decoded)
+  if weight == 0.0:  # fully transparent images: nothing to contrast with
+    return 255.0
+  mean = sum(d.pixels.sum(axis=(0, 1)) for d in decoded) / weight
+  grey = float(mean[0]) if mean.size == 1 else float(np.dot(mean, [0.299, 0.587, 0.114]))
+  return 0.0 if grey > 127.5 else 255.0
+
+
+def _composite(decoded: _Decoded, background: float) -> np.ndarray:
+  """``(c * a + b * (255 - a)) / 255``, rounded half up, as uint8 [H,W,C]."""
+  return _round_half_up((decoded.pixels + background * (255.0 - decoded.alpha)) / 255.0)
+
+
+def _flatten(decoded: Sequence[_Decoded], paths: Sequence[str]) -> list[np.ndarray]:
+  """The final uint8 images: transparent ones composited over one background (one warning)."""
+  transparent = [i for i, d in enumerate(decoded) if d.alpha is not None]
+  if not transparent:
+    return [d.pixels for d in decoded]
+  background = _background([decoded[i] for i in transparent])
+  colour = 'white' if background else 'black'
+  logger.warning(
+      '%d of %d images have transparency (e.g. %s): composited over %s, the background that '
+      'contrasts most with their mean colour; flatten them yourself for another background',
+      len(transparent), len(decoded), paths[transparent[0]], colour)
+  return [d.pixels if d.alpha is None else _composite(d, background) for d in decoded]
 
 
 def _split_rows(labels: np.ndarray, test_fraction: float, seed: int, root: str
@@ -556,17 +727,48 @@ def _build_local_dataset(tfds, data_dir: str, config_name: str, splits: Mapping[
   return os.fspath(builder.data_dir)
 
 
-def _local_dataset_dir(data_config: Any, require_labels: bool) -> str:
-  """Builds (once) the local tfds dataset of a folder; returns its version dir."""
-  settings = _folder_settings(data_config)
-  scan = _scan_folder(str(_get(data_config, 'folder', '')), require_labels)
-  config_name = _local_config_name(scan, settings, require_labels)
-  data_dir = _data_dir(data_config)
-  version_dir = os.path.join(data_dir, LOCAL_BUILDER_NAME, config_name, _LOCAL_VERSION)
-  if os.path.exists(os.path.join(version_dir, 'dataset_info.json')):
-    logger.info('reusing %s for %s', version_dir, scan.root)
-    return version_dir
+def _is_built(version_dir: str) -> bool:
+  # tfds writes a build (records, class names, dataset_info.json) into a temporary sibling dir and
+  # renames that into place when it is complete, so on a local disk a version dir that has
+  # dataset_info.json is a whole build.
+  return os.path.exists(os.path.join(version_dir, 'dataset_info.json'))
 
+
+@contextlib.contextmanager
+def _build_lock(data_dir: str, config_name: str, root: str) -> Iterator[None]:
+  """Holds an exclusive ``flock`` on ``<data_dir>/local_images/.<config_name>.lock``.
+
+  Serialises the check-and-build of one folder dataset between processes (and threads). Hidden,
+  so that listings of the builds ignore it, and never deleted (deleting a lock file races with its
+  next user). Not locked where flock is unavailable: a remote data dir, or no fcntl (Windows).
+  """
+  if fcntl is None or '://' in data_dir:
+    yield
+    return
+  folder = os.path.join(data_dir, LOCAL_BUILDER_NAME)
+  path = os.path.join(folder, f'.{config_name}.lock')
+  try:
+    os.makedirs(folder, exist_ok=True)
+    lock_file = open(path, 'a')  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise DataError(f'cannot write in the data dir {data_dir} ({e.strerror or e}); set '
+                    '--config.data.data_dir to a writable folder') from None
+  with lock_file:  # closing it releases the lock
+    try:
+      fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logger.info('waiting for another process preparing %s from %s (lock %s)', config_name,
+                  root, path)
+      fcntl.flock(lock_file, fcntl.LOCK_EX)
+    except OSError as e:  # a file system without locks (some network mounts)
+      logger.warning('cannot lock %s (%s); preparing %s without a lock', path,
+                     e.strerror or e, root)
+    yield
+
+
+def _convert_folder(scan: _FolderScan, settings: Mapping[str, Any], data_dir: str,
+                    config_name: str, version_dir: str) -> str:
+  """Decodes a folder's images and writes its local tfds dataset; returns the version dir."""
   size, channels, resize = settings['image_size'], settings['channels'], settings['resize']
   paths = [os.path.join(scan.root, rel) for rel in scan.files]
   # PIL releases the GIL while decoding, so threads help on many small files.
@@ -576,16 +778,46 @@ def _local_dataset_dir(data_config: Any, require_labels: bool) -> str:
   if not keep:
     raise DataError(f'no readable image in {scan.root}; check the files or set '
                     '--config.data.folder')
-  images = np.stack([decoded[i] for i in keep])
+  images = np.stack(_flatten([decoded[i] for i in keep], [paths[i] for i in keep]))
   labels = np.asarray([scan.labels[i] for i in keep], np.int32)
   train, test = _split_rows(labels, settings['test_fraction'], settings['seed'], scan.root)
   splits = {'train': (images[train], labels[train]), 'test': (images[test], labels[test])}
 
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  built = _build_local_dataset(tfds, data_dir, config_name, splits, scan.class_names, scan.root)
+  try:
+    built = _build_local_dataset(tfds, data_dir, config_name, splits, scan.class_names, scan.root)
+  except Exception:  # pylint: disable=broad-except
+    # Without the lock (remote data dir, no flock) two builders can race: the one that loses
+    # fails when tfds renames its temporary dir onto the finished one. That build is the same.
+    if not _is_built(version_dir):
+      raise
+    logger.info('another process finished %s first; using its build', version_dir)
+    return version_dir
   logger.info('converted %d images of %s (%d train, %d test) into %s', len(keep), scan.root,
               len(train), len(test), built)
   return built
+
+
+def _local_dataset_dir(data_config: Any, require_labels: bool) -> str:
+  """Builds (once) the local tfds dataset of a folder; returns its version dir.
+
+  Safe to call from several processes at once: the check-and-build holds ``_build_lock``, so one
+  builds while the others wait and then reuse its build.
+  """
+  settings = _folder_settings(data_config)
+  scan = _scan_folder(str(_get(data_config, 'folder', '')), require_labels)
+  config_name = _local_config_name(scan, settings, require_labels)
+  data_dir = _data_dir(data_config)
+  version_dir = os.path.join(data_dir, LOCAL_BUILDER_NAME, config_name, _LOCAL_VERSION)
+  if _is_built(version_dir):
+    logger.info('reusing %s for %s', version_dir, scan.root)
+    return version_dir
+  with _build_lock(data_dir, config_name, scan.root):
+    if _is_built(version_dir):
+      logger.info('using %s, which another process prepared for %s meanwhile', version_dir,
+                  scan.root)
+      return version_dir
+    return _convert_folder(scan, settings, data_dir, config_name, version_dir)
 
 
 def _load_folder(data_config: Any, split: str, require_labels: bool) -> Arrays:
@@ -654,6 +886,73 @@ def check_image_shape(arrays: Arrays, data_config: Any) -> None:
     fix = f'{fix} (or --config.data.resize=True)' if fix else '--config.data.resize=True'
   raise DataError(f'images are {height}x{width}x{got_channels} but the config expects '
                   f'{size}x{size}x{channels}; set {fix}')
+
+
+def check_outside_folder(data_config: Any, path: str, what: str = 'workdir') -> None:
+  """Checks that ``path`` is neither the image folder of a folder dataset nor inside it.
+
+  What a run writes (samples, figures, checkpoints) inside the image folder would be read as
+  training images by the next build of the dataset.
+
+  Args:
+    data_config: the ``config.data`` ConfigDict; only ``folder`` and ``cubicc`` are checked.
+    path: the directory to check (it need not exist); symlinks are resolved.
+    what: what ``path`` is, for the message, which names the flag ``--<what>``.
+
+  Raises:
+    DataError: ``path`` is the image folder or inside it.
+  """
+  folder = str(_get(data_config, 'folder', ''))
+  if _get(data_config, 'name', '') not in FOLDER_DATASETS or not folder or not path:
+    return
+  folder = os.path.realpath(os.path.expanduser(folder))
+  resolved = os.path.realpath(os.path.expanduser(path))
+  if os.path.commonpath([folder, resolved]) != folder:
+    return
+  shown = path if os.path.abspath(os.path.expanduser(path)) == resolved else f'{path} ({resolved})'
+  relation = 'is' if resolved == folder else 'is inside'
+  raise DataError(f'{what} {shown} {relation} the image folder {folder}: its samples and '
+                  'checkpoints would be read as training images; pass a '
+                  f'--{what.replace(" ", "_")} outside it')
+
+
+def identity(train: Arrays, test: Arrays) -> dict[str, Any]:
+  """What a run was trained on: the size of each split and a hash of both, recorded in every
+  checkpoint and export, so that a dataset that changed under a run (images added, removed or
+  edited, another split) is refused instead of silently used.
+
+  Args:
+    train: the loaded 'train' split.
+    test: the loaded 'test' split.
+
+  Returns:
+    ``{"train": N, "test": M, "classes": C, "hash": hex}``; the hash covers the images, labels and
+    row order of both splits (so also which images are held out for 'test').
+  """
+  h = hashlib.blake2b(digest_size=16)
+  for arrays in (train, test):
+    images = np.ascontiguousarray(arrays.images)
+    h.update(np.asarray(images.shape, np.int64).tobytes())
+    h.update(memoryview(images).cast('B'))
+    h.update(np.ascontiguousarray(arrays.labels, np.int32).tobytes())
+  return {'train': len(train), 'test': len(test), 'classes': int(train.num_classes),
+          'hash': h.hexdigest()}
+
+
+def identity_change(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
+  """``None`` if ``saved`` and ``now`` (both from :func:`identity`) are the same dataset, else
+  what changed, for a message: ``"train 4000 -> 3990 images, test 1000 -> 998"`` or ``"same
+  counts (4000 train, 1000 test), other contents"``."""
+  if saved.get('hash') == now.get('hash'):
+    return None
+  counts = [f'{s} {saved.get(s)} -> {now.get(s)} images' for s in SPLITS
+            if saved.get(s) != now.get(s)]
+  if saved.get('classes') != now.get('classes'):
+    counts.append(f"classes {saved.get('classes')} -> {now.get('classes')}")
+  if counts:
+    return ', '.join(counts)
+  return (f"same counts ({now.get('train')} train, {now.get('test')} test), other contents "
+          'or another train/test split')
 
 
 def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:

@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class TrainingDivergedError(FloatingPointError):
   """A non-finite loss; the message names the step, the loss terms and the last good checkpoint."""
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another running command holds the run directory; the message names it (process, host)."""

@@ -74,7 +74,8 @@ def load_stage2(config, workdir: str, step: int | None = None) -> Stage2:
   denoiser = make_denoiser(c.conditioning, c.unet, c.dtype)
   model, tvae_vars, tree, path, fingerprint, _ = train_lib.load_stage1(config, workdir)
   model = dataclasses.replace(model, dtype=c.dtype)   # the frozen TreeVAE in the sampler
-  ckpts = ckpt_lib.Stage2Checkpoints(os.path.join(train_lib.stage2_dir(workdir), "checkpoints"))
+  ckpts = ckpt_lib.Stage2Checkpoints(os.path.join(train_lib.stage2_dir(workdir), "checkpoints"),
+                                     read_only=True)
   if ckpts.latest_step() is None:
     raise ckpt_lib.CheckpointError(f"no stage-2 checkpoint in {ckpts.directory}: run "
                                    f"launch/train_diffusion.py with this --workdir first")
@@ -95,7 +96,8 @@ def load_stage2(config, workdir: str, step: int | None = None) -> Stage2:
 
 def with_checkpoint(s: Stage2, workdir: str, step: int) -> Stage2:
   """``s`` with the EMA weights of checkpoint ``step`` (same export; compiled samplers shared)."""
-  ckpts = ckpt_lib.Stage2Checkpoints(os.path.join(train_lib.stage2_dir(workdir), "checkpoints"))
+  ckpts = ckpt_lib.Stage2Checkpoints(os.path.join(train_lib.stage2_dir(workdir), "checkpoints"),
+                                     read_only=True)
   try:
     meta = ckpts.read_meta(step)
     if meta.get("conditioning") != s.denoiser.conditioning.name or meta.get("export") != s.export:

@@ -30,7 +30,7 @@ from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_co
                                                    make_denoiser)
 from tree_diffusion.diffusion.process import Process
 from tree_diffusion.errors import ConfigError, TrainingDivergedError
-from tree_diffusion.runs import check_workdir, format_eta
+from tree_diffusion.runs import WorkdirLock, check_workdir, format_eta
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 from tree_diffusion.writer import MetricWriter
@@ -151,7 +151,8 @@ def check_export(config, path: str, meta: dict):
   """Checks a stage-1 export's meta against this config before anything is loaded.
 
   Raises:
-    ConfigError: the export was trained on images of another shape or on another dataset.
+    ConfigError: the export was trained on images of another shape or on another dataset (its
+      config; the data itself is compared by :func:`check_export_data`).
   """
   m = meta["model"]
   got = (m["image_size"], m["image_size"], m["channels"])
@@ -170,6 +171,20 @@ def check_export(config, path: str, meta: dict):
           f"the stage-1 export {path} was trained on other data ({'; '.join(diffs)}): "
           f"use the config of that stage-1 run, or point --config.diffusion.treevae_export at an "
           f"export of this data")
+
+
+def check_export_data(path: str, meta: dict, identity: dict):
+  """Refuses data that changed since the export was trained (images added, removed or edited).
+
+  Raises:
+    ConfigError: the export records another dataset identity; the message says what changed.
+  """
+  saved = (meta.get("data") or {}).get("identity")
+  change = None if saved is None else data_lib.identity_change(saved, identity)
+  if change:
+    raise ConfigError(
+        f"the dataset changed since the stage-1 export {path} was trained ({change}): put the "
+        f"images back as they were, or train stage 1 again on them in a new --workdir")
 
 
 def load_stage1(config, workdir: str):
@@ -217,20 +232,30 @@ def train_and_save(config, workdir: str, stop: preemption.StopRequest | None = N
   Returns:
     A summary (also written to ``WORKDIR/diffusion/train_summary.json``).
   """
+  validation.check_stage2(config)
+  data_lib.check_outside_folder(config.data, workdir)
+  check_workdir(workdir)
+  with WorkdirLock(workdir, "stage 2 (launch/train_diffusion.py)",
+                   enabled=jax.process_index() == 0):
+    return _train_and_save(config, workdir, stop)
+
+
+def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None) -> dict:
   c = config.diffusion
   stop = stop if stop is not None else preemption.never()
   t_run = time.perf_counter()
-  validation.check_stage2(config)
+  check_workdir(stage2_dir(workdir))
   denoiser = make_denoiser(c.conditioning, c.unet, c.dtype)
   cfg = StepConfig.from_config(c)
   mesh = sharding.make_mesh()
   sharding.check_batch_size(c.batch_size, mesh, setting="diffusion.batch_size")
   # The export's meta is checked against the config before its (small) variables are read.
-  model, tvae_vars, tree, path, fingerprint, _ = load_stage1(config, workdir)
-  check_workdir(stage2_dir(workdir))
+  model, tvae_vars, tree, path, fingerprint, export_meta = load_stage1(config, workdir)
   model = dataclasses.replace(model, dtype=c.dtype)   # the frozen TreeVAE's forward in the step
   train = data_lib.load_arrays(config.data, "train")
   data_lib.check_image_shape(train, config.data)
+  data_identity = data_lib.identity(train, data_lib.load_arrays(config.data, "test"))
+  check_export_data(path, export_meta, data_identity)
   steps_per_epoch = data_lib.num_batches(len(train), c.batch_size, drop_remainder=True)
   if steps_per_epoch == 0:
     raise ConfigError(f"{len(train)} training images are fewer than one batch of {c.batch_size}; "
@@ -250,6 +275,11 @@ def train_and_save(config, workdir: str, stop: preemption.StopRequest | None = N
           f"{meta.get('export')} (fingerprint {meta.get('export_fingerprint')}), not on {path} "
           f"(fingerprint {fingerprint}): use a new --workdir or point "
           f"--config.diffusion.treevae_export at the original export")
+    change = data_lib.identity_change(meta.get("data_identity") or data_identity, data_identity)
+    if change:
+      raise ckpt_lib.CheckpointError(
+          f"the dataset changed since stage-2 checkpoint {step} in {ckpts.directory} was written "
+          f"({change}): put the images back as they were, or start afresh with a new --workdir")
 
   abstract = lambda: jax.tree_util.tree_map(   # traced only when there is a checkpoint
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
@@ -271,6 +301,7 @@ def train_and_save(config, workdir: str, stop: preemption.StopRequest | None = N
   writer = MetricWriter(os.path.join(stage2_dir(workdir), "tensorboard"))
   config_json = ckpt_lib.config_sections(config, ckpt_lib.STAGE2_SECTIONS)
   save_meta = lambda: {"export": path, "export_fingerprint": fingerprint,
+                       "data_identity": data_identity,
                        "conditioning": denoiser.conditioning.name, "epoch": step // steps_per_epoch,
                        "config": config_json}
   step_key = sharding.replicate(jax.random.fold_in(key, 2), mesh)

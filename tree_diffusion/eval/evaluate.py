@@ -49,7 +49,7 @@ from tree_diffusion.eval import clustering
 from tree_diffusion.eval import fid as fid_lib
 from tree_diffusion.eval import report
 from tree_diffusion.eval.likelihood import LogLikelihood
-from tree_diffusion.runs import format_eta
+from tree_diffusion.runs import WorkdirLock, check_workdir, format_eta
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 from tree_diffusion.treevae.train import leaf_examples, predict_leaf_probs
@@ -394,7 +394,18 @@ class Evaluator:
 
   def run(self, config, workdir: str, checkpoints: str = "all", force: bool = False,
           data_fid: bool = False) -> dict:
-    """Evaluates ``workdir``; returns (and writes) its ``eval/metrics.json`` content."""
+    """Evaluates ``workdir``; returns (and writes) its ``eval/metrics.json`` content.
+
+    ``WORKDIR/eval`` is locked meanwhile (a second evaluation of the same workdir refuses in one
+    line); the checkpoints are only read, so training may go on in the same workdir.
+    """
+    eval_dir = os.path.join(workdir, "eval")
+    check_workdir(eval_dir)
+    with WorkdirLock(eval_dir, "evaluation (launch/evaluate.py)",
+                     enabled=jax.process_index() == 0):
+      return self._run(config, workdir, checkpoints, force, data_fid)
+
+  def _run(self, config, workdir: str, checkpoints: str, force: bool, data_fid: bool) -> dict:
     s = self.settings
     eval_dir = os.path.join(workdir, "eval")
     metrics_path = os.path.join(eval_dir, "metrics.json")

@@ -28,7 +28,8 @@ from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
 from tree_diffusion import preemption, sharding, validation
 from tree_diffusion.errors import TrainingDivergedError
-from tree_diffusion.runs import check_workdir, format_eta
+from tree_diffusion.errors import ConfigError
+from tree_diffusion.runs import WorkdirLock, check_workdir, format_eta
 from tree_diffusion.eval import clustering
 from tree_diffusion.tree import Tree, depth_of
 from tree_diffusion.treevae import growing
@@ -470,7 +471,9 @@ def train_and_export(config, workdir: str, stop: preemption.StopRequest | None =
   """Runs (or resumes) stage 1 in ``workdir`` and writes the export, metrics and tree figure.
 
   Resume order: the newest readable checkpoint in ``workdir/checkpoints`` (refused if it was
-  written with another config or library version), else a fresh start.
+  written with another config, library version or dataset), else a fresh start. A finished run
+  leaves its export as it is (when it is complete and of the final checkpoint) and only reports
+  the metrics. The workdir is locked (:class:`runs.WorkdirLock`) while this runs.
 
   Args:
     config: the full config (``data``, ``treevae``, ``stage1`` are used).
@@ -481,16 +484,28 @@ def train_and_export(config, workdir: str, stop: preemption.StopRequest | None =
   Returns:
     The final metrics (also written to ``workdir/stage1_metrics.json``).
   """
+  validation.check_stage1(config)
+  data_lib.check_outside_folder(config.data, workdir)
+  check_workdir(workdir)
+  with WorkdirLock(workdir, "stage 1 (launch/train_treevae.py)", enabled=jax.process_index() == 0):
+    return _train_and_export(config, workdir, stop)
+
+
+def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None) -> dict:
   c = config.stage1
   t_run = time.perf_counter()
-  validation.check_stage1(config)
-  check_workdir(workdir)
   mesh = sharding.make_mesh()
-  sharding.check_batch_size(c.batch_size // 2 if c.augment and "InfoNCE" in c.augmentation_method
-                            else c.batch_size, mesh)
+  load_bs = c.batch_size // 2 if c.augment and "InfoNCE" in c.augmentation_method else c.batch_size
+  sharding.check_batch_size(load_bs, mesh)
   train_arrays = data_lib.load_arrays(config.data, "train")
   test_arrays = data_lib.load_arrays(config.data, "test")
   data_lib.check_image_shape(train_arrays, config.data)
+  if len(train_arrays) < load_bs:
+    raise ConfigError(
+        f"{len(train_arrays)} training images are fewer than one batch of {load_bs}: nothing "
+        f"would be trained; add images or lower --config.stage1.batch_size (to at most "
+        f"{len(train_arrays) if load_bs == c.batch_size else 2 * len(train_arrays)})")
+  data_identity = data_lib.identity(train_arrays, test_arrays)
   model = make_model(config)
   ckpts = ckpt_lib.Stage1Checkpoints(workdir, max_to_keep=c.checkpoints_to_keep)
   run = _Run(config=config, model=model, train=train_arrays, test=test_arrays, writer=None,
@@ -499,8 +514,20 @@ def train_and_export(config, workdir: str, stop: preemption.StopRequest | None =
   logging.info("data: %d train / %d test images of shape %s; devices: %d", len(train_arrays),
                len(test_arrays), train_arrays.images.shape[1:], jax.device_count())
 
-  restored = ckpts.restore(model, config, _phase_abstract(run))
+  def same_data(step, meta):
+    change = data_lib.identity_change(meta.get("data_identity") or data_identity, data_identity)
+    if change:
+      raise ckpt_lib.CheckpointError(
+          f"the dataset changed since stage-1 checkpoint {step} in {ckpts.directory} was written "
+          f"({change}): put the images back as they were, or start afresh with a new --workdir")
+
+  restored = ckpts.restore(model, config, _phase_abstract(run), same_data)
   phase_arrays = {}
+  export_dir = os.path.join(workdir, "export")
+  if restored is not None and restored[3]["cursor"]["phase"] == "done":
+    finished = _finished(run, workdir, export_dir, restored, data_identity)
+    if finished is not None:
+      return finished
   if restored is None:
     tree = initial_tree(config)
     variables = model.init(jax.random.fold_in(run.key, 999), tree)
@@ -521,7 +548,8 @@ def train_and_export(config, workdir: str, stop: preemption.StopRequest | None =
     nonlocal step
     step += 1
     ckpts.save(step, variables, tree, cursor, phase_arrays=arrays,
-               extra={"global_epoch": run.global_epoch, "config": config_json})
+               extra={"global_epoch": run.global_epoch, "config": config_json,
+                      "data_identity": data_identity})
     return step
 
   while cursor["phase"] != "done":
@@ -581,12 +609,12 @@ def train_and_export(config, workdir: str, stop: preemption.StopRequest | None =
   metrics["wall_time_s"] = time.perf_counter() - t_run
   metrics["train_images_per_second"] = (float(np.median(run.images_per_second))
                                         if run.images_per_second else None)
-  ckpt_lib.export_treevae(os.path.join(workdir, "export"), model, variables, tree, {
+  ckpt_lib.export_treevae(export_dir, model, variables, tree, {
       "config": json.loads(config.to_json_best_effort()),
       "data": {"name": config.data.name, "image_shape": list(model.image_shape),
                "normalisation": "float32 in [0, 1] (uint8 / 255)",
                "num_classes": train_arrays.num_classes},
-      "metrics": metrics})
+      "metrics": metrics}, data_identity=data_identity)
   if jax.process_index() == 0:   # every process computed the same metrics; one writes them
     with open(os.path.join(workdir, "stage1_metrics.json"), "w") as f:
       json.dump(metrics, f, indent=2)
@@ -594,6 +622,26 @@ def train_and_export(config, workdir: str, stop: preemption.StopRequest | None =
   writer.close()
   logging.info("stage 1 done in %s: %s", format_eta(metrics["wall_time_s"]),
                {k: v for k, v in metrics["test"].items() if not isinstance(v, list)})
+  return metrics
+
+
+def _finished(run: _Run, workdir: str, export_dir: str, restored, data_identity: dict
+              ) -> dict | None:
+  """A re-run of a finished stage 1: its metrics if the export is complete and holds the final
+  checkpoint's model (left untouched, so the stage-2 runs on it stay valid); ``None`` if the
+  export must be written again (missing, garbled, or another model)."""
+  step, variables, tree, _, _ = restored
+  expected = ckpt_lib.fingerprint(run.model, variables, tree, data_identity)
+  if not ckpt_lib.export_matches(export_dir, expected):
+    logging.warning("stage 1 finished (checkpoint %d) but %s is missing, unreadable or of another "
+                    "model: writing it again", step, export_dir)
+    return None
+  run.ckpts.close()
+  metrics = ckpt_lib.read_export_meta(export_dir).get("metrics", {})
+  logging.info("stage 1 already finished (checkpoint %d); %s left as it is (fingerprint %s)",
+               step, export_dir, expected)
+  if not os.path.exists(os.path.join(workdir, "tree.png")):
+    write_tree_figure(run, variables, tree, os.path.join(workdir, "tree.png"))
   return metrics
 
 

@@ -1,0 +1,314 @@
+"""Careless but ordinary use of run directories, in-process: re-running a finished stage, two
+writers on one workdir, a reader next to a trainer, a dataset that changes under a run, too few
+images. Each case ends in the right result or a one-line error before any work, and nothing a
+user had is lost. (The launchers' one-line errors are checked end to end in test_errors.py.)"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from launchers import write_image_folder
+from tree_diffusion import checkpoint, data, runs
+from tree_diffusion.errors import ConfigError, WorkdirBusyError
+
+
+def _config(**overrides):
+  from configs import demo
+  c = demo.get_config("tiny")
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    c[section][field] = value
+  return c
+
+
+def _folder_config(tmp_path, n=64):
+  """demo:tiny on a flat folder of ``n`` real digits (the 'test' split: 10 % of them)."""
+  write_image_folder(tmp_path / "images", n)
+  return _config(data__name="folder", data__folder=str(tmp_path / "images"),
+                 data__data_dir=str(tmp_path / "tfds"))
+
+
+def _identity(c):
+  return data.identity(*(data.load_arrays(c.data, s) for s in ("train", "test")))
+
+
+def _stage1_run(c, workdir, phase="done", export=True, identity=None):
+  """A stage-1 workdir as train_and_export leaves it after ``phase`` (without training: the
+  variables are the initial ones), with its export when ``export``."""
+  from tree_diffusion.treevae import train as tv_train
+  model, tree = tv_train.make_model(c), tv_train.initial_tree(c)
+  variables = model.init(jax.random.key(0), tree)
+  identity = _identity(c) if identity is None else identity
+  ckpts = checkpoint.Stage1Checkpoints(str(workdir))
+  ckpts.save(7, variables, tree, {"phase": phase, "iteration": 0, "not_expandable": [],
+                                  "phase_id": 3},
+             extra={"global_epoch": 3, "data_identity": identity,
+                    "config": checkpoint.config_sections(c, checkpoint.STAGE1_SECTIONS)})
+  ckpts.close()
+  if export:
+    checkpoint.export_treevae(str(workdir / "export"), model, variables, tree,
+                              {"metrics": {"test": {"nmi": 0.5}, "num_leaves": tree.num_leaves,
+                                           "wall_time_s": 1.0}}, data_identity=identity)
+  return model, variables, tree
+
+
+def _snapshot(directory):
+  """Every file under ``directory``: (inode, bytes); equal snapshots = untouched files."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, directory)] = (os.stat(p).st_ino, fh.read())
+  return out
+
+
+# ------------------------------------------------------------------- re-running a finished stage
+
+
+def test_rerunning_a_finished_stage1_leaves_its_export_untouched(tmp_path):
+  from tree_diffusion.treevae import train as tv_train
+  c, workdir = _config(), tmp_path / "run"
+  _stage1_run(c, workdir)
+  (workdir / "tree.png").write_bytes(b"figure")
+  before = _snapshot(workdir / "export")
+  metrics = tv_train.train_and_export(c, str(workdir))
+  assert metrics["test"]["nmi"] == 0.5          # the finished run's metrics, not recomputed
+  assert _snapshot(workdir / "export") == before
+
+
+def test_rerunning_a_finished_stage1_repairs_a_garbled_export(tmp_path):
+  from tree_diffusion.treevae import train as tv_train
+  c, workdir = _config(), tmp_path / "run"
+  model, variables, tree = _stage1_run(c, workdir)
+  expected = checkpoint.fingerprint(model, variables, tree, _identity(c))
+  (workdir / "export" / "meta.json").write_text('{"format": "tree_diffusion.treevae.exp')
+  with pytest.raises(checkpoint.CheckpointError, match="is garbled .*re-running launch/train_treevae.py"):
+    checkpoint.load_treevae(str(workdir / "export"))
+  tv_train.train_and_export(c, str(workdir))
+  checkpoint.load_treevae(str(workdir / "export"))
+  assert checkpoint.export_fingerprint(str(workdir / "export")) == expected
+
+
+def test_the_export_fingerprint_is_only_what_stage2_uses(tmp_path):
+  from tree_diffusion.treevae import train as tv_train
+  c = _config()
+  model, tree = tv_train.make_model(c), tv_train.initial_tree(c)
+  v = model.init(jax.random.key(0), tree)
+  identity = {"train": 4, "test": 1, "classes": 0, "hash": "aa"}
+  fp = {}
+  for name, variables, metrics, ident in [
+      ("a", v, {"wall_time_s": 1.0}, identity),
+      ("same_model_other_metrics", v, {"wall_time_s": 2.0}, identity),
+      ("other_variables", model.init(jax.random.key(1), tree), {"wall_time_s": 1.0}, identity),
+      ("other_data", v, {"wall_time_s": 1.0}, dict(identity, hash="bb"))]:
+    checkpoint.export_treevae(str(tmp_path / name), model, variables, tree, {"metrics": metrics},
+                              data_identity=ident)
+    fp[name] = checkpoint.export_fingerprint(str(tmp_path / name))
+  assert fp["a"] == fp["same_model_other_metrics"]
+  assert len({fp["a"], fp["other_variables"], fp["other_data"]}) == 3
+
+
+def test_an_export_is_replaced_only_once_the_new_one_is_complete(tmp_path, monkeypatch):
+  from tree_diffusion.treevae import train as tv_train
+  c = _config()
+  model, tree = tv_train.make_model(c), tv_train.initial_tree(c)
+  path = str(tmp_path / "export")
+  checkpoint.export_treevae(path, model, model.init(jax.random.key(0), tree), tree, {})
+  before = _snapshot(path)
+
+  def disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(checkpoint.ocp.StandardCheckpointer, "save", disk_full)
+  with pytest.raises(OSError, match="No space left"):
+    checkpoint.export_treevae(path, model, model.init(jax.random.key(1), tree), tree, {})
+  assert _snapshot(path) == before
+  checkpoint.load_treevae(path)
+
+
+# ------------------------------------------------------------------------- one writer per workdir
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+  with runs.WorkdirLock(str(tmp_path), "stage 1"):
+    with pytest.raises(WorkdirBusyError) as e:
+      with runs.WorkdirLock(str(tmp_path), "stage 2"):
+        pass
+  msg = str(e.value)
+  assert f"process {os.getpid()} on {socket.gethostname()}" in msg and "stage 1" in msg
+  assert "\n" not in msg
+  with runs.WorkdirLock(str(tmp_path), "stage 2"):   # released on exit
+    pass
+
+
+def test_the_lock_is_held_across_processes_and_released_when_its_holder_dies(tmp_path):
+  hold = ("import sys, time; from tree_diffusion import runs\n"
+          "with runs.WorkdirLock(sys.argv[1], 'holder'):\n"
+          "  print('locked', flush=True); time.sleep(60)\n")
+  p = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE,
+                       text=True)
+  try:
+    assert p.stdout.readline().strip() == "locked"
+    with pytest.raises(WorkdirBusyError, match=f"process {p.pid} on .*holder"):
+      with runs.WorkdirLock(str(tmp_path)):
+        pass
+  finally:
+    p.kill()
+    p.wait()
+  # Killed: the kernel released its flock; its record is left in the file and taken over.
+  assert json.loads((tmp_path / runs.LOCK_FILE).read_text())["pid"] == p.pid
+  with runs.WorkdirLock(str(tmp_path), "next"):
+    assert json.loads((tmp_path / runs.LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_a_lock_recorded_by_a_live_process_is_respected_without_flock(tmp_path):
+  """A file system that ignores flock (some network mounts): the record of a live process on
+  this host still refuses."""
+  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    (tmp_path / runs.LOCK_FILE).write_text(json.dumps(
+        {"pid": live.pid, "host": socket.gethostname(), "command": "stage 2"}))
+    with pytest.raises(WorkdirBusyError, match=f"process {live.pid} .*stage 2"):
+      with runs.WorkdirLock(str(tmp_path)):
+        pass
+  finally:
+    live.kill()
+    live.wait()
+
+
+def test_training_commands_refuse_a_locked_workdir_before_any_work(tmp_path):
+  from tree_diffusion.diffusion import train as df_train
+  from tree_diffusion.treevae import train as tv_train
+  c, workdir = _config(), tmp_path / "run"
+  workdir.mkdir()
+  with runs.WorkdirLock(str(workdir), "another run"):
+    with pytest.raises(WorkdirBusyError, match="another run"):
+      tv_train.train_and_export(c, str(workdir))
+    with pytest.raises(WorkdirBusyError, match="another run"):
+      df_train.train_and_save(c, str(workdir))
+  assert sorted(os.listdir(workdir)) == [runs.LOCK_FILE]
+
+
+# ------------------------------------------------------------------- readers next to a trainer
+
+
+def test_sampling_next_to_a_running_trainer_leaves_its_checkpoints_alone(tmp_path):
+  from tree_diffusion.diffusion import generate
+  from tree_diffusion.diffusion import train as df_train
+  from tree_diffusion.diffusion.conditioning import make_denoiser
+  c, workdir = _config(), tmp_path / "run"
+  model, _, tree = _stage1_run(c, workdir, export=True)
+  d = c.diffusion
+  denoiser = make_denoiser(d.conditioning, d.unet, d.dtype)
+  state = df_train.init_state(denoiser, df_train.StepConfig.from_config(d), jax.random.key(0),
+                              df_train.example_condition(denoiser, model, tree), model.image_shape)
+  directory = workdir / "diffusion" / "checkpoints"
+  export = str((workdir / "export").resolve())
+  ckpts = checkpoint.Stage2Checkpoints(str(directory))
+  ckpts.save(2, state, {"export": export, "conditioning": denoiser.conditioning.name,
+                        "export_fingerprint": checkpoint.export_fingerprint(export)})
+  ckpts.close()
+  in_flight = directory / "4.orbax-checkpoint-tmp-1234567"   # what a trainer is writing
+  in_flight.mkdir()
+  (in_flight / "part").write_text("being written")
+  before = _snapshot(directory)
+  s = generate.load_stage2(c, str(workdir))
+  s = generate.with_checkpoint(s, str(workdir), 2)
+  assert s.step == 2
+  assert _snapshot(directory) == before
+
+
+# ------------------------------------------------------------------ data that changes under a run
+
+
+def test_identity_names_what_changed():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (6, 4, 4, 1), dtype=np.uint8)
+  labels = np.array([0, 1, 0, 1, 0, 1], np.int32)
+  a = lambda im, lab: data.Arrays(im, lab, 2)
+  base = data.identity(a(images[:4], labels[:4]), a(images[4:], labels[4:]))
+  assert {k: base[k] for k in ("train", "test", "classes")} == {"train": 4, "test": 2, "classes": 2}
+  assert data.identity_change(base, data.identity(a(images[:4], labels[:4]),
+                                                  a(images[4:], labels[4:]))) is None
+  edited = images.copy()
+  edited[0, 0, 0, 0] ^= 1
+  assert data.identity_change(base, data.identity(a(edited[:4], labels[:4]),
+                                                  a(edited[4:], labels[4:]))) == (
+      "same counts (4 train, 2 test), other contents or another train/test split")
+  # The same six images, another split.
+  assert data.identity_change(base, data.identity(a(images[2:], labels[2:]),
+                                                  a(images[:2], labels[:2]))) == (
+      "same counts (4 train, 2 test), other contents or another train/test split")
+  assert data.identity_change(base, data.identity(a(images[:3], labels[:3]),
+                                                  a(images[4:], labels[4:]))) == (
+      "train 4 -> 3 images")
+
+
+def _remove_images(folder, n):
+  for name in sorted(os.listdir(folder))[:n]:
+    os.remove(os.path.join(folder, name))
+
+
+def test_stage1_refuses_to_resume_on_a_changed_dataset(tmp_path):
+  from tree_diffusion.treevae import train as tv_train
+  c, workdir = _folder_config(tmp_path), tmp_path / "run"
+  _stage1_run(c, workdir, phase="grow", export=False)
+  _remove_images(tmp_path / "images", 3)
+  # 64 images: 6 held out for 'test' (10 %, rounded), 58 train; 61: 6 and 55.
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"dataset changed since stage-1 checkpoint 7 .*\(train 58 -> 55 images\)"
+                           r": put the images back"):
+    tv_train.train_and_export(c, str(workdir))
+  assert not (workdir / "export").exists()
+
+
+def test_stage2_refuses_a_dataset_that_changed_since_stage1(tmp_path):
+  from tree_diffusion.diffusion import train as df_train
+  c, workdir = _folder_config(tmp_path), tmp_path / "run"
+  _stage1_run(c, workdir)
+  _remove_images(tmp_path / "images", 3)
+  with pytest.raises(ConfigError, match=r"dataset changed since the stage-1 export .*"
+                                        r"\(train 58 -> 55 images\)"):
+    df_train.train_and_save(c, str(workdir))
+  assert not (workdir / "diffusion" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------- too few images
+
+
+def test_fewer_training_images_than_one_batch_are_refused_before_any_work(tmp_path):
+  from tree_diffusion.treevae import train as tv_train
+  c, workdir = _config(stage1__batch_size=4096), tmp_path / "run"   # mnist_5k: 4,000 train
+  with pytest.raises(ConfigError, match="4000 training images are fewer than one batch of 4096.*"
+                                        "--config.stage1.batch_size"):
+    tv_train.train_and_export(c, str(workdir))
+  assert not (workdir / "checkpoints").exists() and not (workdir / "export").exists()
+
+
+def test_a_full_disk_while_saving_names_the_checkpoint_that_is_kept(tmp_path, monkeypatch):
+  directory = tmp_path / "checkpoints"
+  ckpts = checkpoint.Stage2Checkpoints(str(directory))
+  ckpts.save(2, {"w": np.zeros((3,), np.float32)}, {})
+  real_save = checkpoint.ocp.CheckpointManager.save
+
+  def full(self, step, *args, **kwargs):
+    try:
+      raise OSError(28, "No space left on device")
+    except OSError as e:   # as Orbax reports it: its own error, the OSError as the context
+      raise RuntimeError("Checkpoint save failed") from e
+
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", full)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    ckpts.save(4, {"w": np.ones((3,), np.float32)}, {})
+  assert (f"stage-2 checkpoint 4 was not saved in {directory}: the disk is full; the last "
+          f"complete one is checkpoint 2 in {directory} (kept)") in str(e.value)
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", real_save)
+  ckpts.close()
+  assert checkpoint.Stage2Checkpoints(str(directory), read_only=True).all_steps() == [2]
