@@ -8,7 +8,7 @@ from configs import cifar10, common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg)
+  args = common.parse_arg(arg, allowed=("tiny",), config_file=__file__)
   c = cifar10.colour(common.base(), 64, res_connections=False)
   c.data.name = "celeb_a"
   c.stage1.batch_size = 128

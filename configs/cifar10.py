@@ -41,7 +41,7 @@ def tiny_colour(c):
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg)
+  args = common.parse_arg(arg, allowed=("tiny",), config_file=__file__)
   c = colour(common.base(), 32, res_connections=True)
   c.data.name = "cifar10"
   c.stage1.augmentation = "cifar"

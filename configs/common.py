@@ -4,16 +4,65 @@ Each dataset file calls :func:`base` and overrides fields. Values are those of t
 configs (``reference/treevae.md`` §7.2) unless a comment says otherwise.
 """
 
+import difflib
+import os
+
 import ml_collections
 
+from tree_diffusion.errors import ConfigError
 
-def parse_arg(arg):
-  """``"tiny,seed=3"`` → ``{"tiny": True, "seed": "3"}`` (big_vision style config suffix)."""
+
+def parse_arg(arg: str | None, allowed: tuple[str, ...], config_file: str) -> dict[str, bool]:
+  """The argument of ``--config=FILE:ARG``: ``"tiny"`` → ``{"tiny": True}`` (big_vision style).
+
+  Args:
+    arg: comma-separated names (``None`` or ``""``: none).
+    allowed: the names this config file accepts.
+    config_file: the config file's ``__file__`` (for the message).
+
+  Returns:
+    ``{name: True}`` for each name given.
+
+  Raises:
+    ConfigError: a name not in ``allowed`` (with the closest valid one and the valid ones) or a
+      ``key=value`` (with the ``--config.KEY=VALUE`` overrides that set a value).
+  """
+  where = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(config_file))),
+                       os.path.basename(config_file))
+  valid = ", ".join(allowed) or "none"
   out = {}
-  for part in filter(None, (arg or "").split(",")):
-    k, _, v = part.partition("=")
-    out[k.strip()] = v.strip() if v else True
+  for part in filter(None, (p.strip() for p in (arg or "").split(","))):
+    k, eq, v = (s.strip() for s in part.partition("="))
+    if k in allowed and eq:
+      raise ConfigError(f"config argument {k!r} of {where} takes no value, got {part!r}; "
+                        f"valid: {valid}")
+    if k not in allowed:
+      msg = f"unknown config argument {part!r} for {where}"
+      close = difflib.get_close_matches(k, allowed, n=1, cutoff=0.5)
+      if close and not eq:
+        msg += f" (did you mean {close[0]!r}?)"
+      msg += f"; valid: {valid}"
+      if eq:
+        keys = _keys_named(base(), k)
+        msg += (f"; set a value with --config.KEY={v} (keys named {k!r}: {', '.join(keys)})"
+                if keys else f"; set a value with --config.SECTION.KEY={v}")
+      raise ConfigError(msg)
+    out[k] = True
   return out
+
+
+def _keys_named(c: ml_collections.ConfigDict, name: str, prefix: str = "") -> list[str]:
+  """The dotted keys of ``c`` whose last part is ``name`` (a section's own before its
+  subsections')."""
+  found, sections = [], []
+  for k, v in c.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      sections.append((k, v))
+    elif k == name:
+      found.append(prefix + k)
+  for k, v in sections:
+    found += _keys_named(v, name, f"{prefix}{k}.")
+  return found
 
 
 def base() -> ml_collections.ConfigDict:

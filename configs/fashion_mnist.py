@@ -8,7 +8,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg)
+  args = common.parse_arg(arg, allowed=("tiny",), config_file=__file__)
   c = common.base()
   c.data.name = "fashion_mnist"
   c.stage1.kl_start = 0.5

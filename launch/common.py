@@ -1,11 +1,15 @@
 """What every launcher does: join the other processes of a multi-host job, hide accelerators from
-TensorFlow, log the topology, check the config, turn expected user errors into one-line messages
-(exit code 1) instead of tracebacks, and turn a graceful stop (SIGTERM, Ctrl-C) into exit code 0
-with the command that resumes."""
+TensorFlow, log the topology, check the config, turn expected user errors (a bad flag, a config
+file that cannot be loaded, a run directory that is missing or cannot be written) into one-line
+messages (exit code 1) instead of tracebacks, and turn a graceful stop (SIGTERM, Ctrl-C) into exit
+code 0 with the command that resumes."""
 
+import errno
+import glob
 import os
 import shlex
 import sys
+import traceback
 
 from absl import app, flags, logging
 
@@ -15,8 +19,12 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "SLURM and other clusters JAX finds its peers itself; elsewhere pass the three flags below.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (with --distributed).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.",
+                                      lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.", lower_bound=0)
+_TRACEBACK = flags.DEFINE_bool(
+    "traceback", False, "Show the traceback of an expected error (a bad config, missing data, …) "
+    "instead of the one-line `error: …` message (for debugging).")
 _CACHE = flags.DEFINE_string(
     "compilation_cache", None,
     "Directory of JAX's persistent compilation cache, so that a re-run or a resume compiles "
@@ -63,8 +71,16 @@ def setup(compilation_cache: bool = True):
     import jax  # pylint: disable=g-import-not-at-top
     # CPU processes (tests, debugging) need a collectives backend; GPUs and TPUs have their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    try:
+      jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                 num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    except (ValueError, RuntimeError) as e:
+      from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+      raise ConfigError(
+          f"--distributed: jax.distributed.initialize() failed: {_one_line(e).rstrip('.')}; "
+          f"outside a cluster that JAX detects itself (Cloud TPU, SLURM, ...) pass "
+          f"--coordinator_address=HOST:PORT (of process 0), --num_processes=N and "
+          f"--process_id=0..N-1") from None
   try:  # TensorFlow (only present to prepare tfds data) must not grab GPU memory.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], "GPU")
@@ -86,11 +102,56 @@ def check_config(config):
   validation.check_types(config, config_common.base())
 
 
+def check_run_dir(workdir: str, flag: str = "--workdir"):
+  """A run directory that a command reads must exist (readers never create one).
+
+  Raises:
+    ConfigError: ``workdir`` does not exist or is not a directory, with the fix.
+  """
+  from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(workdir):
+    what = "is not a directory" if os.path.exists(workdir) else "does not exist"
+    raise ConfigError(f"run directory {workdir} {what}: pass the {flag} of a run (train it first "
+                      f"with launch/train_treevae.py)")
+
+
+def check_writable(path: str, fix: str):
+  """Checks, before any work, that ``path`` (a directory, made later by the work) can be written.
+
+  Nothing is created: a probe file is written and removed in ``path`` or else in its deepest
+  existing ancestor, which must be a directory.
+
+  Args:
+    path: the output directory.
+    fix: what the user can do, e.g. ``"pass a --workdir you can write to"``.
+
+  Raises:
+    PermissionError: ``path`` cannot be made or written (names the directory and ``fix``).
+  """
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  why = None
+  if not os.path.isdir(existing):
+    why = f"{existing} is not a directory"
+  else:
+    probe = os.path.join(existing, f".write_test{os.getpid()}")
+    try:
+      with open(probe, "w") as f:
+        f.write("ok")
+      os.remove(probe)
+    except OSError as e:
+      why = f"{existing}: {e.strerror}"
+  if why is not None:
+    raise PermissionError(f"output directory {path} is not writable ({why}); {fix}")
+
+
 def _user_errors():
   from tree_diffusion import checkpoint, data, errors  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import inception  # pylint: disable=g-import-not-at-top
   return (data.DataError, checkpoint.CheckpointError, errors.ConfigError, PermissionError,
-          FileNotFoundError, inception.InceptionWeightsError, errors.TrainingDivergedError)
+          FileNotFoundError, inception.InceptionWeightsError, errors.TrainingDivergedError,
+          errors.WorkdirBusyError)
 
 
 def resume_command() -> str:
@@ -104,10 +165,89 @@ def _one_line(e: BaseException) -> str:
   return " ".join(msg.split())
 
 
+class ConfigFileError(Exception):
+  """A ``--config`` file that cannot be loaded. Not a ``ValueError``: absl's flag parser would
+  wrap that into a message that holds the config file's traceback."""
+
+
+def _config_files() -> str:
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(here, "configs", "*.py")))
+  return ", ".join(n[:-3] for n in names if n not in ("__init__.py", "common.py"))
+
+
+def _short(path: str) -> str:
+  rel = os.path.relpath(path)
+  return path if rel.startswith("..") else rel
+
+
+def _where(e: BaseException) -> str:
+  """`` (at file:line)``: the innermost frame of ``e``'s traceback outside installed packages."""
+  frames = [f for f in traceback.extract_tb(e.__traceback__) if "-packages" not in f.filename]
+  return f" (at {_short(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+
+
+def _load_config_file(parse, flag: str, value: str):
+  """``parse(value)`` (ml_collections' loader) with every way a config file can fail as one
+  :class:`ConfigFileError` that names the file and the fix."""
+  from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  path = value.partition(":")[0]
+  if not os.path.isfile(path):
+    what = "is a directory" if os.path.isdir(path) else "does not exist"
+    raise ConfigFileError(
+        f"--{flag}={value}: config file {path} {what} (relative paths start at {os.getcwd()}); "
+        f"pass --{flag}=configs/NAME.py[:tiny] with NAME among {_config_files()}")
+  try:
+    config = parse(value)
+  except Exception as e:  # pylint: disable=broad-except
+    # ml_collections re-raises a TypeError/ValueError as a new one holding the traceback text.
+    if isinstance(e, (TypeError, ValueError)) and e.__context__ is not None and str(e).startswith(
+        "Error whilst parsing config file"):
+      e = e.__context__
+    if isinstance(e, ConfigError):     # the file's own message (e.g. an unknown config argument)
+      raise ConfigFileError(f"--{flag}={value}: {_one_line(e)}") from None
+    if isinstance(e, SyntaxError):
+      raise ConfigFileError(f"--{flag}={value}: {_short(e.filename or path)}:{e.lineno}: {e.msg}: "
+                            f"fix the config file") from None
+    if isinstance(e, AttributeError) and "get_config" in str(e):
+      raise ConfigFileError(f"--{flag}={value}: {path} defines no get_config(arg=None): not a "
+                            f"config file? (use one of configs/: {_config_files()})") from None
+    raise ConfigFileError(
+        f"--{flag}={value}: loading {path} failed with {type(e).__name__}: {_one_line(e)}"
+        f"{_where(e)}: fix the config file") from None
+  if not isinstance(config, ConfigDict):
+    # ml_collections defers an IOError raised while loading until the config is used.
+    cause = getattr(config, "_error", None) if config is not None else None
+    if isinstance(cause, BaseException):
+      raise ConfigFileError(f"--{flag}={value}: loading {path} failed with "
+                            f"{type(cause).__name__}: {_one_line(cause)}{_where(cause)}: fix the "
+                            f"config file") from None
+    raise ConfigFileError(f"--{flag}={value}: get_config() of {path} returned "
+                          f"{type(config).__name__}, not an ml_collections.ConfigDict: fix the "
+                          f"config file")
+  return config
+
+
+def _guard_config_files():
+  """Routes the loading of every ``DEFINE_config_file`` flag through :func:`_load_config_file`."""
+  from ml_collections.config_flags import config_flags  # pylint: disable=g-import-not-at-top
+  for name in list(flags.FLAGS):
+    parser = flags.FLAGS[name].parser
+    if isinstance(parser, config_flags.ConfigFileFlagParser) and not hasattr(parser, "_guarded"):
+      parse = parser.parse
+      parser.parse = lambda value, parse=parse, name=name: _load_config_file(parse, name, value)
+      parser._guarded = True  # pylint: disable=protected-access
+
+
 def _parse_flags(argv):
-  """absl's flag parsing, with a mistyped or ill-typed ``--config.x=…`` as a one-line error."""
+  """absl's flag parsing, with a mistyped or ill-typed ``--config.x=…`` and a config file that
+  cannot be loaded as one-line errors."""
+  _guard_config_files()
   try:
     return flags.FLAGS(argv)
+  except ConfigFileError as e:
+    sys.exit(f"error: {_one_line(e)}")
   except flags.Error as e:
     sys.exit(f"error: {_one_line(e)} (see --help)")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
@@ -122,12 +262,23 @@ def run(main):
   graceful stop (:class:`preemption.Preempted`) as exit code 0 with the command that resumes."""
   def wrapped(argv):
     from tree_diffusion import preemption  # pylint: disable=g-import-not-at-top
+    if len(argv) > 1:   # every launcher takes flags only; a stray word is a mistyped flag
+      sys.exit(f"error: unexpected argument(s) {' '.join(shlex.quote(a) for a in argv[1:])}: "
+               f"flags take the form --name=value (see --help)")
     try:
       return main(argv)
     except preemption.Preempted as e:
       logging.warning("%s. Resume with the same command: %s", e, resume_command())
       sys.exit(0)
     except _user_errors() as e:
+      if _TRACEBACK.value:
+        raise
       logging.error("%s", e)
       sys.exit(f"error: {_one_line(e)}")
+    except OSError as e:
+      if e.errno not in (errno.ENOSPC, errno.EDQUOT) or _TRACEBACK.value:
+        raise
+      where = f" writing {e.filename}" if e.filename else ""
+      sys.exit(f"error: the disk is full{where} ({e.strerror}): free space and re-run the same "
+               f"command (training resumes from its last complete checkpoint)")
   app.run(wrapped, flags_parser=_parse_flags)

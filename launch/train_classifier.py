@@ -31,12 +31,15 @@ def main(argv):
   common.check_config(_CONFIG.value)
   # After setup(): jax is configured first.
   from tree_diffusion import data as data_lib  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import validation  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import classifier as clf  # pylint: disable=g-import-not-at-top
-  from tree_diffusion.runs import check_workdir  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
+  validation.check_data(config)
+  validation.check_classifier(config)
   logging.info("config:\n%s", config.classifier)
   out_dir = clf.classifier_dir(config, _WORKDIR.value)
-  check_workdir(out_dir)
+  common.check_writable(out_dir, "pass a --workdir you can write to"
+                        + (" or another --config.classifier.dir" if config.classifier.dir else ""))
   train = data_lib.load_arrays(config.data, "train")
   data_lib.check_image_shape(train, config.data)
   test = data_lib.load_arrays(config.data, "test")

@@ -1,8 +1,14 @@
 """Bad inputs to the launchers: each a one-line error (exit code != 0, no traceback)."""
 
+import json
+import os
+import socket
+
 import pytest
 
+from configs import demo
 from launchers import run as _run
+from tree_diffusion import checkpoint
 
 
 @pytest.mark.parametrize("args,expect", [
@@ -53,3 +59,164 @@ def test_stage2_bad_input_gives_one_line_error(tmp_path, args, expect):
   assert r.returncode != 0
   assert expect in r.stderr, r.stderr[-2000:]
   assert "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def _fake_run(workdir, dataset="mnist_5k", stage2_steps=(2,)):
+  """A run directory as far as the launchers look before any heavy work: the stage-1 export's
+  meta.json (no weights) and empty committed stage-2 checkpoint directories."""
+  data = demo.get_config("tiny").data.to_dict()
+  data["name"] = dataset
+  (workdir / "export").mkdir(parents=True)
+  (workdir / "export" / "meta.json").write_text(json.dumps({
+      "format": checkpoint.EXPORT_FORMAT, "model": {"image_size": 28, "channels": 1},
+      "config": {"data": data}}))
+  (workdir / "stage1_metrics.json").write_text("{}")
+  for step in stage2_steps:
+    step_dir = workdir / "diffusion" / "checkpoints" / str(step)
+    step_dir.mkdir(parents=True)
+    (step_dir / "commit_success.txt").write_text("ok")
+  return workdir
+
+
+_TINY = "--config=configs/demo.py:tiny"
+
+
+# (launcher, arguments, expected text); {run}: a run with stage-2 checkpoint 2, {run_fm}: the same
+# of fashion_mnist, {s1}: a run with stage 1 only, {file}: a regular file, {tmp}: a fresh directory.
+@pytest.mark.parametrize("script,args,expect", [
+    # Config arguments and config files.
+    ("train_treevae.py", ["--config=configs/demo.py:tni", "--workdir={tmp}/w"],
+     "unknown config argument 'tni' for configs/demo.py (did you mean 'tiny'?); valid: tiny"),
+    ("train_diffusion.py", ["--config=configs/demo.py:tiny,seed=3", "--workdir={tmp}/w"],
+     "unknown config argument 'seed=3' for configs/demo.py; valid: tiny; set a value with "
+     "--config.KEY=3 (keys named 'seed': classifier.seed, data.seed,"),
+    ("sample.py", ["--config=configs/nope.py", "--workdir={run}"],
+     "config file configs/nope.py does not exist"),
+    ("train_treevae.py", ["--config=configs", "--workdir={tmp}/w"],
+     "config file configs is a directory"),
+    ("evaluate.py", ["--config={tmp}/syntax.py", "--workdir={run}"], "syntax.py:1: "),
+    ("train_classifier.py", ["--config={tmp}/raises.py", "--workdir={tmp}/w"],
+     "raises.py failed with RuntimeError: boom (at "),
+    ("train_treevae.py", ["--config={tmp}/raises.py", "--config.stage1.lr=1", "--workdir={tmp}/w"],
+     "raises.py failed with RuntimeError: boom (at "),
+    ("train_diffusion.py", ["--config={tmp}/valueerror.py", "--workdir={tmp}/w"],
+     "valueerror.py failed with ValueError: bad value (at "),
+    ("train_treevae.py", ["--config={tmp}/noconfig.py", "--workdir={tmp}/w"],
+     "noconfig.py defines no get_config(arg=None)"),
+    # Sample counts.
+    ("sample.py", [_TINY, "--workdir={run}", "--num_samples=0"], "flag --num_samples=0: "),
+    ("sample.py", [_TINY, "--workdir={run}", "--num_samples=-5"], "flag --num_samples=-5: "),
+    ("sample.py", [_TINY, "--workdir={run}", "--config.diffusion.sampling.num_samples=0"],
+     "config.diffusion.sampling.num_samples must be > 0, got 0"),
+    ("sample.py", [_TINY, "--workdir={run}", "--config.diffusion.sampling.batch_size=0"],
+     "config.diffusion.sampling.batch_size must be > 0, got 0"),
+    ("evaluate.py", [_TINY, "--workdir={run}", "--config.eval.num_samples=-5"],
+     "config.eval.num_samples must be > 0, got -5"),
+    ("evaluate.py", [_TINY, "--workdir={run}", "--config.eval.recons_num=-1"],
+     "config.eval.recons_num must be >= 0, got -1"),
+    ("evaluate.py", [_TINY, "--workdir={run}", "--config.eval.purity_samples=0"],
+     "config.eval.purity_samples must be > 0, got 0"),
+    # Sampling steps against the diffusion steps.
+    ("train_diffusion.py", [_TINY, "--workdir={tmp}/w", "--config.diffusion.sampling.steps=2000"],
+     "config.diffusion.sampling.steps (2000) must be <= config.diffusion.T (1000)"),
+    ("sample.py", [_TINY, "--workdir={run}", "--config.diffusion.sampling.steps=2000"],
+     "config.diffusion.sampling.steps (2000) must be <= config.diffusion.T (1000)"),
+    # Output directories that cannot be written.
+    ("sample.py", [_TINY, "--workdir={run}", "--samples_is_file"],
+     "diffusion/samples is not writable"),
+    ("evaluate.py", [_TINY, "--workdir={run}", "--eval_is_file"], "/eval is not writable"),
+    ("train_classifier.py", [_TINY, "--workdir={tmp}/w", "--config.classifier.dir={file}/c"],
+     "is not writable"),
+    ("summarize.py", ["--workdir={run}", "--summary_is_dir"], "summary.md is a directory"),
+    # Several runs at once.
+    ("evaluate.py", [_TINY, "--workdir={run},{run_fm}"],
+     "--workdir holds runs of different datasets: {run} (mnist_5k), {run_fm} (fashion_mnist)"),
+    ("evaluate.py", [_TINY, "--workdir={run_fm}"], "was trained on other data"),
+    ("evaluate.py", [_TINY, "--workdir={run},{tmp}/nope"],
+     "run directory {tmp}/nope does not exist"),
+    # Missing or bad flags, runs, checkpoints.
+    ("sample.py", [_TINY], "flag --workdir=None"),
+    ("train_treevae.py", ["--workdir={tmp}/w"], "flag --config=None"),
+    ("sample.py", [_TINY, "--workdir={tmp}/nope"], "run directory {tmp}/nope does not exist"),
+    ("sample.py", [_TINY, "--workdir={file}"], "run directory {file} is not a directory"),
+    ("sample.py", [_TINY, "--workdir={s1}"], "no stage-2 checkpoint in {s1}/diffusion/checkpoints"),
+    ("sample.py", [_TINY, "--workdir={run}", "--step=7"],
+     "no stage-2 checkpoint 7 in {run}/diffusion/checkpoints; have [2]"),
+    ("sample.py", [_TINY, "--workdir={run}", "--step=-1"], "flag --step=-1: "),
+    ("sample.py", [_TINY, "--workdir={run}", "--modes="], "--modes is empty"),
+    ("sample.py", [_TINY, "--workdir={run}", "--modes=sampel"], "unknown mode(s) ['sampel']"),
+    ("evaluate.py", [_TINY, "--workdir={run}", "--checkpoints=newest"],
+     "--checkpoints='newest': use all, latest, none or comma-separated steps (have [2])"),
+    ("evaluate.py", [_TINY, "--workdir={run}", "--checkpoints=999"],
+     "no stage-2 checkpoint(s) [999]; have [2]"),
+    ("evaluate.py", [_TINY, "--workdir={s1}"], "no stage-2 checkpoints in {s1}/diffusion"),
+    ("evaluate.py", [_TINY, "--workdir={run}", "--modes=bogus"], "unknown mode(s) bogus"),
+    ("evaluate.py", [_TINY, "--workdir={run}", "--modes="], "--modes is empty"),
+    ("evaluate.py", [_TINY, "--workdir=,"], "--workdir is empty"),
+    ("train_treevae.py", [_TINY, "--workdir={tmp}/w", "stray"], "unexpected argument(s) stray"),
+    ("train_treevae.py", [_TINY, "--workdir={tmp}/w", "--num_processes=0"],
+     "flag --num_processes=0: "),
+    ("train_treevae.py", [_TINY, "--workdir={tmp}/w", "--distributed"],
+     "--distributed: jax.distributed.initialize() failed: coordinator_address should be defined"),
+    ("train_classifier.py", [_TINY, "--workdir={tmp}/w", "--config.classifier.batch_size=0"],
+     "config.classifier.batch_size must be > 0, got 0"),
+    ("prepare_data.py", [], "flag --dataset=None"),
+    ("prepare_data.py", ["--dataset=bogus"], "flag --dataset=bogus: value should be one of"),
+    ("prepare_data.py", ["--dataset=mnist_5k", "--image_size=0"], "flag --image_size=0: "),
+    ("prepare_data.py", ["--dataset=mnist_5k", "--channels=2"], "flag --channels=2: "),
+    ("prepare_data.py", ["--dataset=mnist_5k", "--test_fraction=1.5"],
+     "--test_fraction must be in"),
+    ("prepare_data.py", ["--dataset=mnist_5k", "stray"], "unexpected argument(s) stray"),
+    ("prepare_data.py", ["--dataset=folder", "--folder={tmp}/nope", "--image_size=28",
+                         "--channels=1"], "{tmp}/nope"),
+    ("summarize.py", [], "flag --workdir=None"),
+    ("summarize.py", ["--workdir={tmp}/nope"], "run directory {tmp}/nope does not exist"),
+    ("summarize.py", ["--workdir={run}", "--times=stage1=-5"], "--times takes step=seconds"),
+    # Run directories in use, damaged or misplaced.
+    ("train_treevae.py", [_TINY, "--workdir={run}", "--run_is_locked"],
+     "{run} is in use by process {pid} on "),
+    ("train_diffusion.py", [_TINY, "--workdir={run}", "--run_is_locked"],
+     "{run} is in use by process {pid} on "),
+    ("sample.py", [_TINY, "--workdir={run}", "--meta_is_garbled"],
+     "{run}/export/meta.json is garbled (JSONDecodeError: "),
+    ("train_diffusion.py", [_TINY, "--workdir={run}", "--meta_is_garbled"],
+     "rewrite it by re-running launch/train_treevae.py with the same --config and --workdir"),
+    ("train_diffusion.py", [_TINY, "--workdir={run}", "--export_was_being_swapped"],
+     "stage-1 export {run}/export is missing but {run}/export.old-77 holds the previous one"),
+    ("train_treevae.py", [_TINY, "--config.data.name=folder", "--config.data.folder={tmp}",
+                          "--workdir={tmp}/w"], "workdir {tmp}/w is inside the image folder {tmp}"),
+])
+def test_launcher_bad_invocation_gives_one_line_error(tmp_path, script, args, expect):
+  run, s1, tmp = tmp_path / "run", tmp_path / "s1", tmp_path / "tmp"
+  tmp.mkdir()
+  _fake_run(run)
+  _fake_run(tmp_path / "run_fm", dataset="fashion_mnist")
+  _fake_run(s1, stage2_steps=())
+  (tmp_path / "file").write_text("x")
+  (tmp / "syntax.py").write_text("def get_config(:\n")
+  (tmp / "raises.py").write_text("def get_config(arg=None):\n  raise RuntimeError('boom')\n")
+  (tmp / "valueerror.py").write_text("def get_config(arg=None):\n  raise ValueError('bad value')\n")
+  (tmp / "noconfig.py").write_text("X = 1\n")
+  if "--samples_is_file" in args:
+    (run / "diffusion" / "samples").write_text("x")
+  if "--eval_is_file" in args:
+    (run / "eval").write_text("x")
+  if "--summary_is_dir" in args:
+    (run / "summary.md").mkdir()
+  if "--run_is_locked" in args:   # held by a live process (this one) on this host
+    (run / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+  if "--meta_is_garbled" in args:
+    (run / "export" / "meta.json").write_text('{"format": "tree_diffusion.tre')
+  if "--export_was_being_swapped" in args:
+    (run / "export").rename(run / "export.old-77")
+  names = dict(run=run, run_fm=tmp_path / "run_fm", s1=s1, file=tmp_path / "file", tmp=tmp,
+               pid=os.getpid())
+  fill = lambda a: a.format(**{k: str(v) for k, v in names.items()})
+  args = [fill(a) for a in args if not a.endswith(("_is_file", "_is_dir", "_is_locked",
+                                                   "_is_garbled", "_being_swapped"))]
+  r = _run(*args, timeout=120, script=script)
+  assert r.returncode != 0, r.stderr[-2000:]
+  assert fill(expect) in r.stderr, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr, r.stderr[-2000:]
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and fill(expect) in errors[0], r.stderr[-2000:]

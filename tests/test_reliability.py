@@ -187,13 +187,14 @@ def test_training_commands_refuse_a_locked_workdir_before_any_work(tmp_path):
   from tree_diffusion.diffusion import train as df_train
   from tree_diffusion.treevae import train as tv_train
   c, workdir = _config(), tmp_path / "run"
-  workdir.mkdir()
+  _stage1_run(c, workdir, phase="grow", export=True)
   with runs.WorkdirLock(str(workdir), "another run"):
+    before = _snapshot(workdir)
     with pytest.raises(WorkdirBusyError, match="another run"):
       tv_train.train_and_export(c, str(workdir))
     with pytest.raises(WorkdirBusyError, match="another run"):
       df_train.train_and_save(c, str(workdir))
-  assert sorted(os.listdir(workdir)) == [runs.LOCK_FILE]
+    assert _snapshot(workdir) == before
 
 
 # ------------------------------------------------------------------- readers next to a trainer

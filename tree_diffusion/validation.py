@@ -3,7 +3,9 @@
 :func:`check_types` compares a config with a reference one (the launchers pass
 ``configs.common.base()``): an unknown key or a value of the wrong type is reported with its dotted
 name. :func:`check_stage1` and :func:`check_stage2` check the ranges and choices of the settings a
-stage uses. Every problem is a :class:`ConfigError` whose one-line message names the setting.
+stage uses, :func:`check_sampling`, :func:`check_eval` and :func:`check_classifier` those of
+sampling, evaluation and the purity classifier. Every problem is a :class:`ConfigError` whose
+one-line message names the setting.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import difflib
 import numbers
 from typing import Any, Callable
 
+from tree_diffusion.diffusion import schedule
 from tree_diffusion.errors import ConfigError
 
 _DTYPES = ("float32", "bfloat16")
@@ -90,6 +93,10 @@ unit_open = (lambda v: 0 <= v < 1, "in [0, 1)")
 dtype = (lambda v: v in _DTYPES, f"one of {_DTYPES}")
 
 
+def one_of(choices: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: v in choices, f"one of {choices}")
+
+
 def check_data(config) -> None:
   _check(config, {
       "data.image_size": positive,
@@ -139,3 +146,60 @@ def check_stage2(config) -> None:
                       f"({config.diffusion.beta_T})")
   if config.diffusion.num_steps == 0 and config.diffusion.num_epochs == 0:
     raise ConfigError("config.diffusion.num_steps and num_epochs are both 0: set one of them")
+  check_sampling(config)
+
+
+def check_sampling(config) -> None:
+  """Ranges and choices of ``diffusion.sampling``, and its ``steps`` against ``diffusion.T``
+  (checked before training too, so that a run does not end with a config that cannot sample)."""
+  s = "diffusion.sampling."
+  _check(config, {
+      "diffusion.T": positive, s + "method": one_of(schedule.METHODS), s + "steps": positive,
+      s + "spacing": one_of(schedule.SPACINGS), s + "eta": non_negative,
+      s + "ddpm_variance": one_of(schedule.DDPM_VARIANCES), s + "batch_size": positive,
+      s + "num_samples": positive, s + "seed": non_negative, s + "figure_samples": non_negative,
+      s + "figure_images_per_leaf": positive,
+  })
+  steps, T = config.diffusion.sampling.steps, config.diffusion.T
+  if steps > T:
+    raise ConfigError(f"config.diffusion.sampling.steps ({steps}) must be <= config.diffusion.T "
+                      f"({T}): the sampler visits a subset of the T diffusion steps; set "
+                      f"--config.diffusion.sampling.steps={T} or fewer")
+  if config.diffusion.sampling.spacing == "uniform":
+    try:
+      schedule.spaced_timesteps(T, steps, "uniform")
+    except ValueError as e:
+      raise ConfigError(f"config.diffusion.sampling.steps={steps} with spacing 'uniform': {e}; "
+                        f"set --config.diffusion.sampling.steps=… or "
+                        f"--config.diffusion.sampling.spacing=quad") from None
+
+
+def check_eval(config) -> None:
+  """Ranges of ``eval`` (launch/evaluate.py) and of the sampling settings it uses."""
+  e = "eval."
+  _check(config, {
+      e + "batch_size": positive, e + "num_samples": positive, e + "recons_num": non_negative,
+      e + "purity_samples": positive, e + "fid_batch_size": positive, e + "ll_samples": positive,
+      e + "ll_batch_size": positive, e + "grid_images": positive, e + "seed": non_negative,
+  })
+  if config.eval.fid and config.eval.num_samples < 2:
+    raise ConfigError(f"config.eval.num_samples must be >= 2 for FID, got "
+                      f"{config.eval.num_samples}; set --config.eval.num_samples=… or "
+                      f"--config.eval.fid=False")
+  check_sampling(config)
+  check_classifier(config)
+
+
+def check_classifier(config) -> None:
+  """Ranges of ``classifier`` (the purity classifier; its own checks run when it is built)."""
+  c = "classifier."
+  _check(config, {
+      c + "width": positive, c + "lr": positive, c + "batch_size": positive,
+      c + "num_epochs": non_negative, c + "num_steps": non_negative, c + "seed": non_negative,
+      c + "eval_batch_size": positive, c + "log_every_steps": non_negative,
+      c + "eval_every_epochs": non_negative,
+      c + "thresholds": (lambda v: len(v) > 0 and all(0 < t <= 1 for t in v),
+                         "a non-empty list of probabilities in (0, 1]"),
+  })
+  if config.classifier.num_steps == 0 and config.classifier.num_epochs == 0:
+    raise ConfigError("config.classifier.num_steps and num_epochs are both 0: set one of them")

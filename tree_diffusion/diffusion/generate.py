@@ -23,6 +23,7 @@ from tree_diffusion import data as data_lib
 from tree_diffusion.diffusion import train as train_lib
 from tree_diffusion.diffusion.conditioning import Denoiser, make_denoiser
 from tree_diffusion.diffusion.sampler import MODES, Sampler, SamplerConfig
+from tree_diffusion.errors import ConfigError
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 
@@ -68,6 +69,11 @@ class Stage2:
     return self.samplers[mode]
 
 
+# The settings a stage-2 checkpoint can only be sampled with as it was trained (its network and
+# its diffusion process); the others (sampler, batch sizes, training schedule) may differ.
+SAMPLING_KEYS = ("unet", "T", "beta_1", "beta_T", "schedule", "prediction", "center_data")
+
+
 def load_stage2(config, workdir: str, step: int | None = None) -> Stage2:
   """Loads the latest (or ``step``) stage-2 checkpoint of ``workdir`` and its stage-1 export."""
   c = config.diffusion
@@ -80,7 +86,14 @@ def load_stage2(config, workdir: str, step: int | None = None) -> Stage2:
     raise ckpt_lib.CheckpointError(f"no stage-2 checkpoint in {ckpts.directory}: run "
                                    f"launch/train_diffusion.py with this --workdir first")
   meta = ckpts.read_meta(step)
+  step_name = ckpts.latest_step() if step is None else step
   if meta.get("export_fingerprint") != fingerprint:
+    if meta.get("export") == path:
+      raise ckpt_lib.CheckpointError(
+          f"the stage-1 export {path} changed since stage-2 checkpoint {step_name} was trained "
+          f"on it (fingerprint {meta.get('export_fingerprint')} -> {fingerprint}): train stage 2 "
+          f"again on it in a new --workdir (with "
+          f"--config.diffusion.treevae_export={path}), or restore the original export")
     raise ckpt_lib.CheckpointError(
         f"the stage-2 checkpoint was trained on the stage-1 export {meta.get('export')}, not on "
         f"{path}: point --config.diffusion.treevae_export at that export")
@@ -88,6 +101,17 @@ def load_stage2(config, workdir: str, step: int | None = None) -> Stage2:
     raise ckpt_lib.CheckpointError(
         f"the stage-2 checkpoint uses conditioning {meta.get('conditioning')!r}, the config "
         f"{denoiser.conditioning.name!r}: pass --config.diffusion.conditioning={meta.get('conditioning')}")
+  saved = (meta.get("config") or {}).get("diffusion")
+  if saved is not None:
+    now = ckpt_lib.config_sections(config, ("diffusion",))["diffusion"]
+    diffs = ckpt_lib.config_differences(
+        {"diffusion": {k: saved.get(k, "<missing>") for k in SAMPLING_KEYS}},
+        {"diffusion": {k: now.get(k) for k in SAMPLING_KEYS}})
+    if diffs:
+      raise ckpt_lib.CheckpointError(
+          f"stage-2 checkpoint {step_name} in {ckpts.directory} was trained with another network "
+          f"or diffusion process ({'; '.join(diffs)}): sample it with the config of its run "
+          f"(these --config.diffusion.* values)")
   abstract = train_lib.abstract_state(denoiser, train_lib.StepConfig.from_config(c), model, tree)
   step, state, _ = ckpts.restore(abstract, step)
   ckpts.close()
@@ -131,7 +155,10 @@ def sample_modes(s: Stage2, workdir: str, modes=MODES, num: int | None = None,
   ``leaf`` (index into the tree's leaves) and ``leaf_probs``; ``*_all_leaves`` have a leaf axis.
   """
   sc = s.config.diffusion.sampling
-  num = num or sc.num_samples
+  num = sc.num_samples if num is None else num
+  if num <= 0:
+    raise ConfigError(f"the number of samples must be positive, got {num}; pass "
+                      f"--num_samples=N (default config.diffusion.sampling.num_samples)")
   cfg = SamplerConfig.from_config(s.config.diffusion)
   key = jax.random.key(sc.seed)
   test = None

@@ -42,7 +42,7 @@ from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 
 MODES = ("sample", "sample_all_leaves", "recons", "recons_all_leaves")
-METHODS = ("ddim", "ddpm")
+METHODS = schedule.METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +64,9 @@ class SamplerConfig:
     if self.spacing not in schedule.SPACINGS:
       raise ConfigError(f"unknown timestep spacing {self.spacing!r}; use one of "
                         f"{schedule.SPACINGS} (--config.diffusion.sampling.spacing)")
-    if self.variance not in ("fixedlarge", "fixedsmall"):
-      raise ConfigError(f"unknown DDPM variance {self.variance!r}; use 'fixedlarge' or "
-                        f"'fixedsmall' (--config.diffusion.sampling.ddpm_variance)")
+    if self.variance not in schedule.DDPM_VARIANCES:
+      raise ConfigError(f"unknown DDPM variance {self.variance!r}; use one of "
+                        f"{schedule.DDPM_VARIANCES} (--config.diffusion.sampling.ddpm_variance)")
     if self.eta < 0:
       raise ConfigError(f"DDIM eta must be >= 0, got {self.eta}")
 

@@ -13,6 +13,9 @@ import dataclasses
 import numpy as np
 
 SPACINGS = ("uniform", "quad")
+# The samplers and DDPM posterior variances (diffusion.sampling.method / ddpm_variance).
+METHODS = ("ddim", "ddpm")
+DDPM_VARIANCES = ("fixedlarge", "fixedsmall")
 
 
 def linear_betas(T: int = 1000, beta_1: float = 1e-4, beta_T: float = 0.02) -> np.ndarray:

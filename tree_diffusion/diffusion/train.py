@@ -233,19 +233,22 @@ def train_and_save(config, workdir: str, stop: preemption.StopRequest | None = N
     A summary (also written to ``WORKDIR/diffusion/train_summary.json``).
   """
   validation.check_stage2(config)
+  denoiser = make_denoiser(config.diffusion.conditioning, config.diffusion.unet,
+                           config.diffusion.dtype)
   data_lib.check_outside_folder(config.data, workdir)
+  ckpt_lib.resolve_export(export_path(config, workdir))   # before anything is created
   check_workdir(workdir)
   with WorkdirLock(workdir, "stage 2 (launch/train_diffusion.py)",
                    enabled=jax.process_index() == 0):
-    return _train_and_save(config, workdir, stop)
+    return _train_and_save(config, workdir, stop, denoiser)
 
 
-def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None) -> dict:
+def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
+                    denoiser: Denoiser) -> dict:
   c = config.diffusion
   stop = stop if stop is not None else preemption.never()
   t_run = time.perf_counter()
   check_workdir(stage2_dir(workdir))
-  denoiser = make_denoiser(c.conditioning, c.unet, c.dtype)
   cfg = StepConfig.from_config(c)
   mesh = sharding.make_mesh()
   sharding.check_batch_size(c.batch_size, mesh, setting="diffusion.batch_size")

@@ -40,6 +40,7 @@ from PIL import Image
 
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
+from tree_diffusion import validation
 from tree_diffusion.diffusion import generate
 from tree_diffusion.diffusion import train as train_lib
 from tree_diffusion.diffusion.sampler import MODES
@@ -79,6 +80,7 @@ class Settings:
     e = config.eval
     fields = {f.name: e[f.name] for f in dataclasses.fields(cls) if f.name in e}
     fields["modes"] = tuple(modes if modes is not None else fields.get("modes", cls.modes))
+    validation.check_eval(config)    # the ranges of config.eval, sampling and the classifier
     s = cls(**fields)
     s.validate()
     return s
@@ -88,12 +90,6 @@ class Settings:
     if bad:
       raise ConfigError(f"unknown mode(s) {', '.join(bad)}; use --modes with some of "
                         f"{','.join(STAGE2_MODES)}")
-    for name in ("num_samples", "purity_samples", "ll_samples", "fid_batch_size", "batch_size",
-                 "ll_batch_size"):
-      if getattr(self, name) < 1:
-        raise ConfigError(f"config.eval.{name} must be ≥ 1, got {getattr(self, name)}")
-    if self.fid and self.num_samples < 2:
-      raise ConfigError("config.eval.num_samples must be ≥ 2 for FID")
 
   def key(self) -> str:
     d = dataclasses.asdict(self)

@@ -1,0 +1,39 @@
+"""The config files' arguments (``--config=configs/NAME.py:ARG``): each file accepts only the names
+it declares, and anything else is an error that names the closest valid one."""
+
+import glob
+import importlib
+import os
+
+import pytest
+
+from tree_diffusion.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not p.endswith(("common.py", "__init__.py")))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_known_arguments_are_accepted(name):
+  get_config = importlib.import_module(f"configs.{name}").get_config
+  full, tiny = get_config(), get_config("tiny")
+  assert get_config("") == full and get_config(" tiny, ") == tiny
+  assert tiny.stage1.batch_size < full.stage1.batch_size
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("arg,match", [
+    ("tni", rf"unknown config argument 'tni' for configs/NAME\.py \(did you mean 'tiny'\?\); "
+            r"valid: tiny$"),
+    ("tiny,smal", r"unknown config argument 'smal' for configs/NAME\.py; valid: tiny$"),
+    ("tiny,seed=3", r"unknown config argument 'seed=3' for configs/NAME\.py; valid: tiny; "
+                    r"set a value with --config\.KEY=3 \(keys named 'seed': classifier\.seed, "
+                    r"data\.seed, diffusion\.seed, diffusion\.sampling\.seed, eval\.seed, "
+                    r"stage1\.seed\)"),
+    ("tiny=1", r"config argument 'tiny' of configs/NAME\.py takes no value, got 'tiny=1'"),
+], ids=["typo", "unknown", "key_value", "flag_with_value"])
+def test_unknown_arguments_are_refused(name, arg, match):
+  get_config = importlib.import_module(f"configs.{name}").get_config
+  with pytest.raises(ConfigError, match=match.replace("NAME", name)):
+    get_config(arg)
