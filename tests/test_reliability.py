@@ -200,22 +200,39 @@ def test_training_commands_refuse_a_locked_workdir_before_any_work(tmp_path):
 # ------------------------------------------------------------------- readers next to a trainer
 
 
-def test_sampling_next_to_a_running_trainer_leaves_its_checkpoints_alone(tmp_path):
-  from tree_diffusion.diffusion import generate
+def _stage2_run(c, workdir, step):
+  """A stage-1 run with a stage-2 checkpoint at ``step`` (initial parameters, no training)."""
   from tree_diffusion.diffusion import train as df_train
   from tree_diffusion.diffusion.conditioning import make_denoiser
-  c, workdir = _config(), tmp_path / "run"
   model, _, tree = _stage1_run(c, workdir, export=True)
   d = c.diffusion
   denoiser = make_denoiser(d.conditioning, d.unet, d.dtype)
   state = df_train.init_state(denoiser, df_train.StepConfig.from_config(d), jax.random.key(0),
                               df_train.example_condition(denoiser, model, tree), model.image_shape)
-  directory = workdir / "diffusion" / "checkpoints"
   export = str((workdir / "export").resolve())
-  ckpts = checkpoint.Stage2Checkpoints(str(directory))
-  ckpts.save(2, state, {"export": export, "conditioning": denoiser.conditioning.name,
-                        "export_fingerprint": checkpoint.export_fingerprint(export)})
+  ckpts = checkpoint.Stage2Checkpoints(str(workdir / "diffusion" / "checkpoints"))
+  ckpts.save(step, state.replace(step=np.int32(step)), {
+      "export": export, "conditioning": denoiser.conditioning.name, "data_identity": _identity(c),
+      "export_fingerprint": checkpoint.export_fingerprint(export),
+      "config": checkpoint.config_sections(c, checkpoint.STAGE2_SECTIONS)})
   ckpts.close()
+  return workdir / "diffusion" / "checkpoints"
+
+
+def test_rerunning_a_finished_stage2_changes_nothing(tmp_path):
+  from tree_diffusion.diffusion import train as df_train
+  c, workdir = _config(), tmp_path / "run"
+  _stage2_run(c, workdir, c.diffusion.num_steps)
+  (workdir / "diffusion" / "train_summary.json").write_text('{"steps": 3, "wall_time_s": 60.0}')
+  before = _snapshot(workdir / "diffusion")
+  assert df_train.train_and_save(c, str(workdir)) == {"steps": 3, "wall_time_s": 60.0}
+  assert _snapshot(workdir / "diffusion") == before
+
+
+def test_sampling_next_to_a_running_trainer_leaves_its_checkpoints_alone(tmp_path):
+  from tree_diffusion.diffusion import generate
+  c, workdir = _config(), tmp_path / "run"
+  directory = _stage2_run(c, workdir, 2)
   in_flight = directory / "4.orbax-checkpoint-tmp-1234567"   # what a trainer is writing
   in_flight.mkdir()
   (in_flight / "part").write_text("being written")

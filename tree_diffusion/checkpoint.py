@@ -343,14 +343,22 @@ def export_treevae(export_dir: str, model: TreeVAE, variables, tree: Tree, meta:
   return print_
 
 
-def export_matches(export_dir: str, expected_fingerprint: str) -> bool:
-  """Whether ``export_dir`` holds a complete, readable export with this fingerprint."""
+def export_matches(export_dir: str, model: TreeVAE, variables, tree: Tree,
+                   data_identity: dict | None) -> bool:
+  """Whether ``export_dir`` holds a complete, readable export of exactly this model.
+
+  An export written before fingerprints were recorded matches when its model, tree and variables
+  are these (so upgrading does not orphan the stage-2 runs that recorded its older fingerprint).
+  """
   try:
     meta = read_export_meta(export_dir)
-    load_treevae(export_dir)
+    got_model, got_variables, got_tree = load_treevae(export_dir)
   except Exception:  # pylint: disable=broad-except  (missing, garbled or half-written)
     return False
-  return meta.get("fingerprint") == expected_fingerprint
+  if "fingerprint" in meta:
+    return meta["fingerprint"] == fingerprint(model, variables, tree, data_identity)
+  return (got_model == model and got_tree == tree
+          and checksum(got_variables) == checksum(variables))
 
 
 def _sync(name: str):

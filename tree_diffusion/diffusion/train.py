@@ -301,6 +301,14 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
                "batch %d, from step %d; tree %s", denoiser.conditioning.name, f"{n_params:,}",
                total, steps_per_epoch, len(train), c.batch_size, step, tree)
 
+  summary_path = os.path.join(stage2_dir(workdir), "train_summary.json")
+  if restored is not None and step >= total and os.path.exists(summary_path):
+    # A re-run of a finished run (what demo.sh and resuming do): its summary, measured when it
+    # trained, is kept as it is.
+    ckpts.close()
+    logging.info("stage 2 already finished (checkpoint %d of %d steps); nothing to do", step, total)
+    with open(summary_path) as f:
+      return json.load(f)
   writer = MetricWriter(os.path.join(stage2_dir(workdir), "tensorboard"))
   config_json = ckpt_lib.config_sections(config, ckpt_lib.STAGE2_SECTIONS)
   save_meta = lambda: {"export": path, "export_fingerprint": fingerprint,
@@ -371,7 +379,7 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
              "export_fingerprint": fingerprint, "wall_time_s": time.perf_counter() - t_run,
              "train_images_per_second": float(np.median(rates)) if rates else None}
   if jax.process_index() == 0:
-    with open(os.path.join(stage2_dir(workdir), "train_summary.json"), "w") as f:
+    with open(summary_path, "w") as f:
       json.dump(summary, f, indent=2)
   logging.info("stage 2 done: %s", summary)
   return summary

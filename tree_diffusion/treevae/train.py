@@ -631,15 +631,14 @@ def _finished(run: _Run, workdir: str, export_dir: str, restored, data_identity:
   checkpoint's model (left untouched, so the stage-2 runs on it stay valid); ``None`` if the
   export must be written again (missing, garbled, or another model)."""
   step, variables, tree, _, _ = restored
-  expected = ckpt_lib.fingerprint(run.model, variables, tree, data_identity)
-  if not ckpt_lib.export_matches(export_dir, expected):
+  if not ckpt_lib.export_matches(export_dir, run.model, variables, tree, data_identity):
     logging.warning("stage 1 finished (checkpoint %d) but %s is missing, unreadable or of another "
                     "model: writing it again", step, export_dir)
     return None
   run.ckpts.close()
   metrics = ckpt_lib.read_export_meta(export_dir).get("metrics", {})
   logging.info("stage 1 already finished (checkpoint %d); %s left as it is (fingerprint %s)",
-               step, export_dir, expected)
+               step, export_dir, ckpt_lib.export_fingerprint(export_dir))
   if not os.path.exists(os.path.join(workdir, "tree.png")):
     write_tree_figure(run, variables, tree, os.path.join(workdir, "tree.png"))
   return metrics
