@@ -270,6 +270,12 @@ def run(main):
     except preemption.Preempted as e:
       logging.warning("%s. Resume with the same command: %s", e, resume_command())
       sys.exit(0)
+    except KeyboardInterrupt:   # Ctrl-C outside training (sampling, evaluation, data)
+      if _TRACEBACK.value:
+        raise
+      print("error: interrupted (Ctrl-C); what was written before stays valid: re-run the same "
+            "command to continue", file=sys.stderr)
+      sys.exit(130)
     except _user_errors() as e:
       if _TRACEBACK.value:
         raise

@@ -40,6 +40,7 @@ def main(argv):
   common.check_config(config)
   # After setup(): jax is configured first.
   from tree_diffusion import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import runs  # pylint: disable=g-import-not-at-top
   from tree_diffusion import validation  # pylint: disable=g-import-not-at-top
   from tree_diffusion.diffusion import generate, sampler  # pylint: disable=g-import-not-at-top
   from tree_diffusion.diffusion import train  # pylint: disable=g-import-not-at-top
@@ -65,11 +66,15 @@ def main(argv):
   common.check_writable(os.path.join(train.stage2_dir(workdir), "samples"), fix)
   if _FIGURE.value:
     common.check_writable(train.stage2_dir(workdir), fix + " (or pass --nofigure)")
-  stage2 = generate.load_stage2(config, workdir, _STEP.value)
-  summary = generate.sample_modes(stage2, workdir, _MODES.value, _NUM.value)
-  lines = [f"{m}: {v['images']} images in {v['wall_time_s']:.0f} s" for m, v in summary["modes"].items()]
-  if _FIGURE.value:
-    lines.append(f"figure: {generate.write_tree_figure(stage2, workdir)}")
+  samples_dir = os.path.join(train.stage2_dir(workdir), "samples")
+  os.makedirs(samples_dir, exist_ok=True)
+  with runs.WorkdirLock(samples_dir, "sampling (launch/sample.py)"):   # one sampler at a time
+    stage2 = generate.load_stage2(config, workdir, _STEP.value)
+    summary = generate.sample_modes(stage2, workdir, _MODES.value, _NUM.value)
+    lines = [f"{m}: {v['images']} images in {v['wall_time_s']:.0f} s"
+             for m, v in summary["modes"].items()]
+    if _FIGURE.value:
+      lines.append(f"figure: {generate.write_tree_figure(stage2, workdir)}")
   print("\n".join(lines))
 
 

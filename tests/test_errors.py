@@ -177,6 +177,10 @@ _TINY = "--config=configs/demo.py:tiny"
      "{run} is in use by process {pid} on "),
     ("train_diffusion.py", [_TINY, "--workdir={run}", "--run_is_locked"],
      "{run} is in use by process {pid} on "),
+    ("sample.py", [_TINY, "--workdir={run}", "--samples_are_locked"],
+     "{run}/diffusion/samples is in use by process {pid} on "),
+    ("evaluate.py", [_TINY, "--workdir={run}", "--eval_is_locked"],
+     "{run}/eval is in use by process {pid} on "),
     ("sample.py", [_TINY, "--workdir={run}", "--meta_is_garbled"],
      "{run}/export/meta.json is garbled (JSONDecodeError: "),
     ("train_diffusion.py", [_TINY, "--workdir={run}", "--meta_is_garbled"],
@@ -203,8 +207,12 @@ def test_launcher_bad_invocation_gives_one_line_error(tmp_path, script, args, ex
     (run / "eval").write_text("x")
   if "--summary_is_dir" in args:
     (run / "summary.md").mkdir()
-  if "--run_is_locked" in args:   # held by a live process (this one) on this host
-    (run / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+  for flag, directory in (("--run_is_locked", run), ("--samples_are_locked", run / "diffusion" /
+                          "samples"), ("--eval_is_locked", run / "eval")):
+    if flag in args:   # held by a live process (this one) on this host
+      directory.mkdir(parents=True, exist_ok=True)
+      (directory / ".lock").write_text(json.dumps({"pid": os.getpid(),
+                                                   "host": socket.gethostname()}))
   if "--meta_is_garbled" in args:
     (run / "export" / "meta.json").write_text('{"format": "tree_diffusion.tre')
   if "--export_was_being_swapped" in args:
@@ -213,7 +221,7 @@ def test_launcher_bad_invocation_gives_one_line_error(tmp_path, script, args, ex
                pid=os.getpid())
   fill = lambda a: a.format(**{k: str(v) for k, v in names.items()})
   args = [fill(a) for a in args if not a.endswith(("_is_file", "_is_dir", "_is_locked",
-                                                   "_is_garbled", "_being_swapped"))]
+                                                   "_is_garbled", "_being_swapped", "_are_locked"))]
   r = _run(*args, timeout=120, script=script)
   assert r.returncode != 0, r.stderr[-2000:]
   assert fill(expect) in r.stderr, r.stderr[-2000:]
