@@ -51,7 +51,7 @@ def main(argv):
   if bad:
     raise ConfigError(f"unknown mode(s) {bad}; use --modes with some of {','.join(sampler.MODES)}")
   validation.check_data(config)
-  validation.check_sampling(config)
+  sampler.check_config(config)
   # Everything that can be refused is, before the checkpoint is read and the sampler compiled.
   common.check_run_dir(workdir)
   ckpt_dir = os.path.join(train.stage2_dir(workdir), "checkpoints")

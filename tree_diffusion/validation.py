@@ -3,8 +3,8 @@
 :func:`check_types` compares a config with a reference one (the launchers pass
 ``configs.common.base()``): an unknown key or a value of the wrong type is reported with its dotted
 name. :func:`check_stage1` and :func:`check_stage2` check the ranges and choices of the settings a
-stage uses, :func:`check_sampling`, :func:`check_eval` and :func:`check_classifier` those of
-sampling, evaluation and the purity classifier. Every problem is a :class:`ConfigError` whose
+stage uses, :func:`check_eval` and :func:`check_classifier` those of evaluation and the purity
+classifier (the sampler's: ``diffusion.sampler.check_config``). Every problem is a :class:`ConfigError` whose
 one-line message names the setting.
 """
 
@@ -14,7 +14,6 @@ import difflib
 import numbers
 from typing import Any, Callable
 
-from tree_diffusion.diffusion import schedule
 from tree_diffusion.errors import ConfigError
 
 _DTYPES = ("float32", "bfloat16")
@@ -76,7 +75,8 @@ def _get(config, name: str):
   return v
 
 
-def _check(config, rules: dict[str, tuple[Callable[[Any], bool], str]]):
+def check_rules(config, rules: dict[str, tuple[Callable[[Any], bool], str]]):
+  """Each ``{dotted name: (predicate, what it must be)}`` of ``rules`` holds for ``config``."""
   for name, (ok, what) in rules.items():
     try:
       v = _get(config, name)
@@ -98,7 +98,7 @@ def one_of(choices: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
 
 
 def check_data(config) -> None:
-  _check(config, {
+  check_rules(config, {
       "data.image_size": positive,
       "data.channels": (lambda v: v in (1, 3), "1 or 3"),
       "data.test_fraction": unit_open,
@@ -110,7 +110,7 @@ def check_stage1(config) -> None:
   """Ranges of ``data`` and ``stage1`` (the TreeVAE's own checks run when it is built)."""
   check_data(config)
   s = "stage1."
-  _check(config, {
+  check_rules(config, {
       s + "batch_size": positive, s + "eval_batch_size": positive, s + "lr": positive,
       s + "weight_decay": non_negative, s + "decay_lr": positive, s + "decay_stepsize": positive,
       s + "num_epochs": non_negative, s + "num_epochs_smalltree": non_negative,
@@ -132,7 +132,7 @@ def check_stage2(config) -> None:
   """Ranges of ``data`` and ``diffusion``."""
   check_data(config)
   d = "diffusion."
-  _check(config, {
+  check_rules(config, {
       d + "T": positive, d + "beta_1": (lambda v: 0 < v < 1, "in (0, 1)"),
       d + "beta_T": (lambda v: 0 < v < 1, "in (0, 1)"), d + "lr": positive,
       d + "warmup_steps": non_negative, d + "grad_clip": positive, d + "ema_decay": unit_open,
@@ -146,38 +146,12 @@ def check_stage2(config) -> None:
                       f"({config.diffusion.beta_T})")
   if config.diffusion.num_steps == 0 and config.diffusion.num_epochs == 0:
     raise ConfigError("config.diffusion.num_steps and num_epochs are both 0: set one of them")
-  check_sampling(config)
-
-
-def check_sampling(config) -> None:
-  """Ranges and choices of ``diffusion.sampling``, and its ``steps`` against ``diffusion.T``
-  (checked before training too, so that a run does not end with a config that cannot sample)."""
-  s = "diffusion.sampling."
-  _check(config, {
-      "diffusion.T": positive, s + "method": one_of(schedule.METHODS), s + "steps": positive,
-      s + "spacing": one_of(schedule.SPACINGS), s + "eta": non_negative,
-      s + "ddpm_variance": one_of(schedule.DDPM_VARIANCES), s + "batch_size": positive,
-      s + "num_samples": positive, s + "seed": non_negative, s + "figure_samples": non_negative,
-      s + "figure_images_per_leaf": positive,
-  })
-  steps, T = config.diffusion.sampling.steps, config.diffusion.T
-  if steps > T:
-    raise ConfigError(f"config.diffusion.sampling.steps ({steps}) must be <= config.diffusion.T "
-                      f"({T}): the sampler visits a subset of the T diffusion steps; set "
-                      f"--config.diffusion.sampling.steps={T} or fewer")
-  if config.diffusion.sampling.spacing == "uniform":
-    try:
-      schedule.spaced_timesteps(T, steps, "uniform")
-    except ValueError as e:
-      raise ConfigError(f"config.diffusion.sampling.steps={steps} with spacing 'uniform': {e}; "
-                        f"set --config.diffusion.sampling.steps=… or "
-                        f"--config.diffusion.sampling.spacing=quad") from None
 
 
 def check_eval(config) -> None:
   """Ranges of ``eval`` (launch/evaluate.py) and of the sampling settings it uses."""
   e = "eval."
-  _check(config, {
+  check_rules(config, {
       e + "batch_size": positive, e + "num_samples": positive, e + "recons_num": non_negative,
       e + "purity_samples": positive, e + "fid_batch_size": positive, e + "ll_samples": positive,
       e + "ll_batch_size": positive, e + "grid_images": positive, e + "seed": non_negative,
@@ -186,14 +160,13 @@ def check_eval(config) -> None:
     raise ConfigError(f"config.eval.num_samples must be >= 2 for FID, got "
                       f"{config.eval.num_samples}; set --config.eval.num_samples=… or "
                       f"--config.eval.fid=False")
-  check_sampling(config)
   check_classifier(config)
 
 
 def check_classifier(config) -> None:
   """Ranges of ``classifier`` (the purity classifier; its own checks run when it is built)."""
   c = "classifier."
-  _check(config, {
+  check_rules(config, {
       c + "width": positive, c + "lr": positive, c + "batch_size": positive,
       c + "num_epochs": non_negative, c + "num_steps": non_negative, c + "seed": non_negative,
       c + "eval_batch_size": positive, c + "log_every_steps": non_negative,

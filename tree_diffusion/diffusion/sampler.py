@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from tree_diffusion import sharding, xla_options
+from tree_diffusion import sharding, validation, xla_options
 from tree_diffusion.diffusion import frozen, schedule
 from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_condition,
                                                    null_condition)
@@ -43,6 +43,32 @@ from tree_diffusion.treevae.model import TreeVAE
 
 MODES = ("sample", "sample_all_leaves", "recons", "recons_all_leaves")
 METHODS = schedule.METHODS
+
+
+def check_config(config) -> None:
+  """Ranges and choices of ``diffusion.sampling``, and its ``steps`` against ``diffusion.T``
+  (checked before training too, so that a run does not end with a config that cannot sample)."""
+  s = "diffusion.sampling."
+  v = validation
+  v.check_rules(config, {
+      "diffusion.T": v.positive, s + "method": v.one_of(METHODS), s + "steps": v.positive,
+      s + "spacing": v.one_of(schedule.SPACINGS), s + "eta": v.non_negative,
+      s + "ddpm_variance": v.one_of(schedule.DDPM_VARIANCES), s + "batch_size": v.positive,
+      s + "num_samples": v.positive, s + "seed": v.non_negative,
+      s + "figure_samples": v.non_negative, s + "figure_images_per_leaf": v.positive,
+  })
+  steps, T = config.diffusion.sampling.steps, config.diffusion.T
+  if steps > T:
+    raise ConfigError(f"config.diffusion.sampling.steps ({steps}) must be <= config.diffusion.T "
+                      f"({T}): the sampler visits a subset of the T diffusion steps; set "
+                      f"--config.diffusion.sampling.steps={T} or fewer")
+  if config.diffusion.sampling.spacing == "uniform":
+    try:
+      schedule.spaced_timesteps(T, steps, "uniform")
+    except ValueError as e:
+      raise ConfigError(f"config.diffusion.sampling.steps={steps} with spacing 'uniform': {e}; "
+                        f"set --config.diffusion.sampling.steps=… or "
+                        f"--config.diffusion.sampling.spacing=quad") from None
 
 
 @dataclasses.dataclass(frozen=True)

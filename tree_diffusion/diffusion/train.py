@@ -26,6 +26,7 @@ from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
 from tree_diffusion import preemption, sharding, validation, xla_options
 from tree_diffusion.diffusion import frozen
+from tree_diffusion.diffusion import sampler as sampler_lib
 from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_condition,
                                                    make_denoiser)
 from tree_diffusion.diffusion.process import Process
@@ -233,6 +234,7 @@ def train_and_save(config, workdir: str, stop: preemption.StopRequest | None = N
     A summary (also written to ``WORKDIR/diffusion/train_summary.json``).
   """
   validation.check_stage2(config)
+  sampler_lib.check_config(config)   # a run must not end with a config that cannot sample
   denoiser = make_denoiser(config.diffusion.conditioning, config.diffusion.unet,
                            config.diffusion.dtype)
   data_lib.check_outside_folder(config.data, workdir)

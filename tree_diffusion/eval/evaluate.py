@@ -44,6 +44,7 @@ from tree_diffusion import validation
 from tree_diffusion.diffusion import generate
 from tree_diffusion.diffusion import train as train_lib
 from tree_diffusion.diffusion.sampler import MODES
+from tree_diffusion.diffusion.sampler import check_config as check_sampler_config
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.eval import classifier as classifier_lib
 from tree_diffusion.eval import clustering
@@ -80,7 +81,8 @@ class Settings:
     e = config.eval
     fields = {f.name: e[f.name] for f in dataclasses.fields(cls) if f.name in e}
     fields["modes"] = tuple(modes if modes is not None else fields.get("modes", cls.modes))
-    validation.check_eval(config)    # the ranges of config.eval, sampling and the classifier
+    validation.check_eval(config)    # the ranges of config.eval and of the classifier
+    check_sampler_config(config)
     s = cls(**fields)
     s.validate()
     return s
