@@ -286,5 +286,5 @@ def run(main):
         raise
       where = f" writing {e.filename}" if e.filename else ""
       sys.exit(f"error: the disk is full{where} ({e.strerror}): free space and re-run the same "
-               f"command (training resumes from its last complete checkpoint)")
+               f"command (a training command resumes from its last complete checkpoint)")
   app.run(wrapped, flags_parser=_parse_flags)

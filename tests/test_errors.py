@@ -1,5 +1,6 @@
 """Bad inputs to the launchers: each a one-line error (exit code != 0, no traceback)."""
 
+import fcntl
 import json
 import os
 import socket
@@ -207,12 +208,15 @@ def test_launcher_bad_invocation_gives_one_line_error(tmp_path, script, args, ex
     (run / "eval").write_text("x")
   if "--summary_is_dir" in args:
     (run / "summary.md").mkdir()
+  held = None
   for flag, directory in (("--run_is_locked", run), ("--samples_are_locked", run / "diffusion" /
                           "samples"), ("--eval_is_locked", run / "eval")):
-    if flag in args:   # held by a live process (this one) on this host
+    if flag in args:   # held by this process (flock) while the launcher runs
       directory.mkdir(parents=True, exist_ok=True)
-      (directory / ".lock").write_text(json.dumps({"pid": os.getpid(),
-                                                   "host": socket.gethostname()}))
+      held = open(directory / ".lock", "w")
+      fcntl.flock(held, fcntl.LOCK_EX)
+      held.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+      held.flush()
   if "--meta_is_garbled" in args:
     (run / "export" / "meta.json").write_text('{"format": "tree_diffusion.tre')
   if "--export_was_being_swapped" in args:
@@ -222,7 +226,11 @@ def test_launcher_bad_invocation_gives_one_line_error(tmp_path, script, args, ex
   fill = lambda a: a.format(**{k: str(v) for k, v in names.items()})
   args = [fill(a) for a in args if not a.endswith(("_is_file", "_is_dir", "_is_locked",
                                                    "_is_garbled", "_being_swapped", "_are_locked"))]
-  r = _run(*args, timeout=120, script=script)
+  try:
+    r = _run(*args, timeout=120, script=script)
+  finally:
+    if held is not None:
+      held.close()
   assert r.returncode != 0, r.stderr[-2000:]
   assert fill(expect) in r.stderr, r.stderr[-2000:]
   assert "Traceback" not in r.stderr, r.stderr[-2000:]

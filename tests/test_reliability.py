@@ -3,6 +3,7 @@ writers on one workdir, a reader next to a trainer, a dataset that changes under
 images. Each case ends in the right result or a one-line error before any work, and nothing a
 user had is lost. (The launchers' one-line errors are checked end to end in test_errors.py.)"""
 
+import errno
 import json
 import os
 import socket
@@ -168,19 +169,37 @@ def test_the_lock_is_held_across_processes_and_released_when_its_holder_dies(tmp
     assert json.loads((tmp_path / runs.LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
-def test_a_lock_recorded_by_a_live_process_is_respected_without_flock(tmp_path):
-  """A file system that ignores flock (some network mounts): the record of a live process on
-  this host still refuses."""
+def test_without_flock_a_live_recorded_process_refuses_and_with_it_a_reused_pid_does_not(
+    tmp_path, monkeypatch):
+  """A file system without locks (flock fails with ENOLCK, as on some NFS mounts): the record of
+  a live process on this host still refuses. Where flock works, a record whose process id is
+  alive again (reused by another program) is taken over: the flock says its holder is gone."""
   live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
   try:
     (tmp_path / runs.LOCK_FILE).write_text(json.dumps(
         {"pid": live.pid, "host": socket.gethostname(), "command": "stage 2"}))
+    with runs.WorkdirLock(str(tmp_path)):
+      pass
+    (tmp_path / runs.LOCK_FILE).write_text(json.dumps(
+        {"pid": live.pid, "host": socket.gethostname(), "command": "stage 2"}))
+
+    def no_locks(fd, op):
+      raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runs.fcntl, "flock", no_locks)
     with pytest.raises(WorkdirBusyError, match=f"process {live.pid} .*stage 2"):
       with runs.WorkdirLock(str(tmp_path)):
         pass
   finally:
     live.kill()
     live.wait()
+
+
+@pytest.mark.parametrize("content", ["1", '{"pid": "x"}', "garbage\x00"])
+def test_a_garbled_lock_record_is_taken_over(tmp_path, content):
+  (tmp_path / runs.LOCK_FILE).write_text(content)
+  with runs.WorkdirLock(str(tmp_path), "next"):
+    assert json.loads((tmp_path / runs.LOCK_FILE).read_text())["command"] == "next"
 
 
 def test_training_commands_refuse_a_locked_workdir_before_any_work(tmp_path):
@@ -330,3 +349,26 @@ def test_a_full_disk_while_saving_names_the_checkpoint_that_is_kept(tmp_path, mo
   monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", real_save)
   ckpts.close()
   assert checkpoint.Stage2Checkpoints(str(directory), read_only=True).all_steps() == [2]
+
+
+def test_a_rerun_rewrites_a_metrics_file_cut_short_after_the_export(tmp_path):
+  from tree_diffusion.treevae import train as tv_train
+  c, workdir = _config(), tmp_path / "run"
+  _stage1_run(c, workdir)
+  (workdir / "tree.png").write_bytes(b"figure")
+  (workdir / "stage1_metrics.json").write_text('{"test": {"nm')   # the disk filled up here
+  tv_train.train_and_export(c, str(workdir))
+  assert json.loads((workdir / "stage1_metrics.json").read_text())["test"]["nmi"] == 0.5
+
+
+def test_a_stale_old_export_does_not_block_the_next_swap(tmp_path):
+  from tree_diffusion.treevae import train as tv_train
+  c = _config()
+  model, tree = tv_train.make_model(c), tv_train.initial_tree(c)
+  path = tmp_path / "export"
+  checkpoint.export_treevae(str(path), model, model.init(jax.random.key(0), tree), tree, {})
+  (tmp_path / f"export.old-{os.getpid()}").mkdir()         # a run killed after its swap
+  (tmp_path / f"export.old-{os.getpid()}" / "x").write_text("x")
+  checkpoint.export_treevae(str(path), model, model.init(jax.random.key(1), tree), tree, {})
+  checkpoint.load_treevae(str(path))
+  assert sorted(os.listdir(tmp_path)) == ["export"]

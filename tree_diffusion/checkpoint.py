@@ -335,10 +335,12 @@ def export_treevae(export_dir: str, model: TreeVAE, variables, tree: Tree, meta:
       full_meta["data"] = {**full_meta.get("data", {}), "identity": data_identity}
     (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, default=json_default))
     if path.exists():
+      if old.exists():      # left by an earlier run killed after its swap (same pid or multihost)
+        old.rmtree()
       path.rename(old)
     tmp.rename(path)
-    if old.exists():
-      old.rmtree()
+    for previous in path.parent.glob(f"{path.name}.old-*"):   # this one, and any left earlier
+      previous.rmtree()
   _sync("export_written")
   return print_
 

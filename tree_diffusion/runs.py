@@ -3,11 +3,15 @@ the lock a training command holds on its workdir."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import socket
 import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
 
 from absl import logging
 
@@ -24,7 +28,7 @@ def check_workdir(workdir: str):
   """Creates ``workdir`` and checks that it is writable (a one-line error names the fix)."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -77,36 +81,52 @@ class WorkdirLock:
     self._fd = None
 
   def _read(self) -> dict:
+    """The holder's record, or ``{}`` if there is none or it is not one of ours."""
     try:
       os.lseek(self._fd, 0, os.SEEK_SET)
       text = os.read(self._fd, 65536).decode(errors="replace").strip()
-      return json.loads(text) if text else {}
+      record = json.loads(text) if text else {}
     except (OSError, ValueError):
       return {}
+    if not isinstance(record, dict) or not isinstance(record.get("pid"), int):
+      return {}
+    return record
+
+  def _busy(self, holder: dict) -> WorkdirBusyError:
+    return WorkdirBusyError(
+        f"{os.path.dirname(self.path)} is in use by "
+        f"{_describe(holder) if holder else 'another process'}: wait for it to finish, stop it, "
+        f"or use another --workdir")
 
   def __enter__(self) -> "WorkdirLock":
     if not self.enabled:
       return self
     self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      holder = self._read()
+      self._acquire()
+    except BaseException:
       os.close(self._fd)
       self._fd = None
-      raise WorkdirBusyError(
-          f"{os.path.dirname(self.path)} is in use by "
-          f"{_describe(holder) if holder else 'another process'}: wait for it to finish, stop "
-          f"it, or use another --workdir") from None
-    previous, host = self._read(), socket.gethostname()
-    if previous.get("pid") not in (None, os.getpid()):
-      if previous.get("host") == host and _process_alive(int(previous["pid"])):
-        # The file system ignored flock (some network mounts); trust the recorded live process.
-        os.close(self._fd)
-        self._fd = None
-        raise WorkdirBusyError(
-            f"{os.path.dirname(self.path)} is in use by {_describe(previous)}: wait for it to "
-            f"finish, stop it, or use another --workdir")
+      raise
+    return self
+
+  def _acquire(self):
+    host = socket.gethostname()
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      locked = True
+    except BlockingIOError:     # EWOULDBLOCK: another process holds it
+      raise self._busy(self._read()) from None
+    except OSError as e:        # no locking on this file system (e.g. ENOLCK on some NFS mounts)
+      logging.warning("cannot lock %s (%s): relying on the process id recorded in it", self.path,
+                      e.strerror or e)
+      locked = False
+    previous = self._read()
+    if previous and previous["pid"] != os.getpid():
+      if not locked and previous.get("host") == host and _process_alive(previous["pid"]):
+        raise self._busy(previous)
+      # With flock held, the recorded process has ended (its lock went with it), even if its
+      # process id has been reused since.
       logging.warning("taking over the lock of %s, which is no longer running (%s)",
                       _describe(previous), self.path)
     record = {"pid": os.getpid(), "host": host, "command": self.command,
@@ -115,11 +135,52 @@ class WorkdirLock:
     os.lseek(self._fd, 0, os.SEEK_SET)
     os.write(self._fd, (json.dumps(record) + "\n").encode())
     os.fsync(self._fd)
-    return self
 
   def __exit__(self, *exc):
     if self._fd is not None:
-      os.ftruncate(self._fd, 0)
+      try:
+        os.ftruncate(self._fd, 0)
+      except OSError:
+        pass
       os.close(self._fd)    # closing releases the flock
       self._fd = None
     return False
+
+
+@contextlib.contextmanager
+def locked_workdir(workdir: str, command: str) -> Iterator[None]:
+  """:class:`WorkdirLock` for a job of one or several processes: process 0 takes the lock and
+  every process learns whether it got it, so that all of them refuse together (no process is left
+  waiting at a barrier for one that exited)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  lock = WorkdirLock(workdir, command, enabled=jax.process_index() == 0)
+  busy = None
+  try:
+    lock.__enter__()
+  except WorkdirBusyError as e:
+    busy = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    refused = bool(multihost_utils.broadcast_one_to_all(np.int32(busy is not None)))
+    if refused and busy is None:
+      busy = WorkdirBusyError(f"{workdir} is in use by another process (see process 0's error)")
+  if busy is not None:
+    raise busy
+  try:
+    yield
+  finally:
+    lock.__exit__(None, None, None)
+
+
+def write_json(path: str, obj: Any, default: Callable[[Any], Any] | None = None) -> None:
+  """Writes ``obj`` as JSON to ``path`` atomically (a temporary file renamed into place), so a
+  crash or a full disk leaves the previous file or the new one, never a truncated one."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=1, default=default)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

@@ -31,7 +31,7 @@ from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_co
                                                    make_denoiser)
 from tree_diffusion.diffusion.process import Process
 from tree_diffusion.errors import ConfigError, TrainingDivergedError
-from tree_diffusion.runs import WorkdirLock, check_workdir, format_eta
+from tree_diffusion.runs import check_workdir, format_eta, locked_workdir, write_json
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 from tree_diffusion.writer import MetricWriter
@@ -240,8 +240,7 @@ def train_and_save(config, workdir: str, stop: preemption.StopRequest | None = N
   data_lib.check_outside_folder(config.data, workdir)
   ckpt_lib.resolve_export(export_path(config, workdir))   # before anything is created
   check_workdir(workdir)
-  with WorkdirLock(workdir, "stage 2 (launch/train_diffusion.py)",
-                   enabled=jax.process_index() == 0):
+  with locked_workdir(workdir, "stage 2 (launch/train_diffusion.py)"):
     return _train_and_save(config, workdir, stop, denoiser)
 
 
@@ -304,13 +303,18 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
                total, steps_per_epoch, len(train), c.batch_size, step, tree)
 
   summary_path = os.path.join(stage2_dir(workdir), "train_summary.json")
-  if restored is not None and step >= total and os.path.exists(summary_path):
+  if restored is not None and step >= total:
     # A re-run of a finished run (what demo.sh and resuming do): its summary, measured when it
-    # trained, is kept as it is.
-    ckpts.close()
-    logging.info("stage 2 already finished (checkpoint %d of %d steps); nothing to do", step, total)
-    with open(summary_path) as f:
-      return json.load(f)
+    # trained, is kept as it is (and written again only if it is missing or unreadable).
+    try:
+      with open(summary_path) as f:
+        summary = json.load(f)
+      ckpts.close()
+      logging.info("stage 2 already finished (checkpoint %d of %d steps); nothing to do", step,
+                   total)
+      return summary
+    except (OSError, ValueError):
+      pass
   writer = MetricWriter(os.path.join(stage2_dir(workdir), "tensorboard"))
   config_json = ckpt_lib.config_sections(config, ckpt_lib.STAGE2_SECTIONS)
   save_meta = lambda: {"export": path, "export_fingerprint": fingerprint,
@@ -381,7 +385,6 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
              "export_fingerprint": fingerprint, "wall_time_s": time.perf_counter() - t_run,
              "train_images_per_second": float(np.median(rates)) if rates else None}
   if jax.process_index() == 0:
-    with open(summary_path, "w") as f:
-      json.dump(summary, f, indent=2)
+    write_json(summary_path, summary)
   logging.info("stage 2 done: %s", summary)
   return summary

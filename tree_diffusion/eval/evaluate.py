@@ -51,7 +51,7 @@ from tree_diffusion.eval import clustering
 from tree_diffusion.eval import fid as fid_lib
 from tree_diffusion.eval import report
 from tree_diffusion.eval.likelihood import LogLikelihood
-from tree_diffusion.runs import WorkdirLock, check_workdir, format_eta
+from tree_diffusion.runs import check_workdir, format_eta, locked_workdir, write_json
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 from tree_diffusion.treevae.train import leaf_examples, predict_leaf_probs
@@ -399,8 +399,7 @@ class Evaluator:
     """
     eval_dir = os.path.join(workdir, "eval")
     check_workdir(eval_dir)
-    with WorkdirLock(eval_dir, "evaluation (launch/evaluate.py)",
-                     enabled=jax.process_index() == 0):
+    with locked_workdir(eval_dir, "evaluation (launch/evaluate.py)"):
       return self._run(config, workdir, checkpoints, force, data_fid)
 
   def _run(self, config, workdir: str, checkpoints: str, force: bool, data_fid: bool) -> dict:
@@ -482,8 +481,4 @@ class Evaluator:
 
 
 def _write_json(path: str, obj: dict) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=ckpt_lib.json_default)
-  os.replace(tmp, path)
+  write_json(path, obj, default=ckpt_lib.json_default)

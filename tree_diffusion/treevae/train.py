@@ -29,7 +29,7 @@ from tree_diffusion import data as data_lib
 from tree_diffusion import preemption, sharding, validation
 from tree_diffusion.errors import TrainingDivergedError
 from tree_diffusion.errors import ConfigError
-from tree_diffusion.runs import WorkdirLock, check_workdir, format_eta
+from tree_diffusion.runs import check_workdir, format_eta, locked_workdir, write_json
 from tree_diffusion.eval import clustering
 from tree_diffusion.tree import Tree, depth_of
 from tree_diffusion.treevae import growing
@@ -487,7 +487,7 @@ def train_and_export(config, workdir: str, stop: preemption.StopRequest | None =
   validation.check_stage1(config)
   data_lib.check_outside_folder(config.data, workdir)
   check_workdir(workdir)
-  with WorkdirLock(workdir, "stage 1 (launch/train_treevae.py)", enabled=jax.process_index() == 0):
+  with locked_workdir(workdir, "stage 1 (launch/train_treevae.py)"):
     return _train_and_export(config, workdir, stop)
 
 
@@ -616,8 +616,7 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
                "num_classes": train_arrays.num_classes},
       "metrics": metrics}, data_identity=data_identity)
   if jax.process_index() == 0:   # every process computed the same metrics; one writes them
-    with open(os.path.join(workdir, "stage1_metrics.json"), "w") as f:
-      json.dump(metrics, f, indent=2)
+    write_json(os.path.join(workdir, "stage1_metrics.json"), metrics)
   write_tree_figure(run, variables, tree, os.path.join(workdir, "tree.png"))
   writer.close()
   logging.info("stage 1 done in %s: %s", format_eta(metrics["wall_time_s"]),
@@ -637,6 +636,13 @@ def _finished(run: _Run, workdir: str, export_dir: str, restored, data_identity:
     return None
   run.ckpts.close()
   metrics = ckpt_lib.read_export_meta(export_dir).get("metrics", {})
+  metrics_path = os.path.join(workdir, "stage1_metrics.json")
+  try:
+    with open(metrics_path) as f:
+      json.load(f)
+  except (OSError, ValueError):   # missing, or cut short by a crash after the export was written
+    if jax.process_index() == 0:
+      write_json(metrics_path, metrics)
   logging.info("stage 1 already finished (checkpoint %d); %s left as it is (fingerprint %s)",
                step, export_dir, ckpt_lib.export_fingerprint(export_dir))
   if not os.path.exists(os.path.join(workdir, "tree.png")):
