@@ -572,7 +572,7 @@ def _alpha_split(image: Image.Image, channels: int) -> tuple[np.ndarray, np.ndar
   with_alpha = image.convert('RGBA')  # applies palette transparency and colour keys
   if channels == 1:
     with_alpha = with_alpha.convert('LA')
-  array = np.asarray(with_alpha, np.float64)
+  array = np.asarray(with_alpha, np.float32)
   alpha = array[..., -1:]
   if alpha.min() == 255.0:
     return None
