@@ -372,3 +372,18 @@ def test_a_stale_old_export_does_not_block_the_next_swap(tmp_path):
   checkpoint.export_treevae(str(path), model, model.init(jax.random.key(1), tree), tree, {})
   checkpoint.load_treevae(str(path))
   assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
+def test_rerunning_a_finished_stage1_with_other_metric_settings_recomputes_only_the_metrics(
+    tmp_path):
+  from tree_diffusion.treevae import train as tv_train
+  c, workdir = _config(), tmp_path / "run"
+  _stage1_run(c, workdir)
+  meta = json.loads((workdir / "export" / "meta.json").read_text())
+  meta["config"] = json.loads(c.to_json_best_effort())        # final_elbo=True (demo:tiny)
+  (workdir / "export" / "meta.json").write_text(json.dumps(meta))
+  fingerprint = checkpoint.export_fingerprint(str(workdir / "export"))
+  c.stage1.final_elbo = False
+  metrics = tv_train.train_and_export(c, str(workdir))
+  assert metrics["test"]["nmi"] != 0.5 and "elbo" not in metrics["test"]   # computed again
+  assert checkpoint.export_fingerprint(str(workdir / "export")) == fingerprint

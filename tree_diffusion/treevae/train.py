@@ -624,18 +624,32 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
   return metrics
 
 
+# Settings that change only what the final metrics report (a finished run computes them again).
+_METRICS_SETTINGS = ("final_elbo", "kmeans_baseline")
+
+
 def _finished(run: _Run, workdir: str, export_dir: str, restored, data_identity: dict
               ) -> dict | None:
   """A re-run of a finished stage 1: its metrics if the export is complete and holds the final
   checkpoint's model (left untouched, so the stage-2 runs on it stay valid); ``None`` if the
-  export must be written again (missing, garbled, or another model)."""
+  export must be written again (missing, garbled, or another model) or the final metrics
+  computed again (a setting that only changes them, e.g. ``stage1.final_elbo``, was changed; the
+  model and so the export's fingerprint stay the same)."""
   step, variables, tree, _, _ = restored
   if not ckpt_lib.export_matches(export_dir, run.model, variables, tree, data_identity):
     logging.warning("stage 1 finished (checkpoint %d) but %s is missing, unreadable or of another "
                     "model: writing it again", step, export_dir)
     return None
+  meta = ckpt_lib.read_export_meta(export_dir)
+  saved = ((meta.get("config") or {}).get("stage1") or {})
+  changed = [k for k in _METRICS_SETTINGS if k in saved and saved[k] != run.config.stage1[k]]
+  if changed:
+    logging.info("stage 1 finished (checkpoint %d); %s changed: computing its final metrics again "
+                 "(the export keeps its fingerprint)", step,
+                 ", ".join(f"stage1.{k}" for k in changed))
+    return None
   run.ckpts.close()
-  metrics = ckpt_lib.read_export_meta(export_dir).get("metrics", {})
+  metrics = meta.get("metrics", {})
   metrics_path = os.path.join(workdir, "stage1_metrics.json")
   try:
     with open(metrics_path) as f:
