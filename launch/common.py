@@ -115,37 +115,6 @@ def check_run_dir(workdir: str, flag: str = "--workdir"):
                       f"with launch/train_treevae.py)")
 
 
-def check_writable(path: str, fix: str):
-  """Checks, before any work, that ``path`` (a directory, made later by the work) can be written.
-
-  Nothing is created: a probe file is written and removed in ``path`` or else in its deepest
-  existing ancestor, which must be a directory.
-
-  Args:
-    path: the output directory.
-    fix: what the user can do, e.g. ``"pass a --workdir you can write to"``.
-
-  Raises:
-    PermissionError: ``path`` cannot be made or written (names the directory and ``fix``).
-  """
-  existing = os.path.abspath(path)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  why = None
-  if not os.path.isdir(existing):
-    why = f"{existing} is not a directory"
-  else:
-    probe = os.path.join(existing, f".write_test{os.getpid()}")
-    try:
-      with open(probe, "w") as f:
-        f.write("ok")
-      os.remove(probe)
-    except OSError as e:
-      why = f"{existing}: {e.strerror}"
-  if why is not None:
-    raise PermissionError(f"output directory {path} is not writable ({why}); {fix}")
-
-
 def _user_errors():
   from tree_diffusion import checkpoint, data, errors  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import inception  # pylint: disable=g-import-not-at-top

@@ -40,6 +40,7 @@ def _preflight(config, workdirs: list[str], settings, checkpoints: str):
   them all) or of another dataset than the config's, an output directory that cannot be written.
   """
   from tree_diffusion import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import runs  # pylint: disable=g-import-not-at-top
   from tree_diffusion.diffusion import train  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import classifier, evaluate  # pylint: disable=g-import-not-at-top
@@ -74,11 +75,11 @@ def _preflight(config, workdirs: list[str], settings, checkpoints: str):
     train.check_export(config, path, meta)
   fix = "make it writable, or copy the run to a directory you can write to and pass that --workdir"
   for workdir in workdirs:
-    common.check_writable(os.path.join(workdir, "eval"), fix)
+    runs.check_writable(os.path.join(workdir, "eval"), fix)
     directory = classifier.classifier_dir(config, workdir)
     if (any_steps and "sample_all_leaves" in settings.modes and settings.train_classifier
         and not os.path.exists(os.path.join(directory, classifier.META_FILE))):
-      common.check_writable(directory, "the purity classifier is trained into it: " + fix
+      runs.check_writable(directory, "the purity classifier is trained into it: " + fix
                             + ", set --config.classifier.dir, or pass "
                             "--config.eval.train_classifier=False")
 

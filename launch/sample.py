@@ -63,9 +63,9 @@ def main(argv):
     raise ckpt_lib.CheckpointError(f"no stage-2 checkpoint {_STEP.value} in {ckpt_dir}; have "
                                    f"{steps}: pass one of them as --step (or none: the latest)")
   fix = "make it writable, or copy the run to a directory you can write to and pass that --workdir"
-  common.check_writable(os.path.join(train.stage2_dir(workdir), "samples"), fix)
+  runs.check_writable(os.path.join(train.stage2_dir(workdir), "samples"), fix)
   if _FIGURE.value:
-    common.check_writable(train.stage2_dir(workdir), fix + " (or pass --nofigure)")
+    runs.check_writable(train.stage2_dir(workdir), fix + " (or pass --nofigure)")
   samples_dir = os.path.join(train.stage2_dir(workdir), "samples")
   os.makedirs(samples_dir, exist_ok=True)
   with runs.WorkdirLock(samples_dir, "sampling (launch/sample.py)"):   # one sampler at a time

@@ -26,6 +26,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   import math  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import runs  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import report  # pylint: disable=g-import-not-at-top
   common.check_run_dir(_WORKDIR.value)
@@ -47,8 +48,8 @@ def main(argv):
   path = os.path.join(_WORKDIR.value, "summary.md")
   if os.path.isdir(path):
     raise ConfigError(f"{path} is a directory: remove it (the summary is written there)")
-  common.check_writable(_WORKDIR.value, "make the run directory writable (the summary is "
-                                        "written to WORKDIR/summary.md)")
+  runs.check_writable(_WORKDIR.value, "make the run directory writable (the summary is "
+                                      "written to WORKDIR/summary.md)")
   text = report.summary_table(_WORKDIR.value, times)
   with open(path, "w") as f:
     f.write(text)

@@ -31,6 +31,7 @@ def main(argv):
   common.check_config(_CONFIG.value)
   # After setup(): jax is configured first.
   from tree_diffusion import data as data_lib  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import runs  # pylint: disable=g-import-not-at-top
   from tree_diffusion import validation  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import classifier as clf  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
@@ -38,8 +39,8 @@ def main(argv):
   validation.check_classifier(config)
   logging.info("config:\n%s", config.classifier)
   out_dir = clf.classifier_dir(config, _WORKDIR.value)
-  common.check_writable(out_dir, "pass a --workdir you can write to"
-                        + (" or another --config.classifier.dir" if config.classifier.dir else ""))
+  runs.check_writable(out_dir, "pass a --workdir you can write to"
+                      + (" or another --config.classifier.dir" if config.classifier.dir else ""))
   train = data_lib.load_arrays(config.data, "train")
   data_lib.check_image_shape(train, config.data)
   test = data_lib.load_arrays(config.data, "test")

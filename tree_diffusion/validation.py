@@ -93,10 +93,6 @@ unit_open = (lambda v: 0 <= v < 1, "in [0, 1)")
 dtype = (lambda v: v in _DTYPES, f"one of {_DTYPES}")
 
 
-def one_of(choices: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
-  return (lambda v: v in choices, f"one of {choices}")
-
-
 def check_data(config) -> None:
   check_rules(config, {
       "data.image_size": positive,

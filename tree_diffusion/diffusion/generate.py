@@ -8,7 +8,6 @@ when it saves PNGs; rounding is the unbiased choice and is used everywhere in th
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -24,6 +23,7 @@ from tree_diffusion.diffusion import train as train_lib
 from tree_diffusion.diffusion.conditioning import Denoiser, make_denoiser
 from tree_diffusion.diffusion.sampler import MODES, Sampler, SamplerConfig
 from tree_diffusion.errors import ConfigError
+from tree_diffusion.runs import write_json
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 
@@ -190,8 +190,7 @@ def sample_modes(s: Stage2, workdir: str, modes=MODES, num: int | None = None,
     summary["modes"][mode] = {"images": int(n_images), "wall_time_s": dt,
                               "images_per_second_incl_compile": n_images / dt}
     logging.info("%s: %d images in %.1f s -> %s", mode, n_images, dt, out_dir)
-  with open(os.path.join(train_lib.stage2_dir(workdir), "samples", "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  write_json(os.path.join(train_lib.stage2_dir(workdir), "samples", "summary.json"), summary)
   return summary
 
 

@@ -46,17 +46,17 @@ METHODS = schedule.METHODS
 
 
 def check_config(config) -> None:
-  """Ranges and choices of ``diffusion.sampling``, and its ``steps`` against ``diffusion.T``
-  (checked before training too, so that a run does not end with a config that cannot sample)."""
+  """Ranges of ``diffusion.sampling``, its ``steps`` against ``diffusion.T`` and the chain's
+  choices (:class:`SamplerConfig` checks those), before training too, so that a run does not end
+  with a config that cannot sample."""
   s = "diffusion.sampling."
   v = validation
   v.check_rules(config, {
-      "diffusion.T": v.positive, s + "method": v.one_of(METHODS), s + "steps": v.positive,
-      s + "spacing": v.one_of(schedule.SPACINGS), s + "eta": v.non_negative,
-      s + "ddpm_variance": v.one_of(schedule.DDPM_VARIANCES), s + "batch_size": v.positive,
+      "diffusion.T": v.positive, s + "steps": v.positive, s + "batch_size": v.positive,
       s + "num_samples": v.positive, s + "seed": v.non_negative,
       s + "figure_samples": v.non_negative, s + "figure_images_per_leaf": v.positive,
   })
+  SamplerConfig.from_config(config.diffusion)   # method, spacing, DDPM variance, eta
   steps, T = config.diffusion.sampling.steps, config.diffusion.T
   if steps > T:
     raise ConfigError(f"config.diffusion.sampling.steps ({steps}) must be <= config.diffusion.T "
