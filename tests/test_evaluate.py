@@ -64,6 +64,7 @@ def test_csv_rows_and_report(tmp_path):
   lines = (tmp_path / "m.csv").read_text().splitlines()
   assert lines[0].split(",") == list(report.CSV_COLUMNS) and len(lines) == 3
   config = demo.get_config("tiny")
+  config.diffusion.conditioning = "path"    # the paper's final model: its Table-1 row is marked
   report.write_report(str(tmp_path / "r.md"), _metrics(), config)
   text = (tmp_path / "r.md").read_text()
   assert "| 10 | 4.00 | 5.00 | 0.800 (9) | 0.900 (3) | 0.600 | 0.700 |" in text

@@ -84,7 +84,7 @@ def test_own_images_through_both_stages_and_evaluation(tmp_path):
   r = _run(*args, script="train_diffusion.py")
   assert r.returncode == 0, r.stderr[-3000:]
   summary = json.loads((workdir / "diffusion" / "train_summary.json").read_text())
-  assert summary["steps"] == 3 and summary["conditioning"] == "path"
+  assert summary["steps"] == 3 and summary["conditioning"] == "image+path"
   rc, err = _run_with_signals(*kargs, script="train_diffusion.py",
                               signals=[("step 1/3", signal.SIGTERM)])
   assert rc == 0 and "stopped by SIGTERM at stage-2 step" in err, err[-3000:]
