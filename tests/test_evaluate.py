@@ -92,7 +92,7 @@ def test_run_summary_table(tmp_path):
   write("stage1_metrics.json", {"test": {"num_leaves": 3, "nmi": 0.61234, "leaf_purity": 0.6},
                                 "kmeans_pixels": {"nmi": 0.48, "leaf_purity": 0.55},
                                 "wall_time_s": 200.0})
-  write("diffusion/train_summary.json", {"wall_time_s": 301.0})
+  write("diffusion/train_summary.json", {"wall_time_s": 301.0, "conditioning": "image+path"})
   write("diffusion/samples/summary.json", {"modes": {"sample": {"wall_time_s": 10.0},
                                                      "recons": {"wall_time_s": 5.0}}})
   m = _metrics()
@@ -104,6 +104,6 @@ def test_run_summary_table(tmp_path):
   assert rows[1] == "| k-means on pixels | 0.480 | 0.550 | – | – | – | – |"
   # The latest checkpoint (10, not 2); stage 1's time from `times`, the rest as recorded.
   assert rows[2] == "| TreeVAE (3 leaves) | 0.612 | 0.600 | 30.0 | 20.0 | 0.600 (9 kept) | 3 min 50 s |"
-  assert rows[3] == ("| diffusion on the TreeVAE's paths (step 10) | – | – | 5.0 | 4.0 | "
+  assert rows[3] == ("| diffusion, image+path conditioning (step 10) | – | – | 5.0 | 4.0 | "
                      "0.800 (9 kept) | 5 min 01 s |")
   assert "sampling and figures 15 s, evaluation 2 min 00 s; 11 min 06 s in all." in text

@@ -220,6 +220,7 @@ def summary_table(workdir: str, times: Mapping[str, float] | None = None) -> str
   settings = ev.get("settings") or {}
   thr = "0.5"
   test, km = s1.get("test") or _get(ev, "stage1", "clustering") or {}, s1.get("kmeans_pixels") or {}
+  cond = read_json(os.path.join(workdir, "diffusion", "train_summary.json")).get("conditioning")
   purity_d = _get(ck, "modes", "sample_all_leaves", "purity", "thresholds", thr)
   purity_t = _get(ck, "modes", "sample_all_leaves", "purity_treevae", "thresholds", thr)
   rows = [
@@ -230,7 +231,8 @@ def summary_table(workdir: str, times: Mapping[str, float] | None = None) -> str
        format_value(_get(ev, "stage1", "fid", "gen"), 1),
        format_value(_get(ev, "stage1", "fid", "rec"), 1),
        _purity(purity_t), _duration(t.get("stage1"))),
-      (f"diffusion on the TreeVAE's paths{f' (step {step})' if step else ''}", "–", "–",
+      (f"diffusion{f', {cond} conditioning' if cond else ''}"
+       f"{f' (step {step})' if step else ''}", "–", "–",
        format_value(_get(ck, "modes", "sample", "fid"), 1),
        format_value(_get(ck, "modes", "recons", "fid"), 1),
        _purity(purity_d), _duration(t.get("stage2"))),
