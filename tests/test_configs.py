@@ -37,3 +37,16 @@ def test_unknown_arguments_are_refused(name, arg, match):
   get_config = importlib.import_module(f"configs.{name}").get_config
   with pytest.raises(ConfigError, match=match.replace("NAME", name)):
     get_config(arg)
+
+
+@pytest.mark.parametrize("section", ["diffusion", "classifier"])
+def test_a_section_that_trains_for_nothing_is_refused(section):
+  from configs import common
+  from tree_diffusion import validation
+  c = common.base()
+  c[section].num_steps, c[section].num_epochs = 0, 0
+  check = validation.check_stage2 if section == "diffusion" else validation.check_classifier
+  with pytest.raises(ConfigError, match=f"config.{section}.num_steps and num_epochs are both 0"):
+    check(c)
+  c[section].num_epochs = 1
+  check(c)

@@ -140,8 +140,7 @@ def check_stage2(config) -> None:
   if config.diffusion.beta_1 > config.diffusion.beta_T:
     raise ConfigError(f"config.diffusion.beta_1 ({config.diffusion.beta_1}) must be <= beta_T "
                       f"({config.diffusion.beta_T})")
-  if config.diffusion.num_steps == 0 and config.diffusion.num_epochs == 0:
-    raise ConfigError("config.diffusion.num_steps and num_epochs are both 0: set one of them")
+  _check_some_training(config, "diffusion")
 
 
 def check_eval(config) -> None:
@@ -170,5 +169,10 @@ def check_classifier(config) -> None:
       c + "thresholds": (lambda v: len(v) > 0 and all(0 < t <= 1 for t in v),
                          "a non-empty list of probabilities in (0, 1]"),
   })
-  if config.classifier.num_steps == 0 and config.classifier.num_epochs == 0:
-    raise ConfigError("config.classifier.num_steps and num_epochs are both 0: set one of them")
+  _check_some_training(config, "classifier")
+
+
+def _check_some_training(config, section: str) -> None:
+  """A section with ``num_steps`` (> 0 overrides) and ``num_epochs`` must train for something."""
+  if config[section].num_steps == 0 and config[section].num_epochs == 0:
+    raise ConfigError(f"config.{section}.num_steps and num_epochs are both 0: set one of them")
