@@ -112,6 +112,12 @@ class _Checkpoints:
       options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory.resolve(), options=options)
+    if not read_only:
+      # Orbax removes the temporary directories of interrupted saves in a background thread and
+      # waits for it only at the next save; wait now, so that the directory is settled before
+      # anything here lists, moves or restores steps (and a process that exits before saving
+      # does not leave the removal half done). Orbax is pinned; this method is not public.
+      self.manager._maybe_await_cleanup_tmp_directory()  # pylint: disable=protected-access
 
   def _save(self, step: int, arrays, meta: dict):
     if self.read_only:
