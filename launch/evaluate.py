@@ -41,7 +41,7 @@ def _preflight(config, workdirs: list[str], settings, checkpoints: str):
   """
   from tree_diffusion import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from tree_diffusion import runs  # pylint: disable=g-import-not-at-top
-  from tree_diffusion.diffusion import train  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.diffusion import run_dir  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import classifier, evaluate  # pylint: disable=g-import-not-at-top
   if not any(workdirs):
@@ -52,7 +52,7 @@ def _preflight(config, workdirs: list[str], settings, checkpoints: str):
     common.check_run_dir(workdir)
   exports, any_steps = {}, False
   for workdir in workdirs:
-    ckpt_dir = os.path.join(train.stage2_dir(workdir), "checkpoints")
+    ckpt_dir = os.path.join(run_dir.stage2_dir(workdir), "checkpoints")
     try:
       any_steps |= bool(evaluate.select_steps(ckpt_lib.Stage2Checkpoints.steps_in(ckpt_dir),
                                               checkpoints))
@@ -62,17 +62,17 @@ def _preflight(config, workdirs: list[str], settings, checkpoints: str):
       raise ConfigError(f"no stage-2 checkpoints in {ckpt_dir}: train stage 2 "
                         f"(launch/train_diffusion.py --workdir={workdir}) or pass "
                         f"--checkpoints=none to evaluate stage 1 only") from None
-    path = ckpt_lib.resolve_export(train.export_path(config, workdir))
+    path = ckpt_lib.resolve_export(run_dir.export_path(config, workdir))
     exports[workdir] = (path, ckpt_lib.read_export_meta(path))
   datasets = {w: ((meta.get("config") or {}).get("data") or {}).get("name", "?")
               for w, (_, meta) in exports.items()}
   if len(set(datasets.values())) > 1:
-    runs = ", ".join(f"{w} ({d})" for w, d in datasets.items())
-    raise ConfigError(f"--workdir holds runs of different datasets: {runs}; one --config serves "
-                      f"every --workdir: evaluate each dataset in its own launch/evaluate.py call "
+    listed = ", ".join(f"{w} ({d})" for w, d in datasets.items())
+    raise ConfigError(f"--workdir holds runs of different datasets: {listed}; one --config "
+                      f"serves every --workdir: evaluate each dataset in its own launch/evaluate.py call "
                       f"with its own --config")
   for path, meta in exports.values():
-    train.check_export(config, path, meta)
+    run_dir.check_export(config, path, meta)
   fix = "make it writable, or copy the run to a directory you can write to and pass that --workdir"
   for workdir in workdirs:
     runs.check_writable(os.path.join(workdir, "eval"), fix)

@@ -13,9 +13,6 @@ import itertools
 import json
 import os
 import time
-from typing import Any
-
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,73 +26,14 @@ from tree_diffusion.diffusion import frozen
 from tree_diffusion.diffusion import sampler as sampler_lib
 from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_condition,
                                                    make_denoiser)
-from tree_diffusion.diffusion.process import Process
+from tree_diffusion.diffusion.run_dir import check_export_data, export_path, load_stage1, stage2_dir
+from tree_diffusion.diffusion.state import (DiffusionState, StepConfig, abstract_state,
+                                            example_condition, init_state, make_optimizer)
 from tree_diffusion.errors import ConfigError, TrainingDivergedError
 from tree_diffusion.runs import check_workdir, format_eta, locked_workdir, write_json
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 from tree_diffusion.writer import MetricWriter
-
-PyTree = Any
-LOSSES = ("l2", "l1")
-
-
-@flax.struct.dataclass
-class DiffusionState:
-  step: jax.Array
-  params: PyTree
-  ema_params: PyTree
-  opt_state: PyTree
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-  """Static settings of the train step (hashable)."""
-  process: Process = Process()
-  loss: str = "l2"
-  lr: float = 2e-4
-  warmup_steps: int = 5000
-  grad_clip: float = 1.0
-  ema_decay: float = 0.9999
-  cfg_drop_rate: float = 0.0
-
-  @classmethod
-  def from_config(cls, c) -> "StepConfig":
-    if c.loss not in LOSSES:
-      raise ConfigError(f"unknown diffusion loss {c.loss!r}; use one of {LOSSES}")
-    if not 0.0 <= c.cfg_drop_rate < 1.0:
-      raise ConfigError(f"diffusion.cfg_drop_rate must be in [0, 1), got {c.cfg_drop_rate}")
-    return cls(process=Process.from_config(c), loss=c.loss, lr=c.lr,
-               warmup_steps=c.warmup_steps, grad_clip=c.grad_clip, ema_decay=c.ema_decay,
-               cfg_drop_rate=c.cfg_drop_rate)
-
-
-def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
-  """Clip by global norm, then Adam at ``lr · min(step / warmup, 1)`` (the first update uses 0)."""
-  warm = max(cfg.warmup_steps, 1)
-  lr = lambda count: cfg.lr * jnp.minimum(count / warm, 1.0) if cfg.warmup_steps else cfg.lr
-  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(lr))
-
-
-def init_state(denoiser: Denoiser, cfg: StepConfig, key: jax.Array, example_cond: dict,
-               image_shape) -> DiffusionState:
-  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  init = jax.jit(lambda k: denoiser.init({"params": k, "dropout": k}, x, t, example_cond,
-                                         train=False)["params"])
-  params = init(key)
-  return DiffusionState(step=jnp.zeros((), jnp.int32), params=params,
-                        ema_params=jax.tree_util.tree_map(jnp.copy, params),
-                        opt_state=make_optimizer(cfg).init(params))
-
-
-def example_condition(denoiser: Denoiser, model: TreeVAE, tree: Tree) -> dict:
-  """A batch-1 condition with the right shapes (for ``init``)."""
-  tables = PathTables.from_tree(tree)
-  z_dim = max(int(np.prod(model.latent_shape(d))) for d in range(tree.depth + 1))
-  z_all = jnp.zeros((1, len(tree.nodes), z_dim), jnp.float32)
-  images = jnp.zeros((tree.num_leaves, 1) + model.image_shape, jnp.float32)
-  return make_condition(denoiser.conditioning, tables, z_all, jnp.zeros((1,), jnp.int32), images)
 
 
 def diffusion_loss(params, denoiser: Denoiser, cfg: StepConfig, x0, cond, t, eps, dropout_key):
@@ -141,78 +79,6 @@ def train_step(state: DiffusionState, tvae_vars, images: jax.Array, key: jax.Arr
 
 
 # --------------------------------------------------------------------------------- the run
-
-
-def export_path(config, workdir: str) -> str:
-  """The stage-1 export stage 2 conditions on: ``diffusion.treevae_export`` or ``WORKDIR/export``."""
-  return config.diffusion.treevae_export or os.path.join(workdir, "export")
-
-
-def check_export(config, path: str, meta: dict):
-  """Checks a stage-1 export's meta against this config before anything is loaded.
-
-  Raises:
-    ConfigError: the export was trained on images of another shape or on another dataset (its
-      config; the data itself is compared by :func:`check_export_data`).
-  """
-  m = meta["model"]
-  got = (m["image_size"], m["image_size"], m["channels"])
-  want = (config.data.image_size, config.data.image_size, config.data.channels)
-  if got != want:
-    raise ConfigError(
-        f"the stage-1 export {path} was trained on {'x'.join(map(str, got))} images but "
-        f"config.data ({config.data.name}) has {'x'.join(map(str, want))}: point "
-        f"--config.diffusion.treevae_export at an export of this dataset (or use its config)")
-  saved = (meta.get("config") or {}).get("data")
-  if saved is not None:
-    current = ckpt_lib.config_sections(config, ("data",))["data"]
-    diffs = ckpt_lib.config_differences({"data": saved}, {"data": current}, ("data.data_dir",))
-    if diffs:
-      raise ConfigError(
-          f"the stage-1 export {path} was trained on other data ({'; '.join(diffs)}): "
-          f"use the config of that stage-1 run, or point --config.diffusion.treevae_export at an "
-          f"export of this data")
-
-
-def check_export_data(path: str, meta: dict, identity: dict):
-  """Refuses data that changed since the export was trained (images added, removed or edited).
-
-  Raises:
-    ConfigError: the export records another dataset identity; the message says what changed.
-  """
-  saved = (meta.get("data") or {}).get("identity")
-  change = None if saved is None else data_lib.identity_change(saved, identity)
-  if change:
-    raise ConfigError(
-        f"the dataset changed since the stage-1 export {path} was trained ({change}): put the "
-        f"images back as they were, or train stage 1 again on them in a new --workdir")
-
-
-def load_stage1(config, workdir: str):
-  """Loads and checks the stage-1 export for this config.
-
-  Returns:
-    ``(model, variables, tree, path, fingerprint, meta)``.
-
-  Raises:
-    CheckpointError: missing export, a training workdir instead of its export.
-    ConfigError: the export's images or dataset differ from this config's.
-  """
-  path = ckpt_lib.resolve_export(export_path(config, workdir))
-  meta = ckpt_lib.read_export_meta(path)
-  check_export(config, path, meta)
-  model, variables, tree = ckpt_lib.load_treevae(path)
-  return model, variables, tree, path, ckpt_lib.export_fingerprint(path), meta
-
-
-def stage2_dir(workdir: str) -> str:
-  return os.path.join(workdir, "diffusion")
-
-
-def abstract_state(denoiser: Denoiser, cfg: StepConfig, model: TreeVAE, tree: Tree):
-  cond = example_condition(denoiser, model, tree)
-  return jax.eval_shape(lambda: init_state(denoiser, cfg, jax.random.key(0), cond,
-                                           model.image_shape))
 
 
 def train_and_save(config, workdir: str, stop: preemption.StopRequest | None = None) -> dict:

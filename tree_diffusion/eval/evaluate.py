@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -42,8 +41,7 @@ from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
 from tree_diffusion import validation
 from tree_diffusion.diffusion import generate
-from tree_diffusion.diffusion import train as train_lib
-from tree_diffusion.diffusion.sampler import MODES
+from tree_diffusion.diffusion.run_dir import load_stage1, stage2_dir
 from tree_diffusion.diffusion.sampler import check_config as check_sampler_config
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.eval import classifier as classifier_lib
@@ -54,7 +52,7 @@ from tree_diffusion.eval.likelihood import LogLikelihood
 from tree_diffusion.runs import check_workdir, format_eta, locked_workdir, write_json
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
-from tree_diffusion.treevae.train import leaf_examples, predict_leaf_probs
+from tree_diffusion.treevae.inference import leaf_examples, predict_leaf_probs
 
 STAGE2_MODES = ("sample", "recons", "sample_all_leaves", "recons_all_leaves")
 
@@ -406,7 +404,7 @@ class Evaluator:
     s = self.settings
     eval_dir = os.path.join(workdir, "eval")
     metrics_path = os.path.join(eval_dir, "metrics.json")
-    stage2_ckpt_dir = os.path.join(train_lib.stage2_dir(workdir), "checkpoints")
+    stage2_ckpt_dir = os.path.join(stage2_dir(workdir), "checkpoints")
     available = ckpt_lib.Stage2Checkpoints.steps_in(stage2_ckpt_dir)
     try:
       steps = select_steps(available, checkpoints)
@@ -418,7 +416,7 @@ class Evaluator:
       raise
     if s.fid:
       self.extractor()          # a missing weights file is an error before any heavy work
-    model, variables, tree, export, fingerprint, _ = train_lib.load_stage1(config, workdir)
+    model, variables, tree, export, fingerprint, _ = load_stage1(config, workdir)
     test = data_lib.load_arrays(config.data, "test")
     data_lib.check_image_shape(test, config.data)
     metrics = report.read_json(metrics_path)

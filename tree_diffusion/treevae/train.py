@@ -13,7 +13,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import flax
 import jax
@@ -33,6 +33,7 @@ from tree_diffusion.runs import check_workdir, format_eta, locked_workdir, write
 from tree_diffusion.eval import clustering
 from tree_diffusion.tree import Tree, depth_of
 from tree_diffusion.treevae import growing
+from tree_diffusion.treevae.inference import generate, predict_leaf_probs, test_examples
 from tree_diffusion.treevae.model import (TreeVAE, frozen_path_variables, grow_variables,
                                           merge_split_variables, prune_variables, split_variables)
 from tree_diffusion.writer import MetricWriter
@@ -181,31 +182,11 @@ def _canonical_split_depth(model: TreeVAE, depth: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "tree"))
-def leaf_probabilities(variables, images, *, model: TreeVAE, tree: Tree):
-  return model.leaf_probabilities(variables, tree, images)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "tree"))
 def eval_terms(variables, images, key, *, model: TreeVAE, tree: Tree):
   """Per-sample negative-ELBO terms at α = 1 (eval mode), and leaf probabilities."""
   out, _ = model.apply(variables, tree, images, key, train=False)
   nelbo = out["rec"] + out["kl_root"] + out["kl_nodes"] + out["kl_decisions"]
   return dict(rec=out["rec"], nelbo=nelbo), out["leaf_probs"]
-
-
-@functools.partial(jax.jit, static_argnames=("model", "tree", "num"))
-def generate(variables, key, *, model: TreeVAE, tree: Tree, num: int):
-  return model.generate(variables, tree, key, num)
-
-
-def predict_leaf_probs(model: TreeVAE, variables, tree: Tree, arrays: data_lib.Arrays,
-                       batch_size: int) -> np.ndarray:
-  """``[N, K]`` leaf probabilities of every row of ``arrays`` (padded fixed-shape batches)."""
-  outs = []
-  for batch in data_lib.batches(arrays, batch_size, shuffle=False, drop_remainder=False, pad=True):
-    p = leaf_probabilities(variables, batch["image"], model=model, tree=tree)
-    outs.append(np.asarray(p)[batch["mask"]])
-  return np.concatenate(outs) if outs else np.zeros((0, tree.num_leaves), np.float32)
 
 
 # --------------------------------------------------------------------------------- schedule
@@ -704,25 +685,6 @@ def kmeans_baseline(train: data_lib.Arrays, test: data_lib.Arrays, k: int, seed:
   return {"num_clusters": k, "nmi": clustering.nmi(test.labels, pred),
           "accuracy": clustering.accuracy(test.labels, pred),
           "leaf_purity": clustering.leaf_purity(test.labels, pred)}
-
-
-def test_examples(model: TreeVAE, variables, tree: Tree, arrays: data_lib.Arrays, num: int,
-                  batch_size: int):
-  """Each leaf's share of ``arrays`` (argmax of the leaf probabilities) and up to ``num`` of its
-  images, ``[K, num, H, W, C]`` in [0, 1] with NaN where a leaf has fewer (blank figure slots)."""
-  return leaf_examples(predict_leaf_probs(model, variables, tree, arrays, batch_size), arrays, num)
-
-
-def leaf_examples(probs: np.ndarray, arrays: data_lib.Arrays, num: int):
-  """:func:`test_examples` from leaf probabilities ``[N, K]`` already computed for ``arrays``."""
-  k_leaves = probs.shape[1]
-  assign = probs.argmax(1)
-  share = np.bincount(assign, minlength=k_leaves) / max(len(assign), 1)
-  real = np.full((k_leaves, num) + arrays.images.shape[1:], np.nan, np.float32)
-  for k in range(k_leaves):
-    rows = np.flatnonzero(assign == k)[:num]
-    real[k, :len(rows)] = arrays.images[rows] / 255.0
-  return share, real
 
 
 def write_tree_figure(run: _Run, variables, tree: Tree, path: str, num: int | None = None):

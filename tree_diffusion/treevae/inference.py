@@ -1,0 +1,56 @@
+"""What stage 2 and the evaluation need from a trained TreeVAE, below any training code.
+
+Leaf probabilities of a dataset (fixed-shape padded batches, so one compile serves every size),
+the test images each leaf receives, and prior samples through every leaf. Stage-1 training uses
+the same functions for its progress logs, its growing decisions and its tree figure.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from tree_diffusion import data as data_lib
+from tree_diffusion.tree import Tree
+from tree_diffusion.treevae.model import TreeVAE
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tree"))
+def leaf_probabilities(variables, images, *, model: TreeVAE, tree: Tree):
+  return model.leaf_probabilities(variables, tree, images)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tree", "num"))
+def generate(variables, key, *, model: TreeVAE, tree: Tree, num: int):
+  return model.generate(variables, tree, key, num)
+
+
+def predict_leaf_probs(model: TreeVAE, variables, tree: Tree, arrays: data_lib.Arrays,
+                       batch_size: int) -> np.ndarray:
+  """``[N, K]`` leaf probabilities of every row of ``arrays`` (padded fixed-shape batches)."""
+  outs = []
+  for batch in data_lib.batches(arrays, batch_size, shuffle=False, drop_remainder=False, pad=True):
+    p = leaf_probabilities(variables, batch["image"], model=model, tree=tree)
+    outs.append(np.asarray(p)[batch["mask"]])
+  return np.concatenate(outs) if outs else np.zeros((0, tree.num_leaves), np.float32)
+
+
+def test_examples(model: TreeVAE, variables, tree: Tree, arrays: data_lib.Arrays, num: int,
+                  batch_size: int):
+  """Each leaf's share of ``arrays`` (argmax of the leaf probabilities) and up to ``num`` of its
+  images, ``[K, num, H, W, C]`` in [0, 1] with NaN where a leaf has fewer (blank figure slots)."""
+  return leaf_examples(predict_leaf_probs(model, variables, tree, arrays, batch_size), arrays, num)
+
+
+def leaf_examples(probs: np.ndarray, arrays: data_lib.Arrays, num: int):
+  """:func:`test_examples` from leaf probabilities ``[N, K]`` already computed for ``arrays``."""
+  k_leaves = probs.shape[1]
+  assign = probs.argmax(1)
+  share = np.bincount(assign, minlength=k_leaves) / max(len(assign), 1)
+  real = np.full((k_leaves, num) + arrays.images.shape[1:], np.nan, np.float32)
+  for k in range(k_leaves):
+    rows = np.flatnonzero(assign == k)[:num]
+    real[k, :len(rows)] = arrays.images[rows] / 255.0
+  return share, real
