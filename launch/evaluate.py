@@ -41,7 +41,7 @@ def _preflight(config, workdirs: list[str], settings, checkpoints: str):
   """
   from tree_diffusion import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from tree_diffusion import runs  # pylint: disable=g-import-not-at-top
-  from tree_diffusion.diffusion import run_dir  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.diffusion import frozen  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import classifier, evaluate  # pylint: disable=g-import-not-at-top
   if not any(workdirs):
@@ -52,7 +52,7 @@ def _preflight(config, workdirs: list[str], settings, checkpoints: str):
     common.check_run_dir(workdir)
   exports, any_steps = {}, False
   for workdir in workdirs:
-    ckpt_dir = os.path.join(run_dir.stage2_dir(workdir), "checkpoints")
+    ckpt_dir = runs.RunDir(workdir).stage2_checkpoints
     try:
       any_steps |= bool(evaluate.select_steps(ckpt_lib.Stage2Checkpoints.steps_in(ckpt_dir),
                                               checkpoints))
@@ -62,7 +62,7 @@ def _preflight(config, workdirs: list[str], settings, checkpoints: str):
       raise ConfigError(f"no stage-2 checkpoints in {ckpt_dir}: train stage 2 "
                         f"(launch/train_diffusion.py --workdir={workdir}) or pass "
                         f"--checkpoints=none to evaluate stage 1 only") from None
-    path = ckpt_lib.resolve_export(run_dir.export_path(config, workdir))
+    path = ckpt_lib.resolve_export(frozen.export_path(config, workdir))
     exports[workdir] = (path, ckpt_lib.read_export_meta(path))
   datasets = {w: ((meta.get("config") or {}).get("data") or {}).get("name", "?")
               for w, (_, meta) in exports.items()}
@@ -72,10 +72,10 @@ def _preflight(config, workdirs: list[str], settings, checkpoints: str):
                       f"serves every --workdir: evaluate each dataset in its own launch/evaluate.py call "
                       f"with its own --config")
   for path, meta in exports.values():
-    run_dir.check_export(config, path, meta)
+    frozen.check_export(config, path, meta)
   fix = "make it writable, or copy the run to a directory you can write to and pass that --workdir"
   for workdir in workdirs:
-    runs.check_writable(os.path.join(workdir, "eval"), fix)
+    runs.check_writable(runs.RunDir(workdir).eval, fix)
     directory = classifier.classifier_dir(config, workdir)
     if (any_steps and "sample_all_leaves" in settings.modes and settings.train_classifier
         and not os.path.exists(os.path.join(directory, classifier.META_FILE))):
@@ -90,7 +90,7 @@ def main(argv):
   config = _CONFIG.value
   common.check_config(config)
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from tree_diffusion import validation  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import runs, validation  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import evaluate, report  # after setup()
   if _MODES.value is not None and not _MODES.value:
@@ -104,7 +104,7 @@ def main(argv):
     metrics = ev.run(config, workdir, _CHECKPOINTS.value, _FORCE.value, _DATA_FID.value)
     rows = report.csv_rows(metrics)
     print(f"{workdir}: {len(metrics.get('checkpoints', {}))} checkpoint(s) evaluated -> "
-          f"{os.path.join(workdir, 'eval', 'report.md')}")
+          f"{runs.RunDir(workdir).eval_report}")
     for row in rows:
       print("  " + ", ".join(f"{k}={report.format_value(v, 3)}" for k, v in row.items()
                              if v is not None))

@@ -43,7 +43,6 @@ def main(argv):
   from tree_diffusion import runs  # pylint: disable=g-import-not-at-top
   from tree_diffusion import validation  # pylint: disable=g-import-not-at-top
   from tree_diffusion.diffusion import generate, sampler  # pylint: disable=g-import-not-at-top
-  from tree_diffusion.diffusion import run_dir  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
   if not _MODES.value:
     raise ConfigError(f"--modes is empty; use some of {','.join(sampler.MODES)}")
@@ -54,7 +53,8 @@ def main(argv):
   sampler.check_config(config)
   # Everything that can be refused is, before the checkpoint is read and the sampler compiled.
   common.check_run_dir(workdir)
-  ckpt_dir = os.path.join(run_dir.stage2_dir(workdir), "checkpoints")
+  run_dir = runs.RunDir(workdir)
+  ckpt_dir = run_dir.stage2_checkpoints
   steps = ckpt_lib.Stage2Checkpoints.steps_in(ckpt_dir)
   if not steps:
     raise ckpt_lib.CheckpointError(f"no stage-2 checkpoint in {ckpt_dir}: run "
@@ -63,10 +63,10 @@ def main(argv):
     raise ckpt_lib.CheckpointError(f"no stage-2 checkpoint {_STEP.value} in {ckpt_dir}; have "
                                    f"{steps}: pass one of them as --step (or none: the latest)")
   fix = "make it writable, or copy the run to a directory you can write to and pass that --workdir"
-  runs.check_writable(os.path.join(run_dir.stage2_dir(workdir), "samples"), fix)
+  runs.check_writable(run_dir.samples(), fix)
   if _FIGURE.value:
-    runs.check_writable(run_dir.stage2_dir(workdir), fix + " (or pass --nofigure)")
-  samples_dir = os.path.join(run_dir.stage2_dir(workdir), "samples")
+    runs.check_writable(run_dir.stage2, fix + " (or pass --nofigure)")
+  samples_dir = run_dir.samples()
   os.makedirs(samples_dir, exist_ok=True)
   with runs.WorkdirLock(samples_dir, "sampling (launch/sample.py)"):   # one sampler at a time
     stage2 = generate.load_stage2(config, workdir, _STEP.value)

@@ -30,7 +30,8 @@ def main(argv):
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import report  # pylint: disable=g-import-not-at-top
   common.check_run_dir(_WORKDIR.value)
-  if not os.path.isfile(os.path.join(_WORKDIR.value, "stage1_metrics.json")):
+  run_dir = runs.RunDir(_WORKDIR.value)
+  if not os.path.isfile(run_dir.stage1_metrics):
     raise ConfigError(f"{_WORKDIR.value} has no stage1_metrics.json: run launch/train_treevae.py "
                       f"with this --workdir first")
   times = {}
@@ -45,7 +46,7 @@ def main(argv):
     except ValueError:
       raise ConfigError(f"--times takes step=seconds (seconds >= 0) with a step among "
                         f"{', '.join(report.STEPS)}, got {item!r}") from None
-  path = os.path.join(_WORKDIR.value, "summary.md")
+  path = run_dir.summary
   if os.path.isdir(path):
     raise ConfigError(f"{path} is a directory: remove it (the summary is written there)")
   runs.check_writable(_WORKDIR.value, "make the run directory writable (the summary is "

@@ -30,11 +30,12 @@ def main(argv):
   common.check_config(_CONFIG.value)
   from tree_diffusion import preemption  # after setup(): jax is configured first
   from tree_diffusion.diffusion import train
+  from tree_diffusion.runs import RunDir
   logging.info("config:\n%s", _CONFIG.value.diffusion)
   with preemption.StopRequest() as stop:   # SIGTERM / Ctrl-C: checkpoint, then exit 0
     summary = train.train_and_save(_CONFIG.value, _WORKDIR.value, stop=stop)
   print(f"stage 2: {summary['steps']} steps, {summary['conditioning']} conditioning, "
-        f"{summary['parameters']:,} parameters -> {train.stage2_dir(_WORKDIR.value)}")
+        f"{summary['parameters']:,} parameters -> {RunDir(_WORKDIR.value).stage2}")
 
 
 if __name__ == "__main__":

@@ -73,12 +73,12 @@ def _stage2_config(**data):
 
 
 def test_stage2_loads_the_export_it_is_pointed_at(tmp_path):
-  from tree_diffusion.diffusion import train as train_lib
+  from tree_diffusion.diffusion import frozen
   tree, v = _grown()
   run = tmp_path / "run"
   checkpoint.export_treevae(str(run / "export"), TINY, v, tree, {})
   c = _stage2_config()
-  model, variables, loaded, path, fingerprint, _ = train_lib.load_stage1(c, str(run))
+  model, variables, loaded, path, fingerprint, _ = frozen.load_stage1(c, str(run))
   assert model == TINY and loaded == tree and path == str((run / "export").resolve())
   for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(variables)):
     np.testing.assert_array_equal(a, b)
@@ -93,7 +93,7 @@ def test_stage2_loads_the_export_it_is_pointed_at(tmp_path):
     ("shape", "was trained on 28x28x1 images but config.data"),
 ])
 def test_stage2_refuses_a_wrong_export(tmp_path, case, match):
-  from tree_diffusion.diffusion import train as train_lib
+  from tree_diffusion.diffusion import frozen
   from tree_diffusion.errors import ConfigError
   tree, v = _grown()
   run = tmp_path / "run"
@@ -105,7 +105,7 @@ def test_stage2_refuses_a_wrong_export(tmp_path, case, match):
   if case == "workdir":
     c.diffusion.treevae_export = str(run)
   with pytest.raises((checkpoint.CheckpointError, ConfigError), match=match):
-    train_lib.load_stage1(c, str(run))
+    frozen.load_stage1(c, str(run))
 
 
 def test_stage2_refuses_checkpoints_of_another_export(tmp_path):

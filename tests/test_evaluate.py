@@ -2,7 +2,6 @@
 the histogram row of the tree figure."""
 
 import json
-import ml_collections
 import numpy as np
 import pytest
 

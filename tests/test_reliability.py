@@ -137,6 +137,26 @@ def test_an_export_is_replaced_only_once_the_new_one_is_complete(tmp_path, monke
 # ------------------------------------------------------------------------- one writer per workdir
 
 
+def test_run_dir_names_the_layout_the_readme_documents():
+  r = runs.RunDir("runs/demo")
+  assert [r.checkpoints, r.export, r.tensorboard, r.stage1_metrics, r.tree_figure] == [
+      "runs/demo/checkpoints", "runs/demo/export", "runs/demo/tensorboard",
+      "runs/demo/stage1_metrics.json", "runs/demo/tree.png"]
+  assert [r.stage2, r.stage2_checkpoints, r.stage2_tensorboard, r.stage2_summary,
+          r.stage2_tree_figure] == [
+      "runs/demo/diffusion", "runs/demo/diffusion/checkpoints", "runs/demo/diffusion/tensorboard",
+      "runs/demo/diffusion/train_summary.json", "runs/demo/diffusion/tree.png"]
+  assert [r.samples(), r.samples("recons"), r.samples_summary] == [
+      "runs/demo/diffusion/samples", "runs/demo/diffusion/samples/recons",
+      "runs/demo/diffusion/samples/summary.json"]
+  assert [r.classifier, r.eval, r.eval_metrics, r.eval_csv, r.eval_report, r.eval_cache,
+          r.eval_step(1000), r.summary] == [
+      "runs/demo/classifier", "runs/demo/eval", "runs/demo/eval/metrics.json",
+      "runs/demo/eval/metrics.csv", "runs/demo/eval/report.md", "runs/demo/eval/cache",
+      "runs/demo/eval/step_1000", "runs/demo/summary.md"]
+  assert runs.RunDir("gs://bucket/run").stage2_checkpoints == "gs://bucket/run/diffusion/checkpoints"
+
+
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
   with runs.WorkdirLock(str(tmp_path), "stage 1"):
     with pytest.raises(WorkdirBusyError) as e:

@@ -41,6 +41,7 @@ from absl import logging
 from etils import epath
 
 from tree_diffusion import __version__
+from tree_diffusion.runs import RunDir
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE, check_variables
 
@@ -268,7 +269,7 @@ class Stage1Checkpoints(_Checkpoints):
   kind = "stage-1 checkpoint"
 
   def __init__(self, workdir: str, max_to_keep: int = 3):
-    super().__init__(epath.Path(workdir) / "checkpoints", max_to_keep)
+    super().__init__(RunDir(workdir).checkpoints, max_to_keep)
 
   def save(self, step: int, variables, tree: Tree, cursor: dict, extra: dict | None = None,
            phase_arrays: dict | None = None):
@@ -389,8 +390,9 @@ def read_export_meta(path: str) -> dict:
   meta_file = p / "meta.json"
   if not meta_file.exists():
     hint = ""
-    if (p / "checkpoints").exists() or (p / "export").exists():
-      hint = f" (this looks like a training workdir: pass {p / 'export'})"
+    run_dir = RunDir(str(p))
+    if epath.Path(run_dir.checkpoints).exists() or epath.Path(run_dir.export).exists():
+      hint = f" (this looks like a training workdir: pass {run_dir.export})"
     raise CheckpointError(f"{p} is not a stage-1 export: no meta.json{hint}")
   try:
     meta = json.loads(meta_file.read_text())

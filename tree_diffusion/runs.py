@@ -1,9 +1,11 @@
-"""Small helpers shared by the training loops of both stages: ETA text, the workdir check and
-the lock a training command holds on its workdir."""
+"""Run directories and small helpers shared by the training loops of both stages: the layout of
+a ``--workdir`` (:class:`RunDir`), ETA text, the workdir check and the lock a training command
+holds on its workdir."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -16,6 +18,109 @@ import numpy as np
 from absl import logging
 
 from tree_diffusion.errors import WorkdirBusyError
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+  """The layout of a run directory (``--workdir``): every path a command reads or writes there.
+
+  ::
+
+    checkpoints/  export/  tensorboard/  stage1_metrics.json  tree.png     stage 1
+    diffusion/    checkpoints/  tensorboard/  train_summary.json  tree.png  stage 2
+                  samples/<mode>/  samples/summary.json                    launch/sample.py
+    classifier/                          the purity classifier (unless classifier.dir is set)
+    eval/         metrics.json  metrics.csv  report.md  cache/  step_<N>/  launch/evaluate.py
+    summary.md                                                              launch/summarize.py
+
+  Paths are joined as strings, so a ``gs://`` root works as well as a local one.
+  """
+  root: str
+
+  def _join(self, *parts: str) -> str:
+    return os.path.join(self.root, *parts)
+
+  # Stage 1.
+  @property
+  def checkpoints(self) -> str:
+    return self._join("checkpoints")
+
+  @property
+  def export(self) -> str:
+    return self._join("export")
+
+  @property
+  def tensorboard(self) -> str:
+    return self._join("tensorboard")
+
+  @property
+  def stage1_metrics(self) -> str:
+    return self._join("stage1_metrics.json")
+
+  @property
+  def tree_figure(self) -> str:
+    return self._join("tree.png")
+
+  # Stage 2.
+  @property
+  def stage2(self) -> str:
+    return self._join("diffusion")
+
+  @property
+  def stage2_checkpoints(self) -> str:
+    return self._join("diffusion", "checkpoints")
+
+  @property
+  def stage2_tensorboard(self) -> str:
+    return self._join("diffusion", "tensorboard")
+
+  @property
+  def stage2_summary(self) -> str:
+    return self._join("diffusion", "train_summary.json")
+
+  @property
+  def stage2_tree_figure(self) -> str:
+    return self._join("diffusion", "tree.png")
+
+  def samples(self, mode: str | None = None) -> str:
+    """``diffusion/samples``, or the folder of one sampling mode in it."""
+    return self._join("diffusion", "samples", *([mode] if mode else []))
+
+  @property
+  def samples_summary(self) -> str:
+    return self._join("diffusion", "samples", "summary.json")
+
+  # Evaluation.
+  @property
+  def classifier(self) -> str:
+    return self._join("classifier")
+
+  @property
+  def eval(self) -> str:
+    return self._join("eval")
+
+  @property
+  def eval_metrics(self) -> str:
+    return self._join("eval", "metrics.json")
+
+  @property
+  def eval_csv(self) -> str:
+    return self._join("eval", "metrics.csv")
+
+  @property
+  def eval_report(self) -> str:
+    return self._join("eval", "report.md")
+
+  @property
+  def eval_cache(self) -> str:
+    return self._join("eval", "cache")
+
+  def eval_step(self, step: int) -> str:
+    return self._join("eval", f"step_{step}")
+
+  @property
+  def summary(self) -> str:
+    return self._join("summary.md")
 
 
 def format_eta(seconds: float) -> str:

@@ -20,11 +20,11 @@ from PIL import Image
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
 from tree_diffusion.diffusion.conditioning import Denoiser, make_denoiser
-from tree_diffusion.diffusion.run_dir import load_stage1, stage2_dir
+from tree_diffusion.diffusion.frozen import load_stage1
 from tree_diffusion.diffusion.sampler import MODES, Sampler, SamplerConfig
 from tree_diffusion.diffusion.state import StepConfig, abstract_state
 from tree_diffusion.errors import ConfigError
-from tree_diffusion.runs import write_json
+from tree_diffusion.runs import RunDir, write_json
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.inference import test_examples
 from tree_diffusion.treevae.model import TreeVAE
@@ -82,8 +82,7 @@ def load_stage2(config, workdir: str, step: int | None = None) -> Stage2:
   denoiser = make_denoiser(c.conditioning, c.unet, c.dtype)
   model, tvae_vars, tree, path, fingerprint, _ = load_stage1(config, workdir)
   model = dataclasses.replace(model, dtype=c.dtype)   # the frozen TreeVAE in the sampler
-  ckpts = ckpt_lib.Stage2Checkpoints(os.path.join(stage2_dir(workdir), "checkpoints"),
-                                     read_only=True)
+  ckpts = ckpt_lib.Stage2Checkpoints(RunDir(workdir).stage2_checkpoints, read_only=True)
   if ckpts.latest_step() is None:
     raise ckpt_lib.CheckpointError(f"no stage-2 checkpoint in {ckpts.directory}: run "
                                    f"launch/train_diffusion.py with this --workdir first")
@@ -122,14 +121,13 @@ def load_stage2(config, workdir: str, step: int | None = None) -> Stage2:
 
 def with_checkpoint(s: Stage2, workdir: str, step: int) -> Stage2:
   """``s`` with the EMA weights of checkpoint ``step`` (same export; compiled samplers shared)."""
-  ckpts = ckpt_lib.Stage2Checkpoints(os.path.join(stage2_dir(workdir), "checkpoints"),
-                                     read_only=True)
+  ckpts = ckpt_lib.Stage2Checkpoints(RunDir(workdir).stage2_checkpoints, read_only=True)
   try:
     meta = ckpts.read_meta(step)
     if meta.get("conditioning") != s.denoiser.conditioning.name or meta.get("export") != s.export:
       return load_stage2(s.config, workdir, step)
-    abstract = abstract_state(s.denoiser, StepConfig.from_config(s.config.diffusion),
-                                        s.model, s.tree)
+    abstract = abstract_state(s.denoiser, StepConfig.from_config(s.config.diffusion), s.model,
+                              s.tree)
     step, state, _ = ckpts.restore(abstract, step)
   finally:
     ckpts.close()
@@ -178,7 +176,7 @@ def sample_modes(s: Stage2, workdir: str, modes=MODES, num: int | None = None,
     out = sampler.run(s.ema_params, s.tvae_vars, key, num=num, images=images)
     dt = time.perf_counter() - t0
     n_images = out["image"].shape[0] * (s.tree.num_leaves if sampler.all_leaves else 1)
-    out_dir = os.path.join(stage2_dir(workdir), "samples", mode)
+    out_dir = RunDir(workdir).samples(mode)
     os.makedirs(out_dir, exist_ok=True)
     np.savez_compressed(os.path.join(out_dir, "samples.npz"), images=to_uint8(out["image"]),
                         vae_images=to_uint8(out["vae_image"]), leaf=out["leaf"],
@@ -192,7 +190,7 @@ def sample_modes(s: Stage2, workdir: str, modes=MODES, num: int | None = None,
     summary["modes"][mode] = {"images": int(n_images), "wall_time_s": dt,
                               "images_per_second_incl_compile": n_images / dt}
     logging.info("%s: %d images in %.1f s -> %s", mode, n_images, dt, out_dir)
-  write_json(os.path.join(stage2_dir(workdir), "samples", "summary.json"), summary)
+  write_json(RunDir(workdir).samples_summary, summary)
   return summary
 
 
@@ -214,7 +212,7 @@ def write_tree_figure(s: Stage2, workdir: str, mesh=None) -> str:
                                                 num=max(sc.figure_samples, num))
   k = s.tree.num_leaves
   vae, ddpm = most_likely_per_leaf(out, num)
-  path = os.path.join(stage2_dir(workdir), "tree.png")
+  path = RunDir(workdir).stage2_tree_figure
   figure.save_tree_figure(path, s.tree, share, [real, np.clip(vae, 0, 1), np.clip(ddpm, 0, 1)],
                           row_titles=["test", "TreeVAE", "diffusion"],
                           title=f"{s.config.data.name}: {k} leaves, "

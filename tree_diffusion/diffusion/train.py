@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import time
 import jax
 import jax.numpy as jnp
@@ -26,11 +25,10 @@ from tree_diffusion.diffusion import frozen
 from tree_diffusion.diffusion import sampler as sampler_lib
 from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_condition,
                                                    make_denoiser)
-from tree_diffusion.diffusion.run_dir import check_export_data, export_path, load_stage1, stage2_dir
 from tree_diffusion.diffusion.state import (DiffusionState, StepConfig, abstract_state,
                                             example_condition, init_state, make_optimizer)
 from tree_diffusion.errors import ConfigError, TrainingDivergedError
-from tree_diffusion.runs import check_workdir, format_eta, locked_workdir, write_json
+from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir, write_json
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 from tree_diffusion.writer import MetricWriter
@@ -104,7 +102,7 @@ def train_and_save(config, workdir: str, stop: preemption.StopRequest | None = N
   denoiser = make_denoiser(config.diffusion.conditioning, config.diffusion.unet,
                            config.diffusion.dtype)
   data_lib.check_outside_folder(config.data, workdir)
-  ckpt_lib.resolve_export(export_path(config, workdir))   # before anything is created
+  ckpt_lib.resolve_export(frozen.export_path(config, workdir))   # before anything is created
   check_workdir(workdir)
   with locked_workdir(workdir, "stage 2 (launch/train_diffusion.py)"):
     return _train_and_save(config, workdir, stop, denoiser)
@@ -115,17 +113,18 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
   c = config.diffusion
   stop = stop if stop is not None else preemption.never()
   t_run = time.perf_counter()
-  check_workdir(stage2_dir(workdir))
+  run_dir = RunDir(workdir)
+  check_workdir(run_dir.stage2)
   cfg = StepConfig.from_config(c)
   mesh = sharding.make_mesh()
   sharding.check_batch_size(c.batch_size, mesh, setting="diffusion.batch_size")
   # The export's meta is checked against the config before its (small) variables are read.
-  model, tvae_vars, tree, path, fingerprint, export_meta = load_stage1(config, workdir)
+  model, tvae_vars, tree, path, fingerprint, export_meta = frozen.load_stage1(config, workdir)
   model = dataclasses.replace(model, dtype=c.dtype)   # the frozen TreeVAE's forward in the step
   train = data_lib.load_arrays(config.data, "train")
   data_lib.check_image_shape(train, config.data)
   data_identity = data_lib.identity(train, data_lib.load_arrays(config.data, "test"))
-  check_export_data(path, export_meta, data_identity)
+  frozen.check_export_data(path, export_meta, data_identity)
   steps_per_epoch = data_lib.num_batches(len(train), c.batch_size, drop_remainder=True)
   if steps_per_epoch == 0:
     raise ConfigError(f"{len(train)} training images are fewer than one batch of {c.batch_size}; "
@@ -134,7 +133,7 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
 
   replicated = sharding.replicated(mesh)
   tvae_vars = sharding.replicate(tvae_vars, mesh)
-  ckpts = ckpt_lib.Stage2Checkpoints(os.path.join(stage2_dir(workdir), "checkpoints"),
+  ckpts = ckpt_lib.Stage2Checkpoints(run_dir.stage2_checkpoints,
                                      max_to_keep=c.checkpoints_to_keep)
   key = jax.random.key(c.seed)
 
@@ -168,7 +167,7 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
                "batch %d, from step %d; tree %s", denoiser.conditioning.name, f"{n_params:,}",
                total, steps_per_epoch, len(train), c.batch_size, step, tree)
 
-  summary_path = os.path.join(stage2_dir(workdir), "train_summary.json")
+  summary_path = run_dir.stage2_summary
   if restored is not None and step >= total:
     # A re-run of a finished run (what demo.sh and resuming do): its summary, measured when it
     # trained, is kept as it is (and written again only if it is missing or unreadable).
@@ -181,7 +180,7 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
       return summary
     except (OSError, ValueError):
       pass
-  writer = MetricWriter(os.path.join(stage2_dir(workdir), "tensorboard"))
+  writer = MetricWriter(run_dir.stage2_tensorboard)
   config_json = ckpt_lib.config_sections(config, ckpt_lib.STAGE2_SECTIONS)
   save_meta = lambda: {"export": path, "export_fingerprint": fingerprint,
                        "data_identity": data_identity,

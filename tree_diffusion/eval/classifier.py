@@ -46,7 +46,7 @@ from absl import logging
 from tree_diffusion import data as data_lib
 from tree_diffusion import sharding
 from tree_diffusion.errors import ConfigError
-from tree_diffusion.runs import format_eta
+from tree_diffusion.runs import RunDir, format_eta
 
 PyTree = Any
 AUGMENTATIONS = ("none", "flip", "shift", "flip+shift")
@@ -430,7 +430,7 @@ def classify_all_leaves(classifier: Classifier, images: np.ndarray, batch_size: 
 
 def classifier_dir(config, workdir: str) -> str:
   """``config.classifier.dir`` or, when empty, ``WORKDIR/classifier``."""
-  return config.classifier.dir or os.path.join(workdir, "classifier")
+  return config.classifier.dir or RunDir(workdir).classifier
 
 
 def _write_atomic(path: str, data: bytes) -> None:

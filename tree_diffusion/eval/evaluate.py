@@ -41,7 +41,7 @@ from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
 from tree_diffusion import validation
 from tree_diffusion.diffusion import generate
-from tree_diffusion.diffusion.run_dir import load_stage1, stage2_dir
+from tree_diffusion.diffusion.frozen import load_stage1
 from tree_diffusion.diffusion.sampler import check_config as check_sampler_config
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.eval import classifier as classifier_lib
@@ -49,7 +49,7 @@ from tree_diffusion.eval import clustering
 from tree_diffusion.eval import fid as fid_lib
 from tree_diffusion.eval import report
 from tree_diffusion.eval.likelihood import LogLikelihood
-from tree_diffusion.runs import check_workdir, format_eta, locked_workdir, write_json
+from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir, write_json
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 from tree_diffusion.treevae.inference import leaf_examples, predict_leaf_probs
@@ -232,7 +232,7 @@ class Evaluator:
             "image_shape": list(arrays.images.shape[1:]),
             "images_sha1": fid_lib.images_digest(arrays.images), "inception": self._weights_id}
     memo = json.dumps(meta, sort_keys=True)
-    path = os.path.join(workdir, "eval", "cache", f"inception_{config.data.name}_{split}.npz")
+    path = os.path.join(RunDir(workdir).eval_cache, f"inception_{config.data.name}_{split}.npz")
     if memo in self._reference_memo:
       feats = self._reference_memo[memo]
       if fid_lib.load_features(path, meta) is None:
@@ -395,16 +395,16 @@ class Evaluator:
     ``WORKDIR/eval`` is locked meanwhile (a second evaluation of the same workdir refuses in one
     line); the checkpoints are only read, so training may go on in the same workdir.
     """
-    eval_dir = os.path.join(workdir, "eval")
+    eval_dir = RunDir(workdir).eval
     check_workdir(eval_dir)
     with locked_workdir(eval_dir, "evaluation (launch/evaluate.py)"):
       return self._run(config, workdir, checkpoints, force, data_fid)
 
   def _run(self, config, workdir: str, checkpoints: str, force: bool, data_fid: bool) -> dict:
     s = self.settings
-    eval_dir = os.path.join(workdir, "eval")
-    metrics_path = os.path.join(eval_dir, "metrics.json")
-    stage2_ckpt_dir = os.path.join(stage2_dir(workdir), "checkpoints")
+    run_dir = RunDir(workdir)
+    eval_dir, metrics_path = run_dir.eval, run_dir.eval_metrics
+    stage2_ckpt_dir = run_dir.stage2_checkpoints
     available = ckpt_lib.Stage2Checkpoints.steps_in(stage2_ckpt_dir)
     try:
       steps = select_steps(available, checkpoints)
@@ -448,7 +448,7 @@ class Evaluator:
                 else generate.with_checkpoint(stage2, workdir, step))
       self.log(f"{workdir}: evaluating stage-2 checkpoint {step} ({i + 1}/{len(todo)})")
       done[str(step)] = dict(self.checkpoint(config, workdir, stage2, test, test_probs, classifier,
-                                             os.path.join(eval_dir, f"step_{step}")),
+                                             run_dir.eval_step(step)),
                              settings_key=skey)
       _write_json(metrics_path, metrics)
       dt = time.perf_counter() - t0
@@ -456,8 +456,8 @@ class Evaluator:
     if classifier is not None:
       metrics["classifier"] = {k: classifier.meta.get(k) for k in ("test_accuracy", "model")}
     _write_json(metrics_path, metrics)
-    report.write_csv(os.path.join(eval_dir, "metrics.csv"), metrics)
-    report.write_report(os.path.join(eval_dir, "report.md"), metrics, config)
+    report.write_csv(run_dir.eval_csv, metrics)
+    report.write_report(run_dir.eval_report, metrics, config)
     return metrics
 
   def _classifier(self, config, workdir: str):

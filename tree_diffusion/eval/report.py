@@ -15,6 +15,8 @@ from typing import Mapping
 
 from absl import logging
 
+from tree_diffusion.runs import RunDir
+
 
 def read_json(path: str) -> dict:
   """The JSON object in ``path``; ``{}`` if it is missing or unreadable (with a warning)."""
@@ -185,17 +187,17 @@ def _purity(th: dict | None) -> str:
 
 def recorded_times(workdir: str) -> dict[str, float]:
   """The wall times the launchers recorded in ``workdir`` (in-process; compilation included)."""
-  out = {}
-  s1 = _get(read_json(os.path.join(workdir, "stage1_metrics.json")), "wall_time_s")
+  out, run_dir = {}, RunDir(workdir)
+  s1 = _get(read_json(run_dir.stage1_metrics), "wall_time_s")
   if s1 is not None:
     out["stage1"] = s1
-  s2 = _get(read_json(os.path.join(workdir, "diffusion", "train_summary.json")), "wall_time_s")
+  s2 = _get(read_json(run_dir.stage2_summary), "wall_time_s")
   if s2 is not None:
     out["stage2"] = s2
-  modes = _get(read_json(os.path.join(workdir, "diffusion", "samples", "summary.json")), "modes")
+  modes = _get(read_json(run_dir.samples_summary), "modes")
   if modes:
     out["sampling"] = sum(m.get("wall_time_s", 0.0) for m in modes.values())
-  ev = read_json(os.path.join(workdir, "eval", "metrics.json"))
+  ev = read_json(run_dir.eval_metrics)
   parts = [_get(ev, "stage1", "wall_time_s")] + [
       c.get("wall_time_s") for c in (ev.get("checkpoints") or {}).values()]
   if any(p is not None for p in parts):
@@ -211,8 +213,8 @@ def summary_table(workdir: str, times: Mapping[str, float] | None = None) -> str
     times: wall times in seconds by step (``stage1``, ``stage2``, ``sampling``, ``evaluation``),
       e.g. measured around each command; steps missing here use :func:`recorded_times`.
   """
-  s1 = read_json(os.path.join(workdir, "stage1_metrics.json"))
-  ev = read_json(os.path.join(workdir, "eval", "metrics.json"))
+  run_dir = RunDir(workdir)
+  s1, ev = read_json(run_dir.stage1_metrics), read_json(run_dir.eval_metrics)
   cks = ev.get("checkpoints") or {}
   step = max(cks, key=int) if cks else None
   ck = cks.get(step, {}) if step is not None else {}
@@ -220,7 +222,7 @@ def summary_table(workdir: str, times: Mapping[str, float] | None = None) -> str
   settings = ev.get("settings") or {}
   thr = "0.5"
   test, km = s1.get("test") or _get(ev, "stage1", "clustering") or {}, s1.get("kmeans_pixels") or {}
-  cond = read_json(os.path.join(workdir, "diffusion", "train_summary.json")).get("conditioning")
+  cond = read_json(run_dir.stage2_summary).get("conditioning")
   purity_d = _get(ck, "modes", "sample_all_leaves", "purity", "thresholds", thr)
   purity_t = _get(ck, "modes", "sample_all_leaves", "purity_treevae", "thresholds", thr)
   rows = [

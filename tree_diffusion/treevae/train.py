@@ -29,7 +29,7 @@ from tree_diffusion import data as data_lib
 from tree_diffusion import preemption, sharding, validation
 from tree_diffusion.errors import TrainingDivergedError
 from tree_diffusion.errors import ConfigError
-from tree_diffusion.runs import check_workdir, format_eta, locked_workdir, write_json
+from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir, write_json
 from tree_diffusion.eval import clustering
 from tree_diffusion.tree import Tree, depth_of
 from tree_diffusion.treevae import growing
@@ -504,7 +504,8 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
 
   restored = ckpts.restore(model, config, _phase_abstract(run), same_data)
   phase_arrays = {}
-  export_dir = os.path.join(workdir, "export")
+  run_dir = RunDir(workdir)
+  export_dir = run_dir.export
   if restored is not None and restored[3]["cursor"]["phase"] == "done":
     finished = _finished(run, workdir, export_dir, restored, data_identity)
     if finished is not None:
@@ -522,7 +523,7 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
              if cursor.get("in_phase") else f"phase {cursor['phase']}")
     logging.info("resumed from checkpoint %d: %s, iteration %d, tree %s", step, where,
                  cursor["iteration"], tree)
-  run.writer = MetricWriter(os.path.join(workdir, "tensorboard"))
+  run.writer = MetricWriter(run_dir.tensorboard)
   config_json = ckpt_lib.config_sections(config, ckpt_lib.STAGE1_SECTIONS)
 
   def save(variables, tree, cursor, arrays=None) -> int:
@@ -597,8 +598,8 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
                "num_classes": train_arrays.num_classes},
       "metrics": metrics}, data_identity=data_identity)
   if jax.process_index() == 0:   # every process computed the same metrics; one writes them
-    write_json(os.path.join(workdir, "stage1_metrics.json"), metrics)
-  write_tree_figure(run, variables, tree, os.path.join(workdir, "tree.png"))
+    write_json(run_dir.stage1_metrics, metrics)
+  write_tree_figure(run, variables, tree, run_dir.tree_figure)
   writer.close()
   logging.info("stage 1 done in %s: %s", format_eta(metrics["wall_time_s"]),
                {k: v for k, v in metrics["test"].items() if not isinstance(v, list)})
@@ -631,7 +632,8 @@ def _finished(run: _Run, workdir: str, export_dir: str, restored, data_identity:
     return None
   run.ckpts.close()
   metrics = meta.get("metrics", {})
-  metrics_path = os.path.join(workdir, "stage1_metrics.json")
+  run_dir = RunDir(workdir)
+  metrics_path = run_dir.stage1_metrics
   try:
     with open(metrics_path) as f:
       json.load(f)
@@ -640,8 +642,8 @@ def _finished(run: _Run, workdir: str, export_dir: str, restored, data_identity:
       write_json(metrics_path, metrics)
   logging.info("stage 1 already finished (checkpoint %d); %s left as it is (fingerprint %s)",
                step, export_dir, ckpt_lib.export_fingerprint(export_dir))
-  if not os.path.exists(os.path.join(workdir, "tree.png")):
-    write_tree_figure(run, variables, tree, os.path.join(workdir, "tree.png"))
+  if not os.path.exists(run_dir.tree_figure):
+    write_tree_figure(run, variables, tree, run_dir.tree_figure)
   return metrics
 
 
