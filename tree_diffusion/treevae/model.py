@@ -29,6 +29,7 @@ from tree_diffusion import precision
 from tree_diffusion.tree import Tree, depth_of
 from tree_diffusion.treevae import losses
 from tree_diffusion.treevae import networks
+from tree_diffusion.treevae.runner import Runner, copy_dicts, get_path
 
 PyTree = Any
 Variables = dict[str, dict[str, Any]]
@@ -199,7 +200,7 @@ class TreeVAE:
 
   # ------------------------------------------------------------------------- forward passes
 
-  def bottom_up(self, run: "_Runner", x: jax.Array) -> list[jax.Array]:
+  def bottom_up(self, run: Runner, x: jax.Array) -> list[jax.Array]:
     """Deterministic features ``d_0 … d_{L−1}`` (each ``[B, R, R, h_j]``)."""
     ds = [run(("encoder",), self.encoder_def(), x)]
     for j in range(1, self.num_levels):
@@ -211,7 +212,7 @@ class TreeVAE:
   # ``vmap``. The compiled graph then grows with the tree's depth, not with its number of nodes,
   # which keeps compile times flat as the tree grows and batches the small per-node matmuls.
 
-  def latent_distributions(self, run: "_Runner", prefixes, depth: int, d: jax.Array, z_parents):
+  def latent_distributions(self, run: Runner, prefixes, depth: int, d: jax.Array, z_parents):
     """Posterior and prior ``(mu_q, var_q, mu_p, var_p)`` of nodes at one depth, ``[N, B, R, R, C]``.
 
     ``prefixes`` name each node's variables (``("node_5",)``). Root: ``q = N(mû, vâr)``, prior
@@ -227,18 +228,18 @@ class TreeVAE:
     mu_q, var_q = losses.merge_gaussians(mu_hat, var_hat, mu_p, var_p)
     return mu_q, var_q, mu_p, var_p
 
-  def latents(self, run: "_Runner", prefixes, depth: int, d: jax.Array, z_parents, key):
+  def latents(self, run: Runner, prefixes, depth: int, d: jax.Array, z_parents, key):
     """Posterior samples and KLs of nodes at one depth: ``[N, B, R, R, C]``, ``[N, B]``."""
     mu_q, var_q, mu_p, var_p = self.latent_distributions(run, prefixes, depth, d, z_parents)
     z = losses.sample_gaussian(jax.random.fold_in(key, depth), mu_q, var_q)
     kl = jax.vmap(losses.gaussian_kl)(mu_q, var_q, mu_p, var_p)
     return z, kl
 
-  def router_probs(self, run: "_Runner", paths, depth: int, comp: str, u: jax.Array, axis):
+  def router_probs(self, run: Runner, paths, depth: int, comp: str, u: jax.Array, axis):
     """``[N, B]`` probabilities of going left (``comp`` is ``P_ROUTER`` or ``Q_ROUTER``)."""
     return run.many(paths, self.component_def(comp, depth), (u,), (axis,))
 
-  def decode(self, run: "_Runner", prefixes, depth: int, z: jax.Array) -> jax.Array:
+  def decode(self, run: Runner, prefixes, depth: int, z: jax.Array) -> jax.Array:
     """Decoder outputs (pre-activation) for stacked latents ``[N, B, R, R, C]``."""
     return run.many([p + (DECODER,) for p in prefixes], self.component_def(DECODER, depth),
                     (z,), (0,))
@@ -250,7 +251,7 @@ class TreeVAE:
       groups.setdefault(self.lz(depth_of(n)), []).append(n)
     return [tuple(g) for g in groups.values()]
 
-  def contrastive_bottom_up(self, run: "_Runner", ds) -> jax.Array:
+  def contrastive_bottom_up(self, run: Runner, ds) -> jax.Array:
     """NT-Xent of the projection heads, averaged over the bottom-up levels (§3.4)."""
     terms = [losses.nt_xent(run((f"proj_{j}",), networks.ContrastiveProjection(self.act), d))
              for j, d in enumerate(ds)]
@@ -278,7 +279,7 @@ class TreeVAE:
       ``kl_nodes``, ``kl_decisions`` (``[B]``), ``aug`` (scalar), ``leaf_probs`` ``[B, K]`` in
       ``tree.leaves`` order, ``z`` (node id → sample) and optionally ``recon``.
     """
-    run = _Runner(variables, train, dtype=self.dtype)
+    run = Runner(variables, train, dtype=self.dtype)
     b = x.shape[0]
     ds = self.bottom_up(run, x)
     prob = {0: jnp.ones((b,), x.dtype)}
@@ -352,7 +353,7 @@ class TreeVAE:
       ``parts`` holds per node ``z``, ``mu_q``, ``var_q``, ``mu_p``, ``var_p``, per internal node
       ``pi_p`` and per leaf the decoder output ``out`` (for independent checks).
     """
-    run = _Runner(variables, train=False, dtype=self.dtype)
+    run = Runner(variables, train=False, dtype=self.dtype)
     ds = self.bottom_up(run, x)
     acc, edge, parts = {}, {0: 0.0}, {}
     for depth, nodes in enumerate(tree.levels):
@@ -398,7 +399,7 @@ class TreeVAE:
       dict with ``d_parent`` and ``d_child`` (bottom-up features read by the split node and its
       children), ``z_parent`` (sample of the split node) and ``prob`` (its path probability, ``[B]``).
     """
-    run = _Runner(variables, train=False, dtype=self.dtype)
+    run = Runner(variables, train=False, dtype=self.dtype)
     ds = self.bottom_up(run, x)
     prob = jnp.ones((x.shape[0],), x.dtype)
     z = None
@@ -428,7 +429,7 @@ class TreeVAE:
       train: BatchNorm with batch statistics.
       contrastive: add the router InfoNCE of the split.
     """
-    run = _Runner(variables, train, dtype=self.dtype)
+    run = Runner(variables, train, dtype=self.dtype)
     prob, z_par = frozen["prob"], frozen["z_parent"]
     pi_p = self.router_probs(run, [(P_ROUTER,)], depth, P_ROUTER, z_par[None], 0)[0]
     pi_q = self.router_probs(run, [(Q_ROUTER,)], depth, Q_ROUTER, frozen["d_parent"], None)[0]
@@ -447,7 +448,7 @@ class TreeVAE:
 
   def leaf_probabilities(self, variables: Variables, tree: Tree, x: jax.Array) -> jax.Array:
     """``[B, K]`` soft cluster assignments: products of q-router decisions (eval mode, no sampling)."""
-    run = _Runner(variables, train=False, dtype=self.dtype)
+    run = Runner(variables, train=False, dtype=self.dtype)
     ds = self.bottom_up(run, x)
     prob = {0: jnp.ones((x.shape[0],), x.dtype)}
     for depth, nodes in enumerate(tree.levels):
@@ -472,7 +473,7 @@ class TreeVAE:
       ``decode``), ``leaf_probs`` ``[num, K]`` (products of p-router decisions) and ``z`` (node
       id → latent sample).
     """
-    run = _Runner(variables, train=False, dtype=self.dtype)
+    run = Runner(variables, train=False, dtype=self.dtype)
     z = {0: jax.random.normal(jax.random.fold_in(key, 0), (num,) + self.latent_shape(0))}
     key = jax.random.fold_in(key, 1)
     prob = {0: jnp.ones((num,), jnp.float32)}
@@ -507,107 +508,6 @@ class TreeVAE:
 # ----------------------------------------------------------------------------------- helpers
 
 
-class _Runner:
-  """Applies sub-modules to slices of the variables and collects updated BatchNorm statistics.
-
-  ``prefixes`` (if given) restricts training mode to the modules under those key prefixes; all
-  others run in eval mode. This is how the small-tree phase freezes the big tree.
-  """
-
-  def __init__(self, variables: Variables, train: bool, prefixes=None, dtype: str = "float32"):
-    self.variables = variables
-    self.train = train
-    self.dtype = precision.compute_dtype(dtype)
-    self.prefixes = None if prefixes is None else [tuple(p) for p in prefixes]
-    self.updates: list[tuple[tuple[str, ...], Any]] = []
-
-  def _trains(self, path):
-    if not self.train:
-      return False
-    return self.prefixes is None or any(path[:len(p)] == p for p in self.prefixes)
-
-  def _vars(self, path):
-    v = {"params": _get(self.variables["params"], path)}
-    if v["params"] is None:
-      raise KeyError(f"no parameters at {'/'.join(path)}")
-    v["params"] = self._cast(v["params"])
-    stats = _get(self.variables.get("batch_stats", {}), path)
-    if stats is not None:
-      v["batch_stats"] = stats
-    return v
-
-  def _cast(self, tree):
-    """Floating arrays of ``tree`` in the compute dtype (a no-op in float32)."""
-    if self.dtype == jnp.float32:
-      return tree
-    return jax.tree_util.tree_map(
-        lambda a: a.astype(self.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-  def _apply_fn(self, module: nn.Module, train: bool, has_stats: bool):
-    f32 = lambda out: jax.tree_util.tree_map(lambda o: o.astype(jnp.float32), out)
-    if isinstance(module, networks.GaussianHead):
-      return lambda v, *a: (f32(module.apply(v, *self._cast(a))), None)
-    if train and has_stats:
-      def fn(v, *a):
-        out, new = module.apply(v, *self._cast(a), train=True, mutable=["batch_stats"])
-        return f32(out), new["batch_stats"]
-      return fn
-    return lambda v, *a: (f32(module.apply(v, *self._cast(a), train=train)), None)
-
-  def __call__(self, path: tuple[str, ...], module: nn.Module, *args):
-    v = self._vars(path)
-    out, new = self._apply_fn(module, self._trains(path), "batch_stats" in v)(v, *args)
-    if new is not None:
-      self.updates.append((path, new))
-    return out
-
-  def many(self, paths, module: nn.Module, args: tuple, in_axes: tuple):
-    """Applies ``module`` with each of ``paths``' variables, vmapped; outputs stacked on axis 0.
-
-    ``in_axes`` gives, per argument, 0 (stacked per path) or None (shared by all paths).
-    """
-    paths = [tuple(p) for p in paths]
-    trains = {self._trains(p) for p in paths}
-    if len(trains) != 1:
-      raise ValueError(f"modules {paths} mix training and frozen modes")
-    vs = [self._vars(p) for p in paths]
-    fn = self._apply_fn(module, trains.pop(), "batch_stats" in vs[0])
-    if len(paths) == 1:
-      out, new = fn(vs[0], *[a if ax is None else a[0] for a, ax in zip(args, in_axes)])
-      out = jax.tree_util.tree_map(lambda o: o[None], out)
-      news = None if new is None else [new]
-    else:
-      stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *vs)
-      out, new = jax.vmap(fn, in_axes=(0,) + tuple(in_axes))(stacked, *args)
-      news = None if new is None else [jax.tree_util.tree_map(lambda a: a[i], new)
-                                       for i in range(len(paths))]
-    if news is not None:
-      self.updates.extend(zip(paths, news))
-    return out
-
-  def batch_stats(self) -> dict:
-    """The input statistics with this pass's updates written in (unchanged ones shared)."""
-    stats = _copy_dicts(self.variables.get("batch_stats", {}))
-    for path, new in self.updates:
-      node = stats
-      for p in path[:-1]:
-        node = node[p]
-      node[path[-1]] = new
-    return stats
-
-
-def _get(tree: dict, path: tuple[str, ...]):
-  for p in path:
-    if not isinstance(tree, dict) or p not in tree:
-      return None
-    tree = tree[p]
-  return tree
-
-
-def _copy_dicts(d):
-  return {k: _copy_dicts(v) for k, v in d.items()} if isinstance(d, dict) else d
-
-
 def _init_module(module: nn.Module, key: jax.Array, x: jax.Array) -> Variables:
   """Variables of one module with PyTorch's default initialisation, drawn with NumPy.
 
@@ -639,7 +539,7 @@ def _init_module(module: nn.Module, key: jax.Array, x: jax.Array) -> Variables:
     return jnp.asarray(rng.uniform(-bound, bound, shape), leaf.dtype)
 
   v = jax.tree_util.tree_map_with_path(fill, dict(shapes))
-  return {col: _copy_dicts(dict(tree)) for col, tree in v.items()}
+  return {col: copy_dicts(dict(tree)) for col, tree in v.items()}
 
 
 def _merge_into(out: Variables, v, path: tuple[str, ...]):
@@ -648,7 +548,7 @@ def _merge_into(out: Variables, v, path: tuple[str, ...]):
       node = out.setdefault(col, {})
       for p in path[:-1]:
         node = node.setdefault(p, {})
-      node.setdefault(path[-1], {}).update(_copy_dicts(dict(v[col])))
+      node.setdefault(path[-1], {}).update(copy_dicts(dict(v[col])))
 
 
 # ----------------------------------------------------------------------------------- surgery
@@ -663,7 +563,7 @@ def grow_variables(model: TreeVAE, variables: Variables, tree: Tree, leaf: int,
   """
   new_tree = tree.grow(leaf)
   model.check_tree(new_tree)
-  out = _copy_dicts(variables)
+  out = copy_dicts(variables)
   for col in out:
     out[col].get(node_key(leaf), {}).pop(DECODER, None)
   _merge_into(out, model.init_components(key, leaf, (P_ROUTER, Q_ROUTER)), (node_key(leaf),))
@@ -685,7 +585,7 @@ def split_variables(variables: Variables, tree: Tree, parent: int) -> Variables:
   for col, v in variables.items():
     out[col] = {}
     for (own,), tree_path in _split_layout(tree, parent):
-      value = _get(v, tree_path)
+      value = get_path(v, tree_path)
       if value is not None:
         out[col][own] = value
   return out
@@ -713,7 +613,7 @@ def frozen_path_variables(variables: Variables, tree: Tree, parent: int) -> Vari
 def merge_split_variables(variables: Variables, tree: Tree, parent: int,
                           split: Variables) -> Variables:
   """Writes a trained split back into the tree's variables (inverse of :func:`split_variables`)."""
-  out = _copy_dicts(variables)
+  out = copy_dicts(variables)
   for col, v in split.items():
     for (own,), tree_path in _split_layout(tree, parent):
       if own in v:
