@@ -26,6 +26,25 @@ def _grown_other():
   return grow_variables(TINY, TINY.init(jax.random.key(2), tree0), tree0, 2, jax.random.key(1))[1]
 
 
+def test_the_schedule_cursor_reads_old_and_new_checkpoints_and_refuses_unknown_phases():
+  from tree_diffusion.treevae.cursor import Cursor, Split
+  old = {"phase": "grow", "iteration": 1, "not_expandable": [4], "phase_id": 3}   # no optional keys
+  c = Cursor.from_json(old)
+  assert (c.phase, c.iteration, c.not_expandable, c.phase_id) == ("grow", 1, (4,), 3)
+  assert not c.intermediate_done and c.split is None and c.in_phase_step is None
+  assert c.to_json() == {**old, "intermediate_done": False}
+  inside = {"phase": "small_tree", "iteration": 2, "not_expandable": [], "phase_id": 5,
+            "intermediate_done": True, "split": {"leaf": 4, "n_effective": 3, "num_indices": 96},
+            "in_phase": {"step": 40}}
+  c = Cursor.from_json(inside)
+  assert c.split == Split(leaf=4, n_effective=3, num_indices=96) and c.in_phase_step == 40
+  assert c.to_json() == inside
+  moved = c.to("grow", split=None, in_phase_step=None)
+  assert moved.phase == "grow" and moved.split is None and c.phase == "small_tree"   # c unchanged
+  with pytest.raises(ValueError, match="unknown stage-1 phase 'grw'"):
+    c.to("grw")
+
+
 def test_checkpoint_round_trip(tmp_path):
   tree, v = _grown()
   ckpts = checkpoint.Stage1Checkpoints(str(tmp_path), max_to_keep=2)

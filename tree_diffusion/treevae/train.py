@@ -33,6 +33,7 @@ from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdi
 from tree_diffusion.eval import clustering
 from tree_diffusion.tree import Tree, depth_of
 from tree_diffusion.treevae import growing
+from tree_diffusion.treevae.cursor import Cursor, Split
 from tree_diffusion.treevae.inference import generate, predict_leaf_probs, test_examples
 from tree_diffusion.treevae.model import (TreeVAE, frozen_path_variables, grow_variables,
                                           merge_split_variables, prune_variables, split_variables)
@@ -363,57 +364,63 @@ def make_model(config) -> TreeVAE:
                  contrastive=contrastive, dtype=c.dtype)
 
 
-# The schedule is a state machine over ``cursor["phase"]``: initial → grow ⇄ (intermediate |
-# small_tree) → prune → finetune → done. Each pass of the loop in :func:`train_and_export` runs one
-# state and saves a checkpoint; a checkpoint taken inside a training phase also holds the phase's
-# train state (``cursor["in_phase"]`` is then set and the pass resumes instead of restarting).
+# The schedule is a state machine over ``Cursor.phase`` (see ``cursor.py``). Each pass of the loop
+# in :func:`train_and_export` runs one phase and saves a checkpoint; a checkpoint taken inside a
+# training phase also holds the phase's train state (``Cursor.in_phase_step`` is then set and the
+# pass resumes instead of restarting).
 
 
-def _grow_decision(run: _Run, variables, tree: Tree, cursor: dict, phase_id: int):
+def _read_cursor(meta: dict, where: str) -> Cursor:
+  try:
+    return Cursor.from_json(meta["cursor"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ckpt_lib.CheckpointError(f"{where} holds no readable schedule cursor ({e}): start "
+                                   f"afresh with a new --workdir") from None
+
+
+def _grow_decision(run: _Run, variables, tree: Tree, cursor: Cursor, phase_id: int):
   """The ``grow`` state (§4.2 step 2): intermediate training is due, or pick a leaf and grow it.
 
   Returns ``(variables, tree, cursor, indices)``; ``indices`` are the rows the new small tree
   trains on (``None`` unless the next state is ``small_tree``).
   """
   c = run.config.stage1
-  it = cursor["iteration"]
-  if (c.intermediate_fulltrain and it > 0 and it % 3 == 0 and not cursor.get("intermediate_done")
+  it = cursor.iteration
+  if (c.intermediate_fulltrain and it > 0 and it % 3 == 0 and not cursor.intermediate_done
       and c.num_epochs_intermediate_fulltrain > 0):
-    return variables, tree, dict(cursor, phase="intermediate"), None
+    return variables, tree, cursor.to("intermediate"), None
 
   probs = predict_leaf_probs(run.model, variables, tree, run.train, c.eval_batch_size)
   load_bs = c.batch_size // 2 if _step_config(run).contrastive else c.batch_size
   decision = growing.select_leaf(tree, probs, batch_size=load_bs, max_depth=run.model.max_depth,
                                  num_clusters=c.num_clusters_tree,
-                                 not_expandable=frozenset(cursor["not_expandable"]))
-  not_expandable = sorted(set(cursor["not_expandable"]) | set(decision.not_expandable))
+                                 not_expandable=frozenset(cursor.not_expandable))
+  not_expandable = tuple(sorted(set(cursor.not_expandable) | set(decision.not_expandable)))
   logging.info("growing iteration %d: %s (effective leaves %d; counts %s)", it, decision.reason,
                decision.n_effective, decision.counts)
   if decision.leaf is None:
-    return variables, tree, dict(cursor, phase="prune", not_expandable=not_expandable), None
+    return variables, tree, cursor.to("prune", not_expandable=not_expandable), None
   indices = growing.subset_indices(probs, tree, decision.leaf, decision.threshold).astype(np.int32)
   grow_key = jax.random.fold_in(jax.random.fold_in(run.key, 10_000), phase_id)
   tree, variables = grow_variables(run.model, variables, tree, decision.leaf, grow_key)
-  split = {"leaf": decision.leaf, "n_effective": int(decision.n_effective),
-           "num_indices": int(len(indices))}
-  return variables, tree, dict(cursor, phase="small_tree", split=split,
-                               not_expandable=not_expandable), indices
+  split = Split(leaf=int(decision.leaf), n_effective=int(decision.n_effective),
+                num_indices=int(len(indices)))
+  return variables, tree, cursor.to("small_tree", split=split,
+                                    not_expandable=not_expandable), indices
 
 
-def _after_small_tree(run: _Run, variables, tree: Tree, cursor: dict) -> dict:
+def _after_small_tree(run: _Run, variables, tree: Tree, cursor: Cursor) -> Cursor:
   """The cursor after a small tree: the next growth iteration, or pruning when enough leaves."""
   c = run.config.stage1
-  it = cursor["iteration"] + 1
-  split = cursor["split"]
-  cursor = {k: v for k, v in cursor.items() if k != "split"}
-  cursor.update(phase="grow", iteration=it, intermediate_done=False)
+  it = cursor.iteration + 1
+  phase = "grow"
   if it >= c.max_growth_iterations:
-    cursor["phase"] = "prune"
-  elif split["n_effective"] + 1 == c.num_clusters_tree:
+    phase = "prune"
+  elif cursor.split.n_effective + 1 == c.num_clusters_tree:
     probs = predict_leaf_probs(run.model, variables, tree, run.train, c.eval_batch_size)
     if growing.effective_leaves(probs).sum() >= c.num_clusters_tree:
-      cursor["phase"] = "prune"
-  return cursor
+      phase = "prune"
+  return cursor.to(phase, iteration=it, intermediate_done=False, split=None)
 
 
 def _prune(run: _Run, variables, tree: Tree):
@@ -435,13 +442,13 @@ def _phase_abstract(run: _Run):
   cfg = _step_config(run)
 
   def fn(meta: dict, tree: Tree, variables) -> dict:
-    cursor = meta["cursor"]
+    cursor = _read_cursor(meta, "a stage-1 checkpoint")
     out = {}
-    if cursor["phase"] == "small_tree":
-      out["indices"] = jax.ShapeDtypeStruct((cursor["split"]["num_indices"],), jnp.int32)
-    if cursor.get("in_phase"):
-      trained = (split_variables(variables, tree, cursor["split"]["leaf"])
-                 if cursor["phase"] == "small_tree" else variables)
+    if cursor.phase == "small_tree":
+      out["indices"] = jax.ShapeDtypeStruct((cursor.split.num_indices,), jnp.int32)
+    if cursor.in_phase_step is not None:
+      trained = (split_variables(variables, tree, cursor.split.leaf)
+                 if cursor.phase == "small_tree" else variables)
       out["train_state"] = jax.eval_shape(lambda v: init_state(v, cfg), trained)
     return out
 
@@ -506,82 +513,82 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
   phase_arrays = {}
   run_dir = RunDir(workdir)
   export_dir = run_dir.export
-  if restored is not None and restored[3]["cursor"]["phase"] == "done":
+  finished_run = (restored is not None
+                  and _read_cursor(restored[3], f"checkpoint {restored[0]}").phase == "done")
+  if finished_run:
     finished = _finished(run, workdir, export_dir, restored, data_identity)
     if finished is not None:
       return finished
   if restored is None:
     tree = initial_tree(config)
     variables = model.init(jax.random.fold_in(run.key, 999), tree)
-    cursor = {"phase": "initial", "iteration": 0, "not_expandable": [], "phase_id": 0}
+    cursor = Cursor()
     step = 0
   else:
     step, variables, tree, meta, phase_arrays = restored
-    cursor = meta["cursor"]
+    cursor = _read_cursor(meta, f"checkpoint {step}")
     run.global_epoch = meta.get("global_epoch", 0)
-    where = (f"step {cursor['in_phase']['step']} of phase {cursor['phase']}"
-             if cursor.get("in_phase") else f"phase {cursor['phase']}")
+    where = (f"step {cursor.in_phase_step} of phase {cursor.phase}"
+             if cursor.in_phase_step is not None else f"phase {cursor.phase}")
     logging.info("resumed from checkpoint %d: %s, iteration %d, tree %s", step, where,
-                 cursor["iteration"], tree)
+                 cursor.iteration, tree)
   run.writer = MetricWriter(run_dir.tensorboard)
   config_json = ckpt_lib.config_sections(config, ckpt_lib.STAGE1_SECTIONS)
 
-  def save(variables, tree, cursor, arrays=None) -> int:
+  def save(variables, tree, cursor: Cursor, arrays=None) -> int:
     nonlocal step
     step += 1
-    ckpts.save(step, variables, tree, cursor, phase_arrays=arrays,
+    ckpts.save(step, variables, tree, cursor.to_json(), phase_arrays=arrays,
                extra={"global_epoch": run.global_epoch, "config": config_json,
                       "data_identity": data_identity})
     return step
 
-  while cursor["phase"] != "done":
+  while cursor.phase != "done":
     resume_state = phase_arrays.get("train_state")
     indices = phase_arrays.get("indices")
     indices = None if indices is None else np.asarray(indices)
     phase_arrays = {}
     if resume_state is None:   # a new pass (a resumed one keeps its phase id)
-      cursor = dict(cursor, phase_id=cursor["phase_id"] + 1)
-    cursor.pop("in_phase", None)
-    phase_id, phase = cursor["phase_id"], cursor["phase"]
+      cursor = cursor.to(cursor.phase, phase_id=cursor.phase_id + 1)
+    cursor = cursor.to(cursor.phase, in_phase_step=None)
+    phase_id, phase = cursor.phase_id, cursor.phase
 
     def save_in_phase(state, variables=variables, tree=tree, cursor=cursor, indices=indices):
       arrays = {"train_state": state}
       if indices is not None:
         arrays["indices"] = indices
-      return save(variables, tree, dict(cursor, in_phase={"step": int(state.step)}), arrays)
+      return save(variables, tree, cursor.to(cursor.phase, in_phase_step=int(state.step)), arrays)
 
     train = functools.partial(train_phase, run, phase_id=phase_id, resume_state=resume_state,
                               save_in_phase=save_in_phase)
     if phase == "initial":
       variables = train("initial", variables, tree, c.num_epochs)
       grow = c.grow and tree.depth < model.max_depth
-      cursor["phase"] = "grow" if grow else "prune"
+      cursor = cursor.to("grow" if grow else "prune")
     elif phase == "grow":
       variables, tree, cursor, indices = _grow_decision(run, variables, tree, cursor, phase_id)
     elif phase == "intermediate":
-      variables = train(f"intermediate[{cursor['iteration']}]", variables, tree,
+      variables = train(f"intermediate[{cursor.iteration}]", variables, tree,
                         c.num_epochs_intermediate_fulltrain)
-      cursor.update(phase="grow", intermediate_done=True)
+      cursor = cursor.to("grow", intermediate_done=True)
     elif phase == "small_tree":
-      leaf = cursor["split"]["leaf"]
-      variables = train(f"small-tree[{cursor['iteration']}] leaf {leaf}", variables, tree,
+      leaf = cursor.split.leaf
+      variables = train(f"small-tree[{cursor.iteration}] leaf {leaf}", variables, tree,
                         c.num_epochs_smalltree, parent=leaf, indices=indices)
       cursor, indices = _after_small_tree(run, variables, tree, cursor), None
     elif phase == "prune":
       if c.prune:
         variables, tree = _prune(run, variables, tree)
-      cursor["phase"] = "finetune"
+      cursor = cursor.to("finetune")
     elif phase == "finetune":
       n_ft = c.num_epochs_finetuning
       variables = train("finetune", variables, tree, n_ft,
                         decay_kl=max(0.01, 1.0 / max(1, n_ft - 1)))
-      cursor["phase"] = "done"
-    else:
-      raise ckpt_lib.CheckpointError(f"unknown stage-1 phase {phase!r} in checkpoint {step}")
+      cursor = cursor.to("done")
     saved = save(variables, tree, cursor, None if indices is None else {"indices": indices})
     if indices is not None:
       phase_arrays = {"indices": indices}
-    if cursor["phase"] != "done" and run.stop.requested():
+    if cursor.phase != "done" and run.stop.requested():
       raise preemption.Preempted(f"stopped by {run.stop.signal_name} after stage-1 phase {phase}; "
                                  f"checkpoint {saved} saved in {ckpts.directory}")
   ckpts.close()
