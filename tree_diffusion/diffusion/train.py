@@ -9,6 +9,7 @@ and the EMA update all happen inside one jitted step that donates the train stat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import time
@@ -20,14 +21,14 @@ from absl import logging
 
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
-from tree_diffusion import preemption, sharding, validation, xla_options
+from tree_diffusion import loop, preemption, sharding, validation, xla_options
 from tree_diffusion.diffusion import frozen
 from tree_diffusion.diffusion import sampler as sampler_lib
 from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_condition,
                                                    make_denoiser)
 from tree_diffusion.diffusion.state import (DiffusionState, StepConfig, abstract_state,
                                             example_condition, init_state, make_optimizer)
-from tree_diffusion.errors import ConfigError, TrainingDivergedError
+from tree_diffusion.errors import ConfigError
 from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir, write_json
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
@@ -187,21 +188,25 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
                        "conditioning": denoiser.conditioning.name, "epoch": step // steps_per_epoch,
                        "config": config_json}
   step_key = sharding.replicate(jax.random.fold_in(key, 2), mesh)
-  loss_sum, n_sum, t_log, t_start, step_start = 0.0, 0, time.perf_counter(), time.perf_counter(), step
+  loss_sum, n_sum = 0.0, 0
+  progress = loop.Progress(total, c.batch_size, step)
   unchecked_sum, unchecked = 0.0, 0     # losses since the last finiteness check
 
   def check_finite(grad_norm=None):
     nonlocal unchecked_sum, unchecked
-    if unchecked and not np.isfinite(float(unchecked_sum)):
+    if unchecked:
       norm = "" if grad_norm is None else f", grad_norm {float(grad_norm):.4g}"
-      raise TrainingDivergedError(
-          f"non-finite loss in stage 2 between steps {step - unchecked + 1} and {step} (mean "
-          f"loss {float(unchecked_sum) / unchecked:.4g}{norm}); nothing was saved after it, the "
-          f"last good one is {ckpts.describe_latest()}. Lower --config.diffusion.lr or check the "
-          f"data")
+      mean = float(unchecked_sum) / unchecked
+      loop.check_finite(mean, f"stage 2 between steps {step - unchecked + 1} and {step} (mean "
+                        f"loss {mean:.4g}{norm})", "Lower --config.diffusion.lr or check the data",
+                        last_good=ckpts.describe_latest())
     unchecked_sum, unchecked = 0.0, 0
 
-  rates = []
+  def save(grad_norm):
+    check_finite(grad_norm)    # never save a diverged state
+    ckpts.save(step, state, save_meta())
+    return step
+
   rows = sharding.process_rows(mesh, c.batch_size)   # this process's block of every batch
   while step < total:
     epoch, offset = divmod(step, steps_per_epoch)
@@ -221,25 +226,18 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
       if step % c.log_every_steps == 0 or step == total:
         check_finite(metrics["grad_norm"])
         loss = float(loss_sum) / n_sum
-        now = time.perf_counter()
-        ips = n_sum * c.batch_size / (now - t_log)
-        if step - step_start > n_sum:  # the first window includes compilation
-          rates.append(ips)
-        eta = (now - t_start) / (step - step_start) * (total - step)
+        ips, eta = progress.report(step)   # the first window includes compilation
         writer.write_scalars(step, {"train/loss": loss, "train/grad_norm": float(metrics["grad_norm"]),
                                     "train/images_per_second": ips})
         logging.info("stage 2 step %d/%d (epoch %d): loss %.4f | %.0f img/s, ETA %s", step, total,
                      (step - 1) // steps_per_epoch + 1, loss, ips, format_eta(eta))
-        loss_sum, n_sum, t_log = 0.0, 0, now
+        loss_sum, n_sum = 0.0, 0
       if step == total:
         break
-      stopping = stop.requested()
-      if stopping or step % c.checkpoint_every_steps == 0:
-        check_finite(metrics["grad_norm"])    # never save a diverged state
-        ckpts.save(step, state, save_meta())
-        if stopping:
-          raise preemption.Preempted(f"stopped by {stop.signal_name} at stage-2 step {step}/"
-                                     f"{total}; checkpoint {step} saved in {ckpts.directory}")
+      loop.checkpoint_if_due(
+          stop, step, c.checkpoint_every_steps, functools.partial(save, metrics["grad_norm"]),
+          lambda saved: (f"at stage-2 step {step}/{total}; checkpoint {saved} saved in "
+                         f"{ckpts.directory}"))
   if ckpts.latest_step() != step:
     check_finite()
     ckpts.save(step, state, save_meta())
@@ -248,7 +246,7 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
   summary = {"steps": step, "epochs": step / steps_per_epoch, "parameters": n_params,
              "conditioning": denoiser.conditioning.name, "export": path,
              "export_fingerprint": fingerprint, "wall_time_s": time.perf_counter() - t_run,
-             "train_images_per_second": float(np.median(rates)) if rates else None}
+             "train_images_per_second": progress.median_rate()}
   if jax.process_index() == 0:
     write_json(summary_path, summary)
   logging.info("stage 2 done: %s", summary)

@@ -44,7 +44,7 @@ import optax
 from absl import logging
 
 from tree_diffusion import data as data_lib
-from tree_diffusion import sharding
+from tree_diffusion import loop, sharding
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.runs import RunDir, format_eta
 
@@ -296,9 +296,8 @@ def train_classifier(config, train_arrays: data_lib.Arrays,
   step_key = jax.random.fold_in(key, 2)
   log_every = max(int(c.get("log_every_steps", 100)), 1)
   eval_every = int(c.get("eval_every_epochs", 0))
-  step, rates = 0, []
-  sums, n_sum = None, 0
-  t_log = t_start = time.perf_counter()
+  step, sums, n_sum = 0, None, 0
+  progress = loop.Progress(total, c.batch_size)
   while step < total:
     epoch = step // steps_per_epoch
     for batch in data_lib.batches(train_arrays, c.batch_size, shuffle=True, seed=c.seed,
@@ -312,25 +311,19 @@ def train_classifier(config, train_arrays: data_lib.Arrays,
       n_sum += 1
       if step % log_every == 0 or step == total:
         loss, acc = float(sums["loss"]) / n_sum, float(sums["accuracy"]) / n_sum
-        if not np.isfinite(loss):
-          raise FloatingPointError(f"classifier step {step}: non-finite loss {loss}; lower "
-                                   f"--config.classifier.lr")
-        now = time.perf_counter()
-        ips = n_sum * c.batch_size / (now - t_log)
-        if step > n_sum:  # the first window includes compilation
-          rates.append(ips)
-        eta = (now - t_start) / step * (total - step)
+        loop.check_finite(loss, f"the classifier at step {step} (mean loss {loss:.4g})",
+                          "Lower --config.classifier.lr or check the data")
+        ips, eta = progress.report(step)   # the first window includes compilation
         log(f"classifier step {step}/{total} (epoch {step / steps_per_epoch:.2f}): loss "
             f"{loss:.4f}, train accuracy {acc:.4f} | {ips:.0f} img/s, ETA {format_eta(eta)}")
-        sums, n_sum, t_log = None, 0, now
+        sums, n_sum = None, 0
     if (eval_every > 0 and test_arrays is not None and step < total
         and (step // steps_per_epoch) % eval_every == 0):
       t_eval = time.perf_counter()
       variables = {"params": state.params, "batch_stats": state.batch_stats}
       acc = evaluate(model, variables, test_arrays, c.eval_batch_size, mesh=mesh)["accuracy"]
       log(f"classifier epoch {step // steps_per_epoch}: test accuracy {acc:.4f}")
-      spent = time.perf_counter() - t_eval  # not training: kept out of img/s and the ETA
-      t_log, t_start = t_log + spent, t_start + spent
+      progress.pause(time.perf_counter() - t_eval)  # not training: out of img/s and the ETA
 
   variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
   metrics = {"test_accuracy": None, "per_class_accuracy": None}
@@ -341,7 +334,7 @@ def train_classifier(config, train_arrays: data_lib.Arrays,
     log(f"classifier: test accuracy {ev['accuracy']:.4f} on {len(test_arrays)} images")
   metrics.update(steps=step, epochs=step / steps_per_epoch, parameters=n_params,
                  wall_time_s=time.perf_counter() - t_run,
-                 train_images_per_second=float(np.median(rates)) if rates else None)
+                 train_images_per_second=progress.median_rate())
   meta = {"dataset": str(config.data.name), "image_shape": [int(s) for s in image_shape],
           "num_classes": int(train_arrays.num_classes),
           "class_names": list(train_arrays.class_names), "model": model.settings(), **metrics,

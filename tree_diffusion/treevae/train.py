@@ -26,8 +26,7 @@ from absl import logging
 from tree_diffusion import augment as augment_lib
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
-from tree_diffusion import preemption, sharding, validation
-from tree_diffusion.errors import TrainingDivergedError
+from tree_diffusion import loop, preemption, sharding, validation
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir, write_json
 from tree_diffusion.eval import clustering
@@ -266,26 +265,28 @@ def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, pha
   done = int(state.step)                            # steps of this phase already taken
   logging.info("%s: %d epochs × %d steps on %d samples, tree %s%s", name, epochs, steps_per_epoch,
                n, tree, f" (resumed at step {done})" if done else "")
-  t_start, done_start = time.perf_counter(), done
+  progress = loop.Progress(total, c.batch_size, done, rates=run.images_per_second)
   rows = sharding.process_rows(run.mesh, load_bs)   # this process's block of every batch
 
   def check_finite(sums, count, epoch):
     means = {k: float(v) / max(count, 1) for k, v in jax.device_get(sums).items()}
-    if not np.isfinite(means["loss"]):
-      terms = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
-      raise TrainingDivergedError(
-          f"non-finite loss in stage 1, {name}, epoch {epoch + 1}, phase step {done} (mean of the "
-          f"last {count} steps: {terms}); nothing was saved after it, the last good one is "
-          f"{'none' if run.ckpts is None else run.ckpts.describe_latest()}. Lower "
-          f"--config.stage1.lr or check the data")
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
+    loop.check_finite(
+        means["loss"], f"stage 1, {name}, epoch {epoch + 1}, phase step {done} (mean of the last "
+        f"{count} steps: {terms})", "Lower --config.stage1.lr or check the data",
+        last_good="none" if run.ckpts is None else run.ckpts.describe_latest())
     return means
+
+  def save(epoch, sums, count):
+    check_finite(sums, count, epoch)     # never save a diverged state
+    return save_in_phase(state)
 
   for epoch in range(done // steps_per_epoch, epochs):
     alpha = kl_weight(epoch, c.kl_start, decay_kl)
     lr = step_lr(epoch, c.lr, c.decay_lr, c.decay_stepsize)
     # On the mesh once per epoch: the steps then never wait for a host-to-device copy.
     alpha_d, lr_d = sharding.replicate((np.float32(alpha), np.float32(lr)), run.mesh)
-    t0 = time.perf_counter()
+    progress.start_window(done)
     sums, count = None, 0
     epoch_batches = data_lib.batches(run.train, load_bs, shuffle=True, seed=c.seed + phase_id,
                                      epoch=epoch, drop_remainder=True, indices=indices, part=rows,
@@ -303,21 +304,13 @@ def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, pha
       done, count = done + 1, count + 1
       if done == total or save_in_phase is None:
         continue   # the phase's end is saved by the schedule
-      stop = run.stop.requested()
-      if stop or (c.checkpoint_every_steps and done % c.checkpoint_every_steps == 0):
-        check_finite(sums, count, epoch)     # never save a diverged state
-        step = save_in_phase(state)
-        if stop:
-          raise preemption.Preempted(
-              f"stopped by {run.stop.signal_name} in {name} at phase step {done}/{total}; "
-              f"checkpoint {step} saved in {run.ckpts.directory}")
+      loop.checkpoint_if_due(
+          run.stop, done, c.checkpoint_every_steps,
+          functools.partial(save, epoch, sums, count),
+          lambda saved: (f"in {name} at phase step {done}/{total}; checkpoint {saved} saved in "
+                         f"{run.ckpts.directory}"))
     means = check_finite(sums, count, epoch)
-    dt = time.perf_counter() - t0
-    ips = count * c.batch_size / dt
-    if done - done_start > count:  # the first epoch of a process includes compilation
-      run.images_per_second.append(ips)
-    elapsed = time.perf_counter() - t_start
-    eta = elapsed / (done - done_start) * (total - done)
+    ips, eta = progress.report(done)   # the first epoch of a process includes compilation
     scalars = {f"train/{k}": v for k, v in means.items()}
     scalars.update({"train/alpha": alpha, "train/lr": lr, "train/images_per_second": ips,
                     "tree/num_leaves": tree.num_leaves})
