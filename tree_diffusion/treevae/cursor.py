@@ -7,10 +7,10 @@
                  ▼  │
              intermediate        (every third growth iteration, if configured)
 
-``initial`` trains the root's tree; ``grow`` picks a leaf to split (or ends growing); ``small_tree``
-trains the two new children on the rows routed to that leaf; ``intermediate`` trains the whole tree
-between growth iterations; ``prune`` removes leaves with too few samples; ``finetune`` trains the
-final tree. Each pass of the loop in ``train.py`` runs one phase and saves a checkpoint with the
+``initial`` trains the starting tree (and goes straight to ``prune`` when growing is off);
+``grow`` picks a leaf to split (or ends growing); ``small_tree`` trains the two new children on the
+rows routed to that leaf; ``intermediate`` trains the whole tree between growth iterations;
+``prune`` removes leaves with too few samples; ``finetune`` trains the final tree. Each pass of the loop in ``train.py`` runs one phase and saves a checkpoint with the
 cursor, so a run resumes at the phase where it stopped; a checkpoint taken inside a training phase
 also records that phase's step (:attr:`Cursor.in_phase_step`), and the pass then resumes instead of
 restarting. Transitions are pure: :meth:`Cursor.to` returns a new cursor.
