@@ -14,6 +14,7 @@ import pytest
 from tree_diffusion.data import Arrays
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.eval import classifier as clf
+from tree_diffusion.eval import purity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +34,7 @@ def test_leaf_class_histograms_by_hand():
                    [0, 1, 1],
                    [1, 1, 1],
                    [0, 2, 2]])
-  out = clf.leaf_class_histograms(probs, pred, num_classes=3, threshold=0.5)
+  out = purity.leaf_class_histograms(probs, pred, num_classes=3, threshold=0.5)
   l0, l1, l2 = out["leaves"]
   # Leaf 0 keeps samples 0, 1, 2 with classes 2, 2, 0.
   assert l0["kept"] == 3 and l0["counts"] == [1, 0, 2]
@@ -57,10 +58,10 @@ def test_leaf_class_histograms_by_hand():
   json.dumps(out, allow_nan=False)
 
   # A tie picks the lowest class; threshold 0.9 keeps nothing anywhere.
-  tie = clf.leaf_class_histograms([[1.0], [1.0]], [[1], [0]], 2, 0.5)["leaves"][0]
+  tie = purity.leaf_class_histograms([[1.0], [1.0]], [[1], [0]], 2, 0.5)["leaves"][0]
   assert tie["majority_class"] == 0 and tie["majority_fraction"] == 0.5
   assert tie["entropy"] == pytest.approx(math.log(2), abs=1e-15)
-  none = clf.leaf_class_histograms(probs, pred, 3, 0.9)
+  none = purity.leaf_class_histograms(probs, pred, 3, 0.9)
   assert none["total_kept"] == 0 and none["weighted_majority_fraction"] is None
   assert none["empty_leaves"] == [0, 1, 2]
 
@@ -75,7 +76,7 @@ def test_leaf_class_histograms_by_hand():
 ])
 def test_leaf_class_histograms_rejects_bad_input(probs, pred, c, t, match):
   with pytest.raises(ValueError, match=match):
-    clf.leaf_class_histograms(probs, pred, c, t)
+    purity.leaf_class_histograms(probs, pred, c, t)
 
 
 # ------------------------------------------------------------------------------------- model
@@ -192,7 +193,7 @@ def test_figure(trained, tmp_path):
   images = train.images[:12].reshape(4, 3, 8, 8, 1)
   probs = np.array([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.2, 0.3, 0.5], [0.5, 0.5, 0.0]])
   pred, _ = clf.classify_all_leaves(classifier, images, batch_size=8)
-  path = clf.save_leaf_histogram_figure(str(tmp_path / "purity.png"), images, probs, pred, 3, 0.5,
+  path = purity.save_leaf_histogram_figure(str(tmp_path / "purity.png"), images, probs, pred, 3, 0.5,
                                         class_names=classifier.class_names, images_per_leaf=2,
                                         title="stripes")
   from PIL import Image

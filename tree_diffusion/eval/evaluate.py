@@ -47,6 +47,7 @@ from tree_diffusion.errors import ConfigError
 from tree_diffusion.eval import classifier as classifier_lib
 from tree_diffusion.eval import clustering
 from tree_diffusion.eval import fid as fid_lib
+from tree_diffusion.eval import purity as purity_lib
 from tree_diffusion.eval import report
 from tree_diffusion.eval.likelihood import LogLikelihood
 from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir, write_json
@@ -343,12 +344,12 @@ class Evaluator:
         self.log(f"step {stage2.step}: FID {mode} {m['fid']:.2f} ({len(imgs)} images)")
       if mode == "sample_all_leaves":
         if classifier is not None:
-          m["purity"] = classifier_lib.leaf_purity_report(
+          m["purity"] = purity_lib.leaf_purity_report(
               classifier, imgs, res["leaf_probs"], config.classifier.thresholds,
               s.batch_size, mesh=self.mesh)
           pred = np.asarray(m["purity"].pop("predicted"))
           for t in config.classifier.thresholds:
-            classifier_lib.save_leaf_histogram_figure(
+            purity_lib.save_leaf_histogram_figure(
                 os.path.join(out_dir, f"leaf_histograms_p{t:g}.png"), imgs, res["leaf_probs"],
                 pred, classifier.model.num_classes, t, class_names=classifier.class_names,
                 leaf_labels=[str(n) for n in stage2.tree.leaves],
@@ -356,7 +357,7 @@ class Evaluator:
                       f"p(leaf) ≥ {t:g}")
           # The TreeVAE's own decodings of the same prior samples through the same leaves, kept
           # by the same leaf probabilities: the column the diffusion model is compared with.
-          m["purity_treevae"] = classifier_lib.leaf_purity_report(
+          m["purity_treevae"] = purity_lib.leaf_purity_report(
               classifier, generate.to_uint8(res["vae_image"]), res["leaf_probs"],
               config.classifier.thresholds, s.batch_size, mesh=self.mesh)
           m["purity_treevae"].pop("predicted")
