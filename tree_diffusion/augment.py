@@ -28,6 +28,9 @@ Deviations from torchvision, all deliberate:
   so the distribution over outcomes is the same).
 * ``augment`` skips the crop entirely when ``crop_scale == crop_ratio == (1, 1)`` (the ``NONE``
   preset), so that preset is an exact identity for non-square images too.
+
+The module is long because each torchvision transform it reproduces needs its own sampling rule
+and its own exact-identity case; they run as one jitted pipeline, so they stay together.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ Here:
   settings, test accuracy, config), each written atomically.
 * the purity metric and its figure, computed from this classifier's predictions, are
   :mod:`tree_diffusion.eval.purity`.
+
+The module is the life of one network (model, training, saving, predictions), hence its length.
 """
 
 from __future__ import annotations

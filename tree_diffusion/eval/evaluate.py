@@ -19,6 +19,9 @@ settings are skipped unless ``force``.
 
 All FIDs compare against the full **test** split (Table 1 is "test-set generative
 performance"); generated images are quantised as ``round(clip(x, 0, 1) · 255)``.
+
+The module is long because it is the one place that joins the stages, the samplers and the metrics
+per checkpoint; the metrics themselves live in the modules next to it.
 """
 
 from __future__ import annotations

@@ -119,10 +119,7 @@ def params_from_torchscript(tensors: Mapping[str, np.ndarray]) -> Params:
       value = tensors[name]
       set_param(params, conv + (leaf,), value.transpose(2, 3, 1, 0) if leaf == "kernel" else value)
       used.add(name)
-  unused = sorted(set(tensors) - used)
-  if unused:
-    raise InceptionWeightsError(f"the TorchScript archive has {len(unused)} unexpected tensors, "
-                                f"e.g. {unused[:3]}: not the FID Inception")
+  _refuse_unused(tensors, used, "the TorchScript archive", "the FID Inception")
   return params
 
 
@@ -150,11 +147,16 @@ def params_from_pytorch_fid(state: Mapping[str, np.ndarray]) -> Params:
     set_param(params, conv + ("mean",), arr["mean"])
     set_param(params, conv + ("var",), var)
     used.update(names.values())
-  unused = sorted(set(state) - used)
-  if unused:
-    raise InceptionWeightsError(f"the state dict has {len(unused)} unexpected tensors, "
-                                f"e.g. {unused[:3]}: not pytorch-fid's FID Inception")
+  _refuse_unused(state, used, "the state dict", "pytorch-fid's FID Inception")
   return params
+
+
+def _refuse_unused(tensors: Mapping[str, np.ndarray], used: set, source: str, what: str) -> None:
+  """Every tensor of a weights file must be used: one left over means another network."""
+  unused = sorted(set(tensors) - used)
+  if unused:
+    raise InceptionWeightsError(f"{source} has {len(unused)} unexpected tensors, "
+                                f"e.g. {unused[:3]}: not {what}")
 
 
 def params_from_torch_tensors(tensors: Mapping[str, np.ndarray]) -> Params:

@@ -12,6 +12,9 @@ plain dict surgery and never renumber anything::
 Depth conventions follow ``reference/treevae.md`` §1: the config lists ``latent_channels`` and
 ``bottom_up_channels`` from the input side to the root; a node at depth ``k`` reads bottom-up level
 ``L−1−k``, so the deepest possible leaf sits at depth ``L−1``.
+
+The module is long because the forward pass, generation, the importance weights and the
+parameter surgery that grows and prunes the tree all read and write this one variable layout.
 """
 
 from __future__ import annotations

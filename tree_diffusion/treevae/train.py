@@ -4,6 +4,9 @@ The steps are pure functions of ``(state, images, key, alpha, lr)`` jitted with 
 and a small :class:`StepConfig` as static arguments, so XLA retraces only when the tree (or the
 phase kind) changes. The schedule around them is a host-side state machine whose position (the
 *cursor*) is saved with every checkpoint, so a run resumes at the phase where it stopped.
+
+The module is long because the steps, the phases and the end of a run (final metrics, export,
+tree figure) all act on one run state (``_Run``) that only stage-1 training needs.
 """
 
 from __future__ import annotations
@@ -542,15 +545,16 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
     indices = None if indices is None else np.asarray(indices)
     phase_arrays = {}
     if resume_state is None:   # a new pass (a resumed one keeps its phase id)
-      cursor = cursor.to(cursor.phase, phase_id=cursor.phase_id + 1)
-    cursor = cursor.to(cursor.phase, in_phase_step=None)
+      cursor = dataclasses.replace(cursor, phase_id=cursor.phase_id + 1)
+    cursor = dataclasses.replace(cursor, in_phase_step=None)
     phase_id, phase = cursor.phase_id, cursor.phase
 
     def save_in_phase(state, variables=variables, tree=tree, cursor=cursor, indices=indices):
       arrays = {"train_state": state}
       if indices is not None:
         arrays["indices"] = indices
-      return save(variables, tree, cursor.to(cursor.phase, in_phase_step=int(state.step)), arrays)
+      return save(variables, tree, dataclasses.replace(cursor, in_phase_step=int(state.step)),
+                  arrays)
 
     train = functools.partial(train_phase, run, phase_id=phase_id, resume_state=resume_state,
                               save_in_phase=save_in_phase)
