@@ -114,6 +114,9 @@ def base() -> ml_collections.ConfigDict:
       dtype="float32",              # compute dtype of the UNet and the frozen TreeVAE: float32 |
                                     # bfloat16 (params, optimiser, EMA stay float32)
       log_every_steps=100, checkpoint_every_steps=5000, checkpoints_to_keep=3,
+      sample_every=25_000,          # steps between TensorBoard grids of sample_all_leaves (8 prior
+                                    # samples through every leaf, EMA weights, fixed draws), plus
+                                    # one at the last step; 0 = none
       sampling=ml_collections.ConfigDict(dict(
           method="ddim", steps=100, spacing="quad", eta=0.0, ddpm_variance="fixedlarge",
           guidance_weight=0.0, batch_size=256, num_samples=10000, seed=0,
@@ -171,6 +174,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   d.ema_decay = 0.9
   d.log_every_steps = 1
   d.checkpoint_every_steps = 2
+  d.sample_every = 0
   d.sampling.update(dict(steps=4, batch_size=8, num_samples=6, figure_samples=4,
                          figure_images_per_leaf=2))
   c.classifier.update(dict(width=4, stage_sizes=(1, 1), batch_size=16, num_steps=4,

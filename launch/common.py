@@ -6,6 +6,7 @@ code 0 with the command that resumes."""
 
 import errno
 import glob
+import json
 import os
 import shlex
 import sys
@@ -81,6 +82,8 @@ def setup(compilation_cache: bool = True):
           f"outside a cluster that JAX detects itself (Cloud TPU, SLURM, ...) pass "
           f"--coordinator_address=HOST:PORT (of process 0), --num_processes=N and "
           f"--process_id=0..N-1") from None
+    from tree_diffusion import sharding  # pylint: disable=g-import-not-at-top
+    sharding.check_processes()   # equal shares of every batch need equal local device counts
   try:  # TensorFlow (only present to prepare tfds data) must not grab GPU memory.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], "GPU")
@@ -108,9 +111,11 @@ def check_run_dir(workdir: str, flag: str = "--workdir"):
   Raises:
     ConfigError: ``workdir`` does not exist or is not a directory, with the fix.
   """
+  from tree_diffusion import files  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(workdir):
-    what = "is not a directory" if os.path.exists(workdir) else "does not exist"
+  files.check_bucket(workdir)   # gs://: a missing bucket or no credentials, said as such
+  if not files.is_dir(workdir):
+    what = "is not a directory" if files.exists(workdir) else "does not exist"
     raise ConfigError(f"run directory {workdir} {what}: pass the {flag} of a run (train it first "
                       f"with launch/train_treevae.py)")
 
@@ -120,7 +125,7 @@ def _user_errors():
   from tree_diffusion.eval import inception  # pylint: disable=g-import-not-at-top
   return (data.DataError, checkpoint.CheckpointError, errors.ConfigError, PermissionError,
           FileNotFoundError, inception.InceptionWeightsError, errors.TrainingDivergedError,
-          errors.WorkdirBusyError)
+          errors.WorkdirBusyError, errors.StorageError)
 
 
 def resume_command() -> str:
@@ -142,7 +147,7 @@ class ConfigFileError(Exception):
 def _config_files() -> str:
   here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(here, "configs", "*.py")))
-  return ", ".join(n[:-3] for n in names if n not in ("__init__.py", "common.py"))
+  return ", ".join(n[:-3] for n in names if n not in ("__init__.py", "common.py", "run.py"))
 
 
 def _short(path: str) -> str:
@@ -209,10 +214,147 @@ def _guard_config_files():
       parser._guarded = True  # pylint: disable=protected-access
 
 
+# The config file that reads a run's recorded config (``--config=configs/run.py:WORKDIR``).
+RUN_CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "run.py")
+_RUN_CONFIG = {"workdir_flag": None, "defaulted": False}
+
+
+def config_defaults_to_run(workdir_flag: str = "workdir"):
+  """Makes ``--config`` optional for this launcher: left out, it is the config the run in
+  ``--workdir`` (the first one of a list) was trained with, ``configs/run.py:WORKDIR``.
+
+  absl parses ``--config=configs/run.py:WORKDIR`` then, placed before the other flags, so that
+  ``--config.x=…`` overrides apply to it exactly as to a config file given on the command line
+  (ml_collections defines a flag for every ``--config.x`` it finds in ``sys.argv``). The workdir is
+  read from the command line before absl parses it.
+  """
+  _RUN_CONFIG["workdir_flag"] = workdir_flag
+
+
+def config_from_run() -> bool:
+  """Whether ``--config`` was left out and is the run's own config (:func:`config_defaults_to_run`)."""
+  return bool(_RUN_CONFIG["defaulted"])
+
+
+def _flag_value(argv, name: str) -> str | None:
+  """The value of ``--name=V`` / ``--name V`` in ``argv`` (the last one; ``None``: absent)."""
+  value, i = None, 1
+  while i < len(argv):
+    a = argv[i]
+    if a == "--":
+      break
+    for prefix in (f"--{name}", f"-{name}"):
+      if a == prefix and i + 1 < len(argv):
+        value, i = argv[i + 1], i + 1
+      elif a.startswith(prefix + "="):
+        value = a[len(prefix) + 1:]
+    i += 1
+  return value
+
+
+def _with_run_config(argv):
+  """``argv`` with ``--config=configs/run.py:WORKDIR`` first when the launcher defaults its config
+  to the run's and ``--config`` is not given."""
+  flag = _RUN_CONFIG["workdir_flag"]
+  if flag is None or any(a == "--" or a.split("=", 1)[0] in ("--config", "-config")
+                         for a in argv[1:]):
+    return argv
+  workdir = (_flag_value(argv, flag) or "").split(",")[0].strip()
+  if not workdir:
+    overrides = [a for a in argv[1:] if a.startswith(("--config.", "-config."))]
+    if overrides:   # absl would call them unknown flags
+      sys.exit(f"error: {overrides[0]} overrides the run's config, but --{flag} names no run: "
+               f"pass --{flag}=RUN (or a --config file)")
+    return argv     # absl (or the launcher) reports the missing --workdir
+  from configs import run as run_config  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.runs import RunDir  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  try:
+    check_run_dir(workdir, f"--{flag}")
+    if RunDir(workdir).own_config() is None:
+      raise ConfigError(run_config.no_config_message(workdir))
+  except Exception as e:  # pylint: disable=broad-except
+    if "--traceback" in argv:
+      raise
+    sys.exit(f"error: {_one_line(e)}")
+  _RUN_CONFIG["defaulted"] = True
+  return [argv[0], f"--config={_short(RUN_CONFIG_FILE)}:{workdir}", *argv[1:]]
+
+
+def run_config(workdir: str):
+  """The config ``workdir`` was trained with (``configs/run.py``), with the command line's
+  ``--config.x=…`` overrides applied: for a launcher of several runs whose ``--config`` was left
+  out, every run but the first (whose config is ``--config``'s value).
+
+  Raises:
+    ConfigError: the run has no recorded config (with the fix), or it cannot be read.
+  """
+  from ml_collections.config_flags import config_path  # pylint: disable=g-import-not-at-top
+  from configs import run as run_config_file  # pylint: disable=g-import-not-at-top
+  config = run_config_file.get_config(workdir)
+  for key, value in flags.FLAGS["config"].override_values.items():
+    config_path.set_value(key, config, value)
+  config.lock()
+  return config
+
+
+def _value_text(v) -> str:
+  if isinstance(v, str):
+    return v
+  if isinstance(v, (list, tuple)):
+    return "(" + ", ".join(_value_text(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+  return json.dumps(v)
+
+
+def check_against_run(config, workdir: str):
+  """Refuses ``config`` where it contradicts the config ``workdir`` was trained with (its
+  ``diffusion/config.json``, else ``config.json``; nothing to check for a run without one). Only
+  the settings of sampling and evaluation (``checkpoint.RUN_SETTINGS``) may differ.
+
+  Raises:
+    ConfigError: one line naming the key (the ``--config.x=…`` override if it is one), both
+      values, the file and the fix.
+  """
+  from tree_diffusion import checkpoint, files  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.runs import RunDir  # pylint: disable=g-import-not-at-top
+  path = RunDir(workdir).own_config()
+  if path is None:
+    return
+  try:
+    saved = files.read_json(path)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {_one_line(e)}): remove it, or "
+                      f"re-run the run's training command to write it again") from None
+  diffs = checkpoint.run_config_contradictions(config, saved)
+  if not diffs:
+    return
+  overridden = set(flags.FLAGS["config"].override_values)
+  diffs.sort(key=lambda d: d[0] not in overridden)    # the command line's own overrides first
+  key, was, now = diffs[0]
+  also = [d[0] for d in diffs[1:]]
+  also = f"; also {', '.join(also[:4])}{', …' if len(also) > 4 else ''}" if also else ""
+  from ml_collections.config_flags import config_path  # pylint: disable=g-import-not-at-top
+  settings = ", ".join(s + (".*" if isinstance(config_path.get_value(s, config), type(config))
+                            else "") for s in checkpoint.RUN_SETTINGS)
+  where = f"({_value_text(was)} in {path}{also})"
+  if key in overridden:
+    raise ConfigError(
+        f"--config.{key}={_value_text(now)} contradicts the run's config {where}: only its "
+        f"sampling and evaluation settings ({settings}) may be overridden; leave out "
+        f"--config.{key}")
+  raise ConfigError(
+      f"--config={flags.FLAGS['config'].config_filename} has {key}={_value_text(now)}, which "
+      f"contradicts the run's config {where}: leave out --config to use the run's own config, or "
+      f"pass --config.{key}={_value_text(was)}")
+
+
 def _parse_flags(argv):
   """absl's flag parsing, with a mistyped or ill-typed ``--config.x=…`` and a config file that
   cannot be loaded as one-line errors."""
   _guard_config_files()
+  argv = _with_run_config(argv)
   try:
     return flags.FLAGS(argv)
   except ConfigFileError as e:

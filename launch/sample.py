@@ -1,12 +1,23 @@
 """Samples a trained stage 2: PNG grids and .npz per mode, and the tree figure with diffusion samples.
 
-    python launch/sample.py --config=configs/demo.py --workdir=runs/demo
-    python launch/sample.py --config=configs/mnist.py --workdir=runs/mnist \
-        --modes=sample --num_samples=10000
+    python launch/sample.py --workdir=runs/demo
+    python launch/sample.py --workdir=runs/mnist --modes=sample --num_samples=10000 \
+        --config.diffusion.sampling.steps=50
+
+Without --config, the run's own config is used: the one its training commands recorded
+(WORKDIR/diffusion/config.json, else WORKDIR/config.json), read by configs/run.py as if
+--config=configs/run.py:WORKDIR had been passed first, so --config.x=... overrides apply to it as
+to any config file. Only the settings of sampling and evaluation (diffusion.sampling.*, eval.*,
+classifier.*, batch sizes: checkpoint.RUN_SETTINGS) may differ from the run's config; a key that
+contradicts it (--config.diffusion.unet.ch=16 on a run trained with 8) is refused. An explicit
+--config (needed for a run trained before runs recorded their config) is checked the same way.
 
 Modes (the reference's): sample (prior → drawn leaf → diffusion), sample_all_leaves (every leaf
 for the same prior sample), recons and recons_all_leaves (from test images). Outputs go to
 WORKDIR/diffusion/samples/<mode>/ and WORKDIR/diffusion/tree.png.
+
+With --distributed (one process per host, as for training) every batch is split over every
+process's devices and process 0 writes the outputs, the same bits as one process writes.
 """
 
 import os
@@ -19,7 +30,9 @@ from ml_collections import config_flags  # noqa: E402
 
 from launch import common  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (default: the run's own, configs/run.py:WORKDIR).",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of stages 1 and 2.")
 _MODES = flags.DEFINE_list("modes", ["sample", "sample_all_leaves", "recons", "recons_all_leaves"],
                            "Sampling modes to run.")
@@ -30,17 +43,21 @@ _NUM = flags.DEFINE_integer(
 _STEP = flags.DEFINE_integer("step", None, "Stage-2 checkpoint step (default: latest).",
                              lower_bound=0)
 _FIGURE = flags.DEFINE_bool("figure", True, "Write the tree figure with per-leaf diffusion samples.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
+common.config_defaults_to_run("workdir")
 
 
 def main(argv):
   del argv
   common.setup()
   config, workdir = _CONFIG.value, _WORKDIR.value
+  if config is None:
+    common.check_run_dir(workdir)
   common.check_config(config)
+  common.check_against_run(config, workdir)    # only sampling settings may differ from the run's
   # After setup(): jax is configured first.
   from tree_diffusion import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from tree_diffusion import runs  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import files, runs  # pylint: disable=g-import-not-at-top
   from tree_diffusion import validation  # pylint: disable=g-import-not-at-top
   from tree_diffusion.diffusion import generate, sampler  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
@@ -67,15 +84,18 @@ def main(argv):
   if _FIGURE.value:
     runs.check_writable(run_dir.stage2, fix + " (or pass --nofigure)")
   samples_dir = run_dir.samples()
-  os.makedirs(samples_dir, exist_ok=True)
-  with runs.WorkdirLock(samples_dir, "sampling (launch/sample.py)"):   # one sampler at a time
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:   # with --distributed, every process samples and process 0 writes
+    files.makedirs(samples_dir)
+  with runs.locked_workdir(samples_dir, "sampling (launch/sample.py)"):   # one sampler at a time
     stage2 = generate.load_stage2(config, workdir, _STEP.value)
     summary = generate.sample_modes(stage2, workdir, _MODES.value, _NUM.value)
     lines = [f"{m}: {v['images']} images in {v['wall_time_s']:.0f} s"
              for m, v in summary["modes"].items()]
     if _FIGURE.value:
       lines.append(f"figure: {generate.write_tree_figure(stage2, workdir)}")
-  print("\n".join(lines))
+  if jax.process_index() == 0:
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   import math  # pylint: disable=g-import-not-at-top
-  from tree_diffusion import runs  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import files, runs  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import report  # pylint: disable=g-import-not-at-top
   common.check_run_dir(_WORKDIR.value)
   run_dir = runs.RunDir(_WORKDIR.value)
-  if not os.path.isfile(run_dir.stage1_metrics):
+  if not files.is_file(run_dir.stage1_metrics):
     raise ConfigError(f"{_WORKDIR.value} has no stage1_metrics.json: run launch/train_treevae.py "
                       f"with this --workdir first")
   times = {}
@@ -47,13 +47,12 @@ def main(argv):
       raise ConfigError(f"--times takes step=seconds (seconds >= 0) with a step among "
                         f"{', '.join(report.STEPS)}, got {item!r}") from None
   path = run_dir.summary
-  if os.path.isdir(path):
+  if files.is_dir(path):
     raise ConfigError(f"{path} is a directory: remove it (the summary is written there)")
   runs.check_writable(_WORKDIR.value, "make the run directory writable (the summary is "
                                       "written to WORKDIR/summary.md)")
   text = report.summary_table(_WORKDIR.value, times)
-  with open(path, "w") as f:
-    f.write(text)
+  files.write_text(path, text)
   print(text + f"\n-> {path}")
 
 

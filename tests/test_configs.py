@@ -10,8 +10,9 @@ import pytest
 from tree_diffusion.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The dataset configs (configs/run.py reads a run's recorded config: tests/test_run_config.py).
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                 if not p.endswith(("common.py", "__init__.py")))
+                 if not p.endswith(("common.py", "__init__.py", "run.py")))
 
 
 @pytest.mark.parametrize("name", CONFIGS)

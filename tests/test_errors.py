@@ -62,9 +62,10 @@ def test_stage2_bad_input_gives_one_line_error(tmp_path, args, expect):
   assert "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
-def _fake_run(workdir, dataset="mnist_5k", stage2_steps=(2,)):
+def _fake_run(workdir, dataset="mnist_5k", stage2_steps=(2,), config=None):
   """A run directory as far as the launchers look before any heavy work: the stage-1 export's
-  meta.json (no weights) and empty committed stage-2 checkpoint directories."""
+  meta.json (no weights), empty committed stage-2 checkpoint directories and, given ``config``,
+  its recorded config (``diffusion/config.json``)."""
   data = demo.get_config("tiny").data.to_dict()
   data["name"] = dataset
   (workdir / "export").mkdir(parents=True)
@@ -76,6 +77,9 @@ def _fake_run(workdir, dataset="mnist_5k", stage2_steps=(2,)):
     step_dir = workdir / "diffusion" / "checkpoints" / str(step)
     step_dir.mkdir(parents=True)
     (step_dir / "commit_success.txt").write_text("ok")
+  if config is not None:
+    (workdir / "diffusion").mkdir(exist_ok=True)
+    (workdir / "diffusion" / "config.json").write_text(config.to_json_best_effort())
   return workdir
 
 
@@ -83,7 +87,8 @@ _TINY = "--config=configs/demo.py:tiny"
 
 
 # (launcher, arguments, expected text); {run}: a run with stage-2 checkpoint 2, {run_fm}: the same
-# of fashion_mnist, {s1}: a run with stage 1 only, {file}: a regular file, {tmp}: a fresh directory.
+# of fashion_mnist, {s1}: a run with stage 1 only, {file}: a regular file, {tmp}: a fresh directory,
+# {rec}: {run} with its recorded config (demo:tiny with `path` conditioning).
 @pytest.mark.parametrize("script,args,expect", [
     # Config arguments and config files.
     ("train_treevae.py", ["--config=configs/demo.py:tni", "--workdir={tmp}/w"],
@@ -154,6 +159,28 @@ _TINY = "--config=configs/demo.py:tiny"
     ("evaluate.py", [_TINY, "--workdir={run}", "--modes=bogus"], "unknown mode(s) bogus"),
     ("evaluate.py", [_TINY, "--workdir={run}", "--modes="], "--modes is empty"),
     ("evaluate.py", [_TINY, "--workdir=,"], "--workdir is empty"),
+    # --config left out: the run's recorded config, whose trained settings cannot be overridden.
+    ("sample.py", ["--workdir={run}"], "run directory {run} has no config.json (it was trained "
+     "before runs recorded their config): pass --config with the config it was trained with"),
+    ("evaluate.py", ["--workdir={rec},{run}"], "run directory {run} has no config.json"),
+    ("sample.py", ["--workdir={tmp}/nope"], "run directory {tmp}/nope does not exist"),
+    ("sample.py", ["--config.diffusion.sampling.steps=10"],
+     "--config.diffusion.sampling.steps=10 overrides the run's config, but --workdir names no run"),
+    ("sample.py", ["--workdir={rec}", "--config.diffusion.unet.ch=16"],
+     "--config.diffusion.unet.ch=16 contradicts the run's config (8 in "
+     "{rec}/diffusion/config.json): only its sampling and evaluation settings"),
+    ("evaluate.py", ["--workdir={rec}", "--config.data.name=mnist"],
+     "--config.data.name=mnist contradicts the run's config (mnist_5k in "
+     "{rec}/diffusion/config.json)"),
+    ("evaluate.py", ["--workdir={rec}", "--config.treevae.act=relu"],
+     "--config.treevae.act=relu contradicts the run's config (swish in "),
+    ("sample.py", [_TINY, "--workdir={rec}"], "--config=configs/demo.py:tiny has "
+     "diffusion.conditioning=image+path, which contradicts the run's config (path in "
+     "{rec}/diffusion/config.json): leave out --config to use the run's own config, or pass "
+     "--config.diffusion.conditioning=path"),
+    # ... while sampling settings can (this one is then out of range: the override was applied).
+    ("sample.py", ["--workdir={rec}", "--config.diffusion.sampling.steps=2000"],
+     "config.diffusion.sampling.steps (2000) must be <= config.diffusion.T (1000)"),
     ("train_treevae.py", [_TINY, "--workdir={tmp}/w", "stray"], "unexpected argument(s) stray"),
     ("train_treevae.py", [_TINY, "--workdir={tmp}/w", "--num_processes=0"],
      "flag --num_processes=0: "),
@@ -197,6 +224,9 @@ def test_launcher_bad_invocation_gives_one_line_error(tmp_path, script, args, ex
   _fake_run(run)
   _fake_run(tmp_path / "run_fm", dataset="fashion_mnist")
   _fake_run(s1, stage2_steps=())
+  recorded = demo.get_config("tiny")
+  recorded.diffusion.conditioning = "path"
+  _fake_run(tmp_path / "rec", config=recorded)
   (tmp_path / "file").write_text("x")
   (tmp / "syntax.py").write_text("def get_config(:\n")
   (tmp / "raises.py").write_text("def get_config(arg=None):\n  raise RuntimeError('boom')\n")
@@ -222,6 +252,7 @@ def test_launcher_bad_invocation_gives_one_line_error(tmp_path, script, args, ex
   if "--export_was_being_swapped" in args:
     (run / "export").rename(run / "export.old-77")
   names = dict(run=run, run_fm=tmp_path / "run_fm", s1=s1, file=tmp_path / "file", tmp=tmp,
+               rec=tmp_path / "rec",
                pid=os.getpid())
   fill = lambda a: a.format(**{k: str(v) for k, v in names.items()})
   args = [fill(a) for a in args if not a.endswith(("_is_file", "_is_dir", "_is_locked",

@@ -265,6 +265,12 @@ def test_rerunning_a_finished_stage2_changes_nothing(tmp_path):
   (workdir / "diffusion" / "train_summary.json").write_text('{"steps": 3, "wall_time_s": 60.0}')
   before = _snapshot(workdir / "diffusion")
   assert df_train.train_and_save(c, str(workdir)) == {"steps": 3, "wall_time_s": 60.0}
+  after = _snapshot(workdir / "diffusion")
+  # The config is recorded (this run predates it), once: a second re-run changes no file at all.
+  assert json.loads(after.pop("config.json")[1])["diffusion"]["num_steps"] == 3
+  assert after == before
+  before = _snapshot(workdir / "diffusion")
+  df_train.train_and_save(c, str(workdir))
   assert _snapshot(workdir / "diffusion") == before
 
 

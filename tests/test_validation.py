@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("name", sorted(os.path.basename(p)[:-3] for p in
                                         glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                                        if not p.endswith(("common.py", "__init__.py"))))
+                                        if not p.endswith(("common.py", "__init__.py", "run.py"))))
 @pytest.mark.parametrize("arg", [None, "tiny"])
 def test_every_shipped_config_passes(name, arg):
   c = importlib.import_module(f"configs.{name}").get_config(arg)
@@ -66,6 +66,7 @@ def test_a_file_that_sets_a_wrong_type_is_named():
     ("data.channels", 2, r"config.data.channels must be 1 or 3"),
     ("diffusion.ema_decay", 1.0, r"config.diffusion.ema_decay must be in \[0, 1\)"),
     ("diffusion.beta_T", 1e-5, r"beta_1 \(0.0001\) must be <= beta_T"),
+    ("diffusion.sample_every", -1, r"config.diffusion.sample_every must be >= 0, got -1"),
 ])
 def test_ranges(key, value, match):
   c = demo.get_config("tiny")

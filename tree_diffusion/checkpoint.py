@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from tree_diffusion import __version__
+from tree_diffusion import __version__, files
 from tree_diffusion.runs import RunDir
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE, check_variables
@@ -52,10 +52,22 @@ class CheckpointError(ValueError):
   """A checkpoint or export that cannot be used; the message says why and what to do."""
 
 
+def _restore_sharding(sharding=None):
+  """Where a restored array goes: ``sharding`` as given; in a multi-process job an unspecified or
+  one-device placement becomes a copy on every device of every process (Orbax restores a
+  multi-process job's arrays as global arrays, and refuses a process-local target)."""
+  if jax.process_count() == 1 or not (sharding is None or isinstance(
+      sharding, jax.sharding.SingleDeviceSharding)):
+    return sharding
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def _abstract_variables(model: TreeVAE, tree: Tree):
   """Restore target: the structure, shapes and dtypes of the variables of ``tree``."""
-  return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                model.init(jax.random.key(0), tree))
+  return jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=_restore_sharding()),
+      model.init(jax.random.key(0), tree))
 
 
 def checksum(arrays) -> str:
@@ -112,7 +124,7 @@ class _Checkpoints:
     else:
       options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory.resolve(), options=options)
+    self.manager = ocp.CheckpointManager(files.as_path(self.directory), options=options)
     if not read_only:
       # Orbax removes the temporary directories of interrupted saves in a background thread and
       # waits for it only at the next save; wait now, so that the directory is settled before
@@ -203,14 +215,14 @@ class _Checkpoints:
   def _move_aside(self, step: int, err: Exception, fallback: int):
     if self.read_only:
       return
-    target_dir = epath.Path(str(self.directory.resolve()) + ".unreadable")
+    target_dir = files.as_path(f"{files.as_path(self.directory)}.unreadable")
     target = target_dir / str(step)
     if jax.process_index() == 0:
       target_dir.mkdir(parents=True, exist_ok=True)
       n = 1
       while target.exists():
         target, n = target_dir / f"{step}_{n}", n + 1
-      (self.directory.resolve() / str(step)).rename(target)
+      (files.as_path(self.directory) / str(step)).rename(target)
     _sync(f"moved_unreadable_{step}")
     logging.warning("%s %d in %s cannot be read (%s): moved to %s, resuming from %d instead",
                     self.kind, step, self.directory, _short(err), target, fallback)
@@ -327,9 +339,9 @@ def export_treevae(export_dir: str, model: TreeVAE, variables, tree: Tree, meta:
   ``export_dir`` or ``<export_dir>.old-…`` (which :func:`resolve_export` names).
   """
   check_variables(tree, variables)
-  path = epath.Path(export_dir).resolve()
+  path = files.as_path(export_dir)
   tag = f"{os.getpid()}" if jax.process_count() == 1 else "multihost"
-  tmp, old = epath.Path(f"{path}.tmp-{tag}"), epath.Path(f"{path}.old-{tag}")
+  tmp, old = files.as_path(f"{path}.tmp-{tag}"), files.as_path(f"{path}.old-{tag}")
   writer = jax.process_index() == 0   # on several processes, the variables are saved together
   print_ = fingerprint(model, variables, tree, data_identity)
   if writer:
@@ -418,7 +430,7 @@ def load_treevae(path: str):
     tree = Tree.from_json(meta["tree"])
     abstract = _abstract_variables(model, tree)
     with ocp.StandardCheckpointer() as ckptr:
-      variables = ckptr.restore(epath.Path(path).resolve() / "variables", abstract)
+      variables = ckptr.restore(files.as_path(path) / "variables", abstract)
     check_variables(tree, variables)
   except Exception as e:  # pylint: disable=broad-except  (truncated, garbled or missing files)
     raise CheckpointError(f"the stage-1 export {path} cannot be read ({_short(e)}); "
@@ -469,7 +481,7 @@ def resolve_export(path: str) -> str:
                           f"(launch/train_treevae.py writes WORKDIR/export) or set "
                           f"--config.diffusion.treevae_export=PATH/TO/export")
   read_export_meta(path)  # training workdir / wrong format → CheckpointError with the fix
-  return str(p.resolve())
+  return str(files.as_path(path))
 
 
 # Settings that do not change what stage 2 computes up to a step: they may differ on resume
@@ -477,8 +489,42 @@ def resolve_export(path: str) -> str:
 STAGE2_RESUMABLE_CHANGES = (
     "data.data_dir", "diffusion.log_every_steps", "diffusion.checkpoint_every_steps",
     "diffusion.checkpoints_to_keep", "diffusion.num_steps", "diffusion.num_epochs",
-    "diffusion.sampling", "diffusion.treevae_export")
+    "diffusion.sampling", "diffusion.treevae_export", "diffusion.sample_every")
 STAGE2_SECTIONS = ("data", "diffusion")
+
+# The settings of sampling and evaluation: ``launch/sample.py`` and ``launch/evaluate.py`` may run
+# a trained run with other values than those of its config.json (keys or whole sections). So may
+# the settings either stage may change on resume (they only say how a run logs and checkpoints,
+# where it ends and where its data and export are). Every other key describes what was trained.
+RUN_SETTINGS = (
+    "diffusion.sampling", "diffusion.dtype", "stage1.eval_batch_size", "eval", "classifier")
+
+
+def run_config_contradictions(config, saved: dict) -> list[tuple[str, Any, Any]]:
+  """Where ``config`` contradicts a run's recorded config (the JSON of :func:`runs.save_config`).
+
+  Keys in :data:`RUN_SETTINGS` and in both stages' resumable changes may differ; keys that only
+  one side has (a config recorded by an older version) are not compared.
+
+  Returns:
+    ``[(dotted key, value in saved, value in config), …]`` (JSON values), sorted by key.
+  """
+  ignore = RUN_SETTINGS + STAGE1_RESUMABLE_CHANGES + STAGE2_RESUMABLE_CHANGES
+  current = json.loads(config.to_json_best_effort())
+  out = []
+
+  def walk(a, b, prefix):
+    for k in sorted(set(a) & set(b)):
+      key = prefix + k
+      if any(key == i or key.startswith(i + ".") for i in ignore):
+        continue
+      if isinstance(a[k], dict) and isinstance(b[k], dict):
+        walk(a[k], b[k], key + ".")
+      elif a[k] != b[k]:
+        out.append((key, a[k], b[k]))
+
+  walk(saved, current, "")
+  return out
 
 
 class Stage2Checkpoints(_Checkpoints):
@@ -495,7 +541,7 @@ class Stage2Checkpoints(_Checkpoints):
     """The committed checkpoint steps in ``directory`` (``[]`` if it does not exist); read-only."""
     if not epath.Path(directory).is_dir():
       return []
-    return sorted(int(s) for s in ocp.utils.checkpoint_steps(epath.Path(directory).resolve()))
+    return sorted(int(s) for s in ocp.utils.checkpoint_steps(files.as_path(directory)))
 
   def _check_step(self, step: int):
     if step not in self.manager.all_steps():
@@ -538,5 +584,6 @@ class Stage2Checkpoints(_Checkpoints):
 
 def _abstract_like(tree):
   return jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                     sharding=_restore_sharding(getattr(a, "sharding", None))),
       tree)

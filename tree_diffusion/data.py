@@ -769,7 +769,8 @@ def check_outside_folder(data_config: Any, path: str, what: str = 'workdir') -> 
     DataError: ``path`` is the image folder or inside it.
   """
   folder = str(_get(data_config, 'folder', ''))
-  if _get(data_config, 'name', '') not in FOLDER_DATASETS or not folder or not path:
+  if (_get(data_config, 'name', '') not in FOLDER_DATASETS or not folder or not path
+      or '://' in path):   # a gs:// run directory cannot be inside a local folder
     return
   folder = os.path.realpath(os.path.expanduser(folder))
   resolved = os.path.realpath(os.path.expanduser(path))

@@ -11,3 +11,8 @@ class TrainingDivergedError(FloatingPointError):
 
 class WorkdirBusyError(RuntimeError):
   """Another running command holds the run directory; the message names it (process, host)."""
+
+
+class StorageError(OSError):
+  """A ``gs://`` location that cannot be used (no such bucket, no credentials, unreachable); the
+  message names the bucket and how to provide credentials."""

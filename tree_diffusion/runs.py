@@ -11,13 +11,14 @@ import json
 import os
 import socket
 import time
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from absl import logging
 
-from tree_diffusion.errors import WorkdirBusyError
+from tree_diffusion import files
+from tree_diffusion.errors import StorageError, WorkdirBusyError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,21 +27,27 @@ class RunDir:
 
   ::
 
-    checkpoints/  export/  tensorboard/  stage1_metrics.json  tree.png     stage 1
-    diffusion/    checkpoints/  tensorboard/  train_summary.json  tree.png  stage 2
+    config.json   checkpoints/  export/  tensorboard/  stage1_metrics.json  tree.png   stage 1
+    diffusion/    config.json  checkpoints/  tensorboard/  train_summary.json  tree.png  stage 2
                   samples/<mode>/  samples/summary.json                    launch/sample.py
     classifier/                          the purity classifier (unless classifier.dir is set)
     eval/         metrics.json  metrics.csv  report.md  cache/  step_<N>/  launch/evaluate.py
     summary.md                                                              launch/summarize.py
 
-  Paths are joined as strings, so a ``gs://`` root works as well as a local one.
+  ``root`` may be a local directory or a ``gs://`` URL; every path is read and written through
+  :mod:`tree_diffusion.files`.
   """
   root: str
 
   def _join(self, *parts: str) -> str:
-    return os.path.join(self.root, *parts)
+    return files.join(self.root, *parts)
 
   # Stage 1.
+  @property
+  def config(self) -> str:
+    """The full config stage 1 last trained with (JSON; see :func:`save_config`)."""
+    return self._join("config.json")
+
   @property
   def checkpoints(self) -> str:
     return self._join("checkpoints")
@@ -65,6 +72,20 @@ class RunDir:
   @property
   def stage2(self) -> str:
     return self._join("diffusion")
+
+  @property
+  def stage2_config(self) -> str:
+    """The full config stage 2 last trained with (JSON; see :func:`save_config`)."""
+    return self._join("diffusion", "config.json")
+
+  def own_config(self) -> str | None:
+    """The config file of this run: stage 2's ``diffusion/config.json`` if it exists (it holds
+    the diffusion section that sampling needs), else stage 1's ``config.json``; ``None`` for a
+    run trained before runs recorded their config."""
+    for path in (self.stage2_config, self.config):
+      if files.exists(path):
+        return path
+    return None
 
   @property
   def stage2_checkpoints(self) -> str:
@@ -123,6 +144,28 @@ class RunDir:
     return self._join("summary.md")
 
 
+def save_config(path: str, config) -> bool:
+  """Records ``config`` (the full ``ConfigDict`` a training command runs with) as JSON at ``path``
+  (:attr:`RunDir.config`, :attr:`RunDir.stage2_config`), so that sampling and evaluation can use
+  the run's own config. Written atomically, by process 0 only, and only when the file does not
+  already hold the same config (a re-run of a finished stage changes no file).
+
+  Returns:
+    Whether the file was written.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return False
+  obj = json.loads(config.to_json_best_effort())
+  try:
+    if files.exists(path) and files.read_json(path) == obj:
+      return False
+  except (OSError, ValueError):   # unreadable or garbled: written again
+    pass
+  files.write_json(path, obj)
+  return True
+
+
 def format_eta(seconds: float) -> str:
   """``H:MM:SS``."""
   seconds = max(0, int(seconds))
@@ -131,24 +174,32 @@ def format_eta(seconds: float) -> str:
 
 def _unwritable(directory: str) -> str | None:
   """Why a file cannot be written in ``directory`` (a probe file written and removed), or None."""
-  if not os.path.isdir(directory):
+  if files.is_remote(directory):
+    files.check_bucket(directory)
+  elif not os.path.isdir(directory):
     return f"{directory} is not a directory"
-  probe = os.path.join(directory, f".write_test{os.getpid()}")
+  probe = files.join(directory, f".write_test{os.getpid()}")
   try:
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    files.write_bytes(probe, b"ok")
+    files.remove(probe)
   except OSError as e:
-    return f"{directory}: {e.strerror}"
+    return f"{directory}: {e.strerror or files.one_line(e)}"
   return None
 
 
 def check_workdir(workdir: str):
-  """Creates ``workdir`` and checks that it is writable (a one-line error names the fix)."""
+  """Creates ``workdir`` and checks that it is writable (a one-line error names the fix).
+
+  Raises:
+    PermissionError: it cannot be created or written.
+    StorageError: a ``gs://`` workdir whose bucket does not exist or cannot be reached.
+  """
   try:
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
+  except StorageError:
+    raise
   except OSError as e:
-    why = e.strerror
+    why = e.strerror or files.one_line(e)
   else:
     why = _unwritable(workdir)
   if why is not None:
@@ -159,14 +210,18 @@ def check_workdir(workdir: str):
 def check_writable(path: str, fix: str):
   """Checks, before any work, that the output directory ``path`` (made later by the work) can be
   written. Nothing is created: the probe goes into ``path`` or else its deepest existing
-  ancestor, which must be a directory.
+  ancestor, which must be a directory (on Cloud Storage, where folders are implicit, into
+  ``path`` itself).
 
   Raises:
     PermissionError: ``path`` cannot be made or written (names the directory and ``fix``).
+    StorageError: a ``gs://`` path whose bucket does not exist or cannot be reached.
   """
-  existing = os.path.abspath(path)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+  existing = path
+  if not files.is_remote(path):
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
   why = _unwritable(existing)
   if why is not None:
     raise PermissionError(f"output directory {path} is not writable ({why}); {fix}")
@@ -191,6 +246,123 @@ def _describe(holder: dict) -> str:
           + (f", since {holder['since']}" if holder.get("since") else ""))
 
 
+# The lock on an object store: its holder rewrites the record every HEARTBEAT_S seconds; a record
+# not rewritten for STALE_AFTER_S seconds (its holder was killed, or lost its network) is taken over.
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 300.0
+
+
+class _ObjectLock:
+  """The workdir lock on Cloud Storage, which has no ``flock``: ``WORKDIR/.lock`` is an object
+  created only if it does not exist yet (the upload carries the precondition
+  ``ifGenerationMatch=0``, so of two writers exactly one succeeds) and removed on release.
+
+  It holds the local lock's record plus ``heartbeat`` (seconds since the epoch, rewritten by a
+  background thread every ``heartbeat_s``) and a random ``token``. A record is stale, and taken
+  over with a warning, when its process is gone (same host) or its heartbeat is older than
+  ``stale_after_s`` (another host: the holder was killed or lost its network); the takeover
+  deletes exactly the stale generation (``ifGenerationMatch``), so two processes taking over at
+  once cannot both win.
+  """
+
+  def __init__(self, url: str, record: dict, busy: Callable[[dict], Exception],
+               heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S):
+    import fsspec  # pylint: disable=g-import-not-at-top
+    if not url.startswith("gs://"):
+      raise StorageError(f"{url}: run directories on object stores other than Cloud Storage "
+                         f"(gs://) are not supported; use a gs:// or a local --workdir")
+    self.url = url
+    self.bucket, self.key = url[len("gs://"):].split("/", 1)
+    self.record = {**record, "token": os.urandom(8).hex()}
+    self.busy = busy
+    self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+    self.fs = fsspec.filesystem("gs")
+    self._stop = None
+    self._thread = None
+
+  def _payload(self) -> bytes:
+    return (json.dumps({**self.record, "heartbeat": time.time()}) + "\n").encode()
+
+  def _read(self) -> tuple[dict, int | None]:
+    """The holder's record and the object's generation (``({}, None)``: no lock object)."""
+    try:
+      self.fs.invalidate_cache(self.url)
+      info = self.fs.info(self.url)
+      text = self.fs.cat_file(self.url).decode(errors="replace")
+    except FileNotFoundError:
+      return {}, None
+    try:
+      record = json.loads(text)
+    except ValueError:
+      record = {}
+    return (record if isinstance(record, dict) else {}), int(info["generation"])
+
+  def _alive(self, holder: dict) -> bool:
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+      return _process_alive(holder["pid"])
+    heartbeat = holder.get("heartbeat")
+    return isinstance(heartbeat, (int, float)) and time.time() - heartbeat < self.stale_after_s
+
+  def acquire(self):
+    for _ in range(3):
+      try:
+        self.fs.pipe_file(self.url, self._payload(), mode="create")
+      except FileExistsError:
+        holder, generation = self._read()
+        if generation is None:          # released meanwhile: try again
+          continue
+        if self._alive(holder):
+          raise self.busy(holder) from None
+        logging.warning("taking over the lock of %s, which has not been renewed for %s (%s)",
+                        _describe(holder) if holder else "an unknown process",
+                        f"{time.time() - holder['heartbeat']:.0f} s" if isinstance(
+                            holder.get("heartbeat"), (int, float)) else "an unknown time",
+                        self.url)
+        self._delete(generation)
+        continue
+      holder, _ = self._read()
+      if holder.get("token") != self.record["token"]:   # a store without preconditions
+        raise self.busy(holder)
+      self._start_heartbeat()
+      return
+    raise self.busy(self._read()[0])
+
+  def _delete(self, generation: int):
+    """Deletes the lock object if it is still ``generation`` (else another process got there)."""
+    try:
+      self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key,
+                   ifGenerationMatch=str(generation))
+    except (FileExistsError, FileNotFoundError):   # 412: replaced meanwhile; 404: gone
+      pass
+    self.fs.invalidate_cache(self.url)
+
+  def _start_heartbeat(self):
+    import threading  # pylint: disable=g-import-not-at-top
+    self._stop = threading.Event()
+
+    def beat():
+      while not self._stop.wait(self.heartbeat_s):
+        try:
+          holder, _ = self._read()
+          if holder.get("token") != self.record["token"]:
+            logging.warning("the lock %s was taken over by %s", self.url, _describe(holder))
+            return
+          self.fs.pipe_file(self.url, self._payload())
+        except Exception as e:  # pylint: disable=broad-except  (a network hiccup: retry later)
+          logging.warning("renewing the lock %s failed (%s); retrying", self.url, e)
+
+    self._thread = threading.Thread(target=beat, name="workdir-lock-heartbeat", daemon=True)
+    self._thread.start()
+
+  def release(self):
+    if self._stop is not None:
+      self._stop.set()
+      self._thread.join()
+    holder, generation = self._read()
+    if generation is not None and holder.get("token") == self.record["token"]:
+      self._delete(generation)
+
+
 class WorkdirLock:
   """An advisory lock that one training command holds on its run directory.
 
@@ -198,7 +370,9 @@ class WorkdirLock:
   it ends) and holds the holder's process id, host, command and start time, so that a second
   writer refuses in one line naming the holder. A lock file left by a process that is gone is
   taken over with a warning. The file is emptied, not removed, on release (removing it would let
-  two later processes lock two different files). Used as a context manager::
+  two later processes lock two different files). On Cloud Storage (a ``gs://`` workdir) the lock
+  is an object created only if it does not exist, renewed by a heartbeat (:class:`_ObjectLock`).
+  Used as a context manager::
 
       with WorkdirLock(workdir, "stage 1"):
         ...
@@ -210,10 +384,12 @@ class WorkdirLock:
   def __init__(self, workdir: str, command: str = "", enabled: bool = True):
     """``enabled=False``: a no-op (the other processes of a multi-process job, whose process 0
     holds the lock)."""
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.workdir = workdir
+    self.path = files.join(workdir, LOCK_FILE)
     self.command = command
     self.enabled = enabled
     self._fd = None
+    self._object = None
 
   def _read(self) -> dict:
     """The holder's record, or ``{}`` if there is none or it is not one of ours."""
@@ -229,12 +405,16 @@ class WorkdirLock:
 
   def _busy(self, holder: dict) -> WorkdirBusyError:
     return WorkdirBusyError(
-        f"{os.path.dirname(self.path)} is in use by "
+        f"{self.workdir} is in use by "
         f"{_describe(holder) if holder else 'another process'}: wait for it to finish, stop it, "
         f"or use another --workdir")
 
   def __enter__(self) -> "WorkdirLock":
     if not self.enabled:
+      return self
+    if files.is_remote(self.path):
+      self._object = _ObjectLock(self.path, self._record(), self._busy)
+      self._object.acquire()
       return self
     self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -264,14 +444,20 @@ class WorkdirLock:
       # process id has been reused since.
       logging.warning("taking over the lock of %s, which is no longer running (%s)",
                       _describe(previous), self.path)
-    record = {"pid": os.getpid(), "host": host, "command": self.command,
-              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    record = self._record()
     os.ftruncate(self._fd, 0)
     os.lseek(self._fd, 0, os.SEEK_SET)
     os.write(self._fd, (json.dumps(record) + "\n").encode())
     os.fsync(self._fd)
 
+  def _record(self) -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
   def __exit__(self, *exc):
+    if self._object is not None:
+      self._object.release()
+      self._object = None
     if self._fd is not None:
       try:
         os.ftruncate(self._fd, 0)
@@ -305,17 +491,3 @@ def locked_workdir(workdir: str, command: str) -> Iterator[None]:
     yield
   finally:
     lock.__exit__(None, None, None)
-
-
-def write_json(path: str, obj: Any, default: Callable[[Any], Any] | None = None) -> None:
-  """Writes ``obj`` as JSON to ``path`` atomically (a temporary file renamed into place), so a
-  crash or a full disk leaves the previous file or the new one, never a truncated one."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=1, default=default)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)

@@ -6,6 +6,10 @@ are replicated. The two axes only say where the devices are: ``"replica"`` runs 
 holds one contiguous block of every global batch and can feed it from its own rows of the data
 (:func:`process_rows`, :func:`put_batch` with ``jax.make_array_from_process_local_data``). On one
 process the mesh is ``(1, devices)``, the same computation as a 1-D data-parallel mesh.
+
+Sampling and evaluation, where every process holds the whole input (sample ids, test images),
+use :func:`put_global` (each process transfers its rows of the global batch) and :func:`to_host`
+(the output gathered onto every process).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def make_mesh(num_devices: int | None = None, replicas: int | None = None) -> ja
     replicas: size of the ``"replica"`` axis (default: the number of processes when all devices
       are used, so that each process's devices form one row; else 1).
   """
+  check_processes()
   n = num_devices or jax.device_count()
   r = replicas or (jax.process_count() if n == jax.device_count() else 1)
   if n % r:
@@ -41,6 +46,22 @@ def make_mesh(num_devices: int | None = None, replicas: int | None = None) -> ja
     devices = mesh_utils.create_hybrid_device_mesh((1, n // r), (r, 1), process_is_granule=True)
     return jax.sharding.Mesh(devices, AXES, axis_types=axis_types)
   return jax.make_mesh((r, n // r), AXES, axis_types=axis_types, devices=jax.devices()[:n])
+
+
+def check_processes() -> None:
+  """Every process of a multi-process job must have as many devices as the others: each one feeds
+  the same share of every batch.
+
+  Raises:
+    ConfigError: the processes' local device counts differ, naming them.
+  """
+  counts = collections.Counter(d.process_index for d in jax.devices())
+  if len(set(counts.values())) > 1:
+    listed = ", ".join(f"process {p}: {n}" for p, n in sorted(counts.items()))
+    raise ConfigError(f"the processes of this job have different numbers of devices ({listed}); "
+                      f"every process must have the same number (start one process per host "
+                      f"with all its accelerators, or set CUDA_VISIBLE_DEVICES to "
+                      f"{min(counts.values())} devices on every host)")
 
 
 def replicated(mesh) -> NamedSharding:
@@ -108,6 +129,31 @@ def put_batch(batch: dict, mesh, global_batch: int | None = None) -> dict:
     n = global_batch or v.shape[0] * jax.process_count()
     out[k] = jax.make_array_from_process_local_data(sharding, v, (n,) + v.shape[1:])
   return out
+
+
+def put_global(arrays, mesh):
+  """Host arrays that hold a *whole* global batch (the same values on every process) as global
+  arrays split over the batch axis; each process transfers only its own rows
+  (:func:`process_rows`). On one process this is ``device_put`` onto :func:`data_sharded`."""
+  sharding = data_sharded(mesh)
+
+  def put(a):
+    a = np.asarray(a)
+    return jax.make_array_from_process_local_data(sharding, a[process_rows(mesh, a.shape[0])],
+                                                  a.shape)
+  return jax.tree_util.tree_map(put, arrays)
+
+
+def to_host(tree):
+  """Host (numpy) copies of device arrays; arrays that span several processes are gathered, so
+  that every process gets the whole array (a collective: every process must call it)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def get(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      return multihost_utils.process_allgather(a, tiled=True)
+    return np.asarray(a)
+  return jax.tree_util.tree_map(get, tree)
 
 
 def prefetch(batches: Iterable[dict], mesh, global_batch: int, size: int = 2) -> Iterator[dict]:

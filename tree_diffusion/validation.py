@@ -135,7 +135,7 @@ def check_stage2(config) -> None:
       d + "cfg_drop_rate": unit_open, d + "seed": non_negative, d + "batch_size": positive,
       d + "num_epochs": non_negative, d + "num_steps": non_negative,
       d + "log_every_steps": positive, d + "checkpoint_every_steps": positive,
-      d + "checkpoints_to_keep": positive, d + "dtype": dtype,
+      d + "checkpoints_to_keep": positive, d + "sample_every": non_negative, d + "dtype": dtype,
   })
   if config.diffusion.beta_1 > config.diffusion.beta_T:
     raise ConfigError(f"config.diffusion.beta_1 ({config.diffusion.beta_1}) must be <= beta_T "

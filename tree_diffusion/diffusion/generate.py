@@ -8,23 +8,23 @@ when it saves PNGs; rounding is the unbiased choice and is used everywhere in th
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
+from tree_diffusion import files
 from tree_diffusion.diffusion.conditioning import Denoiser, make_denoiser
 from tree_diffusion.diffusion.frozen import load_stage1
 from tree_diffusion.diffusion.sampler import MODES, Sampler, SamplerConfig
 from tree_diffusion.diffusion.state import StepConfig, abstract_state
 from tree_diffusion.errors import ConfigError
-from tree_diffusion.runs import RunDir, write_json
+from tree_diffusion.files import write_json
+from tree_diffusion.runs import RunDir
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.inference import test_examples
 from tree_diffusion.treevae.model import TreeVAE
@@ -153,6 +153,7 @@ def sample_modes(s: Stage2, workdir: str, modes=MODES, num: int | None = None,
   ``sample*`` draw ``num`` prior samples (default ``diffusion.sampling.num_samples``); ``recons*``
   use the first ``num`` test images. The ``.npz`` holds ``images`` and ``vae_images`` (uint8),
   ``leaf`` (index into the tree's leaves) and ``leaf_probs``; ``*_all_leaves`` have a leaf axis.
+  In a multi-process job every process samples its share and process 0 alone writes the files.
   """
   sc = s.config.diffusion.sampling
   num = sc.num_samples if num is None else num
@@ -177,20 +178,21 @@ def sample_modes(s: Stage2, workdir: str, modes=MODES, num: int | None = None,
     dt = time.perf_counter() - t0
     n_images = out["image"].shape[0] * (s.tree.num_leaves if sampler.all_leaves else 1)
     out_dir = RunDir(workdir).samples(mode)
-    os.makedirs(out_dir, exist_ok=True)
-    np.savez_compressed(os.path.join(out_dir, "samples.npz"), images=to_uint8(out["image"]),
-                        vae_images=to_uint8(out["vae_image"]), leaf=out["leaf"],
-                        leaf_probs=out["leaf_probs"], leaf_nodes=np.asarray(s.tree.leaves))
-    if sampler.all_leaves:  # one row per example: its image through every leaf
-      rows = out["image"][:16]
-      grid = image_grid(rows.reshape((-1,) + rows.shape[2:]), columns=s.tree.num_leaves)
-    else:
-      grid = image_grid(out["image"][:64], columns=8)
-    Image.fromarray(grid).save(os.path.join(out_dir, "grid.png"))
+    if jax.process_index() == 0:
+      files.save_npz(files.join(out_dir, "samples.npz"), images=to_uint8(out["image"]),
+                     vae_images=to_uint8(out["vae_image"]), leaf=out["leaf"],
+                     leaf_probs=out["leaf_probs"], leaf_nodes=np.asarray(s.tree.leaves))
+      if sampler.all_leaves:  # one row per example: its image through every leaf
+        rows = out["image"][:16]
+        grid = image_grid(rows.reshape((-1,) + rows.shape[2:]), columns=s.tree.num_leaves)
+      else:
+        grid = image_grid(out["image"][:64], columns=8)
+      files.save_png(files.join(out_dir, "grid.png"), grid)
     summary["modes"][mode] = {"images": int(n_images), "wall_time_s": dt,
                               "images_per_second_incl_compile": n_images / dt}
     logging.info("%s: %d images in %.1f s -> %s", mode, n_images, dt, out_dir)
-  write_json(RunDir(workdir).samples_summary, summary)
+  if jax.process_index() == 0:
+    write_json(RunDir(workdir).samples_summary, summary)
   return summary
 
 
@@ -213,8 +215,9 @@ def write_tree_figure(s: Stage2, workdir: str, mesh=None) -> str:
   k = s.tree.num_leaves
   vae, ddpm = most_likely_per_leaf(out, num)
   path = RunDir(workdir).stage2_tree_figure
-  figure.save_tree_figure(path, s.tree, share, [real, np.clip(vae, 0, 1), np.clip(ddpm, 0, 1)],
-                          row_titles=["test", "TreeVAE", "diffusion"],
-                          title=f"{s.config.data.name}: {k} leaves, "
-                                f"{s.denoiser.conditioning.name} diffusion")
+  if jax.process_index() == 0:   # every process sampled; one writes
+    figure.save_tree_figure(path, s.tree, share, [real, np.clip(vae, 0, 1), np.clip(ddpm, 0, 1)],
+                            row_titles=["test", "TreeVAE", "diffusion"],
+                            title=f"{s.config.data.name}: {k} leaves, "
+                                  f"{s.denoiser.conditioning.name} diffusion")
   return path

@@ -14,8 +14,10 @@
   from ``noisy(x)`` of the true image (the reference's ``sqrt(ᾱ_{T−1}) x`` leak of 0.6 %).
 
 Every random draw of an entry comes from ``fold_in(key, example_id)``: an example's result depends
-only on the seed and its id, so it is the same on 1 or 8 devices and in any batch. Batches are
-padded to the fixed, device-divisible size and the padding is dropped on the host.
+only on the seed and its id, so it is the same on 1 or 8 devices, on one or several processes and
+in any batch. Batches are padded to the fixed, device-divisible size and the padding is dropped on
+the host. In a multi-process job the mesh spans every process's devices: each process feeds only
+its own rows of every batch and every process receives the whole result.
 """
 
 from __future__ import annotations
@@ -249,12 +251,14 @@ class Sampler:
       images = np.zeros((b,) + self.model.image_shape, np.float32)
     else:
       images = pad(np.asarray(images, np.float32))
-    return tuple(jax.device_put(a, self._data) for a in (ids, leaves, images))
+    return sharding.put_global((ids, leaves, images), self.mesh)   # this process's rows
 
   def batch(self, params, tvae_vars, key, ids, leaves=None, images=None) -> dict[str, np.ndarray]:
-    """One batch of at most ``batch_size`` entries; returns host arrays for exactly those."""
-    out = self.fn(params, tvae_vars, key, *self.inputs(ids, leaves, images))
-    return {k: np.asarray(v)[: len(ids)] for k, v in out.items()}
+    """One batch of at most ``batch_size`` entries; returns host arrays for exactly those (on
+    every process: a collective in a multi-process job, which every process must call)."""
+    params, tvae_vars, key = sharding.replicate((params, tvae_vars, key), self.mesh)
+    out = sharding.to_host(self.fn(params, tvae_vars, key, *self.inputs(ids, leaves, images)))
+    return {k: v[: len(ids)] for k, v in out.items()}
 
   def run(self, params, tvae_vars, key, num: int | None = None,
           images: np.ndarray | None = None, log_every: int = 10) -> dict[str, np.ndarray]:
@@ -273,6 +277,7 @@ class Sampler:
         raise ValueError(f"mode {self.mode} needs images")
       n = len(images)
     k = self.tree.num_leaves if self.all_leaves else 1
+    params, tvae_vars, key = sharding.replicate((params, tvae_vars, key), self.mesh)   # once
     ex = np.repeat(np.arange(n, dtype=np.int32), k)
     lv = np.tile(np.arange(k, dtype=np.int32), n)
     total = len(ex)

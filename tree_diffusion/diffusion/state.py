@@ -63,6 +63,14 @@ def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(lr))
 
 
+def learning_rate(cfg: StepConfig, count: int) -> float:
+  """The schedule of :func:`make_optimizer` on the host: the rate of the update that takes the
+  state from step ``count`` to ``count + 1``."""
+  if not cfg.warmup_steps:
+    return float(cfg.lr)
+  return float(cfg.lr * min(count / cfg.warmup_steps, 1.0))
+
+
 def init_state(denoiser: Denoiser, cfg: StepConfig, key: jax.Array, example_cond: dict,
                image_shape) -> DiffusionState:
   x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,17 +21,20 @@ from absl import logging
 
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
-from tree_diffusion import loop, preemption, sharding, validation, xla_options
+from tree_diffusion import files, loop, preemption, sharding, validation, xla_options
 from tree_diffusion.diffusion import frozen
 from tree_diffusion.diffusion import sampler as sampler_lib
 from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_condition,
                                                    make_denoiser)
+from tree_diffusion.diffusion.generate import image_grid
 from tree_diffusion.diffusion.state import (DiffusionState, StepConfig, abstract_state,
-                                            example_condition, init_state, make_optimizer)
+                                            example_condition, init_state, learning_rate,
+                                            make_optimizer)
 from tree_diffusion.errors import ConfigError
-from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir, write_json
+from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir, save_config
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
+from tree_diffusion import writer as writer_lib
 from tree_diffusion.writer import MetricWriter
 
 
@@ -78,6 +81,30 @@ def train_step(state: DiffusionState, tvae_vars, images: jax.Array, key: jax.Arr
 
 
 # --------------------------------------------------------------------------------- the run
+
+GRID_EXAMPLES = 8   # rows (prior samples) of the TensorBoard grid; its columns are the leaves
+
+
+def make_sample_grid(config, denoiser: Denoiser, model: TreeVAE, tree: Tree, mesh):
+  """``grid(ema_params, tvae_vars)`` → a uint8 image for TensorBoard: ``GRID_EXAMPLES`` prior
+  samples (rows) decoded through every leaf (columns) by ``sample_all_leaves``.
+
+  The sampler is built here once (one batch, compiled on the first call). Its key is
+  ``diffusion.sampling.seed``'s, as in ``launch/sample.py``, so every grid shows the same draws and
+  the rows are the first rows of that command's grid; the training keys are not touched.
+  """
+  c = config.diffusion
+  sampler = sampler_lib.Sampler(denoiser, model, tree, sampler_lib.SamplerConfig.from_config(c),
+                                "sample_all_leaves",
+                                min(c.sampling.batch_size, GRID_EXAMPLES * tree.num_leaves), mesh)
+  key = jax.random.key(c.sampling.seed)
+
+  def grid(ema_params, tvae_vars) -> np.ndarray:
+    images = sampler.run(ema_params, tvae_vars, key, num=GRID_EXAMPLES, log_every=0)["image"]
+    return image_grid(images.reshape((-1,) + images.shape[2:]), columns=tree.num_leaves)
+
+  return grid
+
 
 
 def train_and_save(config, workdir: str, stop: preemption.StopRequest | None = None) -> dict:
@@ -161,6 +188,8 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
   else:
     state = init_state(denoiser, cfg, jax.random.fold_in(key, 1),
                        example_condition(denoiser, model, tree), model.image_shape)
+  # Once a checkpoint (if any) has accepted this config: what sampling and evaluation default to.
+  save_config(run_dir.stage2_config, config)
   state = sharding.replicate(state, mesh)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   step = int(state.step)
@@ -173,8 +202,7 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
     # A re-run of a finished run (what demo.sh and resuming do): its summary, measured when it
     # trained, is kept as it is (and written again only if it is missing or unreadable).
     try:
-      with open(summary_path) as f:
-        summary = json.load(f)
+      summary = files.read_json(summary_path)
       ckpts.close()
       logging.info("stage 2 already finished (checkpoint %d of %d steps); nothing to do", step,
                    total)
@@ -183,6 +211,10 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
       pass
   writer = MetricWriter(run_dir.stage2_tensorboard)
   config_json = ckpt_lib.config_sections(config, ckpt_lib.STAGE2_SECTIONS)
+  writer.write_hparams(writer_lib.flatten(config_json),
+                       ["train/loss", *writer_lib.eval_tags(config.classifier.thresholds)])
+  sample_grid = (make_sample_grid(config, denoiser, model, tree, mesh) if c.sample_every
+                 else None)
   save_meta = lambda: {"export": path, "export_fingerprint": fingerprint,
                        "data_identity": data_identity,
                        "conditioning": denoiser.conditioning.name, "epoch": step // steps_per_epoch,
@@ -228,10 +260,14 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
         loss = float(loss_sum) / n_sum
         ips, eta = progress.report(step)   # the first window includes compilation
         writer.write_scalars(step, {"train/loss": loss, "train/grad_norm": float(metrics["grad_norm"]),
+                                    "train/lr": learning_rate(cfg, step - 1),
                                     "train/images_per_second": ips})
         logging.info("stage 2 step %d/%d (epoch %d): loss %.4f | %.0f img/s, ETA %s", step, total,
                      (step - 1) // steps_per_epoch + 1, loss, ips, format_eta(eta))
         loss_sum, n_sum = 0.0, 0
+      if sample_grid is not None and (step % c.sample_every == 0 or step == total):
+        writer.write_images(step, {"samples/sample_all_leaves": sample_grid(state.ema_params,
+                                                                            tvae_vars)})
       if step == total:
         break
       loop.checkpoint_if_due(
@@ -248,6 +284,6 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
              "export_fingerprint": fingerprint, "wall_time_s": time.perf_counter() - t_run,
              "train_images_per_second": progress.median_rate()}
   if jax.process_index() == 0:
-    write_json(summary_path, summary)
+    files.write_json(summary_path, summary)
   logging.info("stage 2 done: %s", summary)
   return summary

@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -44,7 +43,7 @@ import optax
 from absl import logging
 
 from tree_diffusion import data as data_lib
-from tree_diffusion import loop, sharding
+from tree_diffusion import files, loop, sharding
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.runs import RunDir, format_eta
 
@@ -269,7 +268,6 @@ def train_classifier(config, train_arrays: data_lib.Arrays,
                         f"vs {test_arrays.images.shape[1:]}")
   mesh = mesh or sharding.make_mesh()
   sharding.check_batch_size(c.batch_size, mesh, setting="classifier.batch_size")
-  sharding.check_batch_size(c.eval_batch_size, mesh, setting="classifier.eval_batch_size")
   steps_per_epoch = data_lib.num_batches(len(train_arrays), c.batch_size, drop_remainder=True)
   if steps_per_epoch == 0:
     raise ConfigError(f"{len(train_arrays)} training images are fewer than one batch of "
@@ -287,7 +285,7 @@ def train_classifier(config, train_arrays: data_lib.Arrays,
   state = ClassifierState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                           batch_stats=variables["batch_stats"],
                           opt_state=make_optimizer(cfg).init(variables["params"]))
-  state = jax.device_put(state, sharding.replicated(mesh))
+  state = sharding.replicate(state, mesh)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   log(f"classifier: ResNet stages {list(model.stage_sizes)}, width {model.width}, "
       f"{n_params:,} parameters; {total} steps ({steps_per_epoch} per epoch of "
@@ -304,7 +302,7 @@ def train_classifier(config, train_arrays: data_lib.Arrays,
                                   epoch=epoch, drop_remainder=True):
       if step >= total:
         break
-      b = sharding.put_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+      b = sharding.put_global({"image": batch["image"], "label": batch["label"]}, mesh)
       state, metrics = train_step(state, b["image"], b["label"], step_key, model=model, cfg=cfg)
       step += 1
       sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
@@ -364,7 +362,8 @@ def predict(model: ResNet, variables: PyTree, images: np.ndarray, batch_size: in
             mesh=None) -> tuple[np.ndarray, np.ndarray]:
   """Classifies ``[N, H, W, C]`` images (uint8, or float in ``[0, 1]``).
 
-  Every batch, the last one zero-padded, has ``batch_size`` rows, so one compilation serves any N.
+  Every batch, the last one zero-padded, has ``batch_size`` rows (rounded up to a multiple of the
+  device count), so one compilation serves any N.
 
   Returns:
     ``(labels int32 [N], probabilities float32 [N, num_classes])``.
@@ -373,8 +372,8 @@ def predict(model: ResNet, variables: PyTree, images: np.ndarray, batch_size: in
   if images.ndim != 4:
     raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
   mesh = mesh or sharding.make_mesh()
-  sharding.check_batch_size(batch_size, mesh, setting="classifier.eval_batch_size")
-  variables = jax.device_put(variables, sharding.replicated(mesh))
+  batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size   # padded, never refused
+  variables = sharding.replicate(variables, mesh)
   n = images.shape[0]
   probs = np.zeros((n, model.num_classes), np.float32)
   for start in range(0, n, batch_size):
@@ -382,8 +381,8 @@ def predict(model: ResNet, variables: PyTree, images: np.ndarray, batch_size: in
     real = chunk.shape[0]
     if real < batch_size:
       chunk = np.concatenate([chunk, np.zeros((batch_size - real,) + chunk.shape[1:], np.float32)])
-    x = sharding.put_batch({"image": chunk}, mesh)["image"]
-    probs[start:start + real] = np.asarray(_probabilities(variables, x, model=model))[:real]
+    x = sharding.put_global(chunk, mesh)   # this process's rows; the result gathered
+    probs[start:start + real] = sharding.to_host(_probabilities(variables, x, model=model))[:real]
   return probs.argmax(-1).astype(np.int32), probs
 
 
@@ -426,25 +425,17 @@ def classifier_dir(config, workdir: str) -> str:
   return config.classifier.dir or RunDir(workdir).classifier
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def save_classifier(directory: str, classifier: Classifier) -> str:
   """Writes ``classifier.msgpack`` then ``classifier.json`` (each atomically); returns the dir.
 
   The JSON holds the SHA-256 of the weights, so a half-overwritten pair is detected on load.
   """
-  os.makedirs(directory, exist_ok=True)
+  files.makedirs(directory)
   weights = flax.serialization.to_bytes(jax.device_get(classifier.variables))
   meta = {"format": FORMAT, **classifier.meta, "model": classifier.model.settings(),
           "weights_sha256": hashlib.sha256(weights).hexdigest()}
-  _write_atomic(os.path.join(directory, WEIGHTS_FILE), weights)
-  _write_atomic(os.path.join(directory, META_FILE),
-                json.dumps(meta, indent=2, allow_nan=False).encode())
+  files.write_bytes(files.join(directory, WEIGHTS_FILE), weights)
+  files.write_text(files.join(directory, META_FILE), json.dumps(meta, indent=2, allow_nan=False))
   return directory
 
 
@@ -467,13 +458,12 @@ def load_classifier(directory: str, *, image_shape: Sequence[int] | None = None,
       or a different image shape or class count.
   """
   hint = train_hint or train_command()
-  meta_path = os.path.join(directory, META_FILE)
-  weights_path = os.path.join(directory, WEIGHTS_FILE)
-  if not os.path.exists(meta_path) or not os.path.exists(weights_path):
+  meta_path = files.join(directory, META_FILE)
+  weights_path = files.join(directory, WEIGHTS_FILE)
+  if not files.exists(meta_path) or not files.exists(weights_path):
     raise ConfigError(f"no classifier in {directory} (no {META_FILE} and {WEIGHTS_FILE}); train "
                       f"one with: {hint} (or point --config.classifier.dir at one)")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = files.read_json(meta_path)
   if meta.get("format") != FORMAT:
     raise ConfigError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}; "
                       f"retrain with: {hint}")
@@ -486,8 +476,7 @@ def load_classifier(directory: str, *, image_shape: Sequence[int] | None = None,
     raise ConfigError(f"the classifier in {directory} has {meta['num_classes']} classes "
                       f"({meta.get('dataset')}) but {num_classes} are needed; train one for this "
                       f"dataset with: {hint}")
-  with open(weights_path, "rb") as f:
-    weights = f.read()
+  weights = files.read_bytes(weights_path)
   if hashlib.sha256(weights).hexdigest() != meta.get("weights_sha256"):
     raise ConfigError(f"{weights_path} does not match {meta_path} (an interrupted save?); "
                       f"retrain with: {hint}")

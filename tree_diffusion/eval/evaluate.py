@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -38,11 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
-from tree_diffusion import validation
+from tree_diffusion import files, validation
 from tree_diffusion.diffusion import generate
 from tree_diffusion.diffusion.frozen import load_stage1
 from tree_diffusion.diffusion.sampler import check_config as check_sampler_config
@@ -53,10 +51,12 @@ from tree_diffusion.eval import fid as fid_lib
 from tree_diffusion.eval import purity as purity_lib
 from tree_diffusion.eval import report
 from tree_diffusion.eval.likelihood import LogLikelihood
-from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir, write_json
+from tree_diffusion.files import write_json
+from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 from tree_diffusion.treevae.inference import leaf_examples, predict_leaf_probs
+from tree_diffusion.writer import MetricWriter, purity_tag
 
 STAGE2_MODES = ("sample", "recons", "sample_all_leaves", "recons_all_leaves")
 
@@ -198,6 +198,21 @@ class Evaluator:
     self._weights_id = None
     self._reference_memo: dict[str, np.ndarray] = {}
 
+  def with_settings(self, settings: Settings) -> "Evaluator":
+    """An evaluator of ``settings`` (runs evaluated with their own configs may differ in
+    ``config.eval``): ``self`` if they are its own; else a new one that shares the loaded
+    Inception network when the weights and the feature batch are the same, and the real images'
+    features (keyed by the dataset, its images and the weights, so valid for every run)."""
+    if settings == self.settings:
+      return self
+    other = Evaluator(settings, mesh=self.mesh, log=self.log)
+    other._reference_memo = self._reference_memo
+    same_net = (settings.inception_weights, settings.fid_batch_size) == (
+        self.settings.inception_weights, self.settings.fid_batch_size)
+    if same_net:
+      other._extractor, other._weights_id = self._extractor, self._weights_id
+    return other
+
   # ------------------------------------------------------------------ Inception features
 
   def extractor(self):
@@ -237,14 +252,21 @@ class Evaluator:
             "image_shape": list(arrays.images.shape[1:]),
             "images_sha1": fid_lib.images_digest(arrays.images), "inception": self._weights_id}
     memo = json.dumps(meta, sort_keys=True)
-    path = os.path.join(RunDir(workdir).eval_cache, f"inception_{config.data.name}_{split}.npz")
+    path = files.join(RunDir(workdir).eval_cache, f"inception_{config.data.name}_{split}.npz")
     if memo in self._reference_memo:
       feats = self._reference_memo[memo]
-      if fid_lib.load_features(path, meta) is None:
+      if _writes() and fid_lib.load_features(path, meta) is None:
         fid_lib.save_features(path, feats, meta)
       return feats
-    feats = fid_lib.cached_features(path, meta,
-                                    lambda: self.features(arrays.images, f"real {split} images"))
+    compute = lambda: self.features(arrays.images, f"real {split} images")
+    if jax.process_count() == 1:
+      feats = fid_lib.cached_features(path, meta, compute)
+    else:   # process 0's cache decides for all: computing the features is a collective
+      feats = _from_process0(fid_lib.load_features(path, meta) if _writes() else None)
+      if feats is None:
+        feats = np.asarray(compute(), np.float32)
+        if _writes():
+          fid_lib.save_features(path, feats, meta)
     self._reference_memo[memo] = feats
     return feats
 
@@ -295,10 +317,10 @@ class Evaluator:
                     "num_gen": int(len(gen)), "num_rec": int(len(rec)), "reference": "test",
                     "num_reference": int(len(ref)),
                     "gen_per_leaf": fid_lib.per_group_fid(g, gen_leaf, ref, ref_leaves, k)}
-      os.makedirs(out_dir, exist_ok=True)
-      for name, imgs in (("treevae_sample.png", gen), ("treevae_recons.png", rec)):
-        Image.fromarray(generate.image_grid(imgs[:s.grid_images] / 255.0, columns=8)).save(
-            os.path.join(out_dir, name))
+      if _writes():
+        for name, imgs in (("treevae_sample.png", gen), ("treevae_recons.png", rec)):
+          files.save_png(files.join(out_dir, name),
+                         generate.image_grid(imgs[:s.grid_images] / 255.0, columns=8))
       self.log(f"stage 1: TreeVAE FID gen {out['fid']['gen']:.2f}, rec {out['fid']['rec']:.2f}")
     out["wall_time_s"] = time.perf_counter() - t0
     return out
@@ -309,7 +331,8 @@ class Evaluator:
                  test_probs: np.ndarray, classifier, out_dir: str) -> dict:
     s = self.settings
     t0 = time.perf_counter()
-    os.makedirs(out_dir, exist_ok=True)
+    if _writes():
+      files.makedirs(out_dir)
     key = jax.random.key(s.seed)
     k = stage2.tree.num_leaves
     ref = ref_leaves = None
@@ -333,13 +356,12 @@ class Evaluator:
       imgs = generate.to_uint8(res["image"])
       m: dict[str, Any] = {"images": int(imgs.shape[0] * (k if sampler.all_leaves else 1)),
                            "sampling_s": time.perf_counter() - t1}
-      if sampler.all_leaves:
-        grid = imgs[:max(1, s.grid_images // k)]
-        Image.fromarray(generate.image_grid(grid.reshape((-1,) + grid.shape[2:]) / 255.0,
-                                            columns=k)).save(os.path.join(out_dir, f"{mode}.png"))
-      else:
-        Image.fromarray(generate.image_grid(imgs[:s.grid_images] / 255.0, columns=8)).save(
-            os.path.join(out_dir, f"{mode}.png"))
+      if _writes():
+        grid = (imgs[:max(1, s.grid_images // k)] if sampler.all_leaves
+                else imgs[:s.grid_images])
+        files.save_png(files.join(out_dir, f"{mode}.png"),
+                       generate.image_grid(grid.reshape((-1,) + imgs.shape[-3:]) / 255.0,
+                                           columns=k if sampler.all_leaves else 8))
       if mode in ("sample", "recons") and s.fid:
         f = self.features(imgs, f"{mode} images")
         m["fid"] = fid_lib.fid_from_features(f, ref)
@@ -351,9 +373,9 @@ class Evaluator:
               classifier, imgs, res["leaf_probs"], config.classifier.thresholds,
               s.batch_size, mesh=self.mesh)
           pred = np.asarray(m["purity"].pop("predicted"))
-          for t in config.classifier.thresholds:
+          for t in config.classifier.thresholds if _writes() else ():   # process 0 writes
             purity_lib.save_leaf_histogram_figure(
-                os.path.join(out_dir, f"leaf_histograms_p{t:g}.png"), imgs, res["leaf_probs"],
+                files.join(out_dir, f"leaf_histograms_p{t:g}.png"), imgs, res["leaf_probs"],
                 pred, classifier.model.num_classes, t, class_names=classifier.class_names,
                 leaf_labels=[str(n) for n in stage2.tree.leaves],
                 title=f"{config.data.name}, step {stage2.step}: classes of samples with "
@@ -369,8 +391,9 @@ class Evaluator:
           self.log(f"step {stage2.step}: weighted majority fraction at p ≥ {first['threshold']}: "
                    f"diffusion {first['weighted_majority_fraction']}, TreeVAE "
                    f"{tvae['weighted_majority_fraction']} ({first['total_kept']} kept)")
-        self._tree_figure(config, stage2, test, test_probs, res, m.get("purity"),
-                          os.path.join(out_dir, "tree.png"))
+        if _writes():
+          self._tree_figure(config, stage2, test, test_probs, res, m.get("purity"),
+                            files.join(out_dir, "tree.png"))
       out["modes"][mode] = m
     out["wall_time_s"] = time.perf_counter() - t0
     return out
@@ -421,7 +444,7 @@ class Evaluator:
       raise
     if s.fid:
       self.extractor()          # a missing weights file is an error before any heavy work
-    model, variables, tree, export, fingerprint, _ = load_stage1(config, workdir)
+    model, variables, tree, export, fingerprint, export_meta = load_stage1(config, workdir)
     test = data_lib.load_arrays(config.data, "test")
     data_lib.check_image_shape(test, config.data)
     metrics = report.read_json(metrics_path)
@@ -438,6 +461,9 @@ class Evaluator:
       metrics["stage1"] = dict(self.stage1(config, workdir, model, variables, tree, test,
                                            test_probs, eval_dir), settings_key=skey)
       _write_json(metrics_path, metrics)
+      epochs = (export_meta.get("metrics") or {}).get("epochs")
+      _log_scalars(run_dir.tensorboard, max(int(epochs or 0) - 1, 0),
+                   stage1_scalars(metrics["stage1"]))
     else:
       self.log(f"{workdir}: stage 1 already evaluated with these settings")
     done = metrics.setdefault("checkpoints", {})
@@ -456,13 +482,17 @@ class Evaluator:
                                              run_dir.eval_step(step)),
                              settings_key=skey)
       _write_json(metrics_path, metrics)
+      _log_scalars(run_dir.stage2_tensorboard, step,
+                   checkpoint_scalars(done[str(step)], metrics["stage1"],
+                                      config.classifier.thresholds))
       dt = time.perf_counter() - t0
       self.log(f"{workdir}: checkpoint {step} done; ETA {format_eta(dt / (i + 1) * (len(todo) - i - 1))}")
     if classifier is not None:
       metrics["classifier"] = {k: classifier.meta.get(k) for k in ("test_accuracy", "model")}
     _write_json(metrics_path, metrics)
-    report.write_csv(run_dir.eval_csv, metrics)
-    report.write_report(run_dir.eval_report, metrics, config)
+    if _writes():
+      report.write_csv(run_dir.eval_csv, metrics)
+      report.write_report(run_dir.eval_report, metrics, config)
     return metrics
 
   def _classifier(self, config, workdir: str):
@@ -473,15 +503,67 @@ class Evaluator:
                f"purity of generations is skipped")
       return None
     directory = classifier_lib.classifier_dir(config, workdir)
-    if os.path.exists(os.path.join(directory, classifier_lib.META_FILE)) or not self.settings.train_classifier:
+    if files.exists(files.join(directory, classifier_lib.META_FILE)) or not self.settings.train_classifier:
       return classifier_lib.load_for_config(config, workdir)   # a mismatch is an error, not retrained
     self.log(f"no classifier in {directory}: training one (config.classifier; disable with "
              f"--config.eval.train_classifier=False)")
     test = data_lib.load_arrays(config.data, "test")
     clf, _ = classifier_lib.train_classifier(config, train, test, mesh=self.mesh, log=self.log)
-    classifier_lib.save_classifier(directory, clf)
+    if _writes():
+      classifier_lib.save_classifier(directory, clf)
     return clf
 
 
+def stage1_scalars(stage1: dict) -> dict[str, float]:
+  """TensorBoard scalars of the stage-1 evaluation: the TreeVAE's own FIDs, the test clustering
+  metrics and the log-likelihood (those that were computed)."""
+  fid, clus = stage1.get("fid") or {}, stage1.get("clustering") or {}
+  out = {"eval/fid_gen": fid.get("gen"), "eval/fid_rec": fid.get("rec"),
+         "eval/log_likelihood": (stage1.get("log_likelihood") or {}).get("log_likelihood"),
+         **{f"eval/{k}": clus.get(k) for k in ("nmi", "accuracy", "leaf_purity",
+                                                "dendrogram_purity")}}
+  return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def checkpoint_scalars(checkpoint: dict, stage1: dict, thresholds=()) -> dict[str, float]:
+  """TensorBoard scalars of one stage-2 checkpoint: FID(gen) and FID(rec), the weighted majority
+  fraction of generations kept at each threshold, and stage 1's test NMI (those computed)."""
+  modes = checkpoint.get("modes") or {}
+  purity = ((modes.get("sample_all_leaves") or {}).get("purity") or {}).get("thresholds") or {}
+  out = {"eval/fid_gen": (modes.get("sample") or {}).get("fid"),
+         "eval/fid_rec": (modes.get("recons") or {}).get("fid"),
+         "eval/nmi": (stage1.get("clustering") or {}).get("nmi"),
+         **{purity_tag(t): (purity.get(str(float(t))) or {}).get("weighted_majority_fraction")
+            for t in thresholds}}
+  return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def _log_scalars(logdir: str, step: int, scalars: dict[str, float]) -> None:
+  """``scalars`` at ``step`` into the run's TensorBoard directory ``logdir`` (an event file of the
+  evaluation's own, closed at once: what was evaluated stays logged if a later checkpoint fails)."""
+  if scalars:
+    writer = MetricWriter(logdir, job="eval")
+    writer.write_scalars(step, scalars)
+    writer.close()
+
+
+def _writes() -> bool:
+  """Whether this process writes the evaluation's files: in a multi-process job every process
+  computes (sampling and Inception features are split over all devices) and process 0 writes."""
+  return jax.process_index() == 0
+
+
+def _from_process0(features: np.ndarray | None) -> np.ndarray | None:
+  """Process 0's ``features`` (or its ``None``) on every process."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  shape = np.asarray(features.shape if features is not None else (-1, -1), np.int64)
+  shape = multihost_utils.broadcast_one_to_all(shape)
+  if shape[0] < 0:
+    return None
+  local = features if features is not None else np.zeros(tuple(shape), np.float32)
+  return np.asarray(multihost_utils.broadcast_one_to_all(local), np.float32)
+
+
 def _write_json(path: str, obj: dict) -> None:
-  write_json(path, obj, default=ckpt_lib.json_default)
+  if _writes():
+    write_json(path, obj, default=ckpt_lib.json_default)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from typing import Callable
 
 import numpy as np
 import scipy.linalg
 from absl import logging
+
+from tree_diffusion import files
 
 
 def activation_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,12 +71,12 @@ def images_digest(images: np.ndarray) -> str:
 
 def load_features(path: str, meta: dict) -> np.ndarray | None:
   """The cached features at ``path`` if readable and made for ``meta``, else ``None`` (warned)."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     return None
   try:
-    with np.load(path, allow_pickle=False) as f:
-      stored = json.loads(str(f["meta"]))
-      features = np.asarray(f["features"], np.float32)
+    f = files.load_npz(path)
+    stored = json.loads(str(f["meta"]))
+    features = np.asarray(f["features"], np.float32)
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     logging.warning("cached Inception features %s are unreadable (%s); recomputing", path,
                     " ".join(str(e).split()))
@@ -88,11 +89,9 @@ def load_features(path: str, meta: dict) -> np.ndarray | None:
 
 
 def save_features(path: str, features: np.ndarray, meta: dict) -> None:
-  """Writes the cache atomically (a temporary file renamed over ``path``)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}.npz"
-  np.savez(tmp, features=np.asarray(features, np.float32), meta=json.dumps(meta, sort_keys=True))
-  os.replace(tmp, path)
+  """Writes the cache atomically (:func:`files.save_npz`)."""
+  files.save_npz(path, compressed=False, features=np.asarray(features, np.float32),
+                 meta=np.asarray(json.dumps(meta, sort_keys=True)))
 
 
 def cached_features(path: str, meta: dict, compute: Callable[[], np.ndarray]) -> np.ndarray:

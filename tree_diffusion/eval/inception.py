@@ -309,6 +309,9 @@ class FeatureExtractor:
   of this many images (``lax.map``). XLA:CPU convolutions slow down with the batch size, so on CPU
   (``"auto"``) chunks of 2 are ~1.5x faster than whole batches; elsewhere ``"auto"`` is the whole
   batch (None). The batch size is rounded up to a multiple of ``devices x micro_batch``.
+
+  In a multi-process job the mesh spans every process's devices: each process feeds its own rows
+  of every batch, and every process receives all the features.
   """
 
   def __init__(self, params: Params, mesh=None, batch_size: int = 50,
@@ -323,7 +326,7 @@ class FeatureExtractor:
     self.batch_size = -(-batch_size // step) * step   # padded, never rejected
     self.model = FIDInceptionV3(precision=precision)
     rep, self._data = sharding.replicated(self.mesh), sharding.data_sharded(self.mesh)
-    self.params = jax.device_put(params, rep)
+    self.params = sharding.replicate(params, self.mesh)
     self.traces = 0
     self.network = jax.jit(self._forward, in_shardings=(rep, self._data),
                            out_shardings=self._data,
@@ -366,7 +369,7 @@ class FeatureExtractor:
 
     def collect(item):
       start, k, feats = item
-      out[start:start + k] = np.asarray(feats)[:k]
+      out[start:start + k] = sharding.to_host(feats)[:k]   # gathered from every process
       if progress is not None:
         progress(start + k, n)
 
@@ -375,7 +378,7 @@ class FeatureExtractor:
       k = len(chunk)
       if k < b:
         chunk = np.concatenate([chunk, np.zeros((b - k,) + chunk.shape[1:], chunk.dtype)])
-      item = (start, k, fn(jax.device_put(chunk, self._data)))
+      item = (start, k, fn(sharding.put_global(chunk, self.mesh)))   # this process's rows
       if pending is not None:
         collect(pending)
       pending = item

@@ -19,6 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
+from tree_diffusion import files
 from tree_diffusion.eval.inception import (EPS, LEAVES, InceptionWeightsError, Params,
                                            check_params, flatten_params, set_param,
                                            unflatten_params)
@@ -199,33 +200,18 @@ def wheel_weights_path() -> str | None:
 
 
 def save_params(params: Params, path: str) -> None:
-  """Writes ``params`` as an uncompressed .npz atomically (temp file in the same folder, rename)."""
+  """Writes ``params`` as an uncompressed .npz atomically (:func:`files.save_npz`; a local path
+  or a ``gs://`` URL)."""
   check_params(params)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
   arrays = flatten_params(params)
   arrays["__format__"] = np.array(_CACHE_FORMAT)
-  fd, tmp = tempfile.mkstemp(prefix=".inception-", suffix=".npz.tmp", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  files.save_npz(path, compressed=False, **arrays)
 
 
 def load_npz(path: str) -> Params:
   """Params from a .npz written by :func:`save_params` (validated)."""
   try:
-    with np.load(path, allow_pickle=False) as z:
-      flat = {k: z[k] for k in z.files}
+    flat = dict(files.load_npz(path))
   except Exception as e:  # noqa: BLE001 - a damaged file can fail in many ways
     raise InceptionWeightsError(f"cannot read {path}: {type(e).__name__}: {e}") from None
   fmt = flat.pop("__format__", None)
@@ -237,9 +223,16 @@ def load_npz(path: str) -> Params:
 
 
 def convert(path: str) -> Params:
-  """Params from a TorchScript archive or a pytorch-fid ``.pth`` (validated)."""
+  """Params from a TorchScript archive or a pytorch-fid ``.pth`` (validated); a ``gs://`` one is
+  read through a local temporary copy."""
   try:
-    tensors = read_torch_tensors(path)
+    if files.is_remote(path):
+      with tempfile.NamedTemporaryFile(suffix=os.path.basename(path)) as f:
+        f.write(files.read_bytes(path))
+        f.flush()
+        tensors = read_torch_tensors(f.name)
+    else:
+      tensors = read_torch_tensors(path)
   except TorchFileError as e:
     raise InceptionWeightsError(str(e)) from None
   params = params_from_torch_tensors(tensors)
@@ -248,7 +241,7 @@ def convert(path: str) -> Params:
 
 
 def _load_any(path: str) -> Params:
-  if not os.path.isfile(path):
+  if not files.is_file(path):
     raise InceptionWeightsNotFound(
         _not_found_message(cache_path(), f"Inception weights file {path} does not exist. "))
   if path.endswith(".npz"):
@@ -301,7 +294,7 @@ def _find_and_load(path: str | None) -> Params:
       save_params(params, cache)
     return params
   why = ""
-  if os.path.exists(cache):
+  if files.exists(cache):
     try:
       return load_npz(cache)
     except InceptionWeightsError as e:

@@ -68,12 +68,14 @@ class LogLikelihood:
           log: Callable[[str], Any] | None = None) -> dict:
     """Estimates ``log p(x)`` for every image of ``arrays``; returns means and a standard error."""
     per, single = [], []
+    variables, key = sharding.replicate((variables, key), self.mesh)
     n_batches = data_lib.num_batches(len(arrays), self.batch_size, drop_remainder=False)
     t0 = time.perf_counter()
     for i, b in enumerate(data_lib.batches(arrays, self.batch_size, shuffle=False,
                                            drop_remainder=False, pad=True)):
-      x = jax.device_put(b["image"], sharding.data_sharded(self.mesh))
-      out = np.asarray(self._fn(variables, x, jax.random.fold_in(key, i)), np.float64)
+      x = sharding.put_global(b["image"], self.mesh)   # this process's rows of the batch
+      out = np.asarray(sharding.to_host(self._fn(variables, x, jax.random.fold_in(key, i))),
+                       np.float64)
       per.append(out[b["mask"], 0])
       single.append(out[b["mask"], 1])
       if log is not None:

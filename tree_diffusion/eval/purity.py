@@ -12,11 +12,12 @@ least a threshold are kept, classified, and summarised as a histogram of predict
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Any, Sequence
 
 import numpy as np
 
+from tree_diffusion import files
 from tree_diffusion.eval.classifier import Classifier, classify_all_leaves, to_float
 
 
@@ -187,8 +188,7 @@ def save_leaf_histogram_figure(path: str, images: np.ndarray, leaf_probs: np.nda
   head = title + "\n" if title else ""
   fig.suptitle(f"{head}p(leaf) ≥ {threshold:g}: {summary['total_kept']} kept, weighted majority "
                f"fraction {'—' if wm is None else f'{wm:.3f}'}", fontsize=9)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}.png"
-  FigureCanvasAgg(fig).print_png(tmp)
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  FigureCanvasAgg(fig).print_png(buf)
+  files.write_bytes(path, buf.getvalue())
   return path

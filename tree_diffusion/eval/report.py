@@ -9,22 +9,21 @@ nothing is recomputed.
 from __future__ import annotations
 
 import csv
-import json
-import os
+import io
 from typing import Mapping
 
 from absl import logging
 
+from tree_diffusion import files
 from tree_diffusion.runs import RunDir
 
 
 def read_json(path: str) -> dict:
   """The JSON object in ``path``; ``{}`` if it is missing or unreadable (with a warning)."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     return {}
   try:
-    with open(path) as f:
-      return json.load(f)
+    return files.read_json(path)
   except (OSError, ValueError) as e:
     logging.warning("%s is unreadable (%s); ignoring it", path, e)
     return {}
@@ -93,11 +92,12 @@ def csv_rows(metrics: dict) -> list[dict]:
 
 
 def write_csv(path: str, metrics: dict) -> None:
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-    w.writeheader()
-    for row in csv_rows(metrics):
-      w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+  f = io.StringIO(newline="")
+  w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+  w.writeheader()
+  for row in csv_rows(metrics):
+    w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+  files.write_text(path, f.getvalue())
 
 
 def format_value(v, digits: int = 2) -> str:
@@ -161,8 +161,7 @@ def write_report(path: str, metrics: dict, config) -> None:
       lines += ["", "`mnist_5k` is a 5,000-image subset (1,000 test images): FID against 1,000 "
                 "images is biased upwards relative to the paper's 10,000, and the demo models "
                 "are far smaller and shorter-trained than the paper's."]
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  files.write_text(path, "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------- run summary

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import math
 import os
-import pathlib
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from tree_diffusion import files
 from tree_diffusion.tree import Tree
 
 _DEFAULT_CELL = 56    # Minimum displayed side (px) of an image when ``cell`` is not given.
@@ -272,7 +272,7 @@ def save_tree_figure(path: str | os.PathLike,
                      *,
                      row_titles: Sequence[str] | None = None,
                      title: str | None = None,
-                     cell: int | None = None) -> pathlib.Path:
+                     cell: int | None = None) -> str | os.PathLike:
   """Draws the figure of :func:`draw_tree` and writes it as a PNG, creating parent directories.
 
   Args:
@@ -287,10 +287,8 @@ def save_tree_figure(path: str | os.PathLike,
   Returns:
     The path written to.
   """
-  path = pathlib.Path(path)
   image = draw_tree(tree, leaf_share, rows, row_titles=row_titles, title=title, cell=cell)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  image.save(path, format="PNG")
+  files.save_png(path, image)
   return path
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -29,9 +28,9 @@ from absl import logging
 from tree_diffusion import augment as augment_lib
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
-from tree_diffusion import loop, preemption, sharding, validation
+from tree_diffusion import files, loop, preemption, sharding, validation
 from tree_diffusion.errors import ConfigError
-from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir, write_json
+from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir, save_config
 from tree_diffusion.eval import clustering
 from tree_diffusion.tree import Tree, depth_of
 from tree_diffusion.treevae import growing
@@ -39,6 +38,7 @@ from tree_diffusion.treevae.cursor import Cursor, Split
 from tree_diffusion.treevae.inference import generate, predict_leaf_probs, test_examples
 from tree_diffusion.treevae.model import (TreeVAE, frozen_path_variables, grow_variables,
                                           merge_split_variables, prune_variables, split_variables)
+from tree_diffusion import writer as writer_lib
 from tree_diffusion.writer import MetricWriter
 
 PyTree = Any
@@ -508,6 +508,8 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
   restored = ckpts.restore(model, config, _phase_abstract(run), same_data)
   phase_arrays = {}
   run_dir = RunDir(workdir)
+  # Once a checkpoint (if any) has accepted this config: what sampling and evaluation default to.
+  save_config(run_dir.config, config)
   export_dir = run_dir.export
   finished_run = (restored is not None
                   and _read_cursor(restored[3], f"checkpoint {restored[0]}").phase == "done")
@@ -530,6 +532,8 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
                  cursor.iteration, tree)
   run.writer = MetricWriter(run_dir.tensorboard)
   config_json = ckpt_lib.config_sections(config, ckpt_lib.STAGE1_SECTIONS)
+  run.writer.write_hparams(writer_lib.flatten(config_json),
+                           ["train/loss", "test/nmi", *writer_lib.stage1_eval_tags()])
 
   def save(variables, tree, cursor: Cursor, arrays=None) -> int:
     nonlocal step
@@ -560,6 +564,7 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
                               save_in_phase=save_in_phase)
     if phase == "initial":
       variables = train("initial", variables, tree, c.num_epochs)
+      write_tree_figure(run, variables, tree, None)   # TensorBoard only: the tree before growing
       grow = c.grow and tree.depth < model.max_depth
       cursor = cursor.to("grow" if grow else "prune")
     elif phase == "grow":
@@ -573,6 +578,7 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
       variables = train(f"small-tree[{cursor.iteration}] leaf {leaf}", variables, tree,
                         c.num_epochs_smalltree, parent=leaf, indices=indices)
       cursor, indices = _after_small_tree(run, variables, tree, cursor), None
+      write_tree_figure(run, variables, tree, None)   # TensorBoard only: the tree just grown
     elif phase == "prune":
       if c.prune:
         variables, tree = _prune(run, variables, tree)
@@ -593,6 +599,7 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
 
   metrics = final_metrics(run, variables, tree)
   metrics["wall_time_s"] = time.perf_counter() - t_run
+  metrics["epochs"] = run.global_epoch   # over all phases: the x axis of its TensorBoard
   metrics["train_images_per_second"] = (float(np.median(run.images_per_second))
                                         if run.images_per_second else None)
   ckpt_lib.export_treevae(export_dir, model, variables, tree, {
@@ -602,7 +609,7 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
                "num_classes": train_arrays.num_classes},
       "metrics": metrics}, data_identity=data_identity)
   if jax.process_index() == 0:   # every process computed the same metrics; one writes them
-    write_json(run_dir.stage1_metrics, metrics)
+    files.write_json(run_dir.stage1_metrics, metrics)
   write_tree_figure(run, variables, tree, run_dir.tree_figure)
   writer.close()
   logging.info("stage 1 done in %s: %s", format_eta(metrics["wall_time_s"]),
@@ -639,14 +646,13 @@ def _finished(run: _Run, workdir: str, export_dir: str, restored, data_identity:
   run_dir = RunDir(workdir)
   metrics_path = run_dir.stage1_metrics
   try:
-    with open(metrics_path) as f:
-      json.load(f)
+    files.read_json(metrics_path)
   except (OSError, ValueError):   # missing, or cut short by a crash after the export was written
     if jax.process_index() == 0:
-      write_json(metrics_path, metrics)
+      files.write_json(metrics_path, metrics)
   logging.info("stage 1 already finished (checkpoint %d); %s left as it is (fingerprint %s)",
                step, export_dir, ckpt_lib.export_fingerprint(export_dir))
-  if not os.path.exists(run_dir.tree_figure):
+  if not files.exists(run_dir.tree_figure):
     write_tree_figure(run, variables, tree, run_dir.tree_figure)
   return metrics
 
@@ -693,8 +699,13 @@ def kmeans_baseline(train: data_lib.Arrays, test: data_lib.Arrays, k: int, seed:
           "leaf_purity": clustering.leaf_purity(test.labels, pred)}
 
 
-def write_tree_figure(run: _Run, variables, tree: Tree, path: str, num: int | None = None):
-  """The learned tree: each node's share of test samples, real and generated images per leaf."""
+def write_tree_figure(run: _Run, variables, tree: Tree, path: str | None, num: int | None = None):
+  """The learned tree: each node's share of test samples, real and generated images per leaf.
+
+  Written as a PNG to ``path`` (unless ``None``) and, when the run has a writer, to TensorBoard
+  (tag ``tree``) at the step of the last epoch trained (stage 1 logs epoch ``e`` of all phases
+  at step ``e``).
+  """
   from tree_diffusion.treevae import figure
   c = run.config.stage1
   num = num or c.figure_images_per_leaf
@@ -703,5 +714,9 @@ def write_tree_figure(run: _Run, variables, tree: Tree, path: str, num: int | No
   images = np.clip(np.asarray(gen["images"]), 0.0, 1.0)
   if jax.process_index() != 0:   # all processes compute (the arrays span them), one draws
     return
-  figure.save_tree_figure(path, tree, share, [real, images], row_titles=["test", "generated"],
-                          title=f"{run.config.data.name}: {tree.num_leaves} leaves")
+  image = figure.draw_tree(tree, share, [real, images], row_titles=["test", "generated"],
+                           title=f"{run.config.data.name}: {tree.num_leaves} leaves")
+  if path is not None:
+    files.save_png(path, image)
+  if run.writer is not None:
+    run.writer.write_images(max(run.global_epoch - 1, 0), {"tree": np.asarray(image)})
