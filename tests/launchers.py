@@ -1,4 +1,5 @@
-"""Running the launchers as subprocesses (shared by the end-to-end and error tests)."""
+"""What the end-to-end and error tests share: running the launchers as subprocesses, tiny
+configs, a folder of images, comparing trained parameters bit for bit."""
 
 import os
 import subprocess
@@ -50,3 +51,22 @@ def run_with_signals(*args, script, signals, timeout=600):
     watchdog.cancel()
   assert not todo, f"{script} never logged {todo[0][0]!r}; stderr:\n{''.join(lines)[-3000:]}"
   return rc, "".join(lines)
+
+
+def tiny_config(**overrides):
+  """``configs/demo.py:tiny`` with ``section__field=value`` overrides."""
+  from configs import demo
+  c = demo.get_config("tiny")
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    c[section][field] = value
+  return c
+
+
+def assert_trees_equal(a, b):
+  """Two pytrees of arrays are the same, structure and bits."""
+  import jax
+  import numpy as np
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))   # bit for bit

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gcs_emulator
-from launchers import ROOT
+from launchers import ROOT, assert_trees_equal
 from launchers import run as _run
 from launchers import run_with_signals as _run_with_signals
 
@@ -164,13 +164,6 @@ def test_a_missing_bucket_is_one_line_naming_it_before_any_work(gcs, tmp_path):
   _no_local_gs_directory(ROOT)
 
 
-def _assert_trees_equal(a, b):
-  import jax
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))   # bit for bit
-
-
 def _stage2_state(workdir):
   from tree_diffusion import checkpoint, files
   ckpts = checkpoint.Stage2Checkpoints(files.join(workdir, "diffusion", "checkpoints"),
@@ -206,7 +199,7 @@ def test_the_tiny_pipeline_on_a_gs_workdir(gcs, tmp_path):
   assert r.returncode == 0 and "of phase small_tree" in r.stderr, r.stderr[-3000:]
   _, stopped_variables, stopped_tree = checkpoint.load_treevae(f"{stopped}/export")
   assert stopped_tree == tree
-  _assert_trees_equal(variables, stopped_variables)
+  assert_trees_equal(variables, stopped_variables)
 
   # A second writer on the bucket's workdir is refused, as on a local disk.
   with runs.WorkdirLock(run, "another run"):
@@ -227,13 +220,15 @@ def test_the_tiny_pipeline_on_a_gs_workdir(gcs, tmp_path):
   assert r.returncode == 0 and "resumed stage 2 from checkpoint" in r.stderr, r.stderr[-3000:]
   (step, state), (stopped_step, stopped_state) = _stage2_state(run), _stage2_state(stopped)
   assert step == stopped_step == 3
-  _assert_trees_equal(state, stopped_state)
+  assert_trees_equal(state, stopped_state)
 
-  r = _run(*args, "--modes=sample,sample_all_leaves", script="sample.py")
+  # Sampling and evaluation without --config: the run's own, read from the bucket.
+  r = _run(f"--workdir={run}", "--modes=sample,sample_all_leaves", script="sample.py")
   assert r.returncode == 0, r.stderr[-3000:]
   out = files.load_npz(f"{run}/diffusion/samples/sample_all_leaves/samples.npz")
   assert out["images"].shape == (6, tree.num_leaves, 28, 28, 1)
-  r = _run(*args, "--checkpoints=latest", "--modes=sample_all_leaves", script="evaluate.py")
+  r = _run(f"--workdir={run}", "--config.eval.fid=False", "--checkpoints=latest",
+           "--modes=sample_all_leaves", script="evaluate.py")
   assert r.returncode == 0, r.stderr[-3000:]
   ev = files.read_json(f"{run}/eval/metrics.json")
   assert list(ev["checkpoints"]) == ["3"] and "purity" in ev["checkpoints"]["3"]["modes"][

@@ -7,16 +7,10 @@ import signal
 import numpy as np
 import pytest
 
+from launchers import assert_trees_equal
 from launchers import run as _run
 from launchers import run_with_signals as _run_with_signals
 from launchers import write_image_folder as _write_image_folder
-
-
-def _assert_trees_equal(a, b):
-  import jax
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))   # bit for bit
 
 
 def _stage2_state(workdir):
@@ -70,7 +64,7 @@ def test_own_images_through_both_stages_and_evaluation(tmp_path):
   assert r.returncode == 0 and "of phase small_tree" in r.stderr, r.stderr[-3000:]
   _, killed_variables, killed_tree = checkpoint.load_treevae(str(killed / "export"))
   assert killed_tree == tree
-  _assert_trees_equal(variables, killed_variables)
+  assert_trees_equal(variables, killed_variables)
 
   # Evaluation before stage 2, and with a missing Inception file: one-line errors.
   r = _run(*args, script="evaluate.py", timeout=180)
@@ -92,7 +86,7 @@ def test_own_images_through_both_stages_and_evaluation(tmp_path):
   assert r.returncode == 0 and "resumed stage 2 from checkpoint" in r.stderr, r.stderr[-3000:]
   (step, state), (killed_step, killed_state) = _stage2_state(workdir), _stage2_state(killed)
   assert step == killed_step == 3
-  _assert_trees_equal(state, killed_state)
+  assert_trees_equal(state, killed_state)
 
   # A diverging run stops with the step, the loss terms and the last good checkpoint.
   r = _run(*args[:-1], f"--workdir={tmp_path / 'nan'}", "--config.stage1.lr=1e30")

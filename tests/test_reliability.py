@@ -14,24 +14,15 @@ import jax
 import numpy as np
 import pytest
 
-from launchers import write_image_folder
+from launchers import tiny_config, write_image_folder
 from tree_diffusion import checkpoint, data, runs
 from tree_diffusion.errors import ConfigError, WorkdirBusyError
-
-
-def _config(**overrides):
-  from configs import demo
-  c = demo.get_config("tiny")
-  for key, value in overrides.items():
-    section, field = key.split("__")
-    c[section][field] = value
-  return c
 
 
 def _folder_config(tmp_path, n=64):
   """demo:tiny on a flat folder of ``n`` real digits (the 'test' split: 10 % of them)."""
   write_image_folder(tmp_path / "images", n)
-  return _config(data__name="folder", data__folder=str(tmp_path / "images"),
+  return tiny_config(data__name="folder", data__folder=str(tmp_path / "images"),
                  data__data_dir=str(tmp_path / "tfds"))
 
 
@@ -75,7 +66,7 @@ def _snapshot(directory):
 
 def test_rerunning_a_finished_stage1_leaves_its_export_untouched(tmp_path):
   from tree_diffusion.treevae import train as tv_train
-  c, workdir = _config(), tmp_path / "run"
+  c, workdir = tiny_config(), tmp_path / "run"
   _stage1_run(c, workdir)
   (workdir / "tree.png").write_bytes(b"figure")
   before = _snapshot(workdir / "export")
@@ -86,7 +77,7 @@ def test_rerunning_a_finished_stage1_leaves_its_export_untouched(tmp_path):
 
 def test_rerunning_a_finished_stage1_repairs_a_garbled_export(tmp_path):
   from tree_diffusion.treevae import train as tv_train
-  c, workdir = _config(), tmp_path / "run"
+  c, workdir = tiny_config(), tmp_path / "run"
   model, variables, tree = _stage1_run(c, workdir)
   expected = checkpoint.fingerprint(model, variables, tree, _identity(c))
   (workdir / "export" / "meta.json").write_text('{"format": "tree_diffusion.treevae.exp')
@@ -99,7 +90,7 @@ def test_rerunning_a_finished_stage1_repairs_a_garbled_export(tmp_path):
 
 def test_the_export_fingerprint_is_only_what_stage2_uses(tmp_path):
   from tree_diffusion.treevae import train as tv_train
-  c = _config()
+  c = tiny_config()
   model, tree = tv_train.make_model(c), tv_train.initial_tree(c)
   v = model.init(jax.random.key(0), tree)
   identity = {"train": 4, "test": 1, "classes": 0, "hash": "aa"}
@@ -118,7 +109,7 @@ def test_the_export_fingerprint_is_only_what_stage2_uses(tmp_path):
 
 def test_an_export_is_replaced_only_once_the_new_one_is_complete(tmp_path, monkeypatch):
   from tree_diffusion.treevae import train as tv_train
-  c = _config()
+  c = tiny_config()
   model, tree = tv_train.make_model(c), tv_train.initial_tree(c)
   path = str(tmp_path / "export")
   checkpoint.export_treevae(path, model, model.init(jax.random.key(0), tree), tree, {})
@@ -225,7 +216,7 @@ def test_a_garbled_lock_record_is_taken_over(tmp_path, content):
 def test_training_commands_refuse_a_locked_workdir_before_any_work(tmp_path):
   from tree_diffusion.diffusion import train as df_train
   from tree_diffusion.treevae import train as tv_train
-  c, workdir = _config(), tmp_path / "run"
+  c, workdir = tiny_config(), tmp_path / "run"
   _stage1_run(c, workdir, phase="grow", export=True)
   with runs.WorkdirLock(str(workdir), "another run"):
     before = _snapshot(workdir)
@@ -260,7 +251,7 @@ def _stage2_run(c, workdir, step):
 
 def test_rerunning_a_finished_stage2_changes_nothing(tmp_path):
   from tree_diffusion.diffusion import train as df_train
-  c, workdir = _config(), tmp_path / "run"
+  c, workdir = tiny_config(), tmp_path / "run"
   _stage2_run(c, workdir, c.diffusion.num_steps)
   (workdir / "diffusion" / "train_summary.json").write_text('{"steps": 3, "wall_time_s": 60.0}')
   before = _snapshot(workdir / "diffusion")
@@ -276,7 +267,7 @@ def test_rerunning_a_finished_stage2_changes_nothing(tmp_path):
 
 def test_sampling_next_to_a_running_trainer_leaves_its_checkpoints_alone(tmp_path):
   from tree_diffusion.diffusion import generate
-  c, workdir = _config(), tmp_path / "run"
+  c, workdir = tiny_config(), tmp_path / "run"
   directory = _stage2_run(c, workdir, 2)
   in_flight = directory / "4.orbax-checkpoint-tmp-1234567"   # what a trainer is writing
   in_flight.mkdir()
@@ -348,7 +339,7 @@ def test_stage2_refuses_a_dataset_that_changed_since_stage1(tmp_path):
 
 def test_fewer_training_images_than_one_batch_are_refused_before_any_work(tmp_path):
   from tree_diffusion.treevae import train as tv_train
-  c, workdir = _config(stage1__batch_size=4096), tmp_path / "run"   # mnist_5k: 4,000 train
+  c, workdir = tiny_config(stage1__batch_size=4096), tmp_path / "run"   # mnist_5k: 4,000 train
   with pytest.raises(ConfigError, match="4000 training images are fewer than one batch of 4096.*"
                                         "--config.stage1.batch_size"):
     tv_train.train_and_export(c, str(workdir))
@@ -379,7 +370,7 @@ def test_a_full_disk_while_saving_names_the_checkpoint_that_is_kept(tmp_path, mo
 
 def test_a_rerun_rewrites_a_metrics_file_cut_short_after_the_export(tmp_path):
   from tree_diffusion.treevae import train as tv_train
-  c, workdir = _config(), tmp_path / "run"
+  c, workdir = tiny_config(), tmp_path / "run"
   _stage1_run(c, workdir)
   (workdir / "tree.png").write_bytes(b"figure")
   (workdir / "stage1_metrics.json").write_text('{"test": {"nm')   # the disk filled up here
@@ -389,7 +380,7 @@ def test_a_rerun_rewrites_a_metrics_file_cut_short_after_the_export(tmp_path):
 
 def test_a_stale_old_export_does_not_block_the_next_swap(tmp_path):
   from tree_diffusion.treevae import train as tv_train
-  c = _config()
+  c = tiny_config()
   model, tree = tv_train.make_model(c), tv_train.initial_tree(c)
   path = tmp_path / "export"
   checkpoint.export_treevae(str(path), model, model.init(jax.random.key(0), tree), tree, {})
@@ -403,7 +394,7 @@ def test_a_stale_old_export_does_not_block_the_next_swap(tmp_path):
 def test_rerunning_a_finished_stage1_with_other_metric_settings_recomputes_only_the_metrics(
     tmp_path):
   from tree_diffusion.treevae import train as tv_train
-  c, workdir = _config(), tmp_path / "run"
+  c, workdir = tiny_config(), tmp_path / "run"
   _stage1_run(c, workdir)
   meta = json.loads((workdir / "export" / "meta.json").read_text())
   meta["config"] = json.loads(c.to_json_best_effort())        # final_elbo=True (demo:tiny)

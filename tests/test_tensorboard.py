@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from launchers import tiny_config
 from tree_diffusion import writer as writer_lib
 
 
@@ -247,15 +248,6 @@ def test_a_gs_logdir_on_a_local_cloud_storage_emulator(tmp_path):
 # ------------------------------------------------------------------ stage 2
 
 
-def _config(**overrides):
-  from configs import demo
-  c = demo.get_config("tiny")
-  for key, value in overrides.items():
-    section, field = key.split("__")
-    c[section][field] = value
-  return c
-
-
 def _stage1_export(c, workdir, epochs=None):
   """A stage-1 export of the initial (untrained) TreeVAE of ``c`` in ``workdir/export``."""
   import jax
@@ -285,7 +277,7 @@ def test_stage2_logs_lr_hparams_and_sample_grids_without_changing_training(tmp_p
   from tree_diffusion.diffusion import generate
   from tree_diffusion.diffusion import train as df_train
   # 3 steps: grids at 2 and 3 (the last); a large rate makes the EMA weights of the steps differ.
-  c = _config(diffusion__sample_every=2, diffusion__lr=0.05)
+  c = tiny_config(diffusion__sample_every=2, diffusion__lr=0.05)
   run, plain = tmp_path / "run", tmp_path / "plain"
   tree = _stage1_export(c, run)
   _stage1_export(c, plain)
@@ -322,7 +314,7 @@ def test_stage2_logs_lr_hparams_and_sample_grids_without_changing_training(tmp_p
         np.testing.assert_array_equal(grid[y:y + h, x:x + w], np.repeat(px[r, j], 3, -1))
 
   # Sampling leaves training as it is: the same run without grids ends bit for bit the same.
-  df_train.train_and_save(_config(diffusion__sample_every=0, diffusion__lr=0.05), str(plain))
+  df_train.train_and_save(tiny_config(diffusion__sample_every=0, diffusion__lr=0.05), str(plain))
   assert "samples/sample_all_leaves" not in _images(plain / "diffusion" / "tensorboard")
   (step, state), (plain_step, plain_state) = _stage2_params(run), _stage2_params(plain)
   assert step == plain_step == 3
@@ -338,7 +330,7 @@ def test_stage1_logs_the_tree_after_each_growth_and_its_hparams(tmp_path):
   from launchers import write_image_folder
   from tree_diffusion.treevae import train as tv_train
   write_image_folder(tmp_path / "images", 64)
-  c = _config(data__name="folder", data__folder=str(tmp_path / "images"),
+  c = tiny_config(data__name="folder", data__folder=str(tmp_path / "images"),
               data__data_dir=str(tmp_path / "tfds"), stage1__prune=False)
   metrics = tv_train.train_and_export(c, str(tmp_path / "run"))
   logdir = tmp_path / "run" / "tensorboard"
@@ -374,7 +366,7 @@ def _fake_inception(images, progress=None):
 def test_evaluation_logs_each_checkpoint_at_its_step(tmp_path):
   from tree_diffusion.diffusion import train as df_train
   from tree_diffusion.eval import evaluate
-  c = _config()
+  c = tiny_config()
   run = tmp_path / "run"
   _stage1_export(c, run, epochs=5)                # stage 1's last epoch: step 4
   df_train.train_and_save(c, str(run))            # checkpoints 2 and 3
