@@ -55,14 +55,6 @@ def join(root: PathLike, *parts: str) -> str:
   return os.path.join(text, *parts)
 
 
-def parent(path: PathLike) -> str:
-  text = os.fspath(path).rstrip("/")
-  if is_remote(text):
-    head = text.rsplit("/", 1)[0]
-    return head if "://" in head and head.split("://", 1)[1] else text
-  return os.path.dirname(text)
-
-
 def exists(path: PathLike) -> bool:
   return as_path(path).exists()
 
