@@ -22,6 +22,7 @@ from absl import logging
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
 from tree_diffusion import files, loop, preemption, sharding, validation, xla_options
+from tree_diffusion import writer as writer_lib
 from tree_diffusion.diffusion import frozen
 from tree_diffusion.diffusion import sampler as sampler_lib
 from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_condition,
@@ -34,7 +35,6 @@ from tree_diffusion.errors import ConfigError
 from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir, save_config
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
-from tree_diffusion import writer as writer_lib
 from tree_diffusion.writer import MetricWriter
 
 

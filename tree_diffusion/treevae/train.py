@@ -29,6 +29,7 @@ from tree_diffusion import augment as augment_lib
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
 from tree_diffusion import files, loop, preemption, sharding, validation
+from tree_diffusion import writer as writer_lib
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir, save_config
 from tree_diffusion.eval import clustering
@@ -38,7 +39,6 @@ from tree_diffusion.treevae.cursor import Cursor, Split
 from tree_diffusion.treevae.inference import generate, predict_leaf_probs, test_examples
 from tree_diffusion.treevae.model import (TreeVAE, frozen_path_variables, grow_variables,
                                           merge_split_variables, prune_variables, split_variables)
-from tree_diffusion import writer as writer_lib
 from tree_diffusion.writer import MetricWriter
 
 PyTree = Any
