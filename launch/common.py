@@ -390,8 +390,7 @@ def run(main):
     except _user_errors() as e:
       if _TRACEBACK.value:
         raise
-      logging.error("%s", e)
-      sys.exit(f"error: {_one_line(e)}")
+      sys.exit(f"error: {_one_line(e)}")   # said once (no log line of the same before it)
     except OSError as e:
       if e.errno not in (errno.ENOSPC, errno.EDQUOT) or _TRACEBACK.value:
         raise

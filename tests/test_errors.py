@@ -267,3 +267,5 @@ def test_launcher_bad_invocation_gives_one_line_error(tmp_path, script, args, ex
   assert "Traceback" not in r.stderr, r.stderr[-2000:]
   errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and fill(expect) in errors[0], r.stderr[-2000:]
+  # Said once: not also as a log line before it.
+  assert r.stderr.count(errors[0][len("error: "):]) == 1, r.stderr[-2000:]
