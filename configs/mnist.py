@@ -1,4 +1,4 @@
-"""MNIST, the reference's CNN-TreeVAE hyper-parameters (``reference/treevae.md`` §7.2).
+"""MNIST, the reference's CNN-TreeVAE hyper-parameters.
 
     python launch/prepare_data.py --dataset=mnist          # once, needs network + tensorflow-cpu
     python launch/train_treevae.py --config=configs/mnist.py --workdir=runs/mnist

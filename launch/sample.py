@@ -57,7 +57,7 @@ def main(argv):
   common.check_against_run(config, workdir)    # only sampling settings may differ from the run's
   # After setup(): jax is configured first.
   from tree_diffusion import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from tree_diffusion import files, runs  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import files, lock, runs  # pylint: disable=g-import-not-at-top
   from tree_diffusion import validation  # pylint: disable=g-import-not-at-top
   from tree_diffusion.diffusion import generate, sampler  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
@@ -87,7 +87,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:   # with --distributed, every process samples and process 0 writes
     files.makedirs(samples_dir)
-  with runs.locked_workdir(samples_dir, "sampling (launch/sample.py)"):   # one sampler at a time
+  with lock.locked_workdir(samples_dir, "sampling (launch/sample.py)"):   # one sampler at a time
     stage2 = generate.load_stage2(config, workdir, _STEP.value)
     summary = generate.sample_modes(stage2, workdir, _MODES.value, _NUM.value)
     lines = [f"{m}: {v['images']} images in {v['wall_time_s']:.0f} s"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from launchers import tiny_config, write_image_folder
-from tree_diffusion import checkpoint, data, runs
+from tree_diffusion import checkpoint, data, lock, runs
 from tree_diffusion.errors import ConfigError, WorkdirBusyError
 
 
@@ -149,35 +149,35 @@ def test_run_dir_names_the_layout_the_readme_documents():
 
 
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
-  with runs.WorkdirLock(str(tmp_path), "stage 1"):
+  with lock.WorkdirLock(str(tmp_path), "stage 1"):
     with pytest.raises(WorkdirBusyError) as e:
-      with runs.WorkdirLock(str(tmp_path), "stage 2"):
+      with lock.WorkdirLock(str(tmp_path), "stage 2"):
         pass
   msg = str(e.value)
   assert f"process {os.getpid()} on {socket.gethostname()}" in msg and "stage 1" in msg
   assert "\n" not in msg
-  with runs.WorkdirLock(str(tmp_path), "stage 2"):   # released on exit
+  with lock.WorkdirLock(str(tmp_path), "stage 2"):   # released on exit
     pass
 
 
 def test_the_lock_is_held_across_processes_and_released_when_its_holder_dies(tmp_path):
-  hold = ("import sys, time; from tree_diffusion import runs\n"
-          "with runs.WorkdirLock(sys.argv[1], 'holder'):\n"
+  hold = ("import sys, time; from tree_diffusion import lock\n"
+          "with lock.WorkdirLock(sys.argv[1], 'holder'):\n"
           "  print('locked', flush=True); time.sleep(60)\n")
   p = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE,
                        text=True)
   try:
     assert p.stdout.readline().strip() == "locked"
     with pytest.raises(WorkdirBusyError, match=f"process {p.pid} on .*holder"):
-      with runs.WorkdirLock(str(tmp_path)):
+      with lock.WorkdirLock(str(tmp_path)):
         pass
   finally:
     p.kill()
     p.wait()
   # Killed: the kernel released its flock; its record is left in the file and taken over.
-  assert json.loads((tmp_path / runs.LOCK_FILE).read_text())["pid"] == p.pid
-  with runs.WorkdirLock(str(tmp_path), "next"):
-    assert json.loads((tmp_path / runs.LOCK_FILE).read_text())["pid"] == os.getpid()
+  assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["pid"] == p.pid
+  with lock.WorkdirLock(str(tmp_path), "next"):
+    assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
 def test_without_flock_a_live_recorded_process_refuses_and_with_it_a_reused_pid_does_not(
@@ -187,19 +187,19 @@ def test_without_flock_a_live_recorded_process_refuses_and_with_it_a_reused_pid_
   alive again (reused by another program) is taken over: the flock says its holder is gone."""
   live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
   try:
-    (tmp_path / runs.LOCK_FILE).write_text(json.dumps(
+    (tmp_path / lock.LOCK_FILE).write_text(json.dumps(
         {"pid": live.pid, "host": socket.gethostname(), "command": "stage 2"}))
-    with runs.WorkdirLock(str(tmp_path)):
+    with lock.WorkdirLock(str(tmp_path)):
       pass
-    (tmp_path / runs.LOCK_FILE).write_text(json.dumps(
+    (tmp_path / lock.LOCK_FILE).write_text(json.dumps(
         {"pid": live.pid, "host": socket.gethostname(), "command": "stage 2"}))
 
     def no_locks(fd, op):
       raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(runs.fcntl, "flock", no_locks)
+    monkeypatch.setattr(lock.fcntl, "flock", no_locks)
     with pytest.raises(WorkdirBusyError, match=f"process {live.pid} .*stage 2"):
-      with runs.WorkdirLock(str(tmp_path)):
+      with lock.WorkdirLock(str(tmp_path)):
         pass
   finally:
     live.kill()
@@ -208,9 +208,9 @@ def test_without_flock_a_live_recorded_process_refuses_and_with_it_a_reused_pid_
 
 @pytest.mark.parametrize("content", ["1", '{"pid": "x"}', "garbage\x00"])
 def test_a_garbled_lock_record_is_taken_over(tmp_path, content):
-  (tmp_path / runs.LOCK_FILE).write_text(content)
-  with runs.WorkdirLock(str(tmp_path), "next"):
-    assert json.loads((tmp_path / runs.LOCK_FILE).read_text())["command"] == "next"
+  (tmp_path / lock.LOCK_FILE).write_text(content)
+  with lock.WorkdirLock(str(tmp_path), "next"):
+    assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["command"] == "next"
 
 
 def test_training_commands_refuse_a_locked_workdir_before_any_work(tmp_path):
@@ -218,7 +218,7 @@ def test_training_commands_refuse_a_locked_workdir_before_any_work(tmp_path):
   from tree_diffusion.treevae import train as tv_train
   c, workdir = tiny_config(), tmp_path / "run"
   _stage1_run(c, workdir, phase="grow", export=True)
-  with runs.WorkdirLock(str(workdir), "another run"):
+  with lock.WorkdirLock(str(workdir), "another run"):
     before = _snapshot(workdir)
     with pytest.raises(WorkdirBusyError, match="another run"):
       tv_train.train_and_export(c, str(workdir))

@@ -87,25 +87,33 @@ def config_sections(config, sections: Iterable[str]) -> dict:
   return {s: full.get(s) for s in sections}
 
 
-def config_differences(saved: dict, current: dict, ignore: Iterable[str] = ()) -> list[str]:
-  """``["stage1.lr: 0.001 (checkpoint) → 0.002 (now)", …]`` over nested dicts, except the dotted
-  keys (or key prefixes) in ``ignore``."""
+def _differences(saved: dict, current: dict, ignore: Iterable[str] = (),
+                 shared_only: bool = False) -> list[tuple[str, Any, Any]]:
+  """``[(dotted key, saved value, current value), …]`` where two nested dicts differ, sorted by
+  key, except the dotted keys (or key prefixes) in ``ignore``. A key only one side has compares
+  as ``"<missing>"``, or is skipped with ``shared_only``."""
   ignore = tuple(ignore)
   out = []
 
   def walk(a, b, prefix):
     if isinstance(a, dict) and isinstance(b, dict):
-      for k in sorted(set(a) | set(b)):
+      keys = set(a) & set(b) if shared_only else set(a) | set(b)
+      for k in sorted(keys):
         walk(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{prefix}{k}.")
       return
     key = prefix[:-1]
-    if any(key == i or key.startswith(i + ".") for i in ignore):
-      return
-    if a != b:
-      out.append(f"{key}: {a!r} (checkpoint) → {b!r} (now)")
+    if a != b and not any(key == i or key.startswith(i + ".") for i in ignore):
+      out.append((key, a, b))
 
   walk(saved, current, "")
   return out
+
+
+def config_differences(saved: dict, current: dict, ignore: Iterable[str] = ()) -> list[str]:
+  """``["stage1.lr: 0.001 (checkpoint) → 0.002 (now)", …]`` over nested dicts, except the dotted
+  keys (or key prefixes) in ``ignore``."""
+  return [f"{k}: {a!r} (checkpoint) → {b!r} (now)" for k, a, b in
+          _differences(saved, current, ignore)]
 
 
 class _Checkpoints:
@@ -509,22 +517,9 @@ def run_config_contradictions(config, saved: dict) -> list[tuple[str, Any, Any]]
   Returns:
     ``[(dotted key, value in saved, value in config), …]`` (JSON values), sorted by key.
   """
-  ignore = RUN_SETTINGS + STAGE1_RESUMABLE_CHANGES + STAGE2_RESUMABLE_CHANGES
-  current = json.loads(config.to_json_best_effort())
-  out = []
-
-  def walk(a, b, prefix):
-    for k in sorted(set(a) & set(b)):
-      key = prefix + k
-      if any(key == i or key.startswith(i + ".") for i in ignore):
-        continue
-      if isinstance(a[k], dict) and isinstance(b[k], dict):
-        walk(a[k], b[k], key + ".")
-      elif a[k] != b[k]:
-        out.append((key, a[k], b[k]))
-
-  walk(saved, current, "")
-  return out
+  return _differences(saved, json.loads(config.to_json_best_effort()),
+                      RUN_SETTINGS + STAGE1_RESUMABLE_CHANGES + STAGE2_RESUMABLE_CHANGES,
+                      shared_only=True)
 
 
 class Stage2Checkpoints(_Checkpoints):

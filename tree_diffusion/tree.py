@@ -11,7 +11,7 @@ where they are. A node is
 
 Because heap ids enumerate a complete binary tree level by level, left to right, sorting ids gives
 the breadth-first order in which the reference implementation numbers its nodes and leaves
-(``reference/treevae.md`` §1): a depth-1 leaf on the right comes before depth-2 leaves on the left.
+(breadth-first over the tree as it stands): a depth-1 leaf on the right comes before depth-2 leaves on the left.
 
 A ``Tree`` is passed as a static argument to jitted functions; a grown or pruned tree is a new value
 and triggers exactly one retrace.

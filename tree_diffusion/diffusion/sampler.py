@@ -257,6 +257,10 @@ class Sampler:
     """One batch of at most ``batch_size`` entries; returns host arrays for exactly those (on
     every process: a collective in a multi-process job, which every process must call)."""
     params, tvae_vars, key = sharding.replicate((params, tvae_vars, key), self.mesh)
+    return self._replicated_batch(params, tvae_vars, key, ids, leaves, images)
+
+  def _replicated_batch(self, params, tvae_vars, key, ids, leaves, images) -> dict[str, np.ndarray]:
+    """:meth:`batch` with ``params``, ``tvae_vars`` and ``key`` already replicated on the mesh."""
     out = sharding.to_host(self.fn(params, tvae_vars, key, *self.inputs(ids, leaves, images)))
     return {k: v[: len(ids)] for k, v in out.items()}
 
@@ -286,8 +290,8 @@ class Sampler:
     num_batches = -(-total // self.batch_size)
     for i, start in enumerate(range(0, total, self.batch_size)):
       sl = slice(start, start + self.batch_size)
-      outs.append(self.batch(params, tvae_vars, key, ex[sl], lv[sl],
-                             None if images is None else images[ex[sl]]))
+      outs.append(self._replicated_batch(params, tvae_vars, key, ex[sl], lv[sl],
+                                         None if images is None else images[ex[sl]]))
       if log_every and ((i + 1) % log_every == 0 or i + 1 == num_batches):
         dt = time.perf_counter() - t0
         done = min(start + self.batch_size, total)

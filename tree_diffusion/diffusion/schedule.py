@@ -1,4 +1,4 @@
-"""The DDPM noise schedule and its respacing (``reference/treediffusion.md`` §5.1, §6.1, §6.2).
+"""The DDPM noise schedule and its respacing.
 
 Everything here is host-side NumPy in float64: cumulative products of ``1 − β`` lose digits in
 float32 (the ``quad`` spacing even changes its last step from 800 to 799), so the tables are built

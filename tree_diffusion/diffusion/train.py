@@ -32,7 +32,8 @@ from tree_diffusion.diffusion.state import (DiffusionState, StepConfig, abstract
                                             example_condition, init_state, learning_rate,
                                             make_optimizer)
 from tree_diffusion.errors import ConfigError
-from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir, save_config
+from tree_diffusion.lock import locked_workdir
+from tree_diffusion.runs import RunDir, check_workdir, format_eta, save_config
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 from tree_diffusion.writer import MetricWriter

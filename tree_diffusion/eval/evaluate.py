@@ -52,7 +52,8 @@ from tree_diffusion.eval import purity as purity_lib
 from tree_diffusion.eval import report
 from tree_diffusion.eval.likelihood import LogLikelihood
 from tree_diffusion.files import write_json
-from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir
+from tree_diffusion.lock import locked_workdir
+from tree_diffusion.runs import RunDir, check_workdir, format_eta
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 from tree_diffusion.treevae.inference import leaf_examples, predict_leaf_probs

@@ -11,7 +11,7 @@ gives ``ŵ^(j) = Σ_k w_k^(j)``, an unbiased estimate of ``p(x)`` (for each leaf
 is a lower bound in expectation that tightens as ``M`` grows (Burda et al., 2016), with the
 discrete path summed out exactly rather than sampled.
 
-This is deliberately *not* the reference's estimator (``reference/treevae.md`` §5), which takes
+This is deliberately *not* the reference's estimator, which takes
 ``logsumexp`` over single-sample negative ELBOs (analytic, clipped KLs): that is not an
 importance-sampling estimate of ``p(x)``, and its colour-image ("mse") branch is broken. Here
 the ``mse`` decoder is read as ``N(x; out, ½ I)``, the density its training loss fits, and

@@ -29,7 +29,7 @@ def read_json(path: str) -> dict:
     return {}
 
 
-# The paper's Table 1 (reference/treediffusion.md §9.1): test-set FID, 10k samples, mean ± std.
+# The paper's Table 1: test-set FID, 10k samples, mean ± std.
 PAPER_TABLE1 = {
     "MNIST": {"TreeVAE": ((24.0, 0.9), (21.8, 0.7)), "TreeVAE + Diffusion": ((1.4, 0.0), (1.8, 0.1)),
               "TreeDiffusion": ((1.5, 0.0), (1.8, 0.1))},

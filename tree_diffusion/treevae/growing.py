@@ -1,4 +1,4 @@
-"""Host-side rules that decide how the tree grows and is pruned (``reference/treevae.md`` §4.3–4.4).
+"""Host-side rules that decide how the tree grows and is pruned.
 
 Pure NumPy functions of leaf-probability matrices ``[N, K]`` (columns in ``tree.leaves`` order),
 so they are unit-tested on synthetic inputs without a model.

@@ -1,4 +1,4 @@
-"""The ELBO terms of TreeVAE as pure functions (``reference/treevae.md`` §2.5 and §3).
+"""The ELBO terms of TreeVAE as pure functions.
 
 Conventions of the reference that these functions keep on purpose:
 

@@ -9,7 +9,7 @@ plain dict surgery and never renumber anything::
                      "node_1": {"dense": …, "transform": …, "decoder": …}, …},
      "batch_stats": {same keys, for the modules that have BatchNorm}}
 
-Depth conventions follow ``reference/treevae.md`` §1: the config lists ``latent_channels`` and
+Depth conventions follow the reference implementation: the config lists ``latent_channels`` and
 ``bottom_up_channels`` from the input side to the root; a node at depth ``k`` reads bottom-up level
 ``L−1−k``, so the deepest possible leaf sits at depth ``L−1``.
 

@@ -1,4 +1,4 @@
-"""Flax linen building blocks of the CNN-TreeVAE (``reference/treevae.md`` §2.3, the [FORK] variant).
+"""Flax linen building blocks of the CNN-TreeVAE.
 
 Every latent and every bottom-up feature is a small feature map ``[B, R, R, C]`` (NHWC). Layers
 follow PyTorch semantics where they matter for shapes: transposed convolutions use explicit padding

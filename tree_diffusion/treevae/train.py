@@ -1,4 +1,4 @@
-"""Stage-1 training: jitted steps and the grow → prune → fine-tune schedule (``reference/treevae.md`` §4).
+"""Stage-1 training: jitted steps and the grow → prune → fine-tune schedule.
 
 The steps are pure functions of ``(state, images, key, alpha, lr)`` jitted with the model, the tree
 and a small :class:`StepConfig` as static arguments, so XLA retraces only when the tree (or the
@@ -31,7 +31,8 @@ from tree_diffusion import data as data_lib
 from tree_diffusion import files, loop, preemption, sharding, validation
 from tree_diffusion import writer as writer_lib
 from tree_diffusion.errors import ConfigError
-from tree_diffusion.runs import RunDir, check_workdir, format_eta, locked_workdir, save_config
+from tree_diffusion.lock import locked_workdir
+from tree_diffusion.runs import RunDir, check_workdir, format_eta, save_config
 from tree_diffusion.eval import clustering
 from tree_diffusion.tree import Tree, depth_of
 from tree_diffusion.treevae import growing
@@ -457,7 +458,7 @@ def train_and_export(config, workdir: str, stop: preemption.StopRequest | None =
   Resume order: the newest readable checkpoint in ``workdir/checkpoints`` (refused if it was
   written with another config, library version or dataset), else a fresh start. A finished run
   leaves its export as it is (when it is complete and of the final checkpoint) and only reports
-  the metrics. The workdir is locked (:class:`runs.WorkdirLock`) while this runs.
+  the metrics. The workdir is locked (:class:`lock.WorkdirLock`) while this runs.
 
   Args:
     config: the full config (``data``, ``treevae``, ``stage1`` are used).
