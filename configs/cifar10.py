@@ -13,8 +13,8 @@ def colour(c, image_size, res_connections):
   c.data.channels = 3
   c.treevae.encoder = "cnn2"
   c.treevae.representation_dim = 4
-  c.treevae.latent_channels = [64] * 7
-  c.treevae.bottom_up_channels = [128] * 7
+  c.treevae.latent_channels = (64,) * 7
+  c.treevae.bottom_up_channels = (128,) * 7
   c.treevae.res_connections = res_connections
   c.treevae.output = "mse"
   s = c.stage1
@@ -35,8 +35,8 @@ def colour(c, image_size, res_connections):
 
 def tiny_colour(c):
   c = common.tiny(c)
-  c.treevae.latent_channels = [4] * 4
-  c.treevae.bottom_up_channels = [8] * 4
+  c.treevae.latent_channels = (4,) * 4
+  c.treevae.bottom_up_channels = (8,) * 4
   return c
 
 

@@ -6,6 +6,7 @@ unless a comment says otherwise.
 """
 
 import difflib
+import math
 import os
 
 import ml_collections
@@ -66,6 +67,75 @@ def _keys_named(c: ml_collections.ConfigDict, name: str, prefix: str = "") -> li
   return found
 
 
+# What each element type of a sequence-valued key is called in messages.
+_ELEMENT_NAMES = {int: ("an int", "ints"), float: ("a finite number", "numbers"),
+                  str: ("a name", "names")}
+
+
+def _element_type(default) -> type | None:
+  """The one element type (int, float or str) of a sequence default; None if there is none."""
+  kinds = {float if isinstance(x, float) else type(x) for x in default}
+  if kinds == {int, float}:
+    return float
+  return kinds.pop() if len(kinds) == 1 and next(iter(kinds)) in _ELEMENT_NAMES else None
+
+
+def _element(text: str, kind: type):
+  """One element of a sequence override in ``kind`` (ValueError if it is not one)."""
+  if kind is str:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+      text = text[1:-1]
+    if not text:
+      raise ValueError
+    return text
+  value = kind(text)
+  if kind is float and not math.isfinite(value):
+    raise ValueError
+  return value
+
+
+def sequence_override(key: str, text: str) -> tuple | None:
+  """The value of ``--config.KEY=TEXT`` for a sequence-valued ``KEY`` of :func:`base`: a tuple of
+  the default's element type (int, float or str). ``4,4,4``, ``(4, 4, 4)``, ``[4, 4, 4]`` and
+  ``4`` (one element) are alike; names may be quoted or not (``sample,recons``).
+
+  Returns:
+    The tuple; ``None`` when ``KEY`` is not a sequence of ints, numbers or names in :func:`base`
+    (any other override is left to ml_collections).
+
+  Raises:
+    ConfigError: unbalanced brackets or an element of another type (one line: the override, the
+      bad element and a form that works).
+  """
+  default = base()
+  for part in key.split("."):
+    if not isinstance(default, ml_collections.ConfigDict) or part not in default:
+      return None
+    default = default[part]
+  kind = _element_type(default) if isinstance(default, (list, tuple)) else None
+  if kind is None:
+    return None
+  one, many = _ELEMENT_NAMES[kind]
+  example = ",".join(map(str, default))
+  fix = (f"pass {many} separated by commas, e.g. --config.{key}={example} (or in quotes "
+         f"\"({', '.join(map(repr, default))})\")")
+  body = text.strip()
+  if body[:1] in "([" or body[-1:] in ")]":
+    if len(body) < 2 or body[0] + body[-1] not in ("()", "[]"):
+      raise ConfigError(f"--config.{key}={text}: unbalanced brackets; {fix}")
+    body = body[1:-1]
+  items = [s.strip() for s in body.split(",")]
+  if items[-1] == "":   # "(4,)", "4,4," and the empty sequence "()"
+    items.pop()
+  values = []
+  for item in items:
+    try:
+      values.append(_element(item, kind))
+    except ValueError:
+      raise ConfigError(f"--config.{key}={text}: {item!r} is not {one}; {fix}") from None
+  return tuple(values)
+
+
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
@@ -73,9 +143,9 @@ def base() -> ml_collections.ConfigDict:
       name="mnist", image_size=28, channels=1, data_dir="", folder="", test_fraction=0.1,
       resize=False, seed=0))
 
-  # CNN-TreeVAE architecture; lists run from the input side (level 0) to the root.
+  # CNN-TreeVAE architecture; the channel tuples run from the input side (level 0) to the root.
   c.treevae = ml_collections.ConfigDict(dict(
-      encoder="cnn1", latent_channels=[16] * 7, bottom_up_channels=[32] * 7,
+      encoder="cnn1", latent_channels=(16,) * 7, bottom_up_channels=(32,) * 7,
       representation_dim=2, res_connections=False, act="swish", output="sigmoid",
       dropout_router=0.0))
 
@@ -153,8 +223,8 @@ def base() -> ml_collections.ConfigDict:
 
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A variant that runs end to end on CPU in seconds (tests and smoke runs)."""
-  c.treevae.latent_channels = [2] * 4
-  c.treevae.bottom_up_channels = [4] * 4
+  c.treevae.latent_channels = (2,) * 4
+  c.treevae.bottom_up_channels = (4,) * 4
   s = c.stage1
   s.batch_size = 8
   s.eval_batch_size = 16

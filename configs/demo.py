@@ -23,8 +23,8 @@ def get_config(arg=None):
   args = common.parse_arg(arg, allowed=("tiny",), config_file=__file__)
   c = common.base()
   c.data.name = "mnist_5k"
-  c.treevae.latent_channels = [8] * 7
-  c.treevae.bottom_up_channels = [16] * 7
+  c.treevae.latent_channels = (8,) * 7
+  c.treevae.bottom_up_channels = (16,) * 7
   s = c.stage1
   s.batch_size = 128  # twice the updates per epoch: the short schedule is update-bound
   s.num_epochs = 30

@@ -4,7 +4,6 @@ file that cannot be loaded, a run directory that is missing or cannot be written
 messages (exit code 1) instead of tracebacks, and turn a graceful stop (SIGTERM, Ctrl-C) into exit
 code 0 with the command that resumes."""
 
-import errno
 import glob
 import json
 import os
@@ -125,7 +124,42 @@ def _user_errors():
   from tree_diffusion.eval import inception  # pylint: disable=g-import-not-at-top
   return (data.DataError, checkpoint.CheckpointError, errors.ConfigError, PermissionError,
           FileNotFoundError, inception.InceptionWeightsError, errors.TrainingDivergedError,
-          errors.WorkdirBusyError, errors.StorageError)
+          errors.WorkdirBusyError, errors.StorageError, errors.DiskFullError)
+
+
+def _workdir() -> str | None:
+  """The launcher's ``--workdir`` (comma-separated if it takes several), for messages."""
+  if "workdir" not in flags.FLAGS:
+    return None
+  value = flags.FLAGS["workdir"].value
+  return ",".join(value) if isinstance(value, list) else value
+
+
+def _threads_say_a_full_disk_in_one_line():
+  """A thread that ends on a full disk (tensorboardX's event writer) logs one warning line, not
+  its traceback: the command says it in its error line when it writes next."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import errors  # pylint: disable=g-import-not-at-top
+  previous = threading.excepthook
+
+  def hook(args):
+    if errors.disk_full(args.exc_value) is None:
+      previous(args)
+      return
+    name = args.thread.name if args.thread is not None else "a thread"
+    logging.warning("%s stopped: the disk is full (%s)", name, _one_line(args.exc_value))
+
+  threading.excepthook = hook
+
+
+def _drop_late_reports():
+  """After a full disk was reported: what the writers that failed (Orbax's threads, TensorStore's
+  callbacks, their asyncio tasks) still log or raise while the process exits is dropped."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  std_logging.disable(std_logging.CRITICAL)
+  sys.unraisablehook = lambda unraisable: None
+  threading.excepthook = lambda args: None
 
 
 def resume_command() -> str:
@@ -302,8 +336,8 @@ def run_config(workdir: str):
 def _value_text(v) -> str:
   if isinstance(v, str):
     return v
-  if isinstance(v, (list, tuple)):
-    return "(" + ", ".join(_value_text(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+  if isinstance(v, (list, tuple)):   # the comma form sequence keys take on a command line
+    return ",".join(_value_text(x) for x in v) if v else "()"
   return json.dumps(v)
 
 
@@ -350,11 +384,48 @@ def check_against_run(config, workdir: str):
       f"pass --config.{key}={_value_text(was)}")
 
 
+def _typed_sequences(argv):
+  """``argv`` with the value of every ``--config.KEY=VALUE`` (or ``--config.KEY VALUE``) whose key
+  holds a sequence written as the tuple ml_collections parses, in the default's element type
+  (``configs.common.sequence_override``: ``4,4``, ``(4, 4)`` and ``[4, 4]`` alike).
+
+  Raises:
+    ConfigError: a value that is not such a sequence (the key, the bad element, a working form).
+  """
+  from configs import common as config_common  # pylint: disable=g-import-not-at-top
+  out, i = list(argv[:1]), 1
+  while i < len(argv):
+    arg = argv[i]
+    if arg == "--":
+      return out + list(argv[i:])
+    dashes = "--" if arg.startswith("--config.") else "-" if arg.startswith("-config.") else ""
+    if not dashes:
+      out.append(arg)
+      i += 1
+      continue
+    key, eq, value = arg[len(dashes) + len("config."):].partition("=")
+    if eq:
+      taken = [arg]
+    elif i + 1 < len(argv):   # --config.KEY VALUE
+      taken, value = [arg, argv[i + 1]], argv[i + 1]
+    else:                     # no value: absl says so
+      taken, value = [arg], None
+    parsed = None if value is None else config_common.sequence_override(key, value)
+    out += taken if parsed is None else [f"{dashes}config.{key}={parsed!r}"]
+    i += len(taken)
+  return out
+
+
 def _parse_flags(argv):
   """absl's flag parsing, with a mistyped or ill-typed ``--config.x=…`` and a config file that
   cannot be loaded as one-line errors."""
   _guard_config_files()
   argv = _with_run_config(argv)
+  from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  try:
+    argv = _typed_sequences(argv)
+  except ConfigError as e:
+    sys.exit(f"error: {_one_line(e)}")
   try:
     return flags.FLAGS(argv)
   except ConfigFileError as e:
@@ -372,10 +443,11 @@ def run(main):
   """``absl.app.run(main)`` with expected errors reported as ``error: …`` on one line, and a
   graceful stop (:class:`preemption.Preempted`) as exit code 0 with the command that resumes."""
   def wrapped(argv):
-    from tree_diffusion import preemption  # pylint: disable=g-import-not-at-top
+    from tree_diffusion import errors, preemption  # pylint: disable=g-import-not-at-top
     if len(argv) > 1:   # every launcher takes flags only; a stray word is a mistyped flag
       sys.exit(f"error: unexpected argument(s) {' '.join(shlex.quote(a) for a in argv[1:])}: "
                f"flags take the form --name=value (see --help)")
+    _threads_say_a_full_disk_in_one_line()
     try:
       return main(argv)
     except preemption.Preempted as e:
@@ -390,11 +462,19 @@ def run(main):
     except _user_errors() as e:
       if _TRACEBACK.value:
         raise
+      if errors.disk_full(e) is not None:
+        _drop_late_reports()
       sys.exit(f"error: {_one_line(e)}")   # said once (no log line of the same before it)
-    except OSError as e:
-      if e.errno not in (errno.ENOSPC, errno.EDQUOT) or _TRACEBACK.value:
+    except Exception as e:  # pylint: disable=broad-except  (a full disk in any writer)
+      full = errors.disk_full(e)
+      if full is None or _TRACEBACK.value:
         raise
-      where = f" writing {e.filename}" if e.filename else ""
-      sys.exit(f"error: the disk is full{where} ({e.strerror}): free space and re-run the same "
-               f"command (a training command resumes from its last complete checkpoint)")
+      _drop_late_reports()
+      path = getattr(full, "filename", None)
+      where = f" writing {path}" if path else ""
+      disk = os.path.dirname(os.fspath(path)) if path else _workdir()
+      sys.exit(f"error: the disk is full{where}: free space on the disk that holds "
+               f"{disk or 'the run directory'} and re-run the same command (a training command "
+               f"resumes from its last complete checkpoint; a file being replaced is kept as it "
+               f"was)")
   app.run(wrapped, flags_parser=_parse_flags)

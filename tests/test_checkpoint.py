@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -267,3 +268,62 @@ def test_stage2_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tm
                            f"checkpoint 2 in {directory} .kept."):
     train_lib.train_and_save(c, str(run))
   assert checkpoint.Stage2Checkpoints(str(directory)).all_steps() == [2]
+
+
+def test_after_stage2_diverges_the_command_it_suggests_trains_on_the_same_export(tmp_path):
+  """A learning rate that diverges: the error names the learning rate and a new workdir on the
+  run's export; that command trains, and a resume of it with another stage-2 setting is refused
+  naming the same way forward."""
+  from tree_diffusion.diffusion import train as train_lib
+  from tree_diffusion.errors import TrainingDivergedError
+  tree, v = _grown()
+  run = tmp_path / "run"
+  checkpoint.export_treevae(str(run / "export"), TINY, v, tree, {})
+  c = _stage2_config()
+  c.diffusion.lr = 1e30
+  with pytest.raises(TrainingDivergedError) as e:
+    train_lib.train_and_save(c, str(run))
+  message = str(e.value)
+  assert "Re-run with a lower --config.diffusion.lr (now 1e+30; or a lower " \
+         "--config.diffusion.grad_clip, now 1) in a new --workdir on this run's stage-1 export: " \
+         "--workdir=NEW --config.diffusion.treevae_export=" in message, message
+  export = re.search(r"--config\.diffusion\.treevae_export=(\S+)", message).group(1)
+  assert export == str((run / "export").resolve())
+  c.diffusion.lr, c.diffusion.treevae_export = 1e-3, export
+  new = tmp_path / "new"
+  assert train_lib.train_and_save(c, str(new))["steps"] == c.diffusion.num_steps
+  assert not (new / "export").exists()
+  # Resuming that run with another learning rate: refused, with the same way forward.
+  c.diffusion.lr = 5e-4
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=re.escape("diffusion.lr: 0.001 (checkpoint) → 0.0005 (now)): resume "
+                                     "with the original settings, or start afresh with a new "
+                                     "--workdir on this run's stage-1 export: pass "
+                                     f"--config.diffusion.treevae_export={export}")):
+    train_lib.train_and_save(c, str(new))
+  # Another dataset is no stage-2 setting: the export is no way forward then.
+  c.diffusion.lr, c.data.seed = 1e-3, 1
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"\(now\)\): resume with the original settings, or start afresh "
+                           r"with a new --workdir$"):
+    train_lib.train_and_save(c, str(new))
+
+
+def test_stage1_divergence_names_the_learning_rate_and_a_new_workdir(tmp_path, monkeypatch):
+  from configs import demo
+  from tree_diffusion.errors import TrainingDivergedError
+  from tree_diffusion.treevae import train as tv_train
+
+  def diverging_step(state, images, key, alpha, lr, **static):
+    del images, key, alpha, lr, static
+    nan = jnp.float32(jnp.nan)
+    return state, {k: nan for k in ("loss", "rec", "kl_root", "kl_nodes", "kl_decisions", "aug")}
+
+  monkeypatch.setattr(tv_train, "train_step", diverging_step)
+  c = demo.get_config("tiny")
+  with pytest.raises(TrainingDivergedError,
+                     match=r"non-finite loss in stage 1, initial, epoch 1, .* the last good one is "
+                           r"none yet .*\. Re-run with a lower --config\.stage1\.lr \(now 0\.001\) "
+                           r"in a new --workdir \(a resume in this one keeps its checkpoints' "
+                           r"learning rate\), or check the data$"):
+    tv_train.train_and_export(c, str(tmp_path / "run"))

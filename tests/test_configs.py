@@ -51,3 +51,57 @@ def test_a_section_that_trains_for_nothing_is_refused(section):
     check(c)
   c[section].num_epochs = 1
   check(c)
+
+
+def _sequences(c, prefix=""):
+  """``{dotted key: value}`` of every list- or tuple-valued key of the ConfigDict ``c``."""
+  out = {}
+  for k, v in c.items():
+    if hasattr(v, "items"):
+      out.update(_sequences(v, f"{prefix}{k}."))
+    elif isinstance(v, (list, tuple)):
+      out[prefix + k] = v
+  return out
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_sequence_key_takes_the_documented_override_forms(name):
+  """``--config.KEY=4,4``, ``"(4, 4)"`` and ``"[4, 4]"`` give a tuple of the default's element
+  type for every sequence of every config file; ml_collections overrides only tuple fields."""
+  from configs import common
+  get_config = importlib.import_module(f"configs.{name}").get_config
+  found = {**_sequences(get_config()), **_sequences(get_config("tiny"))}
+  assert {"treevae.latent_channels", "diffusion.unet.ch_mults", "eval.modes",
+          "classifier.thresholds"} <= set(found)
+  assert [k for k, v in found.items() if not isinstance(v, tuple)] == []
+  for key, value in found.items():
+    texts = [",".join(map(str, value)), f"({', '.join(map(repr, value))})",
+             f"[{', '.join(map(str, value))}]"]
+    for text in texts:
+      got = common.sequence_override(key, text)
+      assert got == value and [type(x) for x in got] == [type(x) for x in value], (key, text)
+  assert common.sequence_override("treevae.latent_channels", " (4,) ") == (4,)
+  assert common.sequence_override("treevae.latent_channels", "4") == (4,)
+  assert common.sequence_override("classifier.thresholds", "1,0.5") == (1.0, 0.5)
+  assert common.sequence_override("eval.modes", "sample,'recons'") == ("sample", "recons")
+  assert common.sequence_override("diffusion.unet.attn_resolutions", "()") == ()
+  assert common.sequence_override("diffusion.unet.ch", "4") is None     # not a sequence
+  assert common.sequence_override("treevae.nope", "4") is None          # left to ml_collections
+
+
+@pytest.mark.parametrize("key,text,match", [
+    ("treevae.latent_channels", "(4, x)", r"'x' is not an int; pass ints separated by commas, "
+     r"e\.g\. --config\.treevae\.latent_channels=16,16,16,16,16,16,16 \(or in quotes "
+     r"\"\(16, 16, 16, 16, 16, 16, 16\)\"\)$"),
+    ("treevae.latent_channels", "4.5,4", r"'4\.5' is not an int"),
+    ("treevae.latent_channels", "(4, 4", r"unbalanced brackets; pass ints"),
+    ("classifier.thresholds", "0.5,nan", r"'nan' is not a finite number; pass numbers"),
+    ("eval.modes", "sample,,recons", r"'' is not a name; pass names separated by commas, e\.g\. "
+     r"--config\.eval\.modes=sample,recons,sample_all_leaves"),
+])
+def test_a_malformed_sequence_override_names_the_key_and_a_working_form(key, text, match):
+  from configs import common
+  with pytest.raises(ConfigError, match=rf"^--config\.{key.replace('.', '[.]')}="):
+    common.sequence_override(key, text)
+  with pytest.raises(ConfigError, match=match):
+    common.sequence_override(key, text)

@@ -9,6 +9,7 @@ import sys
 
 import ml_collections
 import numpy as np
+import PIL.ImageFile
 from PIL import Image
 import pytest
 
@@ -279,6 +280,34 @@ def test_folder_wrong_size_raises_then_resize_works(tmp_path):
   config.resize = True
   arrays = data.load_arrays(config, 'train')
   assert arrays.images.shape == (5, 8, 8, 3)
+
+
+def test_folder_of_mixed_sizes_is_named_as_such_with_counts(tmp_path, monkeypatch):
+  root = tmp_path / 'mixed'
+  for i in range(5):
+    _save(str(root / f'a{i}.png'), 28, mode='L', seed=i)
+  for i in range(2):
+    _save(str(root / f'b{i}.png'), 32, mode='L', seed=10 + i)
+  for size in (28, 32):   # either size: the same diagnosis, not a suggestion of the other size
+    config = _config(name='folder', folder=str(root), image_size=size, channels=1,
+                     data_dir=str(tmp_path / 'tfds'), test_fraction=0.0)
+    with pytest.raises(data.DataError) as e:
+      data.load_arrays(config, 'train')
+    assert str(e.value) == (
+        f'the images in {root} have mixed sizes: 28x28 (5 images, e.g. a0.png), 32x32 (2 images, '
+        f'e.g. b0.png); set --config.data.resize=True to center-crop and resize them all to '
+        f'--config.data.image_size (now {size}), or remove the odd ones')
+  # The sizes come from the file headers: no pixels are decoded to find them.
+  def no_decoding(image, *args):
+    raise AssertionError(f'decoded {image.filename} to find its size')
+
+  monkeypatch.setattr(PIL.ImageFile.ImageFile, 'load', no_decoding)
+  scan = data._scan_folder(str(root), require_labels=False)  # pylint: disable=protected-access
+  sizes = data._image_sizes(scan.root, scan.files)  # pylint: disable=protected-access
+  assert {k: len(v) for k, v in sizes.items()} == {(28, 28): 5, (32, 32): 2}
+  monkeypatch.undo()
+  config.resize = True
+  assert data.load_arrays(config, 'train').images.shape == (7, 32, 32, 1)
 
 
 def test_folder_build_is_reused(labelled_folder, tmp_path, monkeypatch):

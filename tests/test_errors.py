@@ -109,6 +109,17 @@ _TINY = "--config=configs/demo.py:tiny"
      "valueerror.py failed with ValueError: bad value (at "),
     ("train_treevae.py", ["--config={tmp}/noconfig.py", "--workdir={tmp}/w"],
      "noconfig.py defines no get_config(arg=None)"),
+    # A sequence-valued key: three forms, each parsed to ints (the run has (2, 2, 2, 2)), and a
+    # malformed one.
+    ("sample.py", ["--workdir={rec}", "--config.treevae.latent_channels=4,4,4,4"],
+     "--config.treevae.latent_channels=4,4,4,4 contradicts the run's config (2,2,2,2"),
+    ("sample.py", ["--workdir={rec}", "--config.treevae.latent_channels=(4, 4, 4, 4)"],
+     "--config.treevae.latent_channels=4,4,4,4 contradicts the run's config (2,2,2,2"),
+    ("sample.py", ["--workdir={rec}", "--config.treevae.latent_channels=[4,4,4,4]"],
+     "--config.treevae.latent_channels=4,4,4,4 contradicts the run's config (2,2,2,2"),
+    ("train_treevae.py", [_TINY, "--workdir={tmp}/w", "--config.treevae.latent_channels=(4, x)"],
+     "--config.treevae.latent_channels=(4, x): 'x' is not an int; pass ints separated by commas, "
+     "e.g. --config.treevae.latent_channels=16,16,16,16,16,16,16"),
     # Sample counts.
     ("sample.py", [_TINY, "--workdir={run}", "--num_samples=0"], "flag --num_samples=0: "),
     ("sample.py", [_TINY, "--workdir={run}", "--num_samples=-5"], "flag --num_samples=-5: "),

@@ -119,9 +119,11 @@ def test_an_export_is_replaced_only_once_the_new_one_is_complete(tmp_path, monke
     raise OSError(28, "No space left on device")
 
   monkeypatch.setattr(checkpoint.ocp.StandardCheckpointer, "save", disk_full)
-  with pytest.raises(OSError, match="No space left"):
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"the disk is full \(the previous export there is kept\)"):
     checkpoint.export_treevae(path, model, model.init(jax.random.key(1), tree), tree, {})
   assert _snapshot(path) == before
+  assert os.listdir(tmp_path) == ["export"]   # the partial one removed at once
   checkpoint.load_treevae(path)
 
 
@@ -334,6 +336,58 @@ def test_stage2_refuses_a_dataset_that_changed_since_stage1(tmp_path):
   assert not (workdir / "diffusion" / "checkpoints").exists()
 
 
+def test_a_moved_or_copied_folder_is_the_same_dataset(tmp_path, caplog):
+  """Stage-1 resume, stage 2 on the export and stage-2 resume accept the same images at another
+  path, with an info line naming both paths; other images at the new path are still refused."""
+  import logging
+  import shutil
+  from tree_diffusion.diffusion import train as df_train
+  from tree_diffusion.diffusion.conditioning import make_denoiser
+  from tree_diffusion.treevae import train as tv_train
+  c, workdir = _folder_config(tmp_path), tmp_path / "run"
+  old, new, other = (str(tmp_path / n) for n in ("images", "copy", "other"))
+  identity = _identity(c)
+  model, variables, tree = _stage1_run(c, workdir, export=False)
+  checkpoint.export_treevae(str(workdir / "export"), model, variables, tree, {
+      "config": json.loads(c.to_json_best_effort()),
+      "metrics": {"test": {"nmi": 0.5}, "num_leaves": tree.num_leaves}}, data_identity=identity)
+  (workdir / "tree.png").write_bytes(b"figure")
+  d = c.diffusion
+  denoiser = make_denoiser(d.conditioning, d.unet, d.dtype)
+  state = df_train.init_state(denoiser, df_train.StepConfig.from_config(d), jax.random.key(0),
+                              df_train.example_condition(denoiser, model, tree), model.image_shape)
+  export = str(workdir / "export")
+  ckpts = checkpoint.Stage2Checkpoints(str(workdir / "diffusion" / "checkpoints"))
+  ckpts.save(d.num_steps, state.replace(step=np.int32(d.num_steps)), {
+      "export": export, "conditioning": denoiser.conditioning.name, "data_identity": identity,
+      "export_fingerprint": checkpoint.export_fingerprint(export),
+      "config": checkpoint.config_sections(c, checkpoint.STAGE2_SECTIONS)})
+  ckpts.close()
+  (workdir / "diffusion" / "train_summary.json").write_text('{"steps": 3}')
+  # A byte-for-byte copy (new modification times, so a new build of the dataset), the original
+  # gone.
+  shutil.copytree(old, new, copy_function=shutil.copyfile)
+  shutil.copytree(old, other)
+  shutil.rmtree(old)
+  c.data.folder = new
+  with caplog.at_level(logging.INFO):
+    assert tv_train.train_and_export(c, str(workdir))["test"]["nmi"] == 0.5
+    assert df_train.train_and_save(c, str(workdir)) == {"steps": 3}
+  said = [r.getMessage() for r in caplog.records]
+  for what in ("stage-1 checkpoint 7", f"the stage-1 export {export}", "stage-2 checkpoint 3"):
+    assert (f"{what} was trained on the images in {old}; they are now read from {new} (the same "
+            f"images, labels and split)") in said, said
+  # Other images at another path: refused as before.
+  _remove_images(other, 3)
+  c.data.folder = other
+  with pytest.raises(checkpoint.CheckpointError, match=r"dataset changed since stage-1 checkpoint "
+                                                      r"7 .*\(train 58 -> 55 images\)"):
+    tv_train.train_and_export(c, str(workdir))
+  with pytest.raises(ConfigError, match=r"dataset changed since the stage-1 export .*"
+                                        r"\(train 58 -> 55 images\)"):
+    df_train.train_and_save(c, str(workdir))
+
+
 # ------------------------------------------------------------------------------- too few images
 
 
@@ -344,28 +398,6 @@ def test_fewer_training_images_than_one_batch_are_refused_before_any_work(tmp_pa
                                         "--config.stage1.batch_size"):
     tv_train.train_and_export(c, str(workdir))
   assert not (workdir / "checkpoints").exists() and not (workdir / "export").exists()
-
-
-def test_a_full_disk_while_saving_names_the_checkpoint_that_is_kept(tmp_path, monkeypatch):
-  directory = tmp_path / "checkpoints"
-  ckpts = checkpoint.Stage2Checkpoints(str(directory))
-  ckpts.save(2, {"w": np.zeros((3,), np.float32)}, {})
-  real_save = checkpoint.ocp.CheckpointManager.save
-
-  def full(self, step, *args, **kwargs):
-    try:
-      raise OSError(28, "No space left on device")
-    except OSError as e:   # as Orbax reports it: its own error, the OSError as the context
-      raise RuntimeError("Checkpoint save failed") from e
-
-  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", full)
-  with pytest.raises(checkpoint.CheckpointError) as e:
-    ckpts.save(4, {"w": np.ones((3,), np.float32)}, {})
-  assert (f"stage-2 checkpoint 4 was not saved in {directory}: the disk is full; the last "
-          f"complete one is checkpoint 2 in {directory} (kept)") in str(e.value)
-  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", real_save)
-  ckpts.close()
-  assert checkpoint.Stage2Checkpoints(str(directory), read_only=True).all_steps() == [2]
 
 
 def test_a_rerun_rewrites_a_metrics_file_cut_short_after_the_export(tmp_path):

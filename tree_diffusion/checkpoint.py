@@ -19,6 +19,10 @@
   metrics, library version, and the :func:`fingerprint` stage 2 records: a hash of only what
   stage 2 uses). It is written next to the old one and swapped in when complete.
   :func:`load_treevae` is all stage 2 needs.
+* A full disk (:func:`errors.disk_full`: ``ENOSPC``/``EDQUOT``, or TensorStore's
+  ``RESOURCE_EXHAUSTED`` error) while a checkpoint or the export is written is one
+  :class:`CheckpointError` naming what was kept; what Orbax's threads log or cannot raise about
+  that failure meanwhile is held back (:func:`_orbax_failure_held`).
 
 Checkpoints and the export stay in one module because they share the checksum, the meta checks,
 the multi-process barriers and the rules about what may be replaced when (re-runs, crashes while
@@ -27,10 +31,14 @@ writing); that is what makes it long.
 
 from __future__ import annotations
 
-import errno
+import contextlib
+import gc
 import hashlib
 import json
+import logging as py_logging
 import os
+import sys
+import time
 import zlib
 from typing import Any, Callable, Iterable
 
@@ -40,7 +48,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from tree_diffusion import __version__, files
+from tree_diffusion import __version__, errors, files
 from tree_diffusion.runs import RunDir
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE, check_variables
@@ -145,21 +153,34 @@ class _Checkpoints:
       raise ValueError(f"{self.directory} was opened read-only")
     meta = {"version": __version__, **meta, "checksum": checksum(arrays)}
     logging.info("saving %s %d in %s", self.kind, step, self.directory)
-    kept = self.describe_latest()
+    latest = self.manager.latest_step()
     try:
-      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
-                                                      meta=ocp.args.JsonSave(meta)))
-      self.manager.wait_until_finished()   # committed (renamed into place) before we go on
+      with _orbax_failure_held():
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
+                                                        meta=ocp.args.JsonSave(meta)))
+        self.manager.wait_until_finished()   # committed (renamed into place) before we go on
     except Exception as e:  # pylint: disable=broad-except  (Orbax wraps the OSError)
-      cause = _os_error(e)
-      if cause is None:
+      error = self._not_saved(f"{self.kind} {step}", e, latest)
+      if error is None:
         raise
-      what = ("the disk is full" if cause.errno in (errno.ENOSPC, errno.EDQUOT)
-              else f"it cannot be written ({cause.strerror or cause})")
-      raise CheckpointError(
-          f"{self.kind} {step} was not saved in {self.directory}: {what}; the last complete one "
-          f"is {kept}. Free space (or fix the directory) and re-run the same command to resume "
-          f"from it") from e
+      raise error from e
+
+  def _not_saved(self, what: str, e: Exception, latest: int | None) -> CheckpointError | None:
+    """The one-line error of a save of ``what`` that failed with ``e`` because the disk is full or
+    the directory cannot be written (``None`` for any other failure); ``latest``: the last
+    complete step before it."""
+    cause = _os_error(e)
+    if errors.disk_full(e) is not None:
+      why = "the disk is full"
+    elif cause is not None:
+      why = f"it cannot be written ({cause.strerror or cause})"
+    else:
+      return None
+    then = "start afresh" if latest is None else "resume from it"
+    return CheckpointError(
+        f"{what} was not saved in {self.directory}: {why}; the last complete one is "
+        f"{self.describe_latest(latest)}. Free space (or fix the directory) and re-run the same "
+        f"command to {then}")
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -167,9 +188,10 @@ class _Checkpoints:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def describe_latest(self) -> str:
-    """``"checkpoint 4 in DIR (kept)"`` or ``"none yet (a restart begins afresh)"``: for messages."""
-    step = self.manager.latest_step()
+  def describe_latest(self, step: int | None = -1) -> str:
+    """``"checkpoint 4 in DIR (kept)"`` or ``"none yet (a restart begins afresh)"``: for messages
+    (about ``step``, by default the latest one)."""
+    step = self.manager.latest_step() if step == -1 else step
     return ("none yet (a restart begins afresh)" if step is None
             else f"checkpoint {step} in {self.directory} (kept)")
 
@@ -237,7 +259,99 @@ class _Checkpoints:
     self.manager.reload()
 
   def close(self):
-    self.manager.close()
+    """Closes the manager; a save still in flight is finished first.
+
+    Raises:
+      CheckpointError: that save found the disk full or the directory unwritable (the last
+        complete checkpoint is kept).
+    """
+    try:
+      with _orbax_failure_held():
+        self.manager.close()
+    except Exception as e:  # pylint: disable=broad-except  (Orbax wraps the OSError)
+      error = self._not_saved(f"the last {self.kind}", e, self.manager.latest_step())
+      if error is None:
+        raise
+      raise error from e
+
+
+class _HeldRecords(py_logging.Filter):
+  """Holds back error records (Orbax's, with their tracebacks) while it is installed."""
+
+  def __init__(self):
+    super().__init__()
+    self.records: list[py_logging.LogRecord] = []
+
+  def filter(self, record):
+    if record.levelno < py_logging.ERROR:
+      return True
+    self.records.append(record)
+    return False
+
+
+# Where Orbax's threads report a failed write on their own: absl's logger, and asyncio's (tasks
+# of its event loops left pending when a write fails).
+_ORBAX_LOGGERS = ("absl", "asyncio")
+# After a failed write, the writes still in flight report within milliseconds: the wait for them
+# ends after this long without a new report, or at the latest after _SETTLE_MAX_S.
+_SETTLE_S = 0.25
+_SETTLE_MAX_S = 5.0
+
+
+def _settle(reports: Callable[[], int]):
+  """Waits until ``reports()`` (how many reports were held so far) has not changed for
+  ``_SETTLE_S``, collecting garbage meanwhile: the coroutines and tasks that a failed Orbax write
+  leaves pending end (and report) now, not when the process exits."""
+  deadline = time.monotonic() + _SETTLE_MAX_S
+  seen, since = -1, time.monotonic()
+  while time.monotonic() < deadline:
+    gc.collect()
+    now = time.monotonic()
+    if reports() != seen:
+      seen, since = reports(), now
+    elif now - since >= _SETTLE_S:
+      return
+    time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def _orbax_failure_held():
+  """Holds back what Orbax says on its own while it writes: the error records its threads log
+  (each with a traceback) and the exceptions that TensorStore's callbacks cannot raise once
+  Orbax's event loop is closed (``sys.unraisablehook``: "Event loop is closed"). When the block
+  fails with a full disk, what the writes still in flight report is awaited (:func:`_settle`) and
+  all of it dropped: the caller says it in one line, and the exception it raises holds Orbax's
+  (``--traceback`` shows it). Otherwise they are logged and reported as they would have been. The
+  filters and the hook are removed when the block ends."""
+  held = _HeldRecords()
+  unraisable = []
+
+  def hold(u):   # the object itself is not kept: it may be one being finalised
+    unraisable.append((u.err_msg or "Exception ignored in", repr(u.object),
+                       (u.exc_type, u.exc_value, u.exc_traceback)))
+
+  loggers = [py_logging.getLogger(name) for name in _ORBAX_LOGGERS]
+  previous_hook = sys.unraisablehook
+  for logger in loggers:
+    logger.addFilter(held)
+  sys.unraisablehook = hold
+  full = False
+  try:
+    yield
+  except BaseException as e:
+    full = errors.disk_full(e) is not None
+    if full:   # the writes still in flight report now, and are held back too
+      _settle(lambda: len(held.records) + len(unraisable))
+    raise
+  finally:
+    sys.unraisablehook = previous_hook
+    for logger in loggers:
+      logger.removeFilter(held)
+    if not full:
+      for record in held.records:
+        py_logging.getLogger(record.name).handle(record)
+      for message, obj, exc_info in unraisable:
+        logging.error("%s: %s", message, obj, exc_info=exc_info)
 
 
 def _os_error(e: BaseException) -> OSError | None:
@@ -257,19 +371,29 @@ def _short(e: BaseException) -> str:
 
 
 def check_compatible(kind: str, step: int, directory, meta: dict, config: dict,
-                     ignore: Iterable[str]):
-  """Refuses a checkpoint of another library version or config; the message lists what differs."""
+                     ignore: Iterable[str], afresh: Callable[[list[str]], str] | None = None):
+  """Refuses a checkpoint of another library version or config; the message lists what differs.
+
+  A checkpoint that records its dataset's identity (``data_identity``, which the caller compares)
+  may have another ``data.folder``: a folder moved or copied with the same content resumes.
+  ``afresh(keys)``: how to start afresh when the dotted ``keys`` differ (default: a new --workdir).
+  """
   if meta.get("version") != __version__:
     raise CheckpointError(
         f"{kind} {step} in {directory} was written by tree_diffusion {meta.get('version')}, this "
         f"is {__version__}: resume with that version, or start afresh with a new --workdir")
   if "config" not in meta:
     return
-  diffs = config_differences({k: meta["config"].get(k) for k in config}, config, ignore)
+  if meta.get("data_identity") is not None:
+    ignore = (*ignore, "data.folder")
+  saved = {k: meta["config"].get(k) for k in config}
+  diffs = config_differences(saved, config, ignore)
   if diffs:
+    keys = [k for k, _, _ in _differences(saved, config, ignore)]
+    fresh = afresh(keys) if afresh is not None else "start afresh with a new --workdir"
     raise CheckpointError(
         f"{kind} {step} in {directory} was trained with another config ({'; '.join(diffs)}): "
-        f"resume with the original settings, or start afresh with a new --workdir")
+        f"resume with the original settings, or {fresh}")
 
 
 # ----------------------------------------------------------------------------------- stage 1
@@ -352,19 +476,33 @@ def export_treevae(export_dir: str, model: TreeVAE, variables, tree: Tree, meta:
   tmp, old = files.as_path(f"{path}.tmp-{tag}"), files.as_path(f"{path}.old-{tag}")
   writer = jax.process_index() == 0   # on several processes, the variables are saved together
   print_ = fingerprint(model, variables, tree, data_identity)
+  try:
+    if writer:
+      for stale in path.parent.glob(f"{path.name}.tmp-*"):   # a previous run killed while writing
+        stale.rmtree()
+      tmp.mkdir(parents=True)
+    _sync("export_dir_ready")
+    with _orbax_failure_held(), ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(tmp / "variables", variables)
+    if writer:
+      full_meta = {"format": EXPORT_FORMAT, "version": __version__, "fingerprint": print_,
+                   "model": model.to_dict(), "tree": json.loads(tree.to_json()), **meta}
+      if data_identity is not None:
+        full_meta["data"] = {**full_meta.get("data", {}), "identity": data_identity}
+      (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, default=json_default))
+  except Exception as e:  # pylint: disable=broad-except  (Orbax wraps the OSError)
+    if errors.disk_full(e) is None:
+      raise
+    if writer:
+      try:
+        tmp.rmtree()   # what was written of it: freed at once
+      except Exception:  # pylint: disable=broad-except
+        pass
+    kept = "the previous export there is kept" if path.exists() else "there was none before"
+    raise CheckpointError(
+        f"the stage-1 export was not written to {path}: the disk is full ({kept}); free space on "
+        f"the disk that holds {path.parent} and {_REWRITE}") from e
   if writer:
-    for stale in path.parent.glob(f"{path.name}.tmp-*"):   # a previous run killed while writing
-      stale.rmtree()
-    tmp.mkdir(parents=True)
-  _sync("export_dir_ready")
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp / "variables", variables)
-  if writer:
-    full_meta = {"format": EXPORT_FORMAT, "version": __version__, "fingerprint": print_,
-                 "model": model.to_dict(), "tree": json.loads(tree.to_json()), **meta}
-    if data_identity is not None:
-      full_meta["data"] = {**full_meta.get("data", {}), "identity": data_identity}
-    (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, default=json_default))
     if path.exists():
       if old.exists():      # left by an earlier run killed after its swap (same pid or multihost)
         old.rmtree()
@@ -405,15 +543,33 @@ _REWRITE = ("rewrite it by re-running launch/train_treevae.py with the same --co
             "(a finished run only writes the export again)")
 
 
+def _export_hint(path: str) -> str:
+  """Where the export of a run directory or of a run's ``diffusion/`` directory is, when it
+  exists (the text added to "not a stage-1 export")."""
+  run_dir = RunDir(path)
+  if files.exists(run_dir.export):
+    return f" (this looks like a training workdir: pass {run_dir.export})"
+  parent = str(files.as_path(path).parent)
+  if files.as_path(path).name == "diffusion" and files.exists(RunDir(parent).stage2_config):
+    try:
+      export = json.loads(files.read_text(RunDir(parent).stage2_config))["diffusion"][
+          "treevae_export"] or RunDir(parent).export
+    except (ValueError, KeyError, TypeError):
+      export = RunDir(parent).export
+    if files.exists(export):
+      return f" (this is a run's stage-2 directory; the stage-1 export it used is {export})"
+    return " (this is a run's stage-2 directory, not a stage-1 export)"
+  if files.exists(run_dir.checkpoints):
+    return (" (this looks like a training workdir whose stage 1 has not finished: it has "
+            "checkpoints but no export yet)")
+  return ""
+
+
 def read_export_meta(path: str) -> dict:
   p = epath.Path(path)
   meta_file = p / "meta.json"
   if not meta_file.exists():
-    hint = ""
-    run_dir = RunDir(str(p))
-    if epath.Path(run_dir.checkpoints).exists() or epath.Path(run_dir.export).exists():
-      hint = f" (this looks like a training workdir: pass {run_dir.export})"
-    raise CheckpointError(f"{p} is not a stage-1 export: no meta.json{hint}")
+    raise CheckpointError(f"{p} is not a stage-1 export: no meta.json{_export_hint(str(p))}")
   try:
     meta = json.loads(meta_file.read_text())
     if not isinstance(meta, dict):
@@ -572,9 +728,20 @@ class Stage2Checkpoints(_Checkpoints):
 
     def check(step, meta):
       check_meta(step, meta)
-      check_compatible(self.kind, step, self.directory, meta, current, STAGE2_RESUMABLE_CHANGES)
+      check_compatible(self.kind, step, self.directory, meta, current, STAGE2_RESUMABLE_CHANGES,
+                       afresh=lambda keys: _stage2_afresh(keys, meta.get("export")))
 
     return self.restore_latest(lambda meta: _abstract_like(abstract_state()), check)
+
+
+def _stage2_afresh(keys: Iterable[str], export: str | None) -> str:
+  """How to start stage 2 afresh when the dotted config ``keys`` differ from a run's: a new
+  --workdir, on the run's stage-1 ``export`` when they are all stage-2 settings (stage 1 is then
+  not trained again)."""
+  if export and all(k.startswith("diffusion.") for k in keys):
+    return (f"start afresh with a new --workdir on this run's stage-1 export: pass "
+            f"--config.diffusion.treevae_export={export}")
+  return "start afresh with a new --workdir"
 
 
 def _abstract_like(tree):

@@ -54,6 +54,7 @@ import hashlib
 import importlib.resources
 import json
 import logging
+import numbers
 import os
 import re
 import tempfile
@@ -497,13 +498,37 @@ def _local_config_name(scan: _FolderScan, settings: Mapping[str, Any], require_l
 
 def _decode_image(path: str, size: int, channels: int, resize: bool
                   ) -> image_files.Decoded | None:
-  """:func:`image_files.decode`, with an image of the wrong size as a one-line DataError."""
-  try:
-    return image_files.decode(path, size, channels, resize)
-  except image_files.ImageSizeError as e:
-    fix = f'--config.data.image_size={e.width} or ' if e.width == e.height else ''
-    raise DataError(f'image {path} is {e.width}x{e.height} but data.image_size is {size}; set '
-                    f'{fix}--config.data.resize=True') from None
+  """:func:`image_files.decode` (an image of the wrong size raises ``ImageSizeError``)."""
+  return image_files.decode(path, size, channels, resize)
+
+
+def _image_sizes(root: str, files: Sequence[str]) -> dict[tuple[int, int], list[str]]:
+  """``{(width, height): files of that size}``, from each file's header (PIL reads no pixels
+  until asked); unreadable files are left out (decoding warns about them)."""
+  sizes: dict[tuple[int, int], list[str]] = {}
+  for rel in files:
+    try:
+      with Image.open(os.path.join(root, rel)) as image:
+        sizes.setdefault(image.size, []).append(rel)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+      continue
+  return sizes
+
+
+def _size_error(e: image_files.ImageSizeError, scan: _FolderScan, size: int) -> DataError:
+  """The error for an image of the wrong size: the sizes with their counts when they are mixed,
+  else the one image's size."""
+  sizes = _image_sizes(scan.root, scan.files)
+  if len(sizes) > 1:
+    listed = ', '.join(
+        f'{w}x{h} ({len(rels)} image{"s" if len(rels) > 1 else ""}, e.g. {rels[0]})'
+        for (w, h), rels in sorted(sizes.items(), key=lambda kv: (-len(kv[1]), kv[0])))
+    return DataError(f'the images in {scan.root} have mixed sizes: {listed}; set '
+                     f'--config.data.resize=True to center-crop and resize them all to '
+                     f'--config.data.image_size (now {size}), or remove the odd ones')
+  fix = f'--config.data.image_size={e.width} or ' if e.width == e.height else ''
+  return DataError(f'image {e.path} is {e.width}x{e.height} but data.image_size is {size}; set '
+                   f'{fix}--config.data.resize=True')
 
 
 def _split_rows(labels: np.ndarray, test_fraction: float, seed: int, root: str
@@ -638,8 +663,11 @@ def _convert_folder(scan: _FolderScan, settings: Mapping[str, Any], data_dir: st
   size, channels, resize = settings['image_size'], settings['channels'], settings['resize']
   paths = [os.path.join(scan.root, rel) for rel in scan.files]
   # PIL releases the GIL while decoding, so threads help on many small files.
-  with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-    decoded = list(pool.map(lambda p: _decode_image(p, size, channels, resize), paths))
+  try:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+      decoded = list(pool.map(lambda p: _decode_image(p, size, channels, resize), paths))
+  except image_files.ImageSizeError as e:
+    raise _size_error(e, scan, size) from None
   keep = [i for i, image in enumerate(decoded) if image is not None]
   if not keep:
     raise DataError(f'no readable image in {scan.root}; check the files or set '
@@ -796,6 +824,10 @@ def identity(train: Arrays, test: Arrays) -> dict[str, Any]:
     ``{"train": N, "test": M, "classes": C, "hash": hex}``; the hash covers the images, labels and
     row order of both splits (so also which images are held out for 'test').
   """
+  for name, arrays in (('train', train), ('test', test)):
+    if not isinstance(arrays, Arrays):
+      raise TypeError(f'{name} must be a data.Arrays (data.load_arrays(config.data, {name!r})); '
+                      f'got {type(arrays).__name__}')
   h = hashlib.blake2b(digest_size=16)
   for arrays in (train, test):
     images = np.ascontiguousarray(arrays.images)
@@ -810,6 +842,10 @@ def identity_change(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str | N
   """``None`` if ``saved`` and ``now`` (both from :func:`identity`) are the same dataset, else
   what changed, for a message: ``"train 4000 -> 3990 images, test 1000 -> 998"`` or ``"same
   counts (4000 train, 1000 test), other contents"``."""
+  for name, ident in (('saved', saved), ('now', now)):
+    if not isinstance(ident, Mapping) or 'hash' not in ident:
+      raise TypeError(f'{name} must be a dataset identity, the dict data.identity returns '
+                      f'({{"train", "test", "classes", "hash"}}); got {ident!r:.80}')
   if saved.get('hash') == now.get('hash'):
     return None
   counts = [f'{s} {saved.get(s)} -> {now.get(s)} images' for s in SPLITS
@@ -820,6 +856,20 @@ def identity_change(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str | N
     return ', '.join(counts)
   return (f"same counts ({now.get('train')} train, {now.get('test')} test), other contents "
           'or another train/test split')
+
+
+def moved_folder(saved: Mapping[str, Any] | None, data_config: Any) -> tuple[str, str] | None:
+  """``(recorded folder, folder now)`` when ``data_config`` reads a folder dataset from another
+  path than the recorded data config ``saved`` (a run's ``data`` section) names; else None.
+
+  A run compares a folder dataset by its :func:`identity` (content and split), not by its path:
+  this says, once the identities matched, that the same images were moved or copied.
+  """
+  old = str((saved or {}).get('folder') or '')
+  new = str(_get(data_config, 'folder', ''))
+  if not old or not new or os.path.normpath(old) == os.path.normpath(new):
+    return None
+  return old, new
 
 
 def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
@@ -867,8 +917,13 @@ def batches(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int = 0, ep
     [B], ``index`` int64 [B] (row ids, -1 for padding) and, when ``pad``, ``mask`` bool [B] (True
     for real rows).
   """
+  if not isinstance(arrays, Arrays):
+    raise TypeError(f'arrays must be a data.Arrays (data.load_arrays(config.data, split)); got '
+                    f'{type(arrays).__name__}')
+  if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+    raise TypeError(f'batch_size must be an integer >= 1, got {batch_size!r}')
   if batch_size <= 0:
-    raise ValueError(f'batch_size must be positive, got {batch_size}')
+    raise ValueError(f'batch_size must be an integer >= 1, got {batch_size}')
   if pad and drop_remainder:
     raise ValueError('pad=True needs drop_remainder=False (there is nothing left to pad)')
   if pad and part is not None:

@@ -12,6 +12,7 @@ Credentials and the endpoint are gcsfs's: application-default credentials on a C
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -20,12 +21,22 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from etils import epath
 
+from tree_diffusion import errors
+
 PathLike = str | os.PathLike
 
 
 def is_remote(path: PathLike) -> bool:
   """Whether ``path`` is a URL (``gs://…``, ``s3://…``), not a local path."""
   return "://" in os.fspath(path)
+
+
+def check_path(path, name: str = "path") -> None:
+  """Raises ``TypeError`` unless ``path`` is a non-empty local path or URL (``str`` or
+  ``os.PathLike``)."""
+  if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+    raise TypeError(f"{name} must be a local path or a gs:// URL (a non-empty str or "
+                    f"os.PathLike); got {type(path).__name__} {path!r:.60}")
 
 
 def bucket_of(path: PathLike) -> str | None:
@@ -127,19 +138,35 @@ def read_json(path: PathLike) -> Any:
 
 
 def write_bytes(path: PathLike, data: bytes):
-  """Writes ``data`` to ``path`` atomically, creating its directory."""
+  """Writes ``data`` to ``path`` atomically, creating its directory.
+
+  Raises:
+    DiskFullError: the disk is full (or the quota used up); the previous file is left as it was,
+      and the message says so.
+  """
   target = as_path(path)
   if is_remote(path):
     target.write_bytes(data)   # one upload: the object appears whole or not at all
     return
-  target.parent.mkdir(parents=True, exist_ok=True)
   tmp = f"{target}.tmp{os.getpid()}"
+  existed = target.exists()
   try:
+    target.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "wb") as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, target)
+  except Exception as e:  # pylint: disable=broad-except  (a full disk is said as such)
+    full = errors.disk_full(e)
+    if full is None:
+      raise
+    kept = ("the previous one is kept as it was" if existed
+            else "nothing was there before, nothing was lost")
+    raise errors.DiskFullError(
+        getattr(full, "errno", None) or errno.ENOSPC,
+        f"the disk is full: {target} was not written ({kept}); free space on the disk that holds "
+        f"{target.parent} and re-run the same command", str(target)) from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -171,7 +198,12 @@ def save_png(path: PathLike, image):
   """A PIL image, or a uint8 array (``[H, W]``, ``[H, W, 3]`` or ``[H, W, 4]``), as PNG."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if not isinstance(image, Image.Image):
-    image = Image.fromarray(np.asarray(image))
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+      raise ValueError(f"save_png takes a PIL image or uint8 [H, W], [H, W, 3] or [H, W, 4]; got "
+                       f"{arr.dtype} {arr.shape} (floats in [0, 1]: np.rint(x * 255)"
+                       f".astype(np.uint8))")
+    image = Image.fromarray(arr)
   buf = io.BytesIO()
   image.save(buf, format="PNG")
   write_bytes(path, buf.getvalue())

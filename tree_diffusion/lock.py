@@ -175,6 +175,7 @@ class WorkdirLock:
   def __init__(self, workdir: str, command: str = "", enabled: bool = True):
     """``enabled=False``: a no-op (the other processes of a multi-process job, whose process 0
     holds the lock)."""
+    files.check_path(workdir, "workdir")
     self.workdir = workdir
     self.path = files.join(workdir, LOCK_FILE)
     self.command = command

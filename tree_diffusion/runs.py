@@ -9,7 +9,7 @@ import json
 import os
 
 from tree_diffusion import files
-from tree_diffusion.errors import StorageError
+from tree_diffusion.errors import DiskFullError, StorageError, disk_full
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,9 @@ class RunDir:
   :mod:`tree_diffusion.files`.
   """
   root: str
+
+  def __post_init__(self):
+    files.check_path(self.root, "RunDir's root")
 
   def _join(self, *parts: str) -> str:
     return files.join(self.root, *parts)
@@ -163,8 +166,20 @@ def format_eta(seconds: float) -> str:
   return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _full_disk(directory: str, e: OSError) -> DiskFullError:
+  """The error of a full disk found while creating ``directory`` or probing it (``e``)."""
+  return DiskFullError(
+      getattr(disk_full(e), "errno", None) or e.errno,
+      f"the disk that holds {directory} is full: nothing was written (what the run directory had "
+      f"is kept); free space on it and re-run the same command")
+
+
 def _unwritable(directory: str) -> str | None:
-  """Why a file cannot be written in ``directory`` (a probe file written and removed), or None."""
+  """Why a file cannot be written in ``directory`` (a probe file written and removed), or None.
+
+  Raises:
+    DiskFullError: the disk is full.
+  """
   if files.is_remote(directory):
     files.check_bucket(directory)
   elif not os.path.isdir(directory):
@@ -174,6 +189,8 @@ def _unwritable(directory: str) -> str | None:
     files.write_bytes(probe, b"ok")
     files.remove(probe)
   except OSError as e:
+    if disk_full(e) is not None:
+      raise _full_disk(directory, e) from e
     return f"{directory}: {e.strerror or files.one_line(e)}"
   return None
 
@@ -183,6 +200,7 @@ def check_workdir(workdir: str):
 
   Raises:
     PermissionError: it cannot be created or written.
+    DiskFullError: the disk is full.
     StorageError: a ``gs://`` workdir whose bucket does not exist or cannot be reached.
   """
   try:
@@ -190,6 +208,8 @@ def check_workdir(workdir: str):
   except StorageError:
     raise
   except OSError as e:
+    if disk_full(e) is not None:
+      raise _full_disk(workdir, e) from e
     why = e.strerror or files.one_line(e)
   else:
     why = _unwritable(workdir)
@@ -206,6 +226,7 @@ def check_writable(path: str, fix: str):
 
   Raises:
     PermissionError: ``path`` cannot be made or written (names the directory and ``fix``).
+    DiskFullError: the disk is full.
     StorageError: a ``gs://`` path whose bucket does not exist or cannot be reached.
   """
   existing = path

@@ -22,7 +22,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import numbers
 from typing import Iterable
+
+# The deepest node a Tree may hold. A TreeVAE's depth is bounded by its number of bottom-up
+# levels (7 in the paper's configs); this bound keeps a mistyped id or depth from allocating
+# 2^depth nodes.
+MAX_DEPTH = 16
+MAX_NODE_ID = 2 ** (MAX_DEPTH + 1) - 2
 
 
 def parent_of(node_id: int) -> int | None:
@@ -42,7 +49,21 @@ class Tree:
   nodes: tuple[int, ...]
 
   def __post_init__(self):
-    nodes = tuple(sorted(set(int(n) for n in self.nodes)))
+    given = self.nodes
+    if isinstance(given, (str, bytes)) or not hasattr(given, "__iter__"):
+      raise TypeError(f"a Tree's nodes are a sequence of heap ids such as (0, 1, 2); got "
+                      f"{type(given).__name__} {given!r}")
+    given = tuple(given)
+    bad = [n for n in given if isinstance(n, bool) or not isinstance(n, numbers.Integral)]
+    if bad:
+      raise TypeError(f"a Tree's nodes are integer heap ids such as (0, 1, 2); got {bad[0]!r}")
+    nodes = tuple(sorted(set(int(n) for n in given)))
+    if nodes and nodes[0] < 0:
+      raise ValueError(f"a Tree's node ids are heap ids >= 0 (root 0, children 2i+1 and 2i+2); "
+                       f"got {nodes[0]}")
+    if nodes and nodes[-1] > MAX_NODE_ID:
+      raise ValueError(f"node {nodes[-1]} is deeper than {MAX_DEPTH} levels (heap ids up to "
+                       f"{MAX_NODE_ID})")
     if not nodes or nodes[0] != 0:
       raise ValueError(f"a tree needs its root (node 0); got nodes {nodes}")
     present = set(nodes)
@@ -59,7 +80,12 @@ class Tree:
 
   @classmethod
   def complete(cls, depth: int) -> "Tree":
-    """The complete tree whose leaves all sit at ``depth``."""
+    """The complete tree whose leaves all sit at ``depth`` (``0 <= depth <= MAX_DEPTH``)."""
+    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral):
+      raise TypeError(f"depth must be an integer in 0..{MAX_DEPTH}; got {depth!r}")
+    if not 0 <= depth <= MAX_DEPTH:
+      raise ValueError(f"depth must be an integer in 0..{MAX_DEPTH} (a complete tree of depth d "
+                       f"has 2^(d+1) - 1 nodes); got {depth}")
     return cls(tuple(range(2 ** (depth + 1) - 1)))
 
   # ----------------------------------------------------------------------------- structure
@@ -184,7 +210,25 @@ class Tree:
 
   @classmethod
   def from_json(cls, s: str | dict) -> "Tree":
-    d = json.loads(s) if isinstance(s, str) else s
+    """The tree of :meth:`to_json`'s text, ``{"nodes": [0, 1, 2, …]}`` (or of that dict).
+
+    Raises:
+      TypeError: not a string or dict, or not that form.
+      ValueError: text that is not JSON, or node ids that do not make a tree.
+    """
+    form = 'a JSON object {"nodes": [0, 1, 2, ...]} (what Tree.to_json writes)'
+    if isinstance(s, (str, bytes)):
+      try:
+        d = json.loads(s)
+      except ValueError as e:
+        raise ValueError(f"a tree must be {form}; got text that is not JSON ({e})") from None
+    else:
+      d = s
+    if not isinstance(d, dict):
+      raise TypeError(f"a tree must be {form}; got {type(d).__name__} {d!r:.80}")
+    if not isinstance(d.get("nodes"), list):
+      got = f"keys {sorted(d)}" if "nodes" not in d else f"nodes {d['nodes']!r:.80}"
+      raise TypeError(f"a tree must be {form}; got {got}")
     return cls(tuple(d["nodes"]))
 
   def __repr__(self) -> str:
@@ -192,4 +236,4 @@ class Tree:
 
   def _check(self, node_id: int):
     if node_id not in self._node_set:
-      raise KeyError(f"node {node_id} is not in the tree (nodes {self.nodes})")
+      raise ValueError(f"node {node_id!r} is not in the tree (nodes {self.nodes})")

@@ -20,6 +20,7 @@ each upload replaces the object atomically, so a reader sees a complete earlier 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -28,7 +29,7 @@ from typing import Any, Iterable, Mapping
 import jax
 import numpy as np
 
-from tree_diffusion import files
+from tree_diffusion import errors, files
 
 
 def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -130,7 +131,7 @@ class MetricWriter:
     if not self.active:
       return
     for k, v in scalars.items():
-      self._tb.add_scalar(k, float(v), int(step))
+      self._events().add_scalar(k, float(v), int(step))
     line = json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n"
     if self._remote:
       self._lines.append(line)
@@ -138,8 +139,43 @@ class MetricWriter:
       if time.monotonic() - self._uploaded >= self._remote_flush_secs:
         self._upload_jsonl()
     else:
-      self._jsonl.write(line)
-      self._jsonl.flush()
+      with self._full_disk_said(f"a line of {self._jsonl_path}"):
+        self._jsonl.write(line)
+        self._jsonl.flush()
+
+  def _events(self):
+    """tensorboardX's writer, once its thread that writes the event file is known to run. When a
+    write fails there (a full disk) the thread ends, the queue it drains fills up and the next
+    events (and the process's exit) would wait forever; the failure is raised here instead, by
+    flushing in this thread.
+
+    Raises:
+      DiskFullError: the disk is full.
+    """
+    events = self._tb.file_writer.event_writer
+    worker = getattr(events, "_worker", None)   # tensorboardX 2.x: the thread (not public)
+    if worker is not None and not worker.is_alive():
+      queue = getattr(events, "_event_queue", None)
+      if queue is not None:   # nothing reads it any more: the process exits without its events
+        queue.cancel_join_thread()
+      with self._full_disk_said(f"the TensorBoard events in {self.logdir}"):
+        events.flush()
+      raise RuntimeError(f"the thread that writes the TensorBoard events in {self.logdir} ended")
+    return self._tb
+
+  @contextlib.contextmanager
+  def _full_disk_said(self, what: str):
+    """A full disk in the block is raised as a :class:`DiskFullError` that says ``what`` could not
+    be written."""
+    try:
+      yield
+    except OSError as e:
+      if errors.disk_full(e) is None:
+        raise
+      raise errors.DiskFullError(
+          e.errno, f"the disk is full: {what} could not be written (what was written before is "
+          f"kept); free space on the disk that holds {self.logdir} and re-run the same command (a "
+          f"training command resumes from its last complete checkpoint)") from e
 
   def write_images(self, step: int, images: Mapping[str, Any]):
     """Each ``tag: image`` at ``step``: uint8 ``[H, W]`` (grey), ``[H, W, 1|3|4]`` or a PIL image.
@@ -151,7 +187,7 @@ class MetricWriter:
       return
     for tag, image in images.items():
       x, fmt = _image_array(tag, image)
-      self._tb.add_image(tag, x, int(step), dataformats=fmt)
+      self._events().add_image(tag, x, int(step), dataformats=fmt)
 
   def write_hparams(self, hparams: Mapping[str, Any], metrics: Iterable[str] = ()):
     """The run's hyper-parameters (a flat ``{name: value}``; see :func:`flatten`) for the hparams
@@ -166,8 +202,8 @@ class MetricWriter:
     experiment, session_start, _ = hparams_summaries(values, {m: 0.0 for m in metrics})
     # Both in this run's own event file (tensorboardX's add_hparams would make a sub-run): the
     # plugin reads the metric tags from the run that holds the session.
-    self._tb.file_writer.add_summary(experiment)
-    self._tb.file_writer.add_summary(session_start)
+    self._events().file_writer.add_summary(experiment)
+    self._events().file_writer.add_summary(session_start)
 
   def _upload_jsonl(self):
     files.write_text(self._jsonl_path, "".join(self._lines))
@@ -178,7 +214,8 @@ class MetricWriter:
     """Writes out what is buffered (event files, and a remote JSON-lines file)."""
     if not self.active or self._tb is None:
       return
-    self._tb.flush()
+    with self._full_disk_said(f"the TensorBoard events in {self.logdir}"):
+      self._tb.flush()
     if self._remote and self._dirty:
       self._upload_jsonl()
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tree_diffusion import precision
+from tree_diffusion import inputs, precision
 from tree_diffusion.diffusion.unet import UNet, torch_uniform
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.tree import Tree
@@ -137,9 +137,24 @@ def make_denoiser(conditioning: str | Conditioning, unet_config, dtype: str = "f
   compute dtype (``diffusion.dtype``)."""
   cond = conditioning if isinstance(conditioning, Conditioning) else Conditioning.parse(conditioning)
   u = dict(unet_config)
+  unknown = sorted(set(u) - set(UNET_KEYS))
+  if unknown:
+    raise TypeError(f"unknown U-Net setting(s) {unknown}; the U-Net takes {', '.join(UNET_KEYS)}")
+  for k in ("ch", "num_res_blocks", "num_heads", "norm_groups"):
+    if k in u:
+      inputs.count(u[k], f"unet {k}")
   for k in ("ch_mults", "attn_resolutions"):
-    u[k] = tuple(int(v) for v in u[k])
+    if k in u:
+      u[k] = tuple(inputs.count(v, f"each of unet {k}") for v in u[k])
+  if not u.get("ch_mults", (1,)):
+    raise ValueError("unet ch_mults needs at least one level, e.g. (1, 2)")
   return Denoiser(cond, FrozenItems(u), precision.compute_dtype(dtype, "diffusion.dtype"))
+
+
+# The settings of the U-Net a config's ``diffusion.unet`` section may hold (the rest of
+# :class:`UNet`'s fields come from the data and the conditioning).
+UNET_KEYS = ("ch", "ch_mults", "num_res_blocks", "attn_resolutions", "num_heads", "dropout",
+             "norm_groups")
 
 
 class FrozenItems(dict):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
@@ -34,6 +35,10 @@ def export_path(config, workdir: str) -> str:
 def check_export(config, path: str, meta: dict):
   """Checks a stage-1 export's meta against this config before anything is loaded.
 
+  Where the export records its dataset's identity, the folder of a folder dataset
+  (``data.folder``) may differ: a moved or copied folder is the same dataset when its content and
+  split are, which :func:`check_export_data` compares once the images are loaded.
+
   Raises:
     ConfigError: the export was trained on images of another shape or on another dataset (its
       config; the data itself is compared by :func:`check_export_data`).
@@ -49,7 +54,9 @@ def check_export(config, path: str, meta: dict):
   saved = (meta.get("config") or {}).get("data")
   if saved is not None:
     current = ckpt_lib.config_sections(config, ("data",))["data"]
-    diffs = ckpt_lib.config_differences({"data": saved}, {"data": current}, ("data.data_dir",))
+    by_content = (meta.get("data") or {}).get("identity") is not None
+    ignore = ("data.data_dir",) + (("data.folder",) if by_content else ())
+    diffs = ckpt_lib.config_differences({"data": saved}, {"data": current}, ignore)
     if diffs:
       raise ConfigError(
           f"the stage-1 export {path} was trained on other data ({'; '.join(diffs)}): "
@@ -57,8 +64,9 @@ def check_export(config, path: str, meta: dict):
           f"export of this data")
 
 
-def check_export_data(path: str, meta: dict, identity: dict):
+def check_export_data(path: str, meta: dict, identity: dict, data_config=None):
   """Refuses data that changed since the export was trained (images added, removed or edited).
+  Given ``data_config`` (``config.data``), logs where a folder dataset of the same content moved.
 
   Raises:
     ConfigError: the export records another dataset identity; the message says what changed.
@@ -69,6 +77,11 @@ def check_export_data(path: str, meta: dict, identity: dict):
     raise ConfigError(
         f"the dataset changed since the stage-1 export {path} was trained ({change}): put the "
         f"images back as they were, or train stage 1 again on them in a new --workdir")
+  moved = None if saved is None else data_lib.moved_folder(
+      (meta.get("config") or {}).get("data"), data_config)
+  if moved:
+    logging.info("the stage-1 export %s was trained on the images in %s; they are now read from "
+                 "%s (the same images, labels and split)", path, *moved)
 
 
 def load_stage1(config, workdir: str):

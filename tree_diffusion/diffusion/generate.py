@@ -17,7 +17,7 @@ from absl import logging
 
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
-from tree_diffusion import files
+from tree_diffusion import files, inputs
 from tree_diffusion.diffusion.conditioning import Denoiser, make_denoiser
 from tree_diffusion.diffusion.frozen import load_stage1
 from tree_diffusion.diffusion.sampler import MODES, Sampler, SamplerConfig
@@ -37,6 +37,10 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 
 def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
   """``[N, H, W, C]`` floats → one uint8 RGB grid with ``columns`` columns on white."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] not in (1, 3) or not len(images):
+    raise ValueError(f"image_grid takes images [N >= 1, H, W, 1 or 3]; got shape {images.shape}")
+  columns, pad = inputs.count(columns, "columns"), inputs.count(pad, "pad", minimum=0)
   n, h, w, c = images.shape
   rows = -(-n // columns)
   grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
@@ -77,7 +81,17 @@ SAMPLING_KEYS = ("unet", "T", "beta_1", "beta_T", "schedule", "prediction", "cen
 
 
 def load_stage2(config, workdir: str, step: int | None = None) -> Stage2:
-  """Loads the latest (or ``step``) stage-2 checkpoint of ``workdir`` and its stage-1 export."""
+  """Loads the latest (or ``step``) stage-2 checkpoint of ``workdir`` and its stage-1 export.
+
+  ``config``: the run's config (``configs.common.base()`` or the ``diffusion/config.json`` a run
+  recorded, as a ``ConfigDict``); ``step``: ``None`` or a checkpoint step ``>= 0``.
+  """
+  if not hasattr(config, "diffusion") or not hasattr(config, "data"):
+    raise TypeError(f"config must be a run's ConfigDict with data and diffusion sections (e.g. "
+                    f"configs/demo.py's get_config()); got {type(config).__name__}")
+  files.check_path(workdir, "workdir")
+  if step is not None:
+    inputs.count(step, "step", minimum=0)
   c = config.diffusion
   denoiser = make_denoiser(c.conditioning, c.unet, c.dtype)
   model, tvae_vars, tree, path, fingerprint, _ = load_stage1(config, workdir)
@@ -172,9 +186,10 @@ def sample_modes(s: Stage2, workdir: str, modes=MODES, num: int | None = None,
       if test is None:
         test = data_lib.load_arrays(s.config.data, "test")
         data_lib.check_image_shape(test, s.config.data)
-      images = test.images[:num].astype(np.float32) / np.float32(255.0)
+      images = inputs.to_unit_range(test.images[:num])
     t0 = time.perf_counter()
-    out = sampler.run(s.ema_params, s.tvae_vars, key, num=num, images=images)
+    out = sampler.run(s.ema_params, s.tvae_vars, key, num=None if images is not None else num,
+                      images=images)
     dt = time.perf_counter() - t0
     n_images = out["image"].shape[0] * (s.tree.num_leaves if sampler.all_leaves else 1)
     out_dir = RunDir(workdir).samples(mode)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from tree_diffusion import sharding, validation, xla_options
+from tree_diffusion import inputs, sharding, validation, xla_options
 from tree_diffusion.diffusion import frozen, schedule
 from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_condition,
                                                    null_condition)
@@ -240,10 +240,13 @@ class Sampler:
 
   def inputs(self, ids, leaves=None, images=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(ids, leaves, images)`` of at most ``batch_size`` entries, padded, on the mesh."""
-    n = len(ids)
+    n = inputs.count(len(ids), "len(ids)")
     b = self.batch_size
     if n > b:
-      raise ValueError(f"{n} entries exceed the batch size {b}")
+      raise ValueError(f"{n} entries exceed the batch size {b}: pass at most {b} ids per batch "
+                       f"(or use run)")
+    if images is not None:
+      inputs.images(images, self.model.image_shape)
     pad = lambda a, fill=0: np.concatenate([a, np.full((b - n,) + a.shape[1:], fill, a.dtype)])
     ids = pad(np.asarray(ids, np.int32))
     leaves = pad(np.zeros(n, np.int32) if leaves is None else np.asarray(leaves, np.int32))
@@ -273,14 +276,21 @@ class Sampler:
     example axis (``image`` ``[N, K, H, W, C]``).
     """
     if self.from_prior:
-      if num is None:
-        raise ValueError(f"mode {self.mode} needs num")
-      n = num
+      if num is None or images is not None:
+        raise ValueError(f"mode {self.mode} samples from the prior: pass num (a count >= 1), "
+                         f"not images")
+      n = inputs.count(num, "num")
     else:
-      if images is None:
-        raise ValueError(f"mode {self.mode} needs images")
+      if images is None or num is not None:
+        raise ValueError(f"mode {self.mode} encodes images: pass images (floats [N, H, W, C] "
+                         f"in [0, 1]), not num")
+      inputs.images(images, self.model.image_shape, batch_axis="N")
       n = len(images)
+    inputs.prng_key(key)
     k = self.tree.num_leaves if self.all_leaves else 1
+    inputs.fits_memory(2 * 4 * n * k * int(np.prod(self.model.image_shape)),
+                       f"{self.mode} of {n} x {k} images (image and vae_image)",
+                       "run it in smaller parts (fold_in the key per part)")
     params, tvae_vars, key = sharding.replicate((params, tvae_vars, key), self.mesh)   # once
     ex = np.repeat(np.arange(n, dtype=np.int32), k)
     lv = np.tile(np.arange(k, dtype=np.int32), n)

@@ -9,6 +9,7 @@ train step.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import numpy as np
 
@@ -41,14 +42,20 @@ def spaced_timesteps(T: int, n: int, kind: str = "quad") -> np.ndarray:
     duplicates removed. For ``T = 1000, n = 100`` that is 96 steps ending at 800: the chain never
     visits ``t > 0.8 T`` (inherited from DDIM; kept for fidelity).
   """
+  for value, name in ((T, "T"), (n, "n")):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+      raise TypeError(f"spaced_timesteps needs integers 1 <= n <= T; got {name}={value!r}")
   if not 1 <= n <= T:
     raise ValueError(f"need 1 <= n <= T for spaced timesteps, got n={n}, T={T}")
   if kind == "uniform":
-    for stride in range(1, T + 1):
-      if len(range(0, T, stride)) == n:
-        return np.arange(0, T, stride, dtype=np.int64)
+    # A stride s gives ceil(T / s) steps, which falls as s grows: the smallest stride giving at
+    # most n steps is ceil(T / n), and it gives exactly n or no stride does.
+    stride = -(-T // n)
+    if -(-T // stride) == n:
+      return np.arange(0, T, stride, dtype=np.int64)
+    near = sorted({-(-T // s) for s in range(max(1, stride - 3), stride + 4)})
     raise ValueError(f"no integer stride gives {n} uniformly spaced steps out of {T}; "
-                     f"choose n among {sorted({len(range(0, T, s)) for s in range(1, T + 1)})[-8:]}…")
+                     f"choose n among {near} or use 'quad' spacing")
   if kind == "quad":
     v = np.linspace(0.0, np.sqrt(0.8 * T), n, dtype=np.float64) ** 2
     return np.unique(v.astype(np.int64))

@@ -153,7 +153,7 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
   train = data_lib.load_arrays(config.data, "train")
   data_lib.check_image_shape(train, config.data)
   data_identity = data_lib.identity(train, data_lib.load_arrays(config.data, "test"))
-  frozen.check_export_data(path, export_meta, data_identity)
+  frozen.check_export_data(path, export_meta, data_identity, config.data)
   steps_per_epoch = data_lib.num_batches(len(train), c.batch_size, drop_remainder=True)
   if steps_per_epoch == 0:
     raise ConfigError(f"{len(train)} training images are fewer than one batch of {c.batch_size}; "
@@ -178,6 +178,10 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
       raise ckpt_lib.CheckpointError(
           f"the dataset changed since stage-2 checkpoint {step} in {ckpts.directory} was written "
           f"({change}): put the images back as they were, or start afresh with a new --workdir")
+    moved = data_lib.moved_folder((meta.get("config") or {}).get("data"), config.data)
+    if moved and meta.get("data_identity") is not None:
+      logging.info("stage-2 checkpoint %d was trained on the images in %s; they are now read "
+                   "from %s (the same images, labels and split)", step, *moved)
 
   abstract = lambda: jax.tree_util.tree_map(   # traced only when there is a checkpoint
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
@@ -224,6 +228,12 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
   loss_sum, n_sum = 0.0, 0
   progress = loop.Progress(total, c.batch_size, step)
   unchecked_sum, unchecked = 0.0, 0     # losses since the last finiteness check
+  # A re-run in this workdir with another learning rate is refused by its checkpoints' config: a
+  # new workdir on the same export trains stage 2 afresh without training stage 1 again.
+  diverged_fix = (f"Re-run with a lower --config.diffusion.lr (now {c.lr:g}; or a lower "
+                  f"--config.diffusion.grad_clip, now {c.grad_clip:g}) in a new --workdir on this "
+                  f"run's stage-1 export: --workdir=NEW --config.diffusion.treevae_export={path} "
+                  f"(stage 1 is not trained again); or check the data")
 
   def check_finite(grad_norm=None):
     nonlocal unchecked_sum, unchecked
@@ -231,8 +241,7 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
       norm = "" if grad_norm is None else f", grad_norm {float(grad_norm):.4g}"
       mean = float(unchecked_sum) / unchecked
       loop.check_finite(mean, f"stage 2 between steps {step - unchecked + 1} and {step} (mean "
-                        f"loss {mean:.4g}{norm})", "Lower --config.diffusion.lr or check the data",
-                        last_good=ckpts.describe_latest())
+                        f"loss {mean:.4g}{norm})", diverged_fix, last_good=ckpts.describe_latest())
     unchecked_sum, unchecked = 0.0, 0
 
   def save(grad_norm):

@@ -40,7 +40,7 @@ from absl import logging
 
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
-from tree_diffusion import files, validation
+from tree_diffusion import files, inputs, validation
 from tree_diffusion.diffusion import generate
 from tree_diffusion.diffusion.frozen import load_stage1
 from tree_diffusion.diffusion.sampler import check_config as check_sampler_config
@@ -306,7 +306,7 @@ class Evaluator:
                                       model=model, tree=tree, num=b),
           s.num_samples, s.batch_size)
       n_rec = s.recons_num or len(test)
-      x = test.images[:n_rec].astype(np.float32) / np.float32(255.0)
+      x = inputs.to_unit_range(test.images[:n_rec])
       pad = -len(x) % s.batch_size
       xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], np.float32)])
       rec, rec_leaf = _batched(
@@ -350,7 +350,7 @@ class Evaluator:
         num = s.purity_samples
       else:
         n_rec = s.recons_num or len(test)
-        images, num = test.images[:n_rec].astype(np.float32) / np.float32(255.0), None
+        images, num = inputs.to_unit_range(test.images[:n_rec]), None
       t1 = time.perf_counter()
       res = sampler.run(stage2.ema_params, stage2.tvae_vars, jax.random.fold_in(key, 10),
                         num=num, images=images)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tree_diffusion import data as data_lib
-from tree_diffusion import sharding
+from tree_diffusion import inputs, sharding
 from tree_diffusion.runs import format_eta
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
@@ -45,9 +45,10 @@ class LogLikelihood:
   """
 
   def __init__(self, model: TreeVAE, tree: Tree, num_samples: int, batch_size: int, mesh=None):
-    if num_samples < 1:
-      raise ValueError(f"num_samples must be ≥ 1, got {num_samples}")
-    self.model, self.tree, self.num_samples = model, tree, int(num_samples)
+    model.check_tree(tree)
+    self.model, self.tree = model, tree
+    self.num_samples = inputs.count(num_samples, "num_samples")
+    batch_size = inputs.count(batch_size, "batch_size")
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
     n_dev = self.mesh.devices.size
     self.batch_size = -(-batch_size // n_dev) * n_dev
@@ -66,7 +67,17 @@ class LogLikelihood:
 
   def run(self, variables, arrays: data_lib.Arrays, key: jax.Array,
           log: Callable[[str], Any] | None = None) -> dict:
-    """Estimates ``log p(x)`` for every image of ``arrays``; returns means and a standard error."""
+    """Estimates ``log p(x)`` for every image of ``arrays`` (a dataset split,
+    :class:`tree_diffusion.data.Arrays`: uint8 images, converted as in training); returns means
+    and a standard error."""
+    if not isinstance(arrays, data_lib.Arrays):
+      raise TypeError(f"arrays must be a tree_diffusion.data.Arrays (data.load_arrays(config.data, "
+                      f"'test')); got {type(arrays).__name__}")
+    if arrays.images.shape[1:] != self.model.image_shape:
+      raise ValueError(f"arrays hold images {arrays.images.shape[1:]}, the model takes "
+                       f"{self.model.image_shape}")
+    inputs.count(len(arrays), "the number of images in arrays")
+    self.model.check_call(variables, self.tree, key=key)
     per, single = [], []
     variables, key = sharding.replicate((variables, key), self.mesh)
     n_batches = data_lib.num_batches(len(arrays), self.batch_size, drop_remainder=False)

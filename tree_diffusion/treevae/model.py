@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tree_diffusion import precision
+from tree_diffusion import inputs, precision
 from tree_diffusion.tree import Tree, depth_of
 from tree_diffusion.treevae import losses
 from tree_diffusion.treevae import networks
@@ -82,8 +82,18 @@ class TreeVAE:
   def __post_init__(self):
     object.__setattr__(self, "latent_channels", tuple(self.latent_channels))
     object.__setattr__(self, "bottom_up_channels", tuple(self.bottom_up_channels))
-    if len(self.latent_channels) != len(self.bottom_up_channels):
-      raise ValueError("latent_channels and bottom_up_channels need the same length (one per level)")
+    for name in ("image_size", "channels", "representation_dim"):
+      inputs.count(getattr(self, name), name)
+    if self.image_size <= self.representation_dim:
+      raise ValueError(f"image_size {self.image_size} must exceed representation_dim "
+                       f"{self.representation_dim} (the encoder reduces one to the other)")
+    if not self.latent_channels or len(self.latent_channels) != len(self.bottom_up_channels):
+      raise ValueError("latent_channels and bottom_up_channels need the same length (one per "
+                       f"level, at least one); got {self.latent_channels} and "
+                       f"{self.bottom_up_channels}")
+    for name in ("latent_channels", "bottom_up_channels"):
+      for i, c in enumerate(getattr(self, name)):
+        inputs.count(c, f"{name}[{i}]")
     if self.encoder not in networks.ENCODERS:
       raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {sorted(networks.ENCODERS)}")
     if self.output not in ("sigmoid", "mse"):
@@ -175,6 +185,7 @@ class TreeVAE:
   def init(self, key: jax.Array, tree: Tree) -> Variables:
     """Variables for ``tree``: shared encoder/bottom-up (+ projection heads) and every node."""
     self.check_tree(tree)
+    inputs.prng_key(key)
     return self._init(key, tree)
 
   def _init(self, key: jax.Array, tree: Tree) -> Variables:
@@ -197,9 +208,32 @@ class TreeVAE:
     return out
 
   def check_tree(self, tree: Tree):
+    if not isinstance(tree, Tree):
+      raise TypeError(f"tree must be a tree_diffusion.tree.Tree (the one load_treevae returns); "
+                      f"got {type(tree).__name__}")
     if tree.depth > self.max_depth:
       raise ValueError(f"tree depth {tree.depth} exceeds the model's max depth {self.max_depth} "
                        f"(one less than the {self.num_levels} bottom-up levels)")
+
+  def check_call(self, variables: Variables, tree: Tree, x=None, key=None, num=None):
+    """The checks of a public entry point's arguments (see :mod:`tree_diffusion.inputs`): a
+    ``Tree`` the model can hold, variables with every node of it, images of the model's shape
+    in [0, 1], one PRNG key, a count ``>= 1``."""
+    self.check_tree(tree)
+    params = variables.get("params") if isinstance(variables, Mapping) else None
+    if not isinstance(params, Mapping):
+      raise TypeError(f"variables must be the {{'params', 'batch_stats'}} dict load_treevae "
+                      f"returns; got {type(variables).__name__}")
+    missing = [n for n in tree.nodes if node_key(n) not in params]
+    if missing:
+      raise ValueError(f"variables hold no parameters for nodes {missing} of {tree}: pass the "
+                       f"tree that came with these variables")
+    if x is not None:
+      inputs.images(x, self.image_shape)
+    if key is not None:
+      inputs.prng_key(key)
+    if num is not None:
+      inputs.count(num, "num")
 
   # ------------------------------------------------------------------------- forward passes
 
@@ -282,6 +316,7 @@ class TreeVAE:
       ``kl_nodes``, ``kl_decisions`` (``[B]``), ``aug`` (scalar), ``leaf_probs`` ``[B, K]`` in
       ``tree.leaves`` order, ``z`` (node id → sample) and optionally ``recon``.
     """
+    self.check_call(variables, tree, x, key)
     run = Runner(variables, train, dtype=self.dtype)
     b = x.shape[0]
     ds = self.bottom_up(run, x)
@@ -356,6 +391,7 @@ class TreeVAE:
       ``parts`` holds per node ``z``, ``mu_q``, ``var_q``, ``mu_p``, ``var_p``, per internal node
       ``pi_p`` and per leaf the decoder output ``out`` (for independent checks).
     """
+    self.check_call(variables, tree, x, key)
     run = Runner(variables, train=False, dtype=self.dtype)
     ds = self.bottom_up(run, x)
     acc, edge, parts = {}, {0: 0.0}, {}
@@ -450,7 +486,11 @@ class TreeVAE:
     return result, run.batch_stats()
 
   def leaf_probabilities(self, variables: Variables, tree: Tree, x: jax.Array) -> jax.Array:
-    """``[B, K]`` soft cluster assignments: products of q-router decisions (eval mode, no sampling)."""
+    """``[B, K]`` soft cluster assignments: products of q-router decisions (eval mode, no sampling).
+
+    ``x``: images ``[B, H, W, C]`` in [0, 1] (floats; see :mod:`tree_diffusion.inputs`).
+    """
+    self.check_call(variables, tree, x)
     run = Runner(variables, train=False, dtype=self.dtype)
     ds = self.bottom_up(run, x)
     prob = {0: jnp.ones((x.shape[0],), x.dtype)}
@@ -476,6 +516,12 @@ class TreeVAE:
       ``decode``), ``leaf_probs`` ``[num, K]`` (products of p-router decisions) and ``z`` (node
       id → latent sample).
     """
+    self.check_call(variables, tree, key=key, num=num)
+    if decode:
+      inputs.fits_memory(4 * tree.num_leaves * num * int(np.prod(self.image_shape)),
+                         f"generate(num={num}): images [{tree.num_leaves}, {num}, "
+                         f"{', '.join(map(str, self.image_shape))}]",
+                         "generate in smaller batches (fold_in the key per batch)")
     run = Runner(variables, train=False, dtype=self.dtype)
     z = {0: jax.random.normal(jax.random.fold_in(key, 0), (num,) + self.latent_shape(0))}
     key = jax.random.fold_in(key, 1)

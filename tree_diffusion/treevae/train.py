@@ -277,8 +277,9 @@ def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, pha
     terms = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
     loop.check_finite(
         means["loss"], f"stage 1, {name}, epoch {epoch + 1}, phase step {done} (mean of the last "
-        f"{count} steps: {terms})", "Lower --config.stage1.lr or check the data",
-        last_good="none" if run.ckpts is None else run.ckpts.describe_latest())
+        f"{count} steps: {terms})", f"Re-run with a lower --config.stage1.lr (now {c.lr:g}) in "
+        f"a new --workdir (a resume in this one keeps its checkpoints' learning rate), or check "
+        f"the data", last_good="none" if run.ckpts is None else run.ckpts.describe_latest())
     return means
 
   def save(epoch, sums, count):
@@ -505,6 +506,10 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
       raise ckpt_lib.CheckpointError(
           f"the dataset changed since stage-1 checkpoint {step} in {ckpts.directory} was written "
           f"({change}): put the images back as they were, or start afresh with a new --workdir")
+    moved = data_lib.moved_folder((meta.get("config") or {}).get("data"), config.data)
+    if moved and meta.get("data_identity") is not None:
+      logging.info("stage-1 checkpoint %d was trained on the images in %s; they are now read "
+                   "from %s (the same images, labels and split)", step, *moved)
 
   restored = ckpts.restore(model, config, _phase_abstract(run), same_data)
   phase_arrays = {}
