@@ -17,15 +17,22 @@ def run(*args, timeout=600, script="train_treevae.py", env=None):
                         capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-def write_image_folder(folder, n=64):
-  """``n`` unlabelled 28x28 PNGs (real digits of mnist_5k's test split) in one flat folder."""
+# File names a folder of a user's may hold: spaces, non-ASCII, CSV and HTML special characters.
+ODD_NAMES = ('a b.png', 'ünïcødé 字.png', 'comma,"quote".png',
+             '<img src=x onerror=alert(1)> & co.png')
+
+
+def write_image_folder(folder, n=64, odd_names=False):
+  """``n`` unlabelled 28x28 PNGs (real digits of mnist_5k's test split) in one flat folder; with
+  ``odd_names`` the first ones are named :data:`ODD_NAMES`."""
   from PIL import Image
   from configs import demo
   from tree_diffusion import data
   images = data.load_arrays(demo.get_config().data, "test").images[:n, :, :, 0]
   folder.mkdir()
   for i, im in enumerate(images):
-    Image.fromarray(im).save(folder / f"img_{i:03d}.png")
+    name = ODD_NAMES[i] if odd_names and i < len(ODD_NAMES) else f"img_{i:03d}.png"
+    Image.fromarray(im).save(folder / name)
 
 
 def run_with_signals(*args, script, signals, timeout=600):

@@ -223,7 +223,7 @@ def test_folder_labelled(labelled_folder, tmp_path, caplog):
   both = np.concatenate([train.images, test.images])
   assert any(np.array_equal(png, image) for image in both)
   with open(os.path.join(str(tmp_path / 'tfds'), data.LOCAL_BUILDER_NAME,
-                         _local_dirs(str(tmp_path / 'tfds'))[0], '1.0.0',
+                         _local_dirs(str(tmp_path / 'tfds'))[0], data._LOCAL_VERSION,
                          data.CLASS_NAMES_FILE)) as f:
     assert json.load(f) == ['cat', 'dog']
 
@@ -316,7 +316,8 @@ def test_folder_build_is_reused(labelled_folder, tmp_path, monkeypatch):
                    data_dir=data_dir)
   first = data.load_arrays(config, 'train')
   (built,) = _local_dirs(data_dir)
-  info = os.path.join(data_dir, data.LOCAL_BUILDER_NAME, built, '1.0.0', 'dataset_info.json')
+  info = os.path.join(data_dir, data.LOCAL_BUILDER_NAME, built, data._LOCAL_VERSION,
+                      'dataset_info.json')
   stamp = os.stat(info).st_mtime_ns
   assert data.prepare(config) == os.path.dirname(info)
 

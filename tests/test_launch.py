@@ -1,5 +1,6 @@
 """Every launcher end to end on a folder of images, with stops, kills and resumes on the way."""
 
+import csv
 import json
 import os
 import signal
@@ -7,7 +8,7 @@ import signal
 import numpy as np
 import pytest
 
-from launchers import assert_trees_equal
+from launchers import ODD_NAMES, assert_trees_equal
 from launchers import run as _run
 from launchers import run_with_signals as _run_with_signals
 from launchers import write_image_folder as _write_image_folder
@@ -21,13 +22,44 @@ def _stage2_state(workdir):
 
 
 @pytest.mark.slow
+def _check_assignments(workdir, folder, model, variables, tree, metrics):
+  """assignments.csv names every image's file; each row's leaf and probability are those of the
+  image read back from that file (PIL), through the exported model."""
+  from PIL import Image
+  with open(workdir / "assignments.csv", newline="", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  assert sorted(r["file"] for r in rows) == sorted(os.listdir(folder))   # each image once
+  assert set(ODD_NAMES) <= {r["file"] for r in rows}
+  for split in ("train", "test"):
+    got = [r for r in rows if r["split"] == split]
+    assert [int(r["index"]) for r in got] == list(range(len(got)))
+    counts = np.bincount([tree.leaves.index(int(r["leaf"])) for r in got],
+                         minlength=tree.num_leaves)
+    assert counts.tolist() == metrics[split]["leaf_counts"]
+  x = np.stack([np.asarray(Image.open(folder / r["file"]))[..., None] for r in rows])
+  from configs import demo
+  from tree_diffusion import data
+  c = demo.get_config("tiny").data
+  c.name, c.folder = "folder", str(folder)
+  for split in ("train", "test"):   # the row's file holds the image at the row's index
+    arrays = data.load_arrays(c, split)
+    at = [(i, int(r["index"])) for i, r in enumerate(rows) if r["split"] == split]
+    np.testing.assert_array_equal(x[[i for i, _ in at]], arrays.images[[j for _, j in at]])
+  probs = np.asarray(model.leaf_probabilities(variables, tree, x.astype(np.float32) / 255.0))
+  for r, p in zip(rows, probs):
+    k = int(np.argmax(p))
+    assert int(r["leaf"]) == tree.leaves[k] and r["label"] == ""
+    assert float(r["leaf_probability"]) == pytest.approx(p[k], rel=1e-4, abs=1e-6)
+    assert r["path"] == "/".join(map(str, tree.path(tree.leaves[k])))
+
+
 def test_own_images_through_both_stages_and_evaluation(tmp_path):
   """The README's "your own images" path: an unlabelled folder → stage 1 → stage 2 → samples →
   evaluation. The same two training runs are repeated in a second workdir with stops (SIGTERM),
   a kill (SIGKILL) while a checkpoint is written and resumes on the way, and end with the same
   parameters, bit for bit."""
   workdir, killed = tmp_path / "run", tmp_path / "killed"
-  _write_image_folder(tmp_path / "images")
+  _write_image_folder(tmp_path / "images", odd_names=True)
   config = ["--config=configs/demo.py:tiny", "--config.data.name=folder",
             f"--config.data.folder={tmp_path / 'images'}", "--config.stage1.prune=False",
             "--config.stage1.checkpoint_every_steps=4", "--config.diffusion.checkpoints_to_keep=2"]
@@ -40,6 +72,7 @@ def test_own_images_through_both_stages_and_evaluation(tmp_path):
   from tree_diffusion import checkpoint
   model, variables, tree = checkpoint.load_treevae(str(workdir / "export"))
   assert tree.num_leaves == metrics["num_leaves"]
+  _check_assignments(workdir, tmp_path / "images", model, variables, tree, metrics)
 
   # Stage 1 again: SIGTERM while the first split's small tree trains → a checkpoint of that step
   # and exit 0; resumed inside the small tree, then SIGKILL while its next checkpoint is written.

@@ -94,8 +94,10 @@ IMAGE_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', 
 # built dataset's directory that holds its class names.
 LOCAL_BUILDER_NAME = 'local_images'
 CLASS_NAMES_FILE = 'class_names.json'
+# Each split's image files (paths relative to the folder), in the split's order.
+FILES_FILE = 'files.json'
 # Bump when the way a folder is converted changes, so that older builds are not reused.
-_LOCAL_VERSION = '1.0.0'
+_LOCAL_VERSION = '1.1.0'   # 1.1.0: records each image's file
 # Format 2: high bit depths scaled (not clipped), transparency composited, symlinks followed.
 _LOCAL_FORMAT = 2
 
@@ -129,12 +131,15 @@ class Arrays:
     labels: int32 [N]; -1 when the dataset has no labels.
     num_classes: number of classes; 0 when unlabelled.
     class_names: name of each class (index = label); empty when unlabelled or unknown.
+    files: each image's file, relative to the folder it was read from (folder datasets); empty
+      for the other datasets.
   """
 
   images: np.ndarray
   labels: np.ndarray
   num_classes: int
   class_names: tuple[str, ...] = ()
+  files: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.images.dtype != np.uint8 or self.images.ndim != 4:
@@ -143,6 +148,9 @@ class Arrays:
     if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
       raise ValueError(f'labels must be int32 [{self.images.shape[0]}], got {self.labels.dtype} '
                        f'{self.labels.shape}')
+    if self.files and len(self.files) != len(self.labels):
+      raise ValueError(f'files must name each of the {len(self.labels)} images, got '
+                       f'{len(self.files)}')
 
   def __len__(self) -> int:
     return int(self.images.shape[0])
@@ -554,7 +562,8 @@ def _split_rows(labels: np.ndarray, test_fraction: float, seed: int, root: str
 
 
 def _build_local_dataset(tfds, data_dir: str, config_name: str, splits: Mapping[str, tuple],
-                         class_names: tuple[str, ...], root: str) -> str:
+                         class_names: tuple[str, ...], root: str,
+                         split_files: Mapping[str, list[str]]) -> str:
   """Writes a local tfds dataset (Tensor features, array_record); returns its version dir."""
   shape = tuple(splits['train'][0].shape[1:])
   description = f'Images from {root}, converted by tree_diffusion.data.'
@@ -586,6 +595,7 @@ def _build_local_dataset(tfds, data_dir: str, config_name: str, splits: Mapping[
       # data_path is the temporary directory that tfds renames into place when the build is
       # complete, so the class names appear atomically together with the records.
       (self.data_path / CLASS_NAMES_FILE).write_text(json.dumps(list(class_names)))
+      (self.data_path / FILES_FILE).write_text(json.dumps(dict(split_files)))
       return {split: self._generate_examples(images, labels)
               for split, (images, labels) in splits.items()}
 
@@ -676,10 +686,14 @@ def _convert_folder(scan: _FolderScan, settings: Mapping[str, Any], data_dir: st
   labels = np.asarray([scan.labels[i] for i in keep], np.int32)
   train, test = _split_rows(labels, settings['test_fraction'], settings['seed'], scan.root)
   splits = {'train': (images[train], labels[train]), 'test': (images[test], labels[test])}
+  kept_files = [scan.files[i] for i in keep]
+  split_files = {name: [kept_files[i] for i in rows] for name, rows in (('train', train),
+                                                                          ('test', test))}
 
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
-    built = _build_local_dataset(tfds, data_dir, config_name, splits, scan.class_names, scan.root)
+    built = _build_local_dataset(tfds, data_dir, config_name, splits, scan.class_names, scan.root,
+                                 split_files)
   except Exception:  # pylint: disable=broad-except
     # Without the lock (remote data dir, no flock) two builders can race: the one that loses
     # fails when tfds renames its temporary dir onto the finished one. That build is the same.
@@ -724,7 +738,9 @@ def _load_folder(data_config: Any, split: str, require_labels: bool) -> Arrays:
   if os.path.exists(class_names_path):
     with open(class_names_path) as f:
       class_names = tuple(json.load(f))
-  return Arrays(images, labels, len(class_names), class_names)
+  with open(os.path.join(version_dir, FILES_FILE)) as f:
+    split_files = tuple(json.load(f)[split])
+  return Arrays(images, labels, len(class_names), class_names, split_files)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ class RunDir:
   ::
 
     config.json   checkpoints/  export/  tensorboard/  stage1_metrics.json  tree.png   stage 1
+                  assignments.csv
     diffusion/    config.json  checkpoints/  tensorboard/  train_summary.json  tree.png  stage 2
                   samples/<mode>/  samples/summary.json                    launch/sample.py
     classifier/                          the purity classifier (unless classifier.dir is set)
@@ -57,6 +58,11 @@ class RunDir:
   @property
   def stage1_metrics(self) -> str:
     return self._join("stage1_metrics.json")
+
+  @property
+  def assignments(self) -> str:
+    """One row per train and test image: its file, label and leaf (``treevae.assignments``)."""
+    return self._join("assignments.csv")
 
   @property
   def tree_figure(self) -> str:

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from tree_diffusion import data as data_lib
+from tree_diffusion import inputs
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 
@@ -35,6 +36,34 @@ def predict_leaf_probs(model: TreeVAE, variables, tree: Tree, arrays: data_lib.A
     p = leaf_probabilities(variables, batch["image"], model=model, tree=tree)
     outs.append(np.asarray(p)[batch["mask"]])
   return np.concatenate(outs) if outs else np.zeros((0, tree.num_leaves), np.float32)
+
+
+def assign(model: TreeVAE, variables, tree: Tree, images, batch_size: int = 256
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """Places images into the learned tree.
+
+  Args:
+    images: floats ``[N, H, W, C]`` in [0, 1] of the model's shape (uint8 images: convert them
+      with :func:`tree_diffusion.inputs.to_unit_range`).
+    batch_size: images per compiled call (the last batch is padded, so one compile serves all).
+
+  Returns:
+    ``(leaves, probs)``: each image's most probable leaf as a node id, ``[N]`` int, and the leaf
+    probabilities ``[N, K]`` (columns in ``tree.leaves`` order).
+  """
+  model.check_call(variables, tree, images)
+  batch_size = inputs.count(batch_size, "batch_size")
+  images = np.asarray(images, np.float32)
+  n = len(images)
+  b = min(batch_size, n)
+  outs = []
+  for start in range(0, n, b):
+    chunk = images[start:start + b]
+    padded = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:], np.float32)])
+    outs.append(np.asarray(leaf_probabilities(variables, padded, model=model, tree=tree))[
+        :len(chunk)])
+  probs = np.concatenate(outs)
+  return np.asarray(tree.leaves)[probs.argmax(1)], probs
 
 
 def test_examples(model: TreeVAE, variables, tree: Tree, arrays: data_lib.Arrays, num: int,

@@ -35,7 +35,7 @@ from tree_diffusion.lock import locked_workdir
 from tree_diffusion.runs import RunDir, check_workdir, format_eta, save_config
 from tree_diffusion.eval import clustering
 from tree_diffusion.tree import Tree, depth_of
-from tree_diffusion.treevae import growing
+from tree_diffusion.treevae import assignments, growing
 from tree_diffusion.treevae.cursor import Cursor, Split
 from tree_diffusion.treevae.inference import generate, predict_leaf_probs, test_examples
 from tree_diffusion.treevae.model import (TreeVAE, frozen_path_variables, grow_variables,
@@ -603,7 +603,8 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
   ckpts.close()
   writer = run.writer
 
-  metrics = final_metrics(run, variables, tree)
+  probs = split_leaf_probs(run, variables, tree)
+  metrics = final_metrics(run, variables, tree, probs)
   metrics["wall_time_s"] = time.perf_counter() - t_run
   metrics["epochs"] = run.global_epoch   # over all phases: the x axis of its TensorBoard
   metrics["train_images_per_second"] = (float(np.median(run.images_per_second))
@@ -616,6 +617,7 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
       "metrics": metrics}, data_identity=data_identity)
   if jax.process_index() == 0:   # every process computed the same metrics; one writes them
     files.write_json(run_dir.stage1_metrics, metrics)
+  write_assignments(run, variables, tree, run_dir.assignments, probs)
   write_tree_figure(run, variables, tree, run_dir.tree_figure)
   writer.close()
   logging.info("stage 1 done in %s: %s", format_eta(metrics["wall_time_s"]),
@@ -660,17 +662,37 @@ def _finished(run: _Run, workdir: str, export_dir: str, restored, data_identity:
                step, export_dir, ckpt_lib.export_fingerprint(export_dir))
   if not files.exists(run_dir.tree_figure):
     write_tree_figure(run, variables, tree, run_dir.tree_figure)
+  if not files.exists(run_dir.assignments):   # a run finished before stage 1 wrote them
+    write_assignments(run, variables, tree, run_dir.assignments)
   return metrics
 
 
-def final_metrics(run: _Run, variables, tree: Tree) -> dict:
-  """Clustering metrics on the test split (+ train), ELBO terms and a K-means baseline."""
+def split_leaf_probs(run: _Run, variables, tree: Tree) -> dict[str, np.ndarray]:
+  """``{"train": [N, K], "test": [M, K]}`` leaf probabilities of both splits."""
   c = run.config.stage1
+  return {split: predict_leaf_probs(run.model, variables, tree, arrays, c.eval_batch_size)
+          for split, arrays in (("train", run.train), ("test", run.test))}
+
+
+def write_assignments(run: _Run, variables, tree: Tree, path: str,
+                      probs: dict[str, np.ndarray] | None = None):
+  """``WORKDIR/assignments.csv``: every train and test image's leaf (process 0 writes it)."""
+  probs = probs if probs is not None else split_leaf_probs(run, variables, tree)
+  if jax.process_index() == 0:
+    assignments.write(path, tree, {"train": (run.train, probs["train"]),
+                                   "test": (run.test, probs["test"])})
+
+
+def final_metrics(run: _Run, variables, tree: Tree, probs: dict[str, np.ndarray] | None = None
+                  ) -> dict:
+  """Clustering metrics on the test split (+ train), ELBO terms and a K-means baseline;
+  ``probs``: :func:`split_leaf_probs`, computed here when not given."""
+  c = run.config.stage1
+  probs = probs if probs is not None else split_leaf_probs(run, variables, tree)
   out = {"tree": json.loads(tree.to_json()), "num_leaves": tree.num_leaves}
   for split, arrays in (("train", run.train), ("test", run.test)):
-    probs = predict_leaf_probs(run.model, variables, tree, arrays, c.eval_batch_size)
     labels = arrays.labels if arrays.num_classes else None
-    out[split] = clustering.summary(tree, labels, probs)
+    out[split] = clustering.summary(tree, labels, probs[split])
   if not c.final_elbo:
     return _with_kmeans(run, out, tree)
   # Negative ELBO on the test split at α = 1 (one latent sample per node).
