@@ -25,7 +25,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # together.
 _HEAVY_FILES = ("test_model.py", "test_diffusion.py", "test_errors.py", "test_checkpoint.py",
                 "test_precision.py", "test_likelihood.py", "test_classifier.py",
-                "test_inception.py")
+                "test_inception.py", "test_reliability.py")
 
 
 def pytest_collection_modifyitems(config, items):

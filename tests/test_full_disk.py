@@ -222,6 +222,7 @@ def test_a_full_disk_during_the_stage1_export(tmp_path):
     assert checkpoint.Stage1Checkpoints(str(workdir)).latest_step() == 7
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_stage2_checkpoint(tmp_path, stage2_run):
   with _small_disk(tmp_path / "disk") as disk:
     workdir = disk / "run"
