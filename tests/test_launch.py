@@ -21,7 +21,6 @@ def _stage2_state(workdir):
     return step, m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
 
-@pytest.mark.slow
 def _check_assignments(workdir, folder, model, variables, tree, metrics):
   """assignments.csv names every image's file; each row's leaf and probability are those of the
   image read back from that file (PIL), through the exported model."""
@@ -53,6 +52,7 @@ def _check_assignments(workdir, folder, model, variables, tree, metrics):
     assert r["path"] == "/".join(map(str, tree.path(tree.leaves[k])))
 
 
+@pytest.mark.slow
 def test_own_images_through_both_stages_and_evaluation(tmp_path):
   """The README's "your own images" path: an unlabelled folder → stage 1 → stage 2 → samples →
   evaluation. The same two training runs are repeated in a second workdir with stops (SIGTERM),
