@@ -1,4 +1,4 @@
-"""The library's import layering (DESIGN.md): base modules → treevae → diffusion → eval, a
+"""The library's import layering: base modules → treevae → diffusion → eval, a
 ``train`` module imported only by launchers and the benchmark, nothing importing ``launch`` or
 ``configs``. The back-edges that exist are listed; a new one fails, and so does a listed one that
 is gone (remove it from the list)."""

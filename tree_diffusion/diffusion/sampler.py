@@ -245,8 +245,6 @@ class Sampler:
     if n > b:
       raise ValueError(f"{n} entries exceed the batch size {b}: pass at most {b} ids per batch "
                        f"(or use run)")
-    if images is not None:
-      inputs.images(images, self.model.image_shape)
     pad = lambda a, fill=0: np.concatenate([a, np.full((b - n,) + a.shape[1:], fill, a.dtype)])
     ids = pad(np.asarray(ids, np.int32))
     leaves = pad(np.zeros(n, np.int32) if leaves is None else np.asarray(leaves, np.int32))
@@ -259,6 +257,8 @@ class Sampler:
   def batch(self, params, tvae_vars, key, ids, leaves=None, images=None) -> dict[str, np.ndarray]:
     """One batch of at most ``batch_size`` entries; returns host arrays for exactly those (on
     every process: a collective in a multi-process job, which every process must call)."""
+    if images is not None:   # run checks all its images once, before its batches
+      inputs.images(images, self.model.image_shape)
     params, tvae_vars, key = sharding.replicate((params, tvae_vars, key), self.mesh)
     return self._replicated_batch(params, tvae_vars, key, ids, leaves, images)
 
