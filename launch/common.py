@@ -104,6 +104,23 @@ def check_config(config):
   validation.check_types(config, config_common.base())
 
 
+def refresh_report(workdir: str):
+  """Writes ``WORKDIR/report.html`` again at the end of a command (process 0). The command's own
+  outputs are written by then, so a page that cannot be made is a warning that names the command
+  to make it later, not a failure."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return
+  from tree_diffusion import html_report  # pylint: disable=g-import-not-at-top
+  try:
+    path = html_report.write(workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("report.html was not refreshed (%s): run launch/report.py --workdir=%s",
+                    _one_line(e), workdir)
+    return
+  print(f"report: {path}")
+
+
 def check_run_dir(workdir: str, flag: str = "--workdir"):
   """A run directory that a command reads must exist (readers never create one).
 

@@ -148,6 +148,7 @@ def main(argv):
     for row in rows:
       print("  " + ", ".join(f"{k}={report.format_value(v, 3)}" for k, v in row.items()
                              if v is not None))
+    common.refresh_report(workdir)
 
 
 if __name__ == "__main__":

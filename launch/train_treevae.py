@@ -33,6 +33,7 @@ def main(argv):
   scores = (f"test NMI {test['nmi']:.3f}  leaf purity {test['leaf_purity']:.3f}" if "nmi" in test
             else "no labels: see tree.png and stage1_metrics.json")
   print(f"leaves {metrics['num_leaves']}  {scores}  -> {_WORKDIR.value}")
+  common.refresh_report(_WORKDIR.value)
 
 
 if __name__ == "__main__":

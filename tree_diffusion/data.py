@@ -366,7 +366,7 @@ class _FolderScan:
   class_names: tuple[str, ...]
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
   return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
@@ -375,13 +375,20 @@ def _visible(names: Sequence[str]) -> list[str]:
   return sorted(n for n in names if not n.startswith('.'))
 
 
-def _is_image_file(path: str) -> bool:
-  """Whether ``path`` is an image file to read; warns about non-image files and broken links."""
-  if not _is_image_name(path):
-    logger.warning('skipping non-image file %s', path)
+def _is_image_file(path: str, skipped: list[str] | None = None) -> bool:
+  """Whether ``path`` is an image file to read; warns about non-image files and broken links (or,
+  with ``skipped``, appends them to it without a word)."""
+  if not is_image_name(path):
+    if skipped is None:
+      logger.warning('skipping non-image file %s', path)
+    else:
+      skipped.append(path)
     return False
   if not os.path.isfile(path):  # follows links: False for a broken one
-    logger.warning('skipping %s: it is a broken link or not a file', path)
+    if skipped is None:
+      logger.warning('skipping %s: it is a broken link or not a file', path)
+    else:
+      skipped.append(path)
     return False
   return True
 
@@ -403,8 +410,10 @@ def _first_visit(path: str, visited: set[tuple[int, int]]) -> bool:
   return True
 
 
-def _image_files_under(root: str, subdir: str, visited: set[tuple[int, int]]) -> list[str]:
-  """Image files below root/subdir, relative to root, warning about the others.
+def _image_files_under(root: str, subdir: str, visited: set[tuple[int, int]],
+                       skipped: list[str] | None = None) -> list[str]:
+  """Image files below root/subdir, relative to root, warning about the others (or listing them
+  in ``skipped``).
 
   Recurses into folders and symlinked folders; a folder whose (device, inode) is already in
   ``visited`` is skipped with a warning, so links back up the tree cannot loop and every image is
@@ -421,9 +430,25 @@ def _image_files_under(root: str, subdir: str, visited: set[tuple[int, int]]) ->
                    if _first_visit(os.path.join(dirpath, d), visited)]
     for filename in _visible(filenames):
       path = os.path.join(dirpath, filename)
-      if _is_image_file(path):
+      if _is_image_file(path, skipped):
         found.append(os.path.relpath(path, root))
   return found
+
+
+def list_image_files(folder: str) -> tuple[list[str], list[str]]:
+  """Every image file below ``folder`` (recursively, links followed once, hidden entries ignored)
+  as paths relative to it, sorted, and the files skipped (other extensions, broken links).
+
+  Raises:
+    DataError: ``folder`` is not a folder.
+  """
+  root = os.path.abspath(os.path.expanduser(folder))
+  if not os.path.isdir(root):
+    raise DataError(f'{folder} is not a folder')
+  stat = os.stat(root)
+  skipped: list[str] = []
+  found = _image_files_under(root, '', {(stat.st_dev, stat.st_ino)}, skipped)
+  return sorted(os.path.normpath(f) for f in found), skipped
 
 
 def _scan_folder(folder: str, require_labels: bool) -> _FolderScan:

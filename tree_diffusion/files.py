@@ -214,3 +214,15 @@ def remove(path: PathLike):
   p = as_path(path)
   if p.exists():
     p.unlink()
+
+
+def listdir(path: PathLike) -> list[str]:
+  """The names in a directory (local or ``gs://``), sorted."""
+  return sorted(p.name for p in as_path(path).iterdir())
+
+
+def rmtree(path: PathLike):
+  """Removes a directory and everything in it, if it exists."""
+  p = as_path(path)
+  if p.exists():
+    p.rmtree()

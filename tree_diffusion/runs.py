@@ -19,7 +19,7 @@ class RunDir:
   ::
 
     config.json   checkpoints/  export/  tensorboard/  stage1_metrics.json  tree.png   stage 1
-                  assignments.csv
+                  assignments.csv  report.html
     diffusion/    config.json  checkpoints/  tensorboard/  train_summary.json  tree.png  stage 2
                   samples/<mode>/  samples/summary.json                    launch/sample.py
     classifier/                          the purity classifier (unless classifier.dir is set)
@@ -67,6 +67,11 @@ class RunDir:
   @property
   def tree_figure(self) -> str:
     return self._join("tree.png")
+
+  @property
+  def report(self) -> str:
+    """The page to explore the run (``html_report``; ``launch/report.py``)."""
+    return self._join("report.html")
 
   # Stage 2.
   @property

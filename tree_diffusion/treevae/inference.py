@@ -8,12 +8,13 @@ the same functions for its progress logs, its growing decisions and its tree fig
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import numpy as np
 
 from tree_diffusion import data as data_lib
-from tree_diffusion import inputs
+from tree_diffusion import inputs, sharding
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 
@@ -38,14 +39,17 @@ def predict_leaf_probs(model: TreeVAE, variables, tree: Tree, arrays: data_lib.A
   return np.concatenate(outs) if outs else np.zeros((0, tree.num_leaves), np.float32)
 
 
-def assign(model: TreeVAE, variables, tree: Tree, images, batch_size: int = 256
-           ) -> tuple[np.ndarray, np.ndarray]:
+def assign(model: TreeVAE, variables, tree: Tree, images, batch_size: int = 256, mesh=None,
+           progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Places images into the learned tree.
 
   Args:
     images: floats ``[N, H, W, C]`` in [0, 1] of the model's shape (uint8 images: convert them
       with :func:`tree_diffusion.inputs.to_unit_range`).
     batch_size: images per compiled call (the last batch is padded, so one compile serves all).
+    mesh: a one-process :func:`sharding.make_mesh` to split each batch over its devices (the
+      batch is rounded up to a multiple of the device count); ``None``: the default device.
+    progress: called with ``(done, total)`` after each batch.
 
   Returns:
     ``(leaves, probs)``: each image's most probable leaf as a node id, ``[N]`` int, and the leaf
@@ -56,12 +60,20 @@ def assign(model: TreeVAE, variables, tree: Tree, images, batch_size: int = 256
   images = np.asarray(images, np.float32)
   n = len(images)
   b = min(batch_size, n)
+  if mesh is not None:
+    devices = mesh.devices.size
+    b = -(-b // devices) * devices
+    variables = sharding.replicate(variables, mesh)
   outs = []
   for start in range(0, n, b):
     chunk = images[start:start + b]
     padded = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:], np.float32)])
+    if mesh is not None:
+      padded = jax.device_put(padded, sharding.data_sharded(mesh))
     outs.append(np.asarray(leaf_probabilities(variables, padded, model=model, tree=tree))[
         :len(chunk)])
+    if progress is not None:
+      progress(start + len(chunk), n)
   probs = np.concatenate(outs)
   return np.asarray(tree.leaves)[probs.argmax(1)], probs
 

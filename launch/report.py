@@ -1,0 +1,42 @@
+"""Writes WORKDIR/report.html: one self-contained page to explore a run's tree.
+
+    python launch/report.py --workdir=runs/demo      # then open runs/demo/report.html
+
+The tree with each node's share of the images; clicking a node (inner or leaf) shows its share,
+its label histogram (labelled datasets), its most probable real images with their file names, and,
+after launch/sample.py, the TreeVAE's and the diffusion model's generations; a panel shows
+stage1_metrics.json and eval/metrics.json. Images are inlined: the page works from file:// with no
+server or network. train_treevae.py, sample.py and evaluate.py write it again when they finish.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+
+from launch import common  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory whose stage 1 has finished.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  del argv
+  from tree_diffusion import checkpoint, html_report, runs  # pylint: disable=g-import-not-at-top
+  common.check_run_dir(_WORKDIR.value)
+  run_dir = runs.RunDir(_WORKDIR.value)
+  if not os.path.exists(run_dir.assignments) and not run_dir.root.startswith("gs://"):
+    raise checkpoint.CheckpointError(
+        f"{run_dir.assignments} does not exist: run launch/train_treevae.py with this --workdir "
+        f"first (it writes the file at the end of stage 1)")
+  runs.check_writable(_WORKDIR.value, "make the run directory writable (the page is written to "
+                                      "WORKDIR/report.html)")
+  path = html_report.write(_WORKDIR.value)
+  size = os.path.getsize(path) if os.path.exists(path) else 0
+  print(f"report: {path} ({size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+  common.run(main)
