@@ -102,6 +102,22 @@ def check_config(config):
   from configs import common as config_common  # pylint: disable=g-import-not-at-top
   from tree_diffusion import validation  # pylint: disable=g-import-not-at-top
   validation.check_types(config, config_common.base())
+  _resolve_channels(config)
+
+
+def _resolve_channels(config):
+  """``data.channels=0`` (``configs/folder.py``'s default): the channels the images have, set in
+  the config before anything uses it (and so recorded in the run's config.json)."""
+  if "data" not in config or config.data.get("channels") != 0:
+    return
+  from tree_diffusion import data  # pylint: disable=g-import-not-at-top
+  channels, notice = data.detect_channels(config.data)
+  config.data.channels = channels
+  if notice:
+    logging.warning("%s", notice)
+  else:
+    logging.info("data.channels=0: the images are %s, read with %d channel(s)",
+                 "grey" if channels == 1 else "colour", channels)
 
 
 def refresh_report(workdir: str):

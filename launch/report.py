@@ -24,18 +24,20 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
-  from tree_diffusion import checkpoint, html_report, runs  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import checkpoint, files  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import html_report, runs  # pylint: disable=g-import-not-at-top
   common.check_run_dir(_WORKDIR.value)
   run_dir = runs.RunDir(_WORKDIR.value)
-  if not os.path.exists(run_dir.assignments) and not run_dir.root.startswith("gs://"):
+  if not files.exists(run_dir.assignments):
     raise checkpoint.CheckpointError(
         f"{run_dir.assignments} does not exist: run launch/train_treevae.py with this --workdir "
         f"first (it writes the file at the end of stage 1)")
   runs.check_writable(_WORKDIR.value, "make the run directory writable (the page is written to "
                                       "WORKDIR/report.html)")
   path = html_report.write(_WORKDIR.value)
-  size = os.path.getsize(path) if os.path.exists(path) else 0
-  print(f"report: {path} ({size / 1e6:.1f} MB)")
+  size = len(files.read_bytes(path))
+  print(f"report: {path} ({size / 1e6:.1f} MB)" if size >= 1e6 else
+        f"report: {path} ({size / 1e3:.0f} KB)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import signal
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from launchers import ODD_NAMES, assert_trees_equal
 from launchers import run as _run
@@ -73,6 +74,7 @@ def test_own_images_through_both_stages_and_evaluation(tmp_path):
   model, variables, tree = checkpoint.load_treevae(str(workdir / "export"))
   assert tree.num_leaves == metrics["num_leaves"]
   _check_assignments(workdir, tmp_path / "images", model, variables, tree, metrics)
+  assert f"report: {workdir / 'report.html'}" in r.stdout
 
   # Stage 1 again: SIGTERM while the first split's small tree trains → a checkpoint of that step
   # and exit 0; resumed inside the small tree, then SIGKILL while its next checkpoint is written.
@@ -127,8 +129,15 @@ def test_own_images_through_both_stages_and_evaluation(tmp_path):
   assert "error: non-finite loss in stage 1, initial, epoch 1, phase step 4" in r.stderr
   assert "the last good one is none yet" in r.stderr
 
-  r = _run(*args, script="sample.py")
+  synthetic = tmp_path / "synthetic"
+  r = _run(*args, f"--export_dir={synthetic}", "--export_total=5", script="sample.py")
   assert r.returncode == 0, r.stderr[-3000:]
+  with open(synthetic / "index.csv", newline="") as f:
+    index = list(csv.DictReader(f))
+  counts = {int(n): sum(int(row["leaf"]) == n for row in index) for n in tree.leaves}
+  assert sum(counts.values()) == 5 and min(counts.values()) >= 1
+  assert {row["generator"] for row in index} == {"diffusion"}
+  assert all(np.asarray(Image.open(synthetic / row["file"])).shape == (28, 28) for row in index)
   k, n, hw = tree.num_leaves, 6, (28, 28, 1)
   shapes = {"sample": (n,) + hw, "recons": (n,) + hw, "sample_all_leaves": (n, k) + hw,
             "recons_all_leaves": (n, k) + hw}
@@ -162,3 +171,29 @@ def test_own_images_through_both_stages_and_evaluation(tmp_path):
   assert (workdir / "eval" / "cache" / "inception_folder_test.npz").exists()
   r = _run(*args, "--checkpoints=latest", script="evaluate.py")
   assert r.returncode == 0 and "skipping checkpoints [3]" in r.stderr, r.stderr[-3000:]
+  _check_report(workdir, tree, tmp_path)
+
+
+def _check_report(workdir, tree, tmp_path):
+  """The page the launchers refreshed opens without a script error; every node shows its real
+  images (those assigned to it) and both generators' images."""
+  from browser import Browser, find_chromium
+  if find_chromium() is None:
+    assert os.environ.get("TREE_DIFFUSION_REQUIRE_BROWSER") != "1", "no chromium on PATH"
+    return
+  with open(workdir / "assignments.csv", newline="", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  with Browser(find_chromium()) as browser:
+    browser.open((workdir / "report.html").as_uri())
+    for node in tree.nodes:
+      browser.evaluate(f"document.querySelector('.node[data-node=\"{node}\"]')"
+                       f".dispatchEvent(new MouseEvent('click', {{bubbles: true}}))")
+      leaves = {str(n) for n in tree.subtree(node) if tree.is_leaf(n)}
+      real = browser.evaluate("document.querySelectorAll('.gallery[data-kind=real] img').length")
+      assert real == min(12, sum(row["leaf"] in leaves for row in rows))
+      for kind in ("treevae", "diffusion"):
+        assert browser.evaluate(
+            f"document.querySelectorAll('.gallery[data-kind={kind}] img').length") > 0
+    assert "eval/metrics.json" in browser.evaluate("document.getElementById('metrics').textContent")
+    browser.screenshot(str(tmp_path / "report.png"))
+    assert browser.errors == []

@@ -58,6 +58,7 @@ import numbers
 import os
 import re
 import tempfile
+import time
 import types
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -697,10 +698,20 @@ def _convert_folder(scan: _FolderScan, settings: Mapping[str, Any], data_dir: st
   """Decodes a folder's images and writes its local tfds dataset; returns the version dir."""
   size, channels, resize = settings['image_size'], settings['channels'], settings['resize']
   paths = [os.path.join(scan.root, rel) for rel in scan.files]
+  logger.info('decoding the %d images of %s once into %s (set --config.data.data_dir to keep '
+              'the decoded copy elsewhere)', len(paths), scan.root, version_dir)
   # PIL releases the GIL while decoding, so threads help on many small files.
+  decoded, t0, last = [], time.perf_counter(), 0.0
   try:
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-      decoded = list(pool.map(lambda p: _decode_image(p, size, channels, resize), paths))
+      for image in pool.map(lambda p: _decode_image(p, size, channels, resize), paths):
+        decoded.append(image)
+        elapsed = time.perf_counter() - t0
+        if elapsed - last >= 5.0 and len(decoded) < len(paths):
+          last = elapsed
+          logger.info('decoded %d/%d images (%.0f/s), ETA %s', len(decoded), len(paths),
+                      len(decoded) / elapsed,
+                      _eta(elapsed / len(decoded) * (len(paths) - len(decoded))))
   except image_files.ImageSizeError as e:
     raise _size_error(e, scan, size) from None
   keep = [i for i, image in enumerate(decoded) if image is not None]
@@ -729,6 +740,53 @@ def _convert_folder(scan: _FolderScan, settings: Mapping[str, Any], data_dir: st
   logger.info('converted %d images of %s (%d train, %d test) into %s', len(keep), scan.root,
               len(train), len(test), built)
   return built
+
+
+def _eta(seconds: float) -> str:
+  seconds = max(0, int(seconds))
+  return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def _is_grey(image: Image.Image) -> bool:
+  """Whether an opened (not decoded) image is grey: a grey mode, or a palette of greys."""
+  if image.mode in ('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'F'):
+    return True
+  if image.mode in ('P', 'PA'):
+    palette = np.asarray(image.getpalette() or [], np.int32).reshape(-1, 3)
+    return bool(len(palette)) and bool((palette == palette[:, :1]).all())
+  return False
+
+
+def detect_channels(data_config: Any) -> tuple[int, str | None]:
+  """The channels for ``data.channels=0`` ("from the images"): a dataset's native channels, or
+  for a folder 1 when every image is grey (a grey mode or palette, read from the file headers)
+  and 3 otherwise.
+
+  Returns:
+    ``(channels, notice)``: ``notice`` says what was done with a folder that mixes grey and
+    colour images (``None`` otherwise).
+  """
+  name = _check_name(data_config)
+  if name in NATIVE_SHAPES:
+    return NATIVE_SHAPES[name][1], None
+  scan = _scan_folder(str(_get(data_config, 'folder', '')), require_labels=(name == 'cubicc'))
+  grey = colour = 0
+  for rel in scan.files:
+    try:
+      with Image.open(os.path.join(scan.root, rel)) as image:
+        if _is_grey(image):
+          grey += 1
+        else:
+          colour += 1
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+      continue   # unreadable: skipped with a warning when the folder is decoded
+  if not colour:
+    return 1, None
+  if not grey:
+    return 3, None
+  return 3, (f'data.channels: {colour} of the {grey + colour} images of {scan.root} are colour '
+             f'and {grey} grey: all are read as RGB (grey copied to the 3 channels); pass '
+             f'--config.data.channels=1 to read them all as grey')
 
 
 def _local_dataset_dir(data_config: Any, require_labels: bool) -> str:

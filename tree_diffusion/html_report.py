@@ -307,12 +307,12 @@ td:first-child { color: #555; }
   }
 
   // The tree: leaves spread left to right, one row per depth.
-  const W = 78, H = 70, BW = 66, BH = 34;
+  const W = 78, H = 76, BW = 66, BH = 34;
   const maxX = Math.max.apply(null, data.nodes.map(function (n) { return n.x; }));
   const maxD = Math.max.apply(null, data.nodes.map(function (n) { return n.depth; }));
   const svg = document.getElementById("tree");
   svg.setAttribute("width", (maxX + 1) * W + 10);
-  svg.setAttribute("height", (maxD + 1) * H + 10);
+  svg.setAttribute("height", (maxD + 1) * H + 40);
   function cx(n) { return 5 + n.x * W + W / 2; }
   function cy(n) { return 5 + n.depth * H + BH / 2; }
   data.nodes.forEach(function (n) {
@@ -330,6 +330,15 @@ td:first-child { color: #555; }
                         (n.leaf ? "leaf " : "node ") + n.id));
     g.appendChild(svgEl("text", {"x": cx(n), "y": cy(n) + 11, "text-anchor": "middle"},
                         pct(n.share)));
+    // Under a leaf, its two most probable real images.
+    const thumbs = (n.leaf ? n.real : []).filter(function (item) {
+      return item.img !== undefined;
+    });
+    thumbs.slice(0, 2).forEach(function (item, i) {
+      g.appendChild(svgEl("image", {"href": data.images[item.img], "x": cx(n) - 31 + 32 * i,
+                                    "y": cy(n) + BH / 2 + 3, "width": 30, "height": 30,
+                                    "style": "image-rendering: pixelated"}));
+    });
     const title = svgEl("title", {}, (n.leaf ? "leaf " : "node ") + n.id + ": " + n.count +
                         " images (" + pct(n.share) + ")");
     g.appendChild(title);

@@ -326,7 +326,10 @@ class TrainedRun:
     if per_leaf is not None:
       per_leaf = inputs.count(per_leaf, "per_leaf")
       return {int(n): per_leaf for n in leaves}
-    total = inputs.count(total, "total", minimum=len(leaves))
+    total = inputs.count(total, "total")
+    if total < len(leaves):
+      raise ValueError(f"total={total} is fewer than the {len(leaves)} leaves, and each leaf gets "
+                       f"at least one image: pass a total >= {len(leaves)} (or per_leaf)")
     sizes = self.leaf_sizes() or {int(n): 1 for n in leaves}
     weights = np.asarray([max(sizes[int(n)], 0) for n in leaves], np.float64) + 1e-9
     extra = total - len(leaves)
