@@ -274,7 +274,8 @@ td:first-child { color: #555; }
 <main>
 <section id="tree-panel"><h2>Tree</h2><p>Click a node: its images, labels and generations.</p>
 <svg id="tree" xmlns="http://www.w3.org/2000/svg"></svg></section>
-<section id="node-panel"><h2 id="node-title">No node selected</h2><div id="node-body"></div></section>
+<section id="node-panel"><h2 id="node-title">No node selected</h2>
+<div id="node-body"></div></section>
 <section id="metrics-panel"><h2>Metrics</h2><div id="metrics" class="metrics"></div></section>
 </main>
 <script type="application/json" id="report-data">__DATA__</script>
@@ -387,7 +388,8 @@ td:first-child { color: #555; }
     }
     body.appendChild(el("h3", {}, "Most probable real images"));
     if (!n.real.length) {
-      body.appendChild(el("p", {}, "No image was assigned to this " + (n.leaf ? "leaf." : "node.")));
+      body.appendChild(el("p", {}, "No image was assigned to this " +
+                          (n.leaf ? "leaf." : "node.")));
     }
     body.appendChild(gallery("real", n.real, function (item) {
       return item.file + " (leaf " + item.leaf + ", p=" + item.p.toFixed(3) + ")";
