@@ -390,3 +390,27 @@ def test_check_outside_folder(tmp_path):
   cubicc = _config(images, tmp_path / 'tfds', name='cubicc')
   with pytest.raises(data.DataError):
     data.check_outside_folder(cubicc, str(images / 'run'))
+
+
+def test_channels_from_the_images_grey_colour_and_mixed(tmp_path):
+  """data.channels=0: 1 when every image is grey (a grey mode, or a palette of greys), else 3,
+  with a notice counting both kinds when a folder mixes them."""
+  grey = tmp_path / 'grey'
+  grey.mkdir()
+  Image.new('L', (8, 8), 40).save(grey / 'a.png')
+  Image.new('I;16', (8, 8), 4000).save(grey / 'b.png')
+  p = Image.new('P', (8, 8), 1)
+  p.putpalette([v for g in range(256) for v in (g, g, g)])      # a palette of greys
+  p.save(grey / 'c.gif')
+  (grey / 'broken.png').write_bytes(b'no')                      # unreadable: not counted
+  assert data.detect_channels(_config(grey, tmp_path / 'd', channels=0)) == (1, None)
+  Image.new('RGB', (8, 8), (200, 10, 10)).save(grey / 'red.png')
+  q = Image.new('P', (8, 8), 0)
+  q.putpalette([255, 0, 0] + [0, 0, 0] * 255)                   # a colour palette
+  q.save(grey / 'd.gif')
+  channels, notice = data.detect_channels(_config(grey, tmp_path / 'd', channels=0))
+  assert channels == 3
+  assert '2 of the 5 images' in notice and 'and 3 grey' in notice
+  assert '--config.data.channels=1' in notice
+  assert data.detect_channels(_config(grey, tmp_path / 'd', channels=0, name='mnist_5k')) == (
+      1, None)

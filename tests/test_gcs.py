@@ -238,6 +238,7 @@ def test_the_tiny_pipeline_on_a_gs_workdir(gcs, tmp_path):
 
   names = _objects("run")
   for expected in ("run/config.json", "run/export/meta.json", "run/stage1_metrics.json",
+                   "run/assignments.csv", "run/report.html",
                    "run/tree.png", "run/diffusion/train_summary.json", "run/diffusion/tree.png",
                    "run/diffusion/samples/sample/grid.png", "run/diffusion/samples/summary.json",
                    "run/eval/metrics.json", "run/eval/metrics.csv", "run/eval/report.md",

@@ -198,7 +198,8 @@ def _size_and_channels(data_config: Any) -> tuple[int, int]:
                     '--config.data.image_size=28 (or 32, 64)')
   if channels not in (1, 3):
     raise DataError(f'data.channels must be 1 or 3, got {channels!r}; set '
-                    '--config.data.channels=1 (grey) or 3 (RGB)')
+                    '--config.data.channels=1 (grey) or 3 (RGB) (0, "from the images", is '
+                    'resolved by the launchers; in code, set it from data.detect_channels)')
   return int(size), int(channels)
 
 

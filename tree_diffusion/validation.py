@@ -96,7 +96,8 @@ dtype = (lambda v: v in _DTYPES, f"one of {_DTYPES}")
 def check_data(config) -> None:
   check_rules(config, {
       "data.image_size": positive,
-      "data.channels": (lambda v: v in (1, 3), "1 or 3"),
+      # 0: from the images; the launchers set it to 1 or 3 before anything uses it.
+      "data.channels": (lambda v: v in (0, 1, 3), "1 or 3 (or 0: from the images)"),
       "data.test_fraction": unit_open,
       "data.seed": non_negative,
   })
