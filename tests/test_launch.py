@@ -75,6 +75,15 @@ def test_own_images_through_both_stages_and_evaluation(tmp_path):
   assert tree.num_leaves == metrics["num_leaves"]
   _check_assignments(workdir, tmp_path / "images", model, variables, tree, metrics)
   assert f"report: {workdir / 'report.html'}" in r.stdout
+  # assign.py on the same files reproduces every row of assignments.csv exactly.
+  r = _run(f"--workdir={workdir}", f"--images={tmp_path / 'images'}",
+           f"--output={tmp_path / 'placed.csv'}", script="assign.py")
+  assert r.returncode == 0, r.stderr[-3000:]
+  columns = ("leaf", "leaf_probability", "path", "second_leaf", "second_probability")
+  with open(workdir / "assignments.csv", newline="", encoding="utf-8") as f:
+    want = {row["file"]: tuple(row[c] for c in columns) for row in csv.DictReader(f)}
+  with open(tmp_path / "placed.csv", newline="", encoding="utf-8") as f:
+    assert {row["file"]: tuple(row[c] for c in columns) for row in csv.DictReader(f)} == want
 
   # Stage 1 again: SIGTERM while the first split's small tree trains → a checkpoint of that step
   # and exit 0; resumed inside the small tree, then SIGKILL while its next checkpoint is written.

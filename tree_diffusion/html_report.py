@@ -312,8 +312,12 @@ td:first-child { color: #555; }
   const maxX = Math.max.apply(null, data.nodes.map(function (n) { return n.x; }));
   const maxD = Math.max.apply(null, data.nodes.map(function (n) { return n.depth; }));
   const svg = document.getElementById("tree");
-  svg.setAttribute("width", (maxX + 1) * W + 10);
-  svg.setAttribute("height", (maxD + 1) * H + 40);
+  // Scaled to the panel's width, never below 60% of its natural size (then the panel scrolls).
+  const width = (maxX + 1) * W + 10, height = (maxD + 1) * H + 40;
+  svg.setAttribute("viewBox", "0 0 " + width + " " + height);
+  svg.style.width = "100%";
+  svg.style.minWidth = Math.round(0.6 * width) + "px";
+  svg.style.maxWidth = width + "px";
   function cx(n) { return 5 + n.x * W + W / 2; }
   function cy(n) { return 5 + n.depth * H + BH / 2; }
   data.nodes.forEach(function (n) {
