@@ -175,7 +175,9 @@ class Browser:
       raise BrowserError(f"{expression[:80]}: {result['exceptionDetails']}")
     return result["result"].get("value")
 
-  def screenshot(self, path: str):
-    data = self.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+  def screenshot(self, path: str, full_page: bool = True):
+    """A PNG of the page (``full_page``: all of it, else the window)."""
+    data = self.call("Page.captureScreenshot", {"format": "png",
+                                                "captureBeyondViewport": full_page})
     with open(path, "wb") as f:
       f.write(base64.b64decode(data["data"]))

@@ -95,12 +95,13 @@ def test_the_page_shows_every_node_s_images_labels_and_generations_in_chromium(t
     """The node's gallery and label histogram, computed from the rows by hand."""
     leaves = [n for n in TREE.subtree(node) if TREE.is_leaf(n)]
     members = [r for r in rows if r["leaf"] in leaves]
+    ranked = [sorted((r for r in members if r["leaf"] == leaf),
+                     key=lambda r: -float(r["leaf_probability"])) for leaf in leaves]
     best = []
-    for leaf in leaves:   # each leaf's 12 most probable, then the node's 12 best of those
-      mine = sorted((r for r in members if r["leaf"] == leaf),
-                    key=lambda r: -float(r["leaf_probability"]))
-      best += mine[:12]
-    best = sorted(best, key=lambda r: -float(r["leaf_probability"]))[:12]
+    for i in range(12):   # the best of each leaf, then the second best, ... (ties: leaf order)
+      best += sorted((mine[i] for mine in ranked if i < len(mine)),
+                     key=lambda r: -float(r["leaf_probability"]))
+    best = best[:12]
     labels = {}
     for r in members:
       name = f"class {'ab'[r['label']]}"

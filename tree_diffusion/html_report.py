@@ -13,8 +13,9 @@ into the document as text, never as markup.
 
 What the page reads, all written by the training commands: the stage-1 export's tree,
 ``assignments.csv`` (each image's leaf and its probability), the dataset itself for the pixels,
-and ``diffusion/samples/sample_all_leaves/samples.npz``. A gallery ranks images by the probability
-of the leaf they were assigned to; an inner node's gallery holds the best of its leaves'.
+and ``diffusion/samples/sample_all_leaves/samples.npz``. A leaf's gallery ranks its images by the
+probability of that leaf; an inner node's takes its leaves' most probable images in turn (the best
+of each leaf, then the second best, ...), so that it shows every branch below it.
 """
 
 from __future__ import annotations
@@ -192,7 +193,11 @@ def build(workdir: str) -> str:
         if class_names and 0 <= int(name) < len(class_names):
           name = class_names[int(name)]
         labels[name] = labels.get(name, 0) + 1
-    gallery = sorted((g for m in leaves for g in leaf_gallery[m]), key=lambda g: -g["p"])
+    # Each leaf's most probable images in turn (the best of each leaf, then the second best, ...),
+    # so that an inner node's gallery shows every branch below it.
+    gallery = [g for i in range(REAL_PER_NODE)
+               for g in sorted((leaf_gallery[m][i] for m in leaves if i < len(leaf_gallery[m])),
+                               key=lambda g: -g["p"])]
     gens = {}
     for kind, per_leaf in generated.items():
       # Round-robin over the node's leaves, so an inner node shows each of its leaves.
