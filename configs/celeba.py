@@ -1,4 +1,4 @@
-"""CelebA at 64×64 (crop 148 at (40, 15), resize): 35 epochs per phase, batch 128 (§7.2).
+"""CelebA at 64×64 (crop 148 at (40, 15), resize): 35 epochs per phase, batch 128.
 
     python launch/prepare_data.py --dataset=celeb_a
     python launch/train_treevae.py --config=configs/celeba.py --workdir=runs/celeba
@@ -15,7 +15,7 @@ def get_config(arg=None):
   c.stage1.num_epochs = 35
   c.stage1.num_epochs_smalltree = 35
   c.stage1.augmentation = "celeba"
-  # Stage 2 (treediffusion.md §4.3): five levels, batch 32, 200 epochs.
+  # Stage 2, as the reference's CelebA config: five levels, batch 32, 200 epochs.
   c.diffusion.unet.ch_mults = (1, 2, 2, 2, 4)
   c.diffusion.batch_size = 32
   c.diffusion.sampling.batch_size = 32

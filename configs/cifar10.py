@@ -1,4 +1,4 @@
-"""CIFAR-10: ResNet encoder (cnn2), 4×4 feature-map latents, contrastive routers (§7.2).
+"""CIFAR-10: ResNet encoder (cnn2), 4×4 feature-map latents, contrastive routers.
 
     python launch/prepare_data.py --dataset=cifar10
     python launch/train_treevae.py --config=configs/cifar10.py --workdir=runs/cifar10
@@ -26,7 +26,8 @@ def colour(c, image_size, res_connections):
   s.augment = True
   s.augmentation_method = "InfoNCE,instancewise_full"
   s.aug_decisions_weight = 100.0
-  # Stage 2 (treediffusion.md §4.3): ch 128, attention at downsampling factor 8 (the 4×4 level).
+  # Stage 2, as the reference's CIFAR-10 config: ch 128, attention at downsampling factor 8 (the
+  # 4×4 level).
   c.diffusion.unet.update(dict(ch=128, attn_resolutions=(16, 8)))
   c.diffusion.batch_size = 64
   c.diffusion.sampling.batch_size = 64

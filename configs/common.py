@@ -181,7 +181,7 @@ def base() -> ml_collections.ConfigDict:
       cfg_drop_rate=0.0,            # classifier-free guidance: per-sample condition dropout
       seed=0, batch_size=256, num_epochs=1000,
       num_steps=0,                  # > 0 overrides num_epochs
-      shuffle=True,                 # the reference iterates unshuffled (§5.5)
+      shuffle=True,                 # the reference iterates unshuffled
       dtype="float32",              # compute dtype of the UNet and the frozen TreeVAE: float32 |
                                     # bfloat16 (params, optimiser, EMA stay float32)
       log_every_steps=100, checkpoint_every_steps=5000, checkpoints_to_keep=3,

@@ -1,7 +1,7 @@
-"""CUBICC at 64×64 from a folder with one subfolder per class (§6, §7.2).
+"""CUBICC at 64×64 from a folder with one subfolder per class.
 
 The reference's cubicc.yml trains 1 epoch per phase, almost certainly a debug leftover
-(treevae.md §10); we use the CIFAR-10 schedule (150/150) instead.
+(1 epoch cannot grow a useful tree); we use the CIFAR-10 schedule (150/150) instead.
 
     python launch/train_treevae.py --config=configs/cubicc.py --config.data.folder=/path/to/cubicc \
         --workdir=runs/cubicc
@@ -15,7 +15,7 @@ def get_config(arg=None):
   c = cifar10.colour(common.base(), 64, res_connections=True)
   c.data.name = "cubicc"
   c.stage1.augmentation = "cifar"
-  # Stage 2 (treediffusion.md §4.3): five levels, batch 32, 500 epochs.
+  # Stage 2, as the reference's CUBICC config: five levels, batch 32, 500 epochs.
   c.diffusion.unet.ch_mults = (1, 2, 2, 2, 4)
   c.diffusion.batch_size = 32
   c.diffusion.sampling.batch_size = 32

@@ -41,7 +41,7 @@ def _count(conditioning, unet, size, channels, z_dim, depth=4):
 
 
 @pytest.mark.parametrize("conditioning,unet,size,channels,z_dim,expected", [
-    # treediffusion.md §4.5: the reference network built from its configs.
+    # The reference network built from its configs (its parameter counts).
     ("image+path", MNIST_UNET, 28, 1, 64, 9_409_025),
     ("path", MNIST_UNET, 28, 1, 64, 9_408_449),
     ("image+path", CIFAR_UNET, 32, 3, 1024, 39_361_795),
@@ -220,7 +220,7 @@ def test_scanned_chain_equals_a_python_loop(tiny, form2):
       eps_fn, x0, cfg, None, shift=cond["image"] if form2 else None))(x_T)
   assert got.shape == x.shape
   # The reference's form, literally: form2 subtracts the condition inside the update and once
-  # at the end (treediffusion.md §6.3).
+  # at the end (as the reference does).
   r = schedule.respace(schedule.alpha_bars(schedule.linear_betas()),
                        schedule.spaced_timesteps(1000, 5, "uniform"))
   xt = x_T + (cond["image"] if form2 else 0.0)

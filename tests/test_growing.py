@@ -1,4 +1,4 @@
-"""Growing and pruning rules on synthetic leaf-probability matrices (treevae.md §4.3–4.4)."""
+"""The reference's growing and pruning rules on synthetic leaf-probability matrices."""
 
 import numpy as np
 

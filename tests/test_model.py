@@ -88,7 +88,7 @@ def test_row_conv_picks_the_dense_form_for_the_decoders():
 
 
 def test_cnn1_shapes_follow_the_reference():
-  # Encoder 28→19→10→2 with kernels 12/12/7; decoder 2→10→19→28 (treevae.md §8.2).
+  # Encoder 28→19→10→2 with kernels 12/12/7; decoder 2→10→19→28 (the reference's MNIST CNN).
   enc = networks.Cnn1Encoder(28, 1, 32, 2)
   v = enc.init(jax.random.key(0), X[:1], train=False)
   assert [v["params"][f"conv{i}"]["kernel"].shape[0] for i in range(3)] == [12, 12, 7]
@@ -100,7 +100,7 @@ def test_cnn1_shapes_follow_the_reference():
 
 
 def test_parameter_counts_match_the_reference():
-  # treevae.md §2.7 counts, minus the heads no loss reads (§8.17): the bottom-up Conv blocks'
+  # The reference model's counts, minus the heads no loss reads: the bottom-up Conv blocks'
   # mu/var heads (6 levels) and the contrastive heads' unused softplus output (7 levels).
   tree = Tree.complete(1)
   mnist = TreeVAE()
@@ -130,7 +130,7 @@ def test_merge_and_kls_against_float64_numpy():
   kl = (0.5 * (np.log(s2 / s1) + (s1 + (mu1 - mu2) ** 2) / s2 - 1)).reshape(3, -1).sum(1)
   np.testing.assert_allclose(losses.gaussian_kl(*map(jnp.asarray, (mu1, v1, mu2, v2))), kl,
                              rtol=1e-5)
-  # Limits of §8.2: an uninformative prior leaves the proposal; equal variances halve it.
+  # The limits: an uninformative prior leaves the proposal; equal variances halve it.
   m, v = losses.merge_gaussians(jnp.float32(1.5), jnp.float32(0.3), jnp.float32(-2.0),
                                 jnp.float32(1e9))
   assert abs(float(m) - 1.5) < 1e-5 and abs(float(v) - 0.3) < 1e-5

@@ -9,7 +9,7 @@ from tree_diffusion.diffusion import process, schedule
 from tree_diffusion.diffusion.ddim import ddim_step, normal_like
 from tree_diffusion.diffusion.ddpm import ddpm_step
 
-# treediffusion.md §6.1: what the reference's quad spacing visits for T = 1000, n = 100.
+# What the reference's quad spacing visits for T = 1000, n = 100.
 QUAD_100 = [
     0, 1, 2, 3, 5, 6, 8, 9, 11, 13, 15, 18, 20, 23, 26, 29, 32, 35, 39, 43, 47, 51, 55, 59, 63, 68,
     73, 78, 83, 88, 94, 99, 105, 111, 117, 124, 130, 137, 143, 150, 158, 165, 172, 180, 188, 195,
@@ -39,7 +39,6 @@ def test_uniform_spacing_rejects_impossible_n_and_unknown_kind():
 
 def test_alpha_bar_reference_values():
   ab = schedule.alpha_bars(schedule.linear_betas(1000, 1e-4, 0.02))
-  # treediffusion.md §5.1
   np.testing.assert_allclose(ab[[0, 499, 799, 800, 999]],
                              [0.9999, 0.07859, 1.532e-3, 1.508e-3, 4.036e-5], rtol=2e-3)
   assert ab.dtype == np.float64
@@ -49,7 +48,8 @@ def test_respaced_constants_match_a_loop():
   betas = schedule.linear_betas(1000, 1e-4, 0.02)
   tau = schedule.spaced_timesteps(1000, 100, "quad")
   r = schedule.respace(schedule.alpha_bars(betas), tau)
-  # Independent: products of (1 - β) over the original steps, then the §6.2 formulas one by one.
+  # Independent: products of (1 - β) over the original steps, then the respacing formulas one by
+  # one.
   prev = 1.0
   for k, t in enumerate(tau):
     a = 1.0

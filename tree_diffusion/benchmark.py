@@ -419,7 +419,8 @@ def run_part(setup: Setup, part: str, batch: int | None = None,
 
 
 def stage1_epochs(s) -> dict:
-  """Epochs of the stage-1 schedule in the config's ``stage1`` section (``treevae.md`` §4).
+  """Epochs of the stage-1 schedule in the config's ``stage1`` section (initial training, one
+  small tree per split, fine-tuning: the reference's order).
 
   Growing from ``2^initial_depth`` leaves to ``num_clusters_tree`` takes one split per new leaf
   (at most ``max_growth_iterations``); a full-tree pass runs before iterations 3, 6, 9, ….

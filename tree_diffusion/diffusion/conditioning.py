@@ -1,4 +1,4 @@
-"""How the denoiser is conditioned on the TreeVAE (``treediffusion.md`` §1, §3), one code path.
+"""How the denoiser is conditioned on the TreeVAE, one code path.
 
 A conditioning name is a ``+``-joined set of parts:
 
@@ -16,7 +16,7 @@ the ablations of the paper's Table 3 (add ``image+`` for their image-conditioned
 Every signal is the same masked sum over a fixed-size ``[B, D]`` array of (latent, id) entries: a
 path is padded to the tree's depth with a zero mask, a leaf signal is one entry. There is no loop
 over the batch. With a signal the ResBlocks use AdaGN, without one additive conditioning, exactly
-as the reference ties them (§3.3).
+as the reference ties them.
 
 Classifier-free guidance drops the condition of a sample by zeroing its mask (the null path
 embedding is ``y = 0``) and its image condition.
@@ -169,7 +169,7 @@ class FrozenItems(dict):
 
 @dataclasses.dataclass(frozen=True)
 class PathTables:
-  """Static tables of a tree for building conditions (``treediffusion.md`` §11).
+  """Static tables of a tree for building conditions.
 
   Attributes:
     nodes: node ids in BFS order (= ``tree.nodes``; a node's BFS index is its position here, as

@@ -1,4 +1,4 @@
-"""One DDIM update (Song et al. 2021, eq. 12) as the reference applies it (``treediffusion.md`` §6.3)."""
+"""One DDIM update (Song et al. 2021, eq. 12) as the reference applies it."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def normal_like(key: jax.Array, x: jax.Array) -> jax.Array:
 def predict_x0(x_t: jax.Array, eps: jax.Array, alpha_bar_t, clip: bool = True) -> jax.Array:
   """``x̃0 = x_t / sqrt(ᾱ_t) − sqrt(1/ᾱ_t − 1) ε̂``, clipped to [−1, 1] like the reference.
 
-  (The data live in [0, 1] while the clip is to [−1, 1]: the reference's convention, §5.5.)
+  (The data live in [0, 1] while the clip is to [−1, 1]: the reference's convention.)
   """
   x0 = x_t * jax.lax.rsqrt(alpha_bar_t) - jnp.sqrt(1.0 / alpha_bar_t - 1.0) * eps
   return jnp.clip(x0, -1.0, 1.0) if clip else x0

@@ -1,4 +1,5 @@
-"""One ancestral DDPM update with ``fixedlarge``/``fixedsmall`` variances (``treediffusion.md`` §6.4)."""
+"""One ancestral DDPM update with the reference's two variances: ``fixedlarge`` (β_t, the first
+step's replaced by the posterior variance) or ``fixedsmall`` (the posterior variance)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The frozen stage-1 TreeVAE as stage 2 sees it (``treediffusion.md`` §2): the export loaded
+"""The frozen stage-1 TreeVAE as stage 2 sees it: the export loaded
 after checking it against the config, and the two passes stage 2 runs through it.
 
 Both passes run the TreeVAE in eval mode (running BatchNorm statistics) under ``stop_gradient``;

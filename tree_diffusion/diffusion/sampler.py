@@ -1,8 +1,7 @@
 """Stage-2 sampling: the whole reverse chain as one ``lax.scan`` in one ``jit``, sharded over "data".
 
 :func:`reverse_chain` is the chain itself (DDIM or ancestral DDPM over a respaced timestep table).
-:class:`Sampler` wraps it with the frozen TreeVAE into the four evaluation modes of the reference
-(``treediffusion.md`` §7):
+:class:`Sampler` wraps it with the frozen TreeVAE into the four evaluation modes of the reference:
 
 * ``sample``: root prior → conditional priors → p-router leaf probabilities → one leaf *drawn* per
   sample → the chain from pure noise (form2: noise + the leaf's TreeVAE image).

@@ -64,7 +64,7 @@ def spaced_timesteps(T: int, n: int, kind: str = "quad") -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Respaced:
-  """Constants of the chain restricted to ``timesteps`` (§6.2), all float64 ``[S]``, ascending.
+  """Constants of the chain restricted to ``timesteps``, all float64 ``[S]``, ascending.
 
   Attributes:
     timesteps: the original step indices ``τ_k`` (the network is called with these).
@@ -88,7 +88,7 @@ class Respaced:
     return len(self.timesteps)
 
   def ddpm_variance(self, kind: str) -> np.ndarray:
-    """Per-step variance of ancestral sampling (§6.4).
+    """Per-step variance of ancestral sampling.
 
     ``fixedlarge``: ``β'_k``, except ``k = 0`` which takes ``β̃'_1`` (the posterior variance of the
     next step; ``β̃'_0 = 0``). ``fixedsmall``: ``β̃'_k``, with ``k = 0`` clipped to ``β̃'_1`` inside

@@ -1,4 +1,4 @@
-"""Stage-2 training: the path-conditioned denoiser on top of the frozen stage-1 export (§5).
+"""Stage-2 training: the path-conditioned denoiser on top of the frozen stage-1 export.
 
 Each step runs the frozen TreeVAE on the batch (posterior samples, q-router leaf probabilities),
 draws one leaf per sample from those probabilities, builds the condition, noises the images at a

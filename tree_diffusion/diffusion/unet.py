@@ -1,9 +1,10 @@
-"""The denoiser: the OpenAI-style UNet of DiffuseVAE/TreeDiffusion (``treediffusion.md`` §4), NHWC.
+"""The denoiser: the OpenAI-style UNet of DiffuseVAE/TreeDiffusion, NHWC.
 
 Layer order, widths and zero-initialisations follow the reference so that parameter counts match
-exactly (tested against §4.5). Two details are easy to get wrong and matter for fidelity:
+exactly (tested against the counts of the reference built from its configs). Two details are easy
+to get wrong and matter for fidelity:
 
-* ``attn_resolutions`` are **downsampling factors** (1, 2, 4, …), not pixel sizes (§4.2): the MNIST
+* ``attn_resolutions`` are **downsampling factors** (1, 2, 4, …), not pixel sizes: the MNIST
   config's ``(16,)`` never fires, so its only attention is in the middle block.
 * stride-2 convolutions pad (1, 1) explicitly (Flax's ``"SAME"`` pads (0, 1) and shifts the grid),
   GroupNorm uses eps 1e-5, and the timestep sinusoid is ``[cos, sin]``.

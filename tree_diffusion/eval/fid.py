@@ -1,4 +1,5 @@
-"""Fréchet distance between Gaussian fits of Inception activations (``treediffusion.md`` §8.1).
+"""Fréchet distance between Gaussian fits of Inception activations (the
+reference's FID: pool3 features of the TF-Inception port, 2048-d).
 
 Statistics are computed on the host in float64: the mean and the *unbiased* covariance
 (``np.cov(rowvar=False)``), as the reference's FID code does. Images enter the Inception network

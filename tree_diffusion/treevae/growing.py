@@ -37,7 +37,7 @@ class GrowDecision:
 
 def select_leaf(tree: Tree, leaf_probs: np.ndarray, *, batch_size: int, max_depth: int,
                 num_clusters: int, not_expandable=frozenset()) -> GrowDecision:
-  """The reference's leaf-selection rule (§4.3).
+  """The reference's leaf-selection rule.
 
   * Stop if the number of effective leaves (≥ 1% of the mass) reaches ``num_clusters``.
   * Rank the expandable leaves by how many samples reach them with probability
@@ -75,7 +75,7 @@ def subset_indices(leaf_probs: np.ndarray, tree: Tree, leaf: int, threshold: flo
 
 
 def leaf_to_prune(tree: Tree, leaf_probs: np.ndarray, min_share: float = 0.01) -> int | None:
-  """One pruning round (§4.4): the leaf with fewest argmax assignments if below ``min_share``.
+  """One pruning round: the leaf with fewest argmax assignments if below ``min_share``.
 
   Returns ``None`` when the smallest leaf is large enough or the tree has < 2 leaves.
   """

@@ -98,7 +98,7 @@ def output_image(out, kind: str):
 def _two_view_log_softmax(sim: jax.Array):
   """Per-sample ``log(s_aa' / Σ_{b≠a} s_ab)`` for a [2N, 2N] similarity (logit) matrix.
 
-  Row ``a``'s positive is the other view of the same image, ``a ± N`` (§8.15).
+  Row ``a``'s positive is the other view of the same image, ``a ± N``.
   """
   n2 = sim.shape[0]
   half = n2 // 2

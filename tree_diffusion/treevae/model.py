@@ -254,7 +254,7 @@ class TreeVAE:
 
     ``prefixes`` name each node's variables (``("node_5",)``). Root: ``q = N(mû, vâr)``, prior
     ``N(0, I)``. Other nodes: prior from the transformation of the parent's *sample*, posterior by
-    precision-weighted merge (§2.5).
+    precision-weighted merge.
     """
     mu_hat, var_hat = run.many([p + (DENSE,) for p in prefixes],
                                self.component_def(DENSE, depth), (d,), (None,))
@@ -289,7 +289,7 @@ class TreeVAE:
     return [tuple(g) for g in groups.values()]
 
   def contrastive_bottom_up(self, run: Runner, ds) -> jax.Array:
-    """NT-Xent of the projection heads, averaged over the bottom-up levels (§3.4)."""
+    """NT-Xent of the projection heads, averaged over the bottom-up levels."""
     terms = [losses.nt_xent(run((f"proj_{j}",), networks.ContrastiveProjection(self.act), d))
              for j, d in enumerate(ds)]
     return sum(terms) / len(terms)
@@ -297,7 +297,7 @@ class TreeVAE:
   def apply(self, variables: Variables, tree: Tree, x: jax.Array, key: jax.Array, *,
             train: bool, decode: bool = True, contrastive: bool = False,
             return_recon: bool = False):
-    """The full TreeVAE forward pass (§2.5).
+    """The full TreeVAE forward pass.
 
     Args:
       variables: ``{"params", "batch_stats"}`` for ``tree``.
@@ -426,7 +426,7 @@ class TreeVAE:
     log_w = jnp.stack([acc[n] for n in tree.leaves], axis=1)
     return (log_w, parts) if details else log_w
 
-  # Small-tree (growing) phase, §3.3. The frozen tree and the new split are two functions: the
+  # Small-tree (growing) phase. The frozen tree and the new split are two functions: the
   # split's step then depends only on the depth of the split node, so it compiles once per depth
   # instead of once per split, and its gradients never touch the frozen tree.
 
@@ -456,7 +456,7 @@ class TreeVAE:
 
   def apply_split(self, variables: Variables, depth: int, x: jax.Array, frozen: dict,
                   key: jax.Array, *, train: bool, contrastive: bool = False):
-    """Loss terms of a new 2-leaf subtree under a node at ``depth`` (§3.3).
+    """Loss terms of a new 2-leaf subtree under a node at ``depth``.
 
     Args:
       variables: the split's own variables, ``{"params": {"p_router", "q_router", "left",
@@ -480,7 +480,7 @@ class TreeVAE:
     rec_c = jax.vmap(lambda o: losses.reconstruction_loss(x, o, self.output))(outs)
     aug = losses.router_infonce(pi_q, prob) if contrastive else jnp.zeros((), x.dtype)
     b = x.shape[0]
-    # No per-sample clip of the children's KLs in the small tree (§3.3).
+    # No per-sample clip of the children's KLs in the small tree.
     result = dict(rec=(p_c * rec_c).sum(0), kl_root=jnp.zeros((b,), x.dtype),
                   kl_nodes=(p_c * kls).sum(0), kl_decisions=kl_dec, aug=aug, leaf_probs=p_c.T)
     return result, run.batch_stats()
@@ -509,7 +509,7 @@ class TreeVAE:
 
   def generate(self, variables: Variables, tree: Tree, key: jax.Array, num: int,
                decode: bool = True):
-    """Prior samples (§4.6): root ``z ~ N(0, I)``, children from their priors, p-router routing.
+    """Prior samples: root ``z ~ N(0, I)``, children from their priors, p-router routing.
 
     Returns:
       dict with ``images`` ``[K, num, H, W, C]`` (every leaf decoded; ``None`` when not

@@ -8,7 +8,7 @@ momentum 0.9 / eps 1e-5 (PyTorch momentum 0.1). Weights are initialised as PyTor
 uniformly; a deliberate, documented simplification).
 
 Deliberate omission: the bottom-up ``Conv`` blocks of the reference also build mu/var heads that no
-loss ever reads (§8.17); :class:`ConvBlock` builds heads only when asked.
+loss ever reads; :class:`ConvBlock` builds heads only when asked.
 """
 
 from __future__ import annotations

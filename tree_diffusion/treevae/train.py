@@ -87,7 +87,7 @@ def init_state(variables, cfg: StepConfig) -> TrainState:
 
 
 def loss_terms(out: dict, alpha, aug_weight: float) -> dict:
-  """Batch-mean ELBO terms and the total (§3.1); ``alpha`` is the KL-annealing weight."""
+  """Batch-mean ELBO terms and the total; ``alpha`` is the KL-annealing weight."""
   terms = dict(rec=out["rec"].mean(), kl_root=out["kl_root"].mean(),
                kl_nodes=jnp.clip(out["kl_nodes"].mean(), -10.0, 1e10),
                kl_decisions=out["kl_decisions"].mean(), aug=aug_weight * out["aug"])
@@ -167,7 +167,7 @@ _split_update = jax.jit(_split_step, static_argnames=("model", "depth", "cfg"), 
 
 def split_step(state: TrainState, frozen_variables, images: jax.Array, key: jax.Array, alpha, lr,
                *, model: TreeVAE, tree: Tree, parent: int, cfg: StepConfig):
-  """One small-tree step (§4.2 f): only the split's own variables (``state``) train.
+  """One small-tree step: only the split's own variables (``state``) train.
 
   The frozen tree runs in eval mode with sampled latents and is never differentiated; the split's
   parameters are their own pytree, so the frozen tree has no optimiser state and cannot move —
@@ -197,7 +197,7 @@ def eval_terms(variables, images, key, *, model: TreeVAE, tree: Tree):
 
 
 def kl_weight(epoch: int, kl_start: float, decay: float) -> float:
-  """KL annealing within a phase (§3.2): ``min(1, kl_start + epoch·decay)`` during ``epoch``."""
+  """KL annealing within a phase: ``min(1, kl_start + epoch·decay)`` during ``epoch``."""
   return float(min(1.0, kl_start + epoch * decay))
 
 
@@ -250,7 +250,7 @@ def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, pha
   if epochs <= 0:
     return variables
   cfg = _step_config(run)
-  # Contrastive batches hold two views of batch_size/2 images (§6).
+  # Contrastive batches hold two views of batch_size/2 images.
   load_bs = c.batch_size // 2 if cfg.contrastive else c.batch_size
   n = len(run.train) if indices is None else len(indices)
   steps_per_epoch = data_lib.num_batches(n, load_bs, drop_remainder=True)
@@ -377,7 +377,7 @@ def _read_cursor(meta: dict, where: str) -> Cursor:
 
 
 def _grow_decision(run: _Run, variables, tree: Tree, cursor: Cursor, phase_id: int):
-  """The ``grow`` state (§4.2 step 2): intermediate training is due, or pick a leaf and grow it.
+  """The ``grow`` state: intermediate training is due, or pick a leaf and grow it.
 
   Returns ``(variables, tree, cursor, indices)``; ``indices`` are the rows the new small tree
   trains on (``None`` unless the next state is ``small_tree``).
@@ -422,7 +422,7 @@ def _after_small_tree(run: _Run, variables, tree: Tree, cursor: Cursor) -> Curso
 
 
 def _prune(run: _Run, variables, tree: Tree):
-  """Removes leaves with < 1% of the argmax assignments, one at a time (§4.4)."""
+  """Removes leaves with < 1% of the argmax assignments, one at a time."""
   c = run.config.stage1
   while True:
     probs = predict_leaf_probs(run.model, variables, tree, run.train, c.eval_batch_size)
