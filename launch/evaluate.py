@@ -75,7 +75,8 @@ def _preflight(runs_: list[tuple[str, object]], settings: list, checkpoints: str
   them all, a run of another dataset than its config's, an output directory that cannot be
   written. ``runs_``: ``(workdir, config)`` pairs; ``settings``: each run's ``Settings``.
   """
-  from tree_diffusion import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.treevae import export as export_lib  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.diffusion.checkpoints import Stage2Checkpoints
   from tree_diffusion import runs, sharding  # pylint: disable=g-import-not-at-top
   from tree_diffusion.diffusion import frozen  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
@@ -84,7 +85,7 @@ def _preflight(runs_: list[tuple[str, object]], settings: list, checkpoints: str
   for workdir, config in runs_:
     ckpt_dir = runs.RunDir(workdir).stage2_checkpoints
     try:
-      any_steps |= bool(evaluate.select_steps(ckpt_lib.Stage2Checkpoints.steps_in(ckpt_dir),
+      any_steps |= bool(evaluate.select_steps(Stage2Checkpoints.steps_in(ckpt_dir),
                                               checkpoints))
     except ConfigError as e:
       if str(e) != "no stage-2 checkpoints":
@@ -92,8 +93,8 @@ def _preflight(runs_: list[tuple[str, object]], settings: list, checkpoints: str
       raise ConfigError(f"no stage-2 checkpoints in {ckpt_dir}: train stage 2 "
                         f"(launch/train_diffusion.py --workdir={workdir}) or pass "
                         f"--checkpoints=none to evaluate stage 1 only") from None
-    path = ckpt_lib.resolve_export(frozen.export_path(config, workdir))
-    exports[workdir] = (path, ckpt_lib.read_export_meta(path))
+    path = export_lib.resolve_export(frozen.export_path(config, workdir))
+    exports[workdir] = (path, export_lib.read_export_meta(path))
   datasets = {w: ((meta.get("config") or {}).get("data") or {}).get("name", "?")
               for w, (_, meta) in exports.items()}
   if len(set(datasets.values())) > 1 and not common.config_from_run():

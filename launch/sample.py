@@ -71,6 +71,7 @@ def main(argv):
   common.check_against_run(config, workdir)    # only sampling settings may differ from the run's
   # After setup(): jax is configured first.
   from tree_diffusion import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.diffusion.checkpoints import Stage2Checkpoints
   from tree_diffusion import files, lock, runs  # pylint: disable=g-import-not-at-top
   from tree_diffusion import validation  # pylint: disable=g-import-not-at-top
   from tree_diffusion.diffusion import generate, sampler  # pylint: disable=g-import-not-at-top
@@ -92,7 +93,7 @@ def main(argv):
   common.check_run_dir(workdir)
   run_dir = runs.RunDir(workdir)
   ckpt_dir = run_dir.stage2_checkpoints
-  steps = ckpt_lib.Stage2Checkpoints.steps_in(ckpt_dir)
+  steps = Stage2Checkpoints.steps_in(ckpt_dir)
   fix = "make it writable, or copy the run to a directory you can write to and pass that --workdir"
   if _EXPORT_DIR.value is not None:
     files.check_path(_EXPORT_DIR.value, "--export_dir")

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from tree_diffusion import checkpoint
+from tree_diffusion.diffusion.checkpoints import Stage2Checkpoints
 from tree_diffusion.tree import Tree
+from tree_diffusion.treevae import export as export_lib
+from tree_diffusion.treevae.checkpoints import Stage1Checkpoints
 from tree_diffusion.treevae.model import TreeVAE, grow_variables
 
 TINY = TreeVAE(latent_channels=(2,) * 4, bottom_up_channels=(4,) * 4)
@@ -48,12 +51,12 @@ def test_the_schedule_cursor_reads_old_and_new_checkpoints_and_refuses_unknown_p
 
 def test_checkpoint_round_trip(tmp_path):
   tree, v = _grown()
-  ckpts = checkpoint.Stage1Checkpoints(str(tmp_path), max_to_keep=2)
+  ckpts = Stage1Checkpoints(str(tmp_path), max_to_keep=2)
   cursor = {"phase": "grow", "iteration": 1, "not_expandable": [], "phase_id": 3}
   ckpts.save(1, TINY.init(jax.random.key(5), Tree.complete(1)), Tree.complete(1), cursor)
   ckpts.save(2, v, tree, cursor)
   ckpts.close()
-  step, restored, rtree, meta, phase = checkpoint.Stage1Checkpoints(str(tmp_path)).restore(TINY)
+  step, restored, rtree, meta, phase = Stage1Checkpoints(str(tmp_path)).restore(TINY)
   assert step == 2 and rtree == tree and meta["cursor"] == cursor and phase == {}
   for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(restored)):
     np.testing.assert_array_equal(a, b)
@@ -63,8 +66,8 @@ def test_checkpoint_round_trip(tmp_path):
 def test_export_and_load_give_identical_outputs(tmp_path):
   tree, v = _grown()
   path = tmp_path / "export"
-  checkpoint.export_treevae(str(path), TINY, v, tree, {"metrics": {"nmi": 0.5}})
-  model, variables, loaded_tree = checkpoint.load_treevae(str(path))
+  export_lib.export_treevae(str(path), TINY, v, tree, {"metrics": {"nmi": 0.5}})
+  model, variables, loaded_tree = export_lib.load_treevae(str(path))
   assert model == TINY and loaded_tree == tree
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 28, 28, 1)), jnp.float32)
   # One compiled function for both (the model and tree are equal, so is the trace).
@@ -79,7 +82,7 @@ def test_export_and_load_give_identical_outputs(tmp_path):
 def test_load_treevae_refuses_a_training_workdir(tmp_path):
   (tmp_path / "checkpoints").mkdir()
   with pytest.raises(checkpoint.CheckpointError, match="export"):
-    checkpoint.load_treevae(str(tmp_path))
+    export_lib.load_treevae(str(tmp_path))
 
 
 # ------------------------------------------------------------------- stage 1 → stage 2
@@ -96,15 +99,15 @@ def test_stage2_loads_the_export_it_is_pointed_at(tmp_path):
   from tree_diffusion.diffusion import frozen
   tree, v = _grown()
   run = tmp_path / "run"
-  checkpoint.export_treevae(str(run / "export"), TINY, v, tree, {})
+  export_lib.export_treevae(str(run / "export"), TINY, v, tree, {})
   c = _stage2_config()
   model, variables, loaded, path, fingerprint, _ = frozen.load_stage1(c, str(run))
   assert model == TINY and loaded == tree and path == str((run / "export").resolve())
   for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(variables)):
     np.testing.assert_array_equal(a, b)
   # The fingerprint identifies the model: another export of other variables has another one.
-  checkpoint.export_treevae(str(tmp_path / "other"), TINY, _grown_other(), tree, {})
-  assert checkpoint.export_fingerprint(str(tmp_path / "other")) != fingerprint
+  export_lib.export_treevae(str(tmp_path / "other"), TINY, _grown_other(), tree, {})
+  assert export_lib.export_fingerprint(str(tmp_path / "other")) != fingerprint
 
 
 @pytest.mark.parametrize("case,match", [
@@ -117,7 +120,7 @@ def test_stage2_refuses_a_wrong_export(tmp_path, case, match):
   from tree_diffusion.errors import ConfigError
   tree, v = _grown()
   run = tmp_path / "run"
-  checkpoint.export_treevae(str(run / "export"), TINY, v, tree, {})
+  export_lib.export_treevae(str(run / "export"), TINY, v, tree, {})
   (run / "checkpoints").mkdir()
   c = _stage2_config(image_size=32) if case == "shape" else _stage2_config()
   if case == "missing":
@@ -132,15 +135,15 @@ def test_stage2_refuses_checkpoints_of_another_export(tmp_path):
   from tree_diffusion.diffusion import train as train_lib
   tree, v = _grown()
   run = tmp_path / "run"
-  checkpoint.export_treevae(str(run / "export"), TINY, v, tree, {})
-  ckpts = checkpoint.Stage2Checkpoints(str(run / "diffusion" / "checkpoints"))
+  export_lib.export_treevae(str(run / "export"), TINY, v, tree, {})
+  ckpts = Stage2Checkpoints(str(run / "diffusion" / "checkpoints"))
   ckpts.save(5, {"w": jnp.zeros((2,))}, {"export": "/elsewhere/export",
                                          "export_fingerprint": "0123456789abcdef"})
   ckpts.close()
   with pytest.raises(checkpoint.CheckpointError, match="trained on the stage-1 export /elsewhere"):
     train_lib.train_and_save(_stage2_config(), str(run))
   with pytest.raises(checkpoint.CheckpointError, match="no stage-2 checkpoint 7"):
-    checkpoint.Stage2Checkpoints(str(run / "diffusion" / "checkpoints")).read_meta(7)
+    Stage2Checkpoints(str(run / "diffusion" / "checkpoints")).read_meta(7)
 
 
 # ------------------------------------------------------------- damaged and foreign checkpoints
@@ -150,7 +153,7 @@ ABSTRACT = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in STATE.items()}
 
 
 def _two_checkpoints(directory, meta=None):
-  ckpts = checkpoint.Stage2Checkpoints(str(directory))
+  ckpts = Stage2Checkpoints(str(directory))
   for step in (1, 2):
     ckpts.save(step, {k: v + step for k, v in STATE.items()}, dict(meta or {}, step=step))
   ckpts.close()
@@ -181,7 +184,7 @@ def test_an_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path, how):
   _two_checkpoints(directory)
   _damage(directory / "2", how)
   damaged = _files(directory / "2")
-  ckpts = checkpoint.Stage2Checkpoints(str(directory))
+  ckpts = Stage2Checkpoints(str(directory))
   step, state, meta = ckpts.restore_latest(lambda meta: ABSTRACT)
   assert step == 1 and meta["step"] == 1
   np.testing.assert_array_equal(state["w"], STATE["w"] + 1)
@@ -198,7 +201,7 @@ def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
   _damage(directory / "2", "bad_json")
   before = _files(directory)
   with pytest.raises(checkpoint.CheckpointError, match="no stage-2 checkpoint in .* can be read"):
-    checkpoint.Stage2Checkpoints(str(directory)).restore_latest(lambda meta: ABSTRACT)
+    Stage2Checkpoints(str(directory)).restore_latest(lambda meta: ABSTRACT)
   assert _files(directory) == before
 
 
@@ -208,7 +211,7 @@ def test_a_half_written_checkpoint_is_ignored_and_removed(tmp_path):
   # What a process killed while saving step 3 leaves behind: Orbax's temporary directory.
   shutil.copytree(directory / "2", directory / "3.orbax-checkpoint-tmp")
   (directory / "3.orbax-checkpoint-tmp" / "commit_success.txt").unlink(missing_ok=True)
-  ckpts = checkpoint.Stage2Checkpoints(str(directory))
+  ckpts = Stage2Checkpoints(str(directory))
   assert ckpts.restore_latest(lambda meta: ABSTRACT)[0] == 2
   assert sorted(os.listdir(directory)) == ["1", "2"]
 
@@ -226,7 +229,7 @@ def test_a_checkpoint_of_another_config_or_version_is_refused(tmp_path):
   directory = tmp_path / "checkpoints"
   c = _stage2_config()
   _two_checkpoints(directory, {"config": checkpoint.config_sections(c, checkpoint.STAGE2_SECTIONS)})
-  restore = lambda c: checkpoint.Stage2Checkpoints(str(directory)).restore_for_training(
+  restore = lambda c: Stage2Checkpoints(str(directory)).restore_for_training(
       lambda: ABSTRACT, c, lambda step, meta: None)
   assert restore(c)[0] == 2
   c.diffusion.num_steps = 50            # only moves the end: resumable
@@ -242,7 +245,7 @@ def test_a_checkpoint_of_another_config_or_version_is_refused(tmp_path):
   meta_file.write_text(meta_file.read_text().replace(checkpoint.__version__, "0.0.1"))
   with pytest.raises(checkpoint.CheckpointError, match="written by tree_diffusion 0.0.1, this is"):
     restore(_stage2_config())
-  assert checkpoint.Stage2Checkpoints(str(directory)).all_steps() == [1, 2]   # nothing moved
+  assert Stage2Checkpoints(str(directory)).all_steps() == [1, 2]   # nothing moved
 
 
 def test_stage2_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path,
@@ -251,7 +254,7 @@ def test_stage2_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tm
   from tree_diffusion.errors import TrainingDivergedError
   tree, v = _grown()
   run = tmp_path / "run"
-  checkpoint.export_treevae(str(run / "export"), TINY, v, tree, {})
+  export_lib.export_treevae(str(run / "export"), TINY, v, tree, {})
 
   def diverging_step(state, tvae_vars, images, key, **static):   # step 3 returns NaN
     del tvae_vars, images, key, static
@@ -267,7 +270,7 @@ def test_stage2_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tm
                            f"grad_norm 0.5.; nothing was saved after it, the last good one is "
                            f"checkpoint 2 in {directory} .kept."):
     train_lib.train_and_save(c, str(run))
-  assert checkpoint.Stage2Checkpoints(str(directory)).all_steps() == [2]
+  assert Stage2Checkpoints(str(directory)).all_steps() == [2]
 
 
 def test_after_stage2_diverges_the_command_it_suggests_trains_on_the_same_export(tmp_path):
@@ -278,7 +281,7 @@ def test_after_stage2_diverges_the_command_it_suggests_trains_on_the_same_export
   from tree_diffusion.errors import TrainingDivergedError
   tree, v = _grown()
   run = tmp_path / "run"
-  checkpoint.export_treevae(str(run / "export"), TINY, v, tree, {})
+  export_lib.export_treevae(str(run / "export"), TINY, v, tree, {})
   c = _stage2_config()
   c.diffusion.lr = 1e30
   with pytest.raises(TrainingDivergedError) as e:

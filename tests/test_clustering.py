@@ -1,4 +1,4 @@
-"""Tests for tree_diffusion.eval.clustering against independent computations."""
+"""Tests for tree_diffusion.clustering against independent computations."""
 
 import itertools
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import sklearn.metrics
 
-from tree_diffusion.eval import clustering
+from tree_diffusion import clustering
 from tree_diffusion.tree import Tree
 
 

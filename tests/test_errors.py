@@ -9,7 +9,7 @@ import pytest
 
 from configs import demo
 from launchers import run as _run
-from tree_diffusion import checkpoint
+from tree_diffusion.treevae import export as export_lib
 
 
 @pytest.mark.parametrize("args,expect", [
@@ -70,7 +70,7 @@ def _fake_run(workdir, dataset="mnist_5k", stage2_steps=(2,), config=None):
   data["name"] = dataset
   (workdir / "export").mkdir(parents=True)
   (workdir / "export" / "meta.json").write_text(json.dumps({
-      "format": checkpoint.EXPORT_FORMAT, "model": {"image_size": 28, "channels": 1},
+      "format": export_lib.EXPORT_FORMAT, "model": {"image_size": 28, "channels": 1},
       "config": {"data": data}}))
   (workdir / "stage1_metrics.json").write_text("{}")
   for step in stage2_steps:

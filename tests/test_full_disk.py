@@ -19,6 +19,8 @@ from launchers import ROOT, assert_trees_equal, tiny_config
 from launchers import run as _run
 from test_reliability import _stage1_run, _stage2_run
 from tree_diffusion import checkpoint, errors, files
+from tree_diffusion.diffusion.checkpoints import Stage2Checkpoints
+from tree_diffusion.treevae.checkpoints import Stage1Checkpoints
 
 _TINY = "--config=configs/demo.py:tiny"
 # What TensorStore (under Orbax) raises when a write finds the disk full.
@@ -74,7 +76,7 @@ class _RaisesWhenFinalised:
 def test_orbax_reports_of_a_full_disk_are_held_back_and_others_shown(tmp_path, monkeypatch,
                                                                       capfd, caplog, cause):
   directory = tmp_path / "checkpoints"
-  ckpts = checkpoint.Stage2Checkpoints(str(directory))
+  ckpts = Stage2Checkpoints(str(directory))
   ckpts.save(2, {"w": np.zeros((3,), np.float32)}, {})
   real_save = checkpoint.ocp.CheckpointManager.save
 
@@ -114,7 +116,7 @@ def test_orbax_reports_of_a_full_disk_are_held_back_and_others_shown(tmp_path, m
   assert "Failed to run Handler Commit operations" in shown and "Event loop is closed" in shown
   monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", real_save)
   ckpts.close()
-  assert checkpoint.Stage2Checkpoints(str(directory), read_only=True).all_steps() == [2]
+  assert Stage2Checkpoints(str(directory), read_only=True).all_steps() == [2]
 
 
 # ------------------------------------------------------------------------------ on a small disk
@@ -205,7 +207,7 @@ def test_a_full_disk_during_a_stage1_checkpoint(tmp_path):
     ckpts = workdir / "checkpoints"
     _assert_one_full_disk_error(r, f"stage-1 checkpoint 8 was not saved in {ckpts}",
                                 f"the last complete one is checkpoint 7 in {ckpts} (kept)")
-    step, restored, restored_tree, _, _ = checkpoint.Stage1Checkpoints(str(workdir)).restore(model)
+    step, restored, restored_tree, _, _ = Stage1Checkpoints(str(workdir)).restore(model)
     assert step == 7 and restored_tree == tree
     assert_trees_equal(restored, variables)
 
@@ -219,7 +221,7 @@ def test_a_full_disk_during_the_stage1_export(tmp_path):
     r = _run(_TINY, f"--workdir={workdir}")
     _assert_one_full_disk_error(r, f"the stage-1 export was not written to {workdir}/export")
     assert not [n for n in os.listdir(workdir) if n.startswith("export")]   # nothing half-done
-    assert checkpoint.Stage1Checkpoints(str(workdir)).latest_step() == 7
+    assert Stage1Checkpoints(str(workdir)).latest_step() == 7
 
 
 @pytest.mark.slow
@@ -232,11 +234,11 @@ def test_a_full_disk_during_a_stage2_checkpoint(tmp_path, stage2_run):
     ckpts = workdir / "diffusion" / "checkpoints"
     _assert_one_full_disk_error(r, f"stage-2 checkpoint 3 was not saved in {ckpts}",
                                 f"the last complete one is checkpoint 2 in {ckpts} (kept)")
-    assert checkpoint.Stage2Checkpoints(str(ckpts), read_only=True).all_steps() == [2]
+    assert Stage2Checkpoints(str(ckpts), read_only=True).all_steps() == [2]
     os.remove(disk / "filler")    # space freed: the same command resumes from checkpoint 2
     r = _run(_TINY, f"--workdir={workdir}", script="train_diffusion.py")
     assert r.returncode == 0 and "resumed stage 2 from checkpoint 2" in r.stderr, r.stderr[-3000:]
-    assert checkpoint.Stage2Checkpoints(str(ckpts), read_only=True).all_steps() == [2, 3]
+    assert Stage2Checkpoints(str(ckpts), read_only=True).all_steps() == [2, 3]
 
 
 def test_a_full_disk_while_sampling_over_existing_samples_keeps_them(tmp_path, stage2_run):

@@ -73,20 +73,20 @@ def test_files_round_trip_through_the_server(gcs, tmp_path, monkeypatch):
 
 def test_feature_cache_and_checkpoints_on_the_server(gcs):
   """The Inception feature cache and an Orbax checkpoint manager (TensorStore's own client)."""
-  from tree_diffusion import checkpoint
+  from tree_diffusion.diffusion.checkpoints import Stage2Checkpoints
   from tree_diffusion.eval import fid
   path = f"gs://{BUCKET}/ckpt/eval/cache/features.npz"
   feats = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
   fid.save_features(path, feats, {"num_images": 5, "split": "test"})
   np.testing.assert_array_equal(fid.load_features(path, {"num_images": 5, "split": "test"}), feats)
   assert fid.load_features(path, {"num_images": 5, "split": "train"}) is None   # other data
-  ckpts = checkpoint.Stage2Checkpoints(f"gs://{BUCKET}/ckpt/checkpoints")
+  ckpts = Stage2Checkpoints(f"gs://{BUCKET}/ckpt/checkpoints")
   state = {"w": np.arange(6, dtype=np.float32), "b": np.float32(2.5)}
   for step in (1, 2):
     ckpts.save(step, {k: v * step for k, v in state.items()}, {"note": step})
   ckpts.close()
-  assert checkpoint.Stage2Checkpoints.steps_in(f"gs://{BUCKET}/ckpt/checkpoints") == [1, 2]
-  reader = checkpoint.Stage2Checkpoints(f"gs://{BUCKET}/ckpt/checkpoints", read_only=True)
+  assert Stage2Checkpoints.steps_in(f"gs://{BUCKET}/ckpt/checkpoints") == [1, 2]
+  reader = Stage2Checkpoints(f"gs://{BUCKET}/ckpt/checkpoints", read_only=True)
   step, got, meta = reader.restore(state)
   reader.close()
   assert step == 2 and meta["note"] == 2
@@ -165,9 +165,9 @@ def test_a_missing_bucket_is_one_line_naming_it_before_any_work(gcs, tmp_path):
 
 
 def _stage2_state(workdir):
-  from tree_diffusion import checkpoint, files
-  ckpts = checkpoint.Stage2Checkpoints(files.join(workdir, "diffusion", "checkpoints"),
-                                       read_only=True)
+  from tree_diffusion import files
+  from tree_diffusion.diffusion.checkpoints import Stage2Checkpoints
+  ckpts = Stage2Checkpoints(files.join(workdir, "diffusion", "checkpoints"), read_only=True)
   import orbax.checkpoint as ocp
   step = ckpts.latest_step()
   state = ckpts.manager.restore(step, args=ocp.args.Composite(
@@ -181,7 +181,8 @@ def test_the_tiny_pipeline_on_a_gs_workdir(gcs, tmp_path):
   """Both stages, stops, a kill and resumes (bit-exact against an uninterrupted run), a second
   writer, sampling, evaluation and the summary, all on gs:// run directories; nothing lands in a
   local ``gs:`` directory."""
-  from tree_diffusion import checkpoint, files, lock
+  from tree_diffusion import files, lock
+  from tree_diffusion.treevae import export as export_lib
   run, stopped = f"gs://{BUCKET}/run", f"gs://{BUCKET}/stopped"
   config = ["--config=configs/demo.py:tiny", "--config.eval.fid=False"]
   args, sargs = config + [f"--workdir={run}"], config + [f"--workdir={stopped}"]
@@ -189,7 +190,7 @@ def test_the_tiny_pipeline_on_a_gs_workdir(gcs, tmp_path):
   r = _run(*args)
   assert r.returncode == 0, r.stderr[-3000:]
   metrics = files.read_json(f"{run}/stage1_metrics.json")
-  model, variables, tree = checkpoint.load_treevae(f"{run}/export")
+  model, variables, tree = export_lib.load_treevae(f"{run}/export")
   assert tree.num_leaves == metrics["num_leaves"]
   # Stopped by SIGTERM inside the first small tree, then resumed: the same export, bit for bit.
   rc, err = _run_with_signals(*sargs, script="train_treevae.py",
@@ -197,7 +198,7 @@ def test_the_tiny_pipeline_on_a_gs_workdir(gcs, tmp_path):
   assert rc == 0 and "Resume with the same command" in err, err[-3000:]
   r = _run(*sargs)
   assert r.returncode == 0 and "of phase small_tree" in r.stderr, r.stderr[-3000:]
-  _, stopped_variables, stopped_tree = checkpoint.load_treevae(f"{stopped}/export")
+  _, stopped_variables, stopped_tree = export_lib.load_treevae(f"{stopped}/export")
   assert stopped_tree == tree
   assert_trees_equal(variables, stopped_variables)
 

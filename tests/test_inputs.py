@@ -9,13 +9,15 @@ import jax
 import numpy as np
 import pytest
 
+from tree_diffusion import clustering
 from tree_diffusion import data, files, inputs, lock, runs
-from tree_diffusion.checkpoint import CheckpointError, load_treevae
+from tree_diffusion.checkpoint import CheckpointError
 from tree_diffusion.diffusion import generate, schedule
 from tree_diffusion.diffusion import sampler as sampler_lib
 from tree_diffusion.diffusion.conditioning import make_denoiser
-from tree_diffusion.eval import clustering, fid, likelihood
+from tree_diffusion.eval import fid, likelihood
 from tree_diffusion.tree import Tree
+from tree_diffusion.treevae.export import load_treevae
 from tree_diffusion.treevae.model import TreeVAE
 
 TREE = Tree((0, 1, 2))

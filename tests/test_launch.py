@@ -70,8 +70,8 @@ def test_own_images_through_both_stages_and_evaluation(tmp_path):
   metrics = json.loads((workdir / "stage1_metrics.json").read_text())
   assert metrics["num_leaves"] >= 2 and "nmi" not in metrics["test"]      # no labels
   assert (workdir / "tree.png").stat().st_size > 1000
-  from tree_diffusion import checkpoint
-  model, variables, tree = checkpoint.load_treevae(str(workdir / "export"))
+  from tree_diffusion.treevae import export as export_lib
+  model, variables, tree = export_lib.load_treevae(str(workdir / "export"))
   assert tree.num_leaves == metrics["num_leaves"]
   _check_assignments(workdir, tmp_path / "images", model, variables, tree, metrics)
   assert f"report: {workdir / 'report.html'}" in r.stdout
@@ -106,7 +106,7 @@ def test_own_images_through_both_stages_and_evaluation(tmp_path):
   assert not set(half_written) & set(os.listdir(killed / "checkpoints"))
   r = _run(*kargs)
   assert r.returncode == 0 and "of phase small_tree" in r.stderr, r.stderr[-3000:]
-  _, killed_variables, killed_tree = checkpoint.load_treevae(str(killed / "export"))
+  _, killed_variables, killed_tree = export_lib.load_treevae(str(killed / "export"))
   assert killed_tree == tree
   assert_trees_equal(variables, killed_variables)
 

@@ -74,6 +74,8 @@ def _tiny_run(tmp_path):
   from configs import demo
   from launchers import write_image_folder
   from tree_diffusion import checkpoint, data
+  from tree_diffusion.treevae import export as export_lib  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.diffusion.checkpoints import Stage2Checkpoints
   from tree_diffusion.diffusion import train as df_train
   from tree_diffusion.diffusion.conditioning import make_denoiser
   from tree_diffusion.treevae import train as tv_train
@@ -91,7 +93,7 @@ def _tiny_run(tmp_path):
   variables = jax.device_get(model.init(jax.random.key(0), tree))
   variables["params"] = noisy(variables["params"], 0.3)
   export = str(workdir / "export")
-  checkpoint.export_treevae(export, model, variables, tree,
+  export_lib.export_treevae(export, model, variables, tree,
                             {"metrics": {"test": {}, "num_leaves": tree.num_leaves}},
                             data_identity=identity)
   d = c.diffusion
@@ -103,10 +105,10 @@ def _tiny_run(tmp_path):
   state = df_train.DiffusionState(
       step=np.int32(3), params=params, ema_params=params,
       opt_state=jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), shapes.opt_state))
-  ckpts = checkpoint.Stage2Checkpoints(str(workdir / "diffusion" / "checkpoints"))
+  ckpts = Stage2Checkpoints(str(workdir / "diffusion" / "checkpoints"))
   ckpts.save(3, state, {"export": os.path.abspath(export), "conditioning": den.conditioning.name,
                         "data_identity": identity,
-                        "export_fingerprint": checkpoint.export_fingerprint(export),
+                        "export_fingerprint": export_lib.export_fingerprint(export),
                         "config": checkpoint.config_sections(c, checkpoint.STAGE2_SECTIONS)})
   ckpts.close()
   return workdir, flags

@@ -16,7 +16,10 @@ import pytest
 
 from launchers import tiny_config, write_image_folder
 from tree_diffusion import checkpoint, data, lock, runs
+from tree_diffusion.diffusion.checkpoints import Stage2Checkpoints
 from tree_diffusion.errors import ConfigError, WorkdirBusyError
+from tree_diffusion.treevae import export as export_lib
+from tree_diffusion.treevae.checkpoints import Stage1Checkpoints
 
 
 def _folder_config(tmp_path, n=64):
@@ -37,14 +40,14 @@ def _stage1_run(c, workdir, phase="done", export=True, identity=None):
   model, tree = tv_train.make_model(c), tv_train.initial_tree(c)
   variables = model.init(jax.random.key(0), tree)
   identity = _identity(c) if identity is None else identity
-  ckpts = checkpoint.Stage1Checkpoints(str(workdir))
+  ckpts = Stage1Checkpoints(str(workdir))
   ckpts.save(7, variables, tree, {"phase": phase, "iteration": 0, "not_expandable": [],
                                   "phase_id": 3},
              extra={"global_epoch": 3, "data_identity": identity,
                     "config": checkpoint.config_sections(c, checkpoint.STAGE1_SECTIONS)})
   ckpts.close()
   if export:
-    checkpoint.export_treevae(str(workdir / "export"), model, variables, tree,
+    export_lib.export_treevae(str(workdir / "export"), model, variables, tree,
                               {"metrics": {"test": {"nmi": 0.5}, "num_leaves": tree.num_leaves,
                                            "wall_time_s": 1.0}}, data_identity=identity)
   return model, variables, tree
@@ -79,13 +82,13 @@ def test_rerunning_a_finished_stage1_repairs_a_garbled_export(tmp_path):
   from tree_diffusion.treevae import train as tv_train
   c, workdir = tiny_config(), tmp_path / "run"
   model, variables, tree = _stage1_run(c, workdir)
-  expected = checkpoint.fingerprint(model, variables, tree, _identity(c))
+  expected = export_lib.fingerprint(model, variables, tree, _identity(c))
   (workdir / "export" / "meta.json").write_text('{"format": "tree_diffusion.treevae.exp')
   with pytest.raises(checkpoint.CheckpointError, match="is garbled .*re-running launch/train_treevae.py"):
-    checkpoint.load_treevae(str(workdir / "export"))
+    export_lib.load_treevae(str(workdir / "export"))
   tv_train.train_and_export(c, str(workdir))
-  checkpoint.load_treevae(str(workdir / "export"))
-  assert checkpoint.export_fingerprint(str(workdir / "export")) == expected
+  export_lib.load_treevae(str(workdir / "export"))
+  assert export_lib.export_fingerprint(str(workdir / "export")) == expected
 
 
 def test_the_export_fingerprint_is_only_what_stage2_uses(tmp_path):
@@ -100,9 +103,9 @@ def test_the_export_fingerprint_is_only_what_stage2_uses(tmp_path):
       ("same_model_other_metrics", v, {"wall_time_s": 2.0}, identity),
       ("other_variables", model.init(jax.random.key(1), tree), {"wall_time_s": 1.0}, identity),
       ("other_data", v, {"wall_time_s": 1.0}, dict(identity, hash="bb"))]:
-    checkpoint.export_treevae(str(tmp_path / name), model, variables, tree, {"metrics": metrics},
+    export_lib.export_treevae(str(tmp_path / name), model, variables, tree, {"metrics": metrics},
                               data_identity=ident)
-    fp[name] = checkpoint.export_fingerprint(str(tmp_path / name))
+    fp[name] = export_lib.export_fingerprint(str(tmp_path / name))
   assert fp["a"] == fp["same_model_other_metrics"]
   assert len({fp["a"], fp["other_variables"], fp["other_data"]}) == 3
 
@@ -112,7 +115,7 @@ def test_an_export_is_replaced_only_once_the_new_one_is_complete(tmp_path, monke
   c = tiny_config()
   model, tree = tv_train.make_model(c), tv_train.initial_tree(c)
   path = str(tmp_path / "export")
-  checkpoint.export_treevae(path, model, model.init(jax.random.key(0), tree), tree, {})
+  export_lib.export_treevae(path, model, model.init(jax.random.key(0), tree), tree, {})
   before = _snapshot(path)
 
   def disk_full(*args, **kwargs):
@@ -121,10 +124,10 @@ def test_an_export_is_replaced_only_once_the_new_one_is_complete(tmp_path, monke
   monkeypatch.setattr(checkpoint.ocp.StandardCheckpointer, "save", disk_full)
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"the disk is full \(the previous export there is kept\)"):
-    checkpoint.export_treevae(path, model, model.init(jax.random.key(1), tree), tree, {})
+    export_lib.export_treevae(path, model, model.init(jax.random.key(1), tree), tree, {})
   assert _snapshot(path) == before
   assert os.listdir(tmp_path) == ["export"]   # the partial one removed at once
-  checkpoint.load_treevae(path)
+  export_lib.load_treevae(path)
 
 
 # ------------------------------------------------------------------------- one writer per workdir
@@ -242,10 +245,10 @@ def _stage2_run(c, workdir, step):
   state = df_train.init_state(denoiser, df_train.StepConfig.from_config(d), jax.random.key(0),
                               df_train.example_condition(denoiser, model, tree), model.image_shape)
   export = str((workdir / "export").resolve())
-  ckpts = checkpoint.Stage2Checkpoints(str(workdir / "diffusion" / "checkpoints"))
+  ckpts = Stage2Checkpoints(str(workdir / "diffusion" / "checkpoints"))
   ckpts.save(step, state.replace(step=np.int32(step)), {
       "export": export, "conditioning": denoiser.conditioning.name, "data_identity": _identity(c),
-      "export_fingerprint": checkpoint.export_fingerprint(export),
+      "export_fingerprint": export_lib.export_fingerprint(export),
       "config": checkpoint.config_sections(c, checkpoint.STAGE2_SECTIONS)})
   ckpts.close()
   return workdir / "diffusion" / "checkpoints"
@@ -348,7 +351,7 @@ def test_a_moved_or_copied_folder_is_the_same_dataset(tmp_path, caplog):
   old, new, other = (str(tmp_path / n) for n in ("images", "copy", "other"))
   identity = _identity(c)
   model, variables, tree = _stage1_run(c, workdir, export=False)
-  checkpoint.export_treevae(str(workdir / "export"), model, variables, tree, {
+  export_lib.export_treevae(str(workdir / "export"), model, variables, tree, {
       "config": json.loads(c.to_json_best_effort()),
       "metrics": {"test": {"nmi": 0.5}, "num_leaves": tree.num_leaves}}, data_identity=identity)
   (workdir / "tree.png").write_bytes(b"figure")
@@ -357,10 +360,10 @@ def test_a_moved_or_copied_folder_is_the_same_dataset(tmp_path, caplog):
   state = df_train.init_state(denoiser, df_train.StepConfig.from_config(d), jax.random.key(0),
                               df_train.example_condition(denoiser, model, tree), model.image_shape)
   export = str(workdir / "export")
-  ckpts = checkpoint.Stage2Checkpoints(str(workdir / "diffusion" / "checkpoints"))
+  ckpts = Stage2Checkpoints(str(workdir / "diffusion" / "checkpoints"))
   ckpts.save(d.num_steps, state.replace(step=np.int32(d.num_steps)), {
       "export": export, "conditioning": denoiser.conditioning.name, "data_identity": identity,
-      "export_fingerprint": checkpoint.export_fingerprint(export),
+      "export_fingerprint": export_lib.export_fingerprint(export),
       "config": checkpoint.config_sections(c, checkpoint.STAGE2_SECTIONS)})
   ckpts.close()
   (workdir / "diffusion" / "train_summary.json").write_text('{"steps": 3}')
@@ -415,11 +418,11 @@ def test_a_stale_old_export_does_not_block_the_next_swap(tmp_path):
   c = tiny_config()
   model, tree = tv_train.make_model(c), tv_train.initial_tree(c)
   path = tmp_path / "export"
-  checkpoint.export_treevae(str(path), model, model.init(jax.random.key(0), tree), tree, {})
+  export_lib.export_treevae(str(path), model, model.init(jax.random.key(0), tree), tree, {})
   (tmp_path / f"export.old-{os.getpid()}").mkdir()         # a run killed after its swap
   (tmp_path / f"export.old-{os.getpid()}" / "x").write_text("x")
-  checkpoint.export_treevae(str(path), model, model.init(jax.random.key(1), tree), tree, {})
-  checkpoint.load_treevae(str(path))
+  export_lib.export_treevae(str(path), model, model.init(jax.random.key(1), tree), tree, {})
+  export_lib.load_treevae(str(path))
   assert sorted(os.listdir(tmp_path)) == ["export"]
 
 
@@ -431,8 +434,8 @@ def test_rerunning_a_finished_stage1_with_other_metric_settings_recomputes_only_
   meta = json.loads((workdir / "export" / "meta.json").read_text())
   meta["config"] = json.loads(c.to_json_best_effort())        # final_elbo=True (demo:tiny)
   (workdir / "export" / "meta.json").write_text(json.dumps(meta))
-  fingerprint = checkpoint.export_fingerprint(str(workdir / "export"))
+  fingerprint = export_lib.export_fingerprint(str(workdir / "export"))
   c.stage1.final_elbo = False
   metrics = tv_train.train_and_export(c, str(workdir))
   assert metrics["test"]["nmi"] != 0.5 and "elbo" not in metrics["test"]   # computed again
-  assert checkpoint.export_fingerprint(str(workdir / "export")) == fingerprint
+  assert export_lib.export_fingerprint(str(workdir / "export")) == fingerprint

@@ -15,9 +15,10 @@ from PIL import Image
 
 from browser import Browser, find_chromium
 from launchers import ODD_NAMES
-from tree_diffusion import checkpoint, data, html_report
+from tree_diffusion import data, html_report
 from tree_diffusion.runs import RunDir
 from tree_diffusion.tree import Tree
+from tree_diffusion.treevae import export as export_lib
 
 TREE = Tree((0, 1, 2, 5, 6))          # leaves 1, 5, 6; node 2 is the inner node below the root
 CHROMIUM = find_chromium()
@@ -45,7 +46,7 @@ def _make_run(root):
   run_dir = RunDir(str(workdir))
   os.makedirs(run_dir.export)
   with open(os.path.join(run_dir.export, "meta.json"), "w") as f:
-    json.dump({"format": checkpoint.EXPORT_FORMAT, "tree": json.loads(TREE.to_json())}, f)
+    json.dump({"format": export_lib.EXPORT_FORMAT, "tree": json.loads(TREE.to_json())}, f)
   with open(run_dir.config, "w") as f:
     json.dump({"data": data_config}, f)
   rows = []

@@ -251,7 +251,8 @@ def test_a_gs_logdir_on_a_local_cloud_storage_emulator(tmp_path):
 def _stage1_export(c, workdir, epochs=None):
   """A stage-1 export of the initial (untrained) TreeVAE of ``c`` in ``workdir/export``."""
   import jax
-  from tree_diffusion import checkpoint, data
+  from tree_diffusion import data
+  from tree_diffusion.treevae import export as export_lib
   from tree_diffusion.treevae import train as tv_train
   model, tree = tv_train.make_model(c), tv_train.initial_tree(c)
   variables = model.init(jax.random.key(0), tree)
@@ -259,7 +260,7 @@ def _stage1_export(c, workdir, epochs=None):
   metrics = {"num_leaves": tree.num_leaves}
   if epochs is not None:
     metrics["epochs"] = epochs
-  checkpoint.export_treevae(str(workdir / "export"), model, variables, tree, {"metrics": metrics},
+  export_lib.export_treevae(str(workdir / "export"), model, variables, tree, {"metrics": metrics},
                             data_identity=identity)
   return tree
 

@@ -12,8 +12,9 @@ from PIL import Image
 
 import tree_diffusion
 from launchers import ODD_NAMES, run
-from tree_diffusion import checkpoint, data, image_files
+from tree_diffusion import data, image_files
 from tree_diffusion.tree import Tree
+from tree_diffusion.treevae import export as export_lib
 from tree_diffusion.treevae.model import TreeVAE
 
 TREE = Tree((0, 1, 2, 5, 6))   # leaves 1, 5, 6
@@ -25,7 +26,7 @@ def workdir(tmp_path_factory):
   """A run directory with a stage-1 export (initial weights), its config and metrics."""
   root = tmp_path_factory.mktemp("trained") / "run"
   variables = MODEL.init(jax.random.key(0), TREE)
-  checkpoint.export_treevae(str(root / "export"), MODEL, variables, TREE, {})
+  export_lib.export_treevae(str(root / "export"), MODEL, variables, TREE, {})
   config = {"data": {"name": "folder", "image_size": 28, "channels": 1, "resize": False},
             "stage1": {"eval_batch_size": 3}, "diffusion": {"treevae_export": ""}}
   (root / "config.json").write_text(json.dumps(config))
@@ -117,7 +118,7 @@ def test_assign_py_writes_the_csv_and_refuses_bad_input_in_one_line(workdir, fol
       list(ODD_NAMES) + ["x.png", "y.png", "sub/z.png"])
   x = np.stack([np.asarray(Image.open(folder / r_["file"]), np.float32)[..., None] / 255.0
                 for r_ in rows])
-  _, variables, _ = checkpoint.load_treevae(str(workdir / "export"))
+  _, variables, _ = export_lib.load_treevae(str(workdir / "export"))
   want = np.asarray(MODEL.leaf_probabilities(variables, TREE, x))
   for row, p in zip(rows, want):
     k = int(np.argmax(p))

@@ -1,6 +1,8 @@
-"""Checkpoints of both stages and the stage-1 export, the hand-off to stage 2.
+"""Orbax training checkpoints, generic over what they hold: :class:`Checkpoints` (the stage-1
+and stage-2 subclasses are ``treevae/checkpoints.py`` and ``diffusion/checkpoints.py``; the
+stage-1 export is ``treevae/export.py``).
 
-* Training checkpoints: one Orbax ``CheckpointManager`` per stage (``WORKDIR/checkpoints``,
+* One Orbax ``CheckpointManager`` per stage (``WORKDIR/checkpoints``,
   ``WORKDIR/diffusion/checkpoints``); each step saves ``Composite(state=StandardSave(arrays),
   meta=JsonSave(meta))``. ``meta`` holds what the arrays need to be rebuilt (stage 1: the tree
   JSON and the schedule cursor), the config sections that determine training, the library
@@ -14,29 +16,21 @@
   checksum) is moved to ``<dir>.unreadable/<step>`` with a warning and the previous one is used.
   Readers (sampling, evaluation) open checkpoints ``read_only``: they never create, clean up or
   delete anything, so they can run next to a trainer writing the same directory.
-* Export: ``WORKDIR/export/`` holds ``variables/`` (an Orbax ``StandardCheckpointer`` directory)
-  and ``meta.json`` (model hyper-parameters, tree, data shape, normalisation and identity, config,
-  metrics, library version, and the :func:`fingerprint` stage 2 records: a hash of only what
-  stage 2 uses). It is written next to the old one and swapped in when complete.
-  :func:`load_treevae` is all stage 2 needs.
 * A full disk (:func:`errors.disk_full`: ``ENOSPC``/``EDQUOT``, or TensorStore's
   ``RESOURCE_EXHAUSTED`` error) while a checkpoint or the export is written is one
   :class:`CheckpointError` naming what was kept; what Orbax's threads log or cannot raise about
-  that failure meanwhile is held back (:func:`_orbax_failure_held`).
-
-Checkpoints and the export stay in one module because they share the checksum, the meta checks,
-the multi-process barriers and the rules about what may be replaced when (re-runs, crashes while
-writing); that is what makes it long.
+  that failure meanwhile is held back (:func:`orbax_failure_held`).
+* Also here, for both stages and the commands that read runs: the config comparisons
+  (:func:`config_differences`, :func:`run_config_contradictions`) and the settings each stage may
+  change on resume.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import json
 import logging as py_logging
-import os
 import sys
 import time
 import zlib
@@ -49,18 +43,13 @@ from absl import logging
 from etils import epath
 
 from tree_diffusion import __version__, errors, files
-from tree_diffusion.runs import RunDir
-from tree_diffusion.tree import Tree
-from tree_diffusion.treevae.model import TreeVAE, check_variables
-
-EXPORT_FORMAT = "tree_diffusion.treevae.export/1"
 
 
 class CheckpointError(ValueError):
   """A checkpoint or export that cannot be used; the message says why and what to do."""
 
 
-def _restore_sharding(sharding=None):
+def restore_sharding(sharding=None):
   """Where a restored array goes: ``sharding`` as given; in a multi-process job an unspecified or
   one-device placement becomes a copy on every device of every process (Orbax restores a
   multi-process job's arrays as global arrays, and refuses a process-local target)."""
@@ -69,13 +58,6 @@ def _restore_sharding(sharding=None):
     return sharding
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-def _abstract_variables(model: TreeVAE, tree: Tree):
-  """Restore target: the structure, shapes and dtypes of the variables of ``tree``."""
-  return jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=_restore_sharding()),
-      model.init(jax.random.key(0), tree))
 
 
 def checksum(arrays) -> str:
@@ -124,7 +106,7 @@ def config_differences(saved: dict, current: dict, ignore: Iterable[str] = ()) -
           _differences(saved, current, ignore)]
 
 
-class _Checkpoints:
+class Checkpoints:
   """An Orbax manager with checksums, config/version checks and fall-back past unreadable steps."""
 
   kind = "checkpoint"
@@ -155,7 +137,7 @@ class _Checkpoints:
     logging.info("saving %s %d in %s", self.kind, step, self.directory)
     latest = self.manager.latest_step()
     try:
-      with _orbax_failure_held():
+      with orbax_failure_held():
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
                                                         meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()   # committed (renamed into place) before we go on
@@ -238,7 +220,7 @@ class _Checkpoints:
     if bad:
       raise CheckpointError(
           f"no {self.kind} in {self.directory} can be read (steps "
-          f"{', '.join(f'{s}: {_short(e)}' for s, e in bad)}); move the directory away to start "
+          f"{', '.join(f'{s}: {short_error(e)}' for s, e in bad)}); move the directory away to start "
           f"afresh")
     return None
 
@@ -253,9 +235,9 @@ class _Checkpoints:
       while target.exists():
         target, n = target_dir / f"{step}_{n}", n + 1
       (files.as_path(self.directory) / str(step)).rename(target)
-    _sync(f"moved_unreadable_{step}")
+    sync_processes(f"moved_unreadable_{step}")
     logging.warning("%s %d in %s cannot be read (%s): moved to %s, resuming from %d instead",
-                    self.kind, step, self.directory, _short(err), target, fallback)
+                    self.kind, step, self.directory, short_error(err), target, fallback)
     self.manager.reload()
 
   def close(self):
@@ -266,7 +248,7 @@ class _Checkpoints:
         complete checkpoint is kept).
     """
     try:
-      with _orbax_failure_held():
+      with orbax_failure_held():
         self.manager.close()
     except Exception as e:  # pylint: disable=broad-except  (Orbax wraps the OSError)
       error = self._not_saved(f"the last {self.kind}", e, self.manager.latest_step())
@@ -315,7 +297,7 @@ def _settle(reports: Callable[[], int]):
 
 
 @contextlib.contextmanager
-def _orbax_failure_held():
+def orbax_failure_held():
   """Holds back what Orbax says on its own while it writes: the error records its threads log
   (each with a traceback) and the exceptions that TensorStore's callbacks cannot raise once
   Orbax's event loop is closed (``sys.unraisablehook``: "Event loop is closed"). When the block
@@ -365,7 +347,7 @@ def _os_error(e: BaseException) -> OSError | None:
   return None
 
 
-def _short(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
   msg = " ".join(str(e).split())
   return f"{type(e).__name__}: {msg[:200]}"
 
@@ -396,214 +378,16 @@ def check_compatible(kind: str, step: int, directory, meta: dict, config: dict,
         f"resume with the original settings, or {fresh}")
 
 
-# ----------------------------------------------------------------------------------- stage 1
-
-# Settings that do not change what stage 1 computes: they may differ when a run is resumed.
-STAGE1_RESUMABLE_CHANGES = (
-    "data.data_dir", "stage1.log_every_epochs", "stage1.eval_every_epochs",
-    "stage1.checkpoints_to_keep", "stage1.checkpoint_every_steps",
-    "stage1.figure_images_per_leaf", "stage1.kmeans_baseline", "stage1.final_elbo")
-STAGE1_SECTIONS = ("data", "treevae", "stage1")
-
-
-class Stage1Checkpoints(_Checkpoints):
-  """Saves and restores ``(variables, tree, cursor)`` of a stage-1 run, plus — for a checkpoint
-  taken inside a phase — the phase's train state and sample indices (see ``treevae/train.py``)."""
-
-  kind = "stage-1 checkpoint"
-
-  def __init__(self, workdir: str, max_to_keep: int = 3):
-    super().__init__(RunDir(workdir).checkpoints, max_to_keep)
-
-  def save(self, step: int, variables, tree: Tree, cursor: dict, extra: dict | None = None,
-           phase_arrays: dict | None = None):
-    meta = {"tree": json.loads(tree.to_json()), "cursor": cursor, **(extra or {})}
-    arrays = {"variables": variables, **(phase_arrays or {})}
-    self._save(step, arrays, meta)
-
-  def restore(self, model: TreeVAE, config=None,
-              phase_abstract: Callable[[dict, Tree, Any], dict] | None = None,
-              check_meta: Callable[[int, dict], None] | None = None):
-    """``(step, variables, tree, meta, phase_arrays)`` of the newest readable checkpoint, or
-    ``None``. ``config`` (if given) must match the checkpoint's (see ``STAGE1_RESUMABLE_CHANGES``);
-    ``phase_abstract(meta, tree, abstract_variables)`` gives the abstract phase arrays of a
-    checkpoint taken inside a phase; ``check_meta(step, meta)`` may refuse a checkpoint (raise
-    ``CheckpointError``), e.g. one of another dataset."""
-    current = None if config is None else config_sections(config, STAGE1_SECTIONS)
-
-    def check(step, meta):
-      if current is not None:
-        check_compatible(self.kind, step, self.directory, meta, current, STAGE1_RESUMABLE_CHANGES)
-      if check_meta is not None:
-        check_meta(step, meta)
-
-    def abstract(meta):
-      tree = Tree.from_json(meta["tree"])
-      variables = _abstract_variables(model, tree)
-      extra = phase_abstract(meta, tree, variables) if phase_abstract is not None else {}
-      return {"variables": variables, **extra}
-
-    out = self.restore_latest(abstract, check)
-    if out is None:
-      return None
-    step, arrays, meta = out
-    variables = arrays.pop("variables")
-    return step, variables, Tree.from_json(meta["tree"]), meta, arrays
-
-
-def fingerprint(model: TreeVAE, variables, tree: Tree, data_identity: dict | None) -> str:
-  """Identity of a stage-1 model as stage 2 sees it: a hash of the variables (their CRC32), the
-  tree, the model hyper-parameters and the dataset's identity; nothing else (no wall times, no
-  metrics), so that writing the same model again gives the same fingerprint."""
-  key = json.dumps({"checksum": checksum(variables), "tree": json.loads(tree.to_json()),
-                    "model": model.to_dict(), "data": data_identity},
-                   sort_keys=True, default=json_default)
-  return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def export_treevae(export_dir: str, model: TreeVAE, variables, tree: Tree, meta: dict[str, Any],
-                   data_identity: dict | None = None) -> str:
-  """Writes the final stage-1 model: ``variables/`` and ``meta.json``; returns its fingerprint.
-
-  The export is written next to ``export_dir`` (``<export_dir>.tmp-<pid>``) and swapped in only
-  when complete: the old export is renamed to ``<export_dir>.old-<pid>``, the new one renamed into
-  place, then the old one deleted. A run killed at any point leaves a complete export under
-  ``export_dir`` or ``<export_dir>.old-…`` (which :func:`resolve_export` names).
-  """
-  check_variables(tree, variables)
-  path = files.as_path(export_dir)
-  tag = f"{os.getpid()}" if jax.process_count() == 1 else "multihost"
-  tmp, old = files.as_path(f"{path}.tmp-{tag}"), files.as_path(f"{path}.old-{tag}")
-  writer = jax.process_index() == 0   # on several processes, the variables are saved together
-  print_ = fingerprint(model, variables, tree, data_identity)
-  try:
-    if writer:
-      for stale in path.parent.glob(f"{path.name}.tmp-*"):   # a previous run killed while writing
-        stale.rmtree()
-      tmp.mkdir(parents=True)
-    _sync("export_dir_ready")
-    with _orbax_failure_held(), ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(tmp / "variables", variables)
-    if writer:
-      full_meta = {"format": EXPORT_FORMAT, "version": __version__, "fingerprint": print_,
-                   "model": model.to_dict(), "tree": json.loads(tree.to_json()), **meta}
-      if data_identity is not None:
-        full_meta["data"] = {**full_meta.get("data", {}), "identity": data_identity}
-      (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, default=json_default))
-  except Exception as e:  # pylint: disable=broad-except  (Orbax wraps the OSError)
-    if errors.disk_full(e) is None:
-      raise
-    if writer:
-      try:
-        tmp.rmtree()   # what was written of it: freed at once
-      except Exception:  # pylint: disable=broad-except
-        pass
-    kept = "the previous export there is kept" if path.exists() else "there was none before"
-    raise CheckpointError(
-        f"the stage-1 export was not written to {path}: the disk is full ({kept}); free space on "
-        f"the disk that holds {path.parent} and {_REWRITE}") from e
-  if writer:
-    if path.exists():
-      if old.exists():      # left by an earlier run killed after its swap (same pid or multihost)
-        old.rmtree()
-      path.rename(old)
-    tmp.rename(path)
-    for previous in path.parent.glob(f"{path.name}.old-*"):   # this one, and any left earlier
-      previous.rmtree()
-  _sync("export_written")
-  return print_
-
-
-def export_matches(export_dir: str, model: TreeVAE, variables, tree: Tree,
-                   data_identity: dict | None) -> bool:
-  """Whether ``export_dir`` holds a complete, readable export of exactly this model.
-
-  An export written before fingerprints were recorded matches when its model, tree and variables
-  are these (so upgrading does not orphan the stage-2 runs that recorded its older fingerprint).
-  """
-  try:
-    meta = read_export_meta(export_dir)
-    got_model, got_variables, got_tree = load_treevae(export_dir)
-  except Exception:  # pylint: disable=broad-except  (missing, garbled or half-written)
-    return False
-  if "fingerprint" in meta:
-    return meta["fingerprint"] == fingerprint(model, variables, tree, data_identity)
-  return (got_model == model and got_tree == tree
-          and checksum(got_variables) == checksum(variables))
-
-
-def _sync(name: str):
+def sync_processes(name: str):
   """A barrier across processes (nothing on one process)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 
-_REWRITE = ("rewrite it by re-running launch/train_treevae.py with the same --config and --workdir "
-            "(a finished run only writes the export again)")
-
-
-def _export_hint(path: str) -> str:
-  """Where the export of a run directory or of a run's ``diffusion/`` directory is, when it
-  exists (the text added to "not a stage-1 export")."""
-  run_dir = RunDir(path)
-  if files.exists(run_dir.export):
-    return f" (this looks like a training workdir: pass {run_dir.export})"
-  parent = str(files.as_path(path).parent)
-  if files.as_path(path).name == "diffusion" and files.exists(RunDir(parent).stage2_config):
-    try:
-      export = json.loads(files.read_text(RunDir(parent).stage2_config))["diffusion"][
-          "treevae_export"] or RunDir(parent).export
-    except (ValueError, KeyError, TypeError):
-      export = RunDir(parent).export
-    if files.exists(export):
-      return f" (this is a run's stage-2 directory; the stage-1 export it used is {export})"
-    return " (this is a run's stage-2 directory, not a stage-1 export)"
-  if files.exists(run_dir.checkpoints):
-    return (" (this looks like a training workdir whose stage 1 has not finished: it has "
-            "checkpoints but no export yet)")
-  return ""
-
-
-def read_export_meta(path: str) -> dict:
-  p = epath.Path(path)
-  meta_file = p / "meta.json"
-  if not meta_file.exists():
-    raise CheckpointError(f"{p} is not a stage-1 export: no meta.json{_export_hint(str(p))}")
-  try:
-    meta = json.loads(meta_file.read_text())
-    if not isinstance(meta, dict):
-      raise ValueError(f"a JSON {type(meta).__name__}, not an object")
-  except (ValueError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{meta_file} is garbled ({_short(e)}); {_REWRITE}") from None
-  if meta.get("format") != EXPORT_FORMAT:
-    raise CheckpointError(f"{meta_file} has format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
-  return meta
-
-
-def load_treevae(path: str):
-  """Loads a stage-1 export.
-
-  Returns:
-    ``(model, variables, tree)``: the :class:`TreeVAE` hyper-parameters, its variables
-    (``{"params", "batch_stats"}``) and the learned :class:`Tree`.
-  """
-  meta = read_export_meta(path)
-  try:
-    model = TreeVAE(**meta["model"])
-    tree = Tree.from_json(meta["tree"])
-    abstract = _abstract_variables(model, tree)
-    with ocp.StandardCheckpointer() as ckptr:
-      variables = ckptr.restore(files.as_path(path) / "variables", abstract)
-    check_variables(tree, variables)
-  except Exception as e:  # pylint: disable=broad-except  (truncated, garbled or missing files)
-    raise CheckpointError(f"the stage-1 export {path} cannot be read ({_short(e)}); "
-                          f"{_REWRITE}") from None
-  if "fingerprint" in meta and fingerprint(model, variables, tree,
-                                           meta.get("data", {}).get("identity")) != meta["fingerprint"]:
-    raise CheckpointError(f"the stage-1 export {path} does not match its meta.json (garbled "
-                          f"variables or a mixed export); {_REWRITE}")
-  return model, variables, tree
+# How to repair an unreadable or stale stage-1 export (in the export's errors).
+REWRITE_EXPORT = ("rewrite it by re-running launch/train_treevae.py with the same --config and "
+                  "--workdir (a finished run only writes the export again)")
 
 
 def json_default(o):
@@ -615,38 +399,22 @@ def json_default(o):
   raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-# ----------------------------------------------------------------------------------- stage 2
+def abstract_like(tree):
+  """Restore target with the structure, shapes, dtypes (and shardings) of ``tree``."""
+  return jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                     sharding=restore_sharding(getattr(a, "sharding", None))),
+      tree)
 
 
-def export_fingerprint(path: str) -> str:
-  """Identity of a stage-1 export: its recorded :func:`fingerprint` (variables, tree, model,
-  data); for exports written before it was recorded, a hash of their ``meta.json``."""
-  meta = read_export_meta(path)
-  if "fingerprint" in meta:
-    return meta["fingerprint"]
-  return hashlib.sha256((epath.Path(path) / "meta.json").read_bytes()).hexdigest()[:16]
+# ------------------------------------------------------------ what each stage may change on resume
 
-
-def resolve_export(path: str) -> str:
-  """Checks that ``path`` is a usable stage-1 export; returns it absolute.
-
-  Raises:
-    CheckpointError: a missing directory, a training workdir instead of its export, or something
-      that is not an export, each with the fix.
-  """
-  p = epath.Path(path)
-  if not p.exists():
-    old = sorted(p.parent.glob(f"{p.name}.old-*")) if p.parent.exists() else []
-    if old:
-      raise CheckpointError(f"stage-1 export {p} is missing but {old[-1]} holds the previous one "
-                            f"(a run was stopped while replacing it): rename it to {p}, or "
-                            f"{_REWRITE}")
-    raise CheckpointError(f"stage-1 export {p} does not exist: train stage 1 first "
-                          f"(launch/train_treevae.py writes WORKDIR/export) or set "
-                          f"--config.diffusion.treevae_export=PATH/TO/export")
-  read_export_meta(path)  # training workdir / wrong format → CheckpointError with the fix
-  return str(files.as_path(path))
-
+# Settings that do not change what stage 1 computes: they may differ when a run is resumed.
+STAGE1_RESUMABLE_CHANGES = (
+    "data.data_dir", "stage1.log_every_epochs", "stage1.eval_every_epochs",
+    "stage1.checkpoints_to_keep", "stage1.checkpoint_every_steps",
+    "stage1.figure_images_per_leaf", "stage1.kmeans_baseline", "stage1.final_elbo")
+STAGE1_SECTIONS = ("data", "treevae", "stage1")
 
 # Settings that do not change what stage 2 computes up to a step: they may differ on resume
 # (num_steps/num_epochs only move the end; the export is identified by its fingerprint).
@@ -676,76 +444,3 @@ def run_config_contradictions(config, saved: dict) -> list[tuple[str, Any, Any]]
   return _differences(saved, json.loads(config.to_json_best_effort()),
                       RUN_SETTINGS + STAGE1_RESUMABLE_CHANGES + STAGE2_RESUMABLE_CHANGES,
                       shared_only=True)
-
-
-class Stage2Checkpoints(_Checkpoints):
-  """Orbax checkpoints of stage 2 in ``directory``: the train state (params, EMA, optimiser, step)
-  and JSON meta (which export it was trained on, epoch, config)."""
-
-  kind = "stage-2 checkpoint"
-
-  def save(self, step: int, state, meta: dict):
-    self._save(step, state, meta)
-
-  @staticmethod
-  def steps_in(directory: str) -> list[int]:
-    """The committed checkpoint steps in ``directory`` (``[]`` if it does not exist); read-only."""
-    if not epath.Path(directory).is_dir():
-      return []
-    return sorted(int(s) for s in ocp.utils.checkpoint_steps(files.as_path(directory)))
-
-  def _check_step(self, step: int):
-    if step not in self.manager.all_steps():
-      raise CheckpointError(f"no stage-2 checkpoint {step} in {self.directory}; "
-                            f"have {sorted(self.manager.all_steps())}")
-
-  def read_meta(self, step: int | None = None) -> dict | None:
-    step = self.manager.latest_step() if step is None else step
-    if step is None:
-      return None
-    self._check_step(step)
-    return self._read_meta(step)
-
-  def restore(self, abstract_state, step: int | None = None):
-    """``(step, state, meta)`` of ``step`` (default latest) restored into ``abstract_state``'s
-    structure, or ``None`` when there is no checkpoint (no fall-back: evaluation of one step)."""
-    step = self.manager.latest_step() if step is None else step
-    if step is None:
-      return None
-    self._check_step(step)
-    out = self._read(step, lambda meta: _abstract_like(abstract_state), lambda s, m: None)
-    if isinstance(out, Exception):
-      raise CheckpointError(f"stage-2 checkpoint {step} in {self.directory} cannot be read "
-                            f"({_short(out)})")
-    return (step,) + out
-
-  def restore_for_training(self, abstract_state: Callable[[], Any], config,
-                           check_meta: Callable[[int, dict], None]):
-    """``(step, state, meta)`` of the newest readable checkpoint (falling back past unreadable
-    ones), refused if its config or version differs; ``None`` when there is none.
-    ``abstract_state()`` gives the restore target (only called when there is a checkpoint)."""
-    current = config_sections(config, STAGE2_SECTIONS)
-
-    def check(step, meta):
-      check_meta(step, meta)
-      check_compatible(self.kind, step, self.directory, meta, current, STAGE2_RESUMABLE_CHANGES,
-                       afresh=lambda keys: _stage2_afresh(keys, meta.get("export")))
-
-    return self.restore_latest(lambda meta: _abstract_like(abstract_state()), check)
-
-
-def _stage2_afresh(keys: Iterable[str], export: str | None) -> str:
-  """How to start stage 2 afresh when the dotted config ``keys`` differ from a run's: a new
-  --workdir, on the run's stage-1 ``export`` when they are all stage-2 settings (stage 1 is then
-  not trained again)."""
-  if export and all(k.startswith("diffusion.") for k in keys):
-    return (f"start afresh with a new --workdir on this run's stage-1 export: pass "
-            f"--config.diffusion.treevae_export={export}")
-  return "start afresh with a new --workdir"
-
-
-def _abstract_like(tree):
-  return jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                     sharding=_restore_sharding(getattr(a, "sharding", None))),
-      tree)

@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from tree_diffusion import checkpoint as ckpt_lib
+from tree_diffusion.treevae import export as export_lib
 from tree_diffusion import data as data_lib
 from tree_diffusion import files
 from tree_diffusion.runs import RunDir
@@ -149,7 +149,7 @@ def build(workdir: str) -> str:
   run_dir = RunDir(workdir)
   config = _json_or_none(run_dir.stage2_config) or _json_or_none(run_dir.config) or {}
   export = ((config.get("diffusion") or {}).get("treevae_export") or run_dir.export)
-  tree = Tree.from_json(ckpt_lib.read_export_meta(export)["tree"])
+  tree = Tree.from_json(export_lib.read_export_meta(export)["tree"])
   rows = _read_assignments(run_dir.assignments)
   data_config = config.get("data") or {}
   arrays, note = {}, ""

@@ -25,7 +25,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from tree_diffusion import checkpoint as ckpt_lib
+from tree_diffusion.treevae import export as export_lib
+from tree_diffusion.diffusion.checkpoints import Stage2Checkpoints
 from tree_diffusion import files, image_files, inputs, sharding
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.runs import RunDir
@@ -127,7 +128,7 @@ class TrainedRun:
   @property
   def has_stage2(self) -> bool:
     """Whether a stage-2 checkpoint exists (then :meth:`generate` uses the diffusion model)."""
-    return bool(ckpt_lib.Stage2Checkpoints.steps_in(RunDir(self.workdir).stage2_checkpoints))
+    return bool(Stage2Checkpoints.steps_in(RunDir(self.workdir).stage2_checkpoints))
 
   @property
   def batch_size(self) -> int:
@@ -356,8 +357,8 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> T
   config = read_run_config(workdir) if config is None else config
   run_dir = RunDir(workdir)
   export = config.get("diffusion", {}).get("treevae_export") or run_dir.export
-  export = ckpt_lib.resolve_export(export)
-  model, variables, tree = ckpt_lib.load_treevae(export)
+  export = export_lib.resolve_export(export)
+  model, variables, tree = export_lib.load_treevae(export)
   return TrainedRun(workdir=workdir, config=config, model=model, variables=variables, tree=tree,
                     export=export, metrics=_read_json_or_empty(run_dir.stage1_metrics),
                     eval_metrics=_read_json_or_empty(run_dir.eval_metrics))

@@ -21,6 +21,7 @@ from tree_diffusion.diffusion.conditioning import stack_latents
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.runs import RunDir
 from tree_diffusion.tree import Tree
+from tree_diffusion.treevae import export as export_lib
 from tree_diffusion.treevae.model import TreeVAE
 
 
@@ -94,11 +95,11 @@ def load_stage1(config, workdir: str):
     CheckpointError: missing export, a training workdir instead of its export.
     ConfigError: the export's images or dataset differ from this config's.
   """
-  path = ckpt_lib.resolve_export(export_path(config, workdir))
-  meta = ckpt_lib.read_export_meta(path)
+  path = export_lib.resolve_export(export_path(config, workdir))
+  meta = export_lib.read_export_meta(path)
   check_export(config, path, meta)
-  model, variables, tree = ckpt_lib.load_treevae(path)
-  return model, variables, tree, path, ckpt_lib.export_fingerprint(path), meta
+  model, variables, tree = export_lib.load_treevae(path)
+  return model, variables, tree, path, export_lib.export_fingerprint(path), meta
 
 
 # ------------------------------------------------------------------------------ the passes

@@ -18,6 +18,7 @@ from absl import logging
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
 from tree_diffusion import files, inputs
+from tree_diffusion.diffusion.checkpoints import Stage2Checkpoints
 from tree_diffusion.diffusion.conditioning import Denoiser, make_denoiser
 from tree_diffusion.diffusion.frozen import load_stage1
 from tree_diffusion.diffusion.sampler import MODES, Sampler, SamplerConfig
@@ -96,7 +97,7 @@ def load_stage2(config, workdir: str, step: int | None = None) -> Stage2:
   denoiser = make_denoiser(c.conditioning, c.unet, c.dtype)
   model, tvae_vars, tree, path, fingerprint, _ = load_stage1(config, workdir)
   model = dataclasses.replace(model, dtype=c.dtype)   # the frozen TreeVAE in the sampler
-  ckpts = ckpt_lib.Stage2Checkpoints(RunDir(workdir).stage2_checkpoints, read_only=True)
+  ckpts = Stage2Checkpoints(RunDir(workdir).stage2_checkpoints, read_only=True)
   if ckpts.latest_step() is None:
     raise ckpt_lib.CheckpointError(f"no stage-2 checkpoint in {ckpts.directory}: run "
                                    f"launch/train_diffusion.py with this --workdir first")
@@ -135,7 +136,7 @@ def load_stage2(config, workdir: str, step: int | None = None) -> Stage2:
 
 def with_checkpoint(s: Stage2, workdir: str, step: int) -> Stage2:
   """``s`` with the EMA weights of checkpoint ``step`` (same export; compiled samplers shared)."""
-  ckpts = ckpt_lib.Stage2Checkpoints(RunDir(workdir).stage2_checkpoints, read_only=True)
+  ckpts = Stage2Checkpoints(RunDir(workdir).stage2_checkpoints, read_only=True)
   try:
     meta = ckpts.read_meta(step)
     if meta.get("conditioning") != s.denoiser.conditioning.name or meta.get("export") != s.export:

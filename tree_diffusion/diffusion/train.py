@@ -25,6 +25,7 @@ from tree_diffusion import files, loop, preemption, sharding, validation, xla_op
 from tree_diffusion import writer as writer_lib
 from tree_diffusion.diffusion import frozen
 from tree_diffusion.diffusion import sampler as sampler_lib
+from tree_diffusion.diffusion.checkpoints import Stage2Checkpoints
 from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_condition,
                                                    make_denoiser)
 from tree_diffusion.diffusion.generate import image_grid
@@ -35,6 +36,7 @@ from tree_diffusion.errors import ConfigError
 from tree_diffusion.lock import locked_workdir
 from tree_diffusion.runs import RunDir, check_workdir, format_eta, save_config
 from tree_diffusion.tree import Tree
+from tree_diffusion.treevae import export as export_lib
 from tree_diffusion.treevae.model import TreeVAE
 from tree_diffusion.writer import MetricWriter
 
@@ -131,7 +133,7 @@ def train_and_save(config, workdir: str, stop: preemption.StopRequest | None = N
   denoiser = make_denoiser(config.diffusion.conditioning, config.diffusion.unet,
                            config.diffusion.dtype)
   data_lib.check_outside_folder(config.data, workdir)
-  ckpt_lib.resolve_export(frozen.export_path(config, workdir))   # before anything is created
+  export_lib.resolve_export(frozen.export_path(config, workdir))   # before anything is created
   check_workdir(workdir)
   with locked_workdir(workdir, "stage 2 (launch/train_diffusion.py)"):
     return _train_and_save(config, workdir, stop, denoiser)
@@ -162,7 +164,7 @@ def _train_and_save(config, workdir: str, stop: preemption.StopRequest | None,
 
   replicated = sharding.replicated(mesh)
   tvae_vars = sharding.replicate(tvae_vars, mesh)
-  ckpts = ckpt_lib.Stage2Checkpoints(run_dir.stage2_checkpoints,
+  ckpts = Stage2Checkpoints(run_dir.stage2_checkpoints,
                                      max_to_keep=c.checkpoints_to_keep)
   key = jax.random.key(c.seed)
 

@@ -39,14 +39,15 @@ import numpy as np
 from absl import logging
 
 from tree_diffusion import checkpoint as ckpt_lib
+from tree_diffusion import clustering
 from tree_diffusion import data as data_lib
 from tree_diffusion import files, inputs, validation
 from tree_diffusion.diffusion import generate
+from tree_diffusion.diffusion.checkpoints import Stage2Checkpoints
 from tree_diffusion.diffusion.frozen import load_stage1
 from tree_diffusion.diffusion.sampler import check_config as check_sampler_config
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.eval import classifier as classifier_lib
-from tree_diffusion.eval import clustering
 from tree_diffusion.eval import fid as fid_lib
 from tree_diffusion.eval import purity as purity_lib
 from tree_diffusion.eval import report
@@ -55,8 +56,8 @@ from tree_diffusion.files import write_json
 from tree_diffusion.lock import locked_workdir
 from tree_diffusion.runs import RunDir, check_workdir, format_eta
 from tree_diffusion.tree import Tree
-from tree_diffusion.treevae.model import TreeVAE
 from tree_diffusion.treevae.inference import leaf_examples, predict_leaf_probs
+from tree_diffusion.treevae.model import TreeVAE
 from tree_diffusion.writer import MetricWriter, purity_tag
 
 STAGE2_MODES = ("sample", "recons", "sample_all_leaves", "recons_all_leaves")
@@ -434,7 +435,7 @@ class Evaluator:
     run_dir = RunDir(workdir)
     eval_dir, metrics_path = run_dir.eval, run_dir.eval_metrics
     stage2_ckpt_dir = run_dir.stage2_checkpoints
-    available = ckpt_lib.Stage2Checkpoints.steps_in(stage2_ckpt_dir)
+    available = Stage2Checkpoints.steps_in(stage2_ckpt_dir)
     try:
       steps = select_steps(available, checkpoints)
     except ConfigError as e:

@@ -27,15 +27,17 @@ from absl import logging
 
 from tree_diffusion import augment as augment_lib
 from tree_diffusion import checkpoint as ckpt_lib
+from tree_diffusion import clustering
 from tree_diffusion import data as data_lib
 from tree_diffusion import files, loop, preemption, sharding, validation
 from tree_diffusion import writer as writer_lib
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.lock import locked_workdir
 from tree_diffusion.runs import RunDir, check_workdir, format_eta, save_config
-from tree_diffusion.eval import clustering
 from tree_diffusion.tree import Tree, depth_of
 from tree_diffusion.treevae import assignments, growing
+from tree_diffusion.treevae import export as export_lib
+from tree_diffusion.treevae.checkpoints import Stage1Checkpoints
 from tree_diffusion.treevae.cursor import Cursor, Split
 from tree_diffusion.treevae.inference import generate, predict_leaf_probs, test_examples
 from tree_diffusion.treevae.model import (TreeVAE, frozen_path_variables, grow_variables,
@@ -216,7 +218,7 @@ class _Run:
   writer: MetricWriter
   key: jax.Array
   mesh: Any
-  ckpts: ckpt_lib.Stage1Checkpoints | None = None
+  ckpts: Stage1Checkpoints | None = None
   stop: preemption.StopRequest = dataclasses.field(default_factory=preemption.never)
   global_epoch: int = 0
   images_per_second: list = dataclasses.field(default_factory=list)
@@ -493,7 +495,7 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
         f"{len(train_arrays) if load_bs == c.batch_size else 2 * len(train_arrays)})")
   data_identity = data_lib.identity(train_arrays, test_arrays)
   model = make_model(config)
-  ckpts = ckpt_lib.Stage1Checkpoints(workdir, max_to_keep=c.checkpoints_to_keep)
+  ckpts = Stage1Checkpoints(workdir, max_to_keep=c.checkpoints_to_keep)
   run = _Run(config=config, model=model, train=train_arrays, test=test_arrays, writer=None,
              key=jax.random.key(c.seed), mesh=mesh, ckpts=ckpts,
              stop=stop if stop is not None else preemption.never())
@@ -609,7 +611,7 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
   metrics["epochs"] = run.global_epoch   # over all phases: the x axis of its TensorBoard
   metrics["train_images_per_second"] = (float(np.median(run.images_per_second))
                                         if run.images_per_second else None)
-  ckpt_lib.export_treevae(export_dir, model, variables, tree, {
+  export_lib.export_treevae(export_dir, model, variables, tree, {
       "config": json.loads(config.to_json_best_effort()),
       "data": {"name": config.data.name, "image_shape": list(model.image_shape),
                "normalisation": "float32 in [0, 1] (uint8 / 255)",
@@ -637,11 +639,11 @@ def _finished(run: _Run, workdir: str, export_dir: str, restored, data_identity:
   computed again (a setting that only changes them, e.g. ``stage1.final_elbo``, was changed; the
   model and so the export's fingerprint stay the same)."""
   step, variables, tree, _, _ = restored
-  if not ckpt_lib.export_matches(export_dir, run.model, variables, tree, data_identity):
+  if not export_lib.export_matches(export_dir, run.model, variables, tree, data_identity):
     logging.warning("stage 1 finished (checkpoint %d) but %s is missing, unreadable or of another "
                     "model: writing it again", step, export_dir)
     return None
-  meta = ckpt_lib.read_export_meta(export_dir)
+  meta = export_lib.read_export_meta(export_dir)
   saved = ((meta.get("config") or {}).get("stage1") or {})
   changed = [k for k in _METRICS_SETTINGS if k in saved and saved[k] != run.config.stage1[k]]
   if changed:
@@ -659,7 +661,7 @@ def _finished(run: _Run, workdir: str, export_dir: str, restored, data_identity:
     if jax.process_index() == 0:
       files.write_json(metrics_path, metrics)
   logging.info("stage 1 already finished (checkpoint %d); %s left as it is (fingerprint %s)",
-               step, export_dir, ckpt_lib.export_fingerprint(export_dir))
+               step, export_dir, export_lib.export_fingerprint(export_dir))
   if not files.exists(run_dir.tree_figure):
     write_tree_figure(run, variables, tree, run_dir.tree_figure)
   if not files.exists(run_dir.assignments):   # a run finished before stage 1 wrote them
