@@ -13,7 +13,7 @@ learning-rate step after 20 epochs instead of 100 (both keep the reference's pro
 phase), no intermediate full-tree training (each full-tree phase on a new tree costs a compile),
 no test-set ELBO at the end. Most of stage 1's time is compilation, so epochs are cheap: 30
 initial, 15 per small tree and 30 of fine-tuning gave test NMI 0.63-0.71 over five seeds (median
-0.645) where 12/7/10 epochs gave 0.57 for seed 42 (README). Stage-2 deviations are listed below.
+0.645) where 12/7/10 epochs gave 0.57 for seed 42 (docs/demo.md). Stage-2 deviations are listed below.
 """
 
 from configs import common
@@ -49,7 +49,7 @@ def get_config(arg=None):
   #   generations 0.014 higher on the same prior samples (0.647 against 0.633 with 300 per leaf);
   #   on stage-1 seed 0's export 46.0 / 43.0 against 57.4 / 58.5, purity 0.658 against 0.649. Its
   #   generations are sharpened versions of the TreeVAE's decodings of the same draw.
-  # README: the comparison.
+  # docs/algorithm.md: the comparison.
   d = c.diffusion
   d.conditioning = "image+path"
   d.prediction = "x0"

@@ -122,7 +122,7 @@ def _generations(run_dir: RunDir, tree: Tree, images: _Images, num: int
                  ) -> dict[str, dict[int, list[int]]]:
   """Per generator and leaf, the ``num`` draws of ``sample_all_leaves`` most likely to reach the
   leaf (as the stage-2 tree figure shows them): image store positions."""
-  path = files.join(run_dir.samples("sample_all_leaves"), "samples.npz")
+  path = run_dir.samples_npz("sample_all_leaves")
   if not files.exists(path):
     return {}
   try:

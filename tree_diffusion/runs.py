@@ -112,6 +112,14 @@ class RunDir:
     """``diffusion/samples``, or the folder of one sampling mode in it."""
     return self._join("diffusion", "samples", *([mode] if mode else []))
 
+  def samples_npz(self, mode: str) -> str:
+    """``diffusion/samples/<mode>/samples.npz``: the images of one sampling mode."""
+    return self._join("diffusion", "samples", mode, "samples.npz")
+
+  def samples_grid(self, mode: str) -> str:
+    """``diffusion/samples/<mode>/grid.png``."""
+    return self._join("diffusion", "samples", mode, "grid.png")
+
   @property
   def samples_summary(self) -> str:
     return self._join("diffusion", "samples", "summary.json")
@@ -140,6 +148,10 @@ class RunDir:
   @property
   def eval_cache(self) -> str:
     return self._join("eval", "cache")
+
+  def eval_features(self, dataset: str, split: str) -> str:
+    """The cached Inception features of a dataset split (``eval/cache/inception_*.npz``)."""
+    return self._join("eval", "cache", f"inception_{dataset}_{split}.npz")
 
   def eval_step(self, step: int) -> str:
     return self._join("eval", f"step_{step}")

@@ -193,9 +193,9 @@ def sample_modes(s: Stage2, workdir: str, modes=MODES, num: int | None = None,
                       images=images)
     dt = time.perf_counter() - t0
     n_images = out["image"].shape[0] * (s.tree.num_leaves if sampler.all_leaves else 1)
-    out_dir = RunDir(workdir).samples(mode)
+    run_dir = RunDir(workdir)
     if jax.process_index() == 0:
-      files.save_npz(files.join(out_dir, "samples.npz"), images=to_uint8(out["image"]),
+      files.save_npz(run_dir.samples_npz(mode), images=to_uint8(out["image"]),
                      vae_images=to_uint8(out["vae_image"]), leaf=out["leaf"],
                      leaf_probs=out["leaf_probs"], leaf_nodes=np.asarray(s.tree.leaves))
       if sampler.all_leaves:  # one row per example: its image through every leaf
@@ -203,10 +203,10 @@ def sample_modes(s: Stage2, workdir: str, modes=MODES, num: int | None = None,
         grid = image_grid(rows.reshape((-1,) + rows.shape[2:]), columns=s.tree.num_leaves)
       else:
         grid = image_grid(out["image"][:64], columns=8)
-      files.save_png(files.join(out_dir, "grid.png"), grid)
+      files.save_png(run_dir.samples_grid(mode), grid)
     summary["modes"][mode] = {"images": int(n_images), "wall_time_s": dt,
                               "images_per_second_incl_compile": n_images / dt}
-    logging.info("%s: %d images in %.1f s -> %s", mode, n_images, dt, out_dir)
+    logging.info("%s: %d images in %.1f s -> %s", mode, n_images, dt, run_dir.samples(mode))
   if jax.process_index() == 0:
     write_json(RunDir(workdir).samples_summary, summary)
   return summary

@@ -254,7 +254,7 @@ class Evaluator:
             "image_shape": list(arrays.images.shape[1:]),
             "images_sha1": fid_lib.images_digest(arrays.images), "inception": self._weights_id}
     memo = json.dumps(meta, sort_keys=True)
-    path = files.join(RunDir(workdir).eval_cache, f"inception_{config.data.name}_{split}.npz")
+    path = RunDir(workdir).eval_features(config.data.name, split)
     if memo in self._reference_memo:
       feats = self._reference_memo[memo]
       if _writes() and fid_lib.load_features(path, meta) is None:
