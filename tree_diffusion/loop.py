@@ -9,12 +9,25 @@ holds what must behave the same in all three.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
+import flax
+import jax
 import numpy as np
 
 from tree_diffusion import preemption
 from tree_diffusion.errors import TrainingDivergedError
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What a training loop carries from step to step for a network with BatchNorm (stage 1 and
+  the purity classifier; stage 2 has its own, with EMA weights): the step, the parameters, the
+  BatchNorm statistics and the optimiser state."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
 
 
 class Progress:

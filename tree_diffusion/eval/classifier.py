@@ -45,6 +45,7 @@ from absl import logging
 from tree_diffusion import data as data_lib
 from tree_diffusion import files, loop, sharding
 from tree_diffusion.errors import ConfigError
+from tree_diffusion.loop import TrainState
 from tree_diffusion.runs import RunDir, format_eta
 
 PyTree = Any
@@ -159,14 +160,6 @@ def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
   return optax.adam(cfg.lr)
 
 
-@flax.struct.dataclass
-class ClassifierState:
-  step: jax.Array
-  params: PyTree
-  batch_stats: PyTree
-  opt_state: PyTree
-
-
 def augment_images(key: jax.Array, images: jax.Array, augment: str) -> jax.Array:
   """Random left-right flips and/or shifts by up to ``_SHIFT`` pixels (zero fill), per image."""
   if augment == "none":
@@ -186,7 +179,7 @@ def augment_images(key: jax.Array, images: jax.Array, augment: str) -> jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cfg"), donate_argnums=0)
-def train_step(state: ClassifierState, images: jax.Array, labels: jax.Array, key: jax.Array, *,
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, *,
                model: ResNet, cfg: StepConfig):
   """One Adam step on the mean cross-entropy of a batch; returns ``(state, metrics)``."""
   images = augment_images(jax.random.fold_in(key, state.step), images, cfg.augment)
@@ -201,7 +194,7 @@ def train_step(state: ClassifierState, images: jax.Array, labels: jax.Array, key
   updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-  return ClassifierState(step=state.step + 1, params=params, batch_stats=batch_stats,
+  return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state), {"loss": loss, "accuracy": accuracy}
 
 
@@ -282,7 +275,7 @@ def train_classifier(config, train_arrays: data_lib.Arrays,
 
   key = jax.random.key(c.seed)
   variables = init_variables(model, jax.random.fold_in(key, 1), image_shape)
-  state = ClassifierState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                           batch_stats=variables["batch_stats"],
                           opt_state=make_optimizer(cfg).init(variables["params"]))
   state = sharding.replicate(state, mesh)

@@ -343,13 +343,10 @@ class TreeVAE:
                                  d, None)
         for i, n in enumerate(internal):
           kl_dec = kl_dec + prob[n] * losses.bernoulli_kl(pi_q[i], pi_p[i])
-          prob[2 * n + 1] = prob[n] * pi_q[i]
-          prob[2 * n + 2] = prob[n] * (1.0 - pi_q[i])
           if contrastive:
             aug = aug + losses.router_infonce(pi_q[i], prob[n])
-      for n in nodes:
-        if tree.is_passthrough(n):
-          prob[tree.children(n)[0]] = prob[n]
+        route(tree, prob, internal, pi_q)
+      route(tree, prob, [n for n in nodes if tree.is_passthrough(n)], None)
     rec = zero
     recon = {}
     if decode:
@@ -499,12 +496,8 @@ class TreeVAE:
       if internal:
         pi_q = self.router_probs(run, [(node_key(n), Q_ROUTER) for n in internal], depth, Q_ROUTER,
                                  ds[self.max_depth - depth], None)
-        for i, n in enumerate(internal):
-          prob[2 * n + 1] = prob[n] * pi_q[i]
-          prob[2 * n + 2] = prob[n] * (1.0 - pi_q[i])
-      for n in nodes:
-        if tree.is_passthrough(n):
-          prob[tree.children(n)[0]] = prob[n]
+        route(tree, prob, internal, pi_q)
+      route(tree, prob, [n for n in nodes if tree.is_passthrough(n)], None)
     return jnp.stack([prob[n] for n in tree.leaves], axis=1)
 
   def generate(self, variables: Variables, tree: Tree, key: jax.Array, num: int,
@@ -537,12 +530,8 @@ class TreeVAE:
       if internal:
         pi_p = self.router_probs(run, [(node_key(n), P_ROUTER) for n in internal], depth, P_ROUTER,
                                  jnp.stack([z[n] for n in internal]), 0)
-        for i, n in enumerate(internal):
-          prob[2 * n + 1] = prob[n] * pi_p[i]
-          prob[2 * n + 2] = prob[n] * (1.0 - pi_p[i])
-      for n in nodes:
-        if tree.is_passthrough(n):
-          prob[tree.children(n)[0]] = prob[n]
+        route(tree, prob, internal, pi_p)
+      route(tree, prob, [n for n in nodes if tree.is_passthrough(n)], None)
     leaf_probs = jnp.stack([prob[n] for n in tree.leaves], 1)
     if not decode:
       return dict(images=None, leaf_probs=leaf_probs, z=z)
@@ -598,6 +587,19 @@ def _merge_into(out: Variables, v, path: tuple[str, ...]):
       for p in path[:-1]:
         node = node.setdefault(p, {})
       node.setdefault(path[-1], {}).update(copy_dicts(dict(v[col])))
+
+
+def route(tree: Tree, prob: dict, nodes, pi) -> None:
+  """Passes path probabilities one level down, in place: an internal node's children get
+  ``prob[n] · π`` (left) and ``prob[n] · (1 − π)`` (right), with ``pi`` the nodes' router
+  probabilities (in ``nodes`` order); a pass-through node's (``pi`` None) only child gets
+  ``prob[n]``."""
+  for i, n in enumerate(nodes):
+    if pi is None:
+      prob[tree.children(n)[0]] = prob[n]
+    else:
+      prob[2 * n + 1] = prob[n] * pi[i]
+      prob[2 * n + 2] = prob[n] * (1.0 - pi[i])
 
 
 # ----------------------------------------------------------------------------------- surgery

@@ -17,7 +17,6 @@ import json
 import time
 from typing import Any
 
-import flax
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import clustering
 from tree_diffusion import data as data_lib
 from tree_diffusion import files, loop, preemption, sharding, validation
+from tree_diffusion.loop import TrainState
 from tree_diffusion import writer as writer_lib
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.lock import locked_workdir
@@ -45,14 +45,6 @@ from tree_diffusion.treevae.model import (TreeVAE, frozen_path_variables, grow_v
 from tree_diffusion.writer import MetricWriter
 
 PyTree = Any
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: PyTree
-  batch_stats: PyTree
-  opt_state: PyTree
 
 
 @dataclasses.dataclass(frozen=True)
