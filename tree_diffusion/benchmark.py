@@ -8,6 +8,11 @@ the config's shapes already on the mesh: the data pipeline is not part of the fi
 FLOPs come from XLA's cost analysis of the compiled program (a multiply-add counts 2). XLA counts
 a ``scan`` body once, so the sampler's count is the program's plus ``steps − 1`` further denoiser
 calls, and Inception's is taken from the network without its micro-batch loop.
+
+Why one long module: the measuring kit (compile, time, FLOPs, memory, peak rates), one function
+per measured part (TreeVAE step, diffusion step, sampler, Inception, classifier) and the
+end-to-end estimate that combines them with a config's schedule belong together, and none of it
+is used by training.
 """
 
 from __future__ import annotations
