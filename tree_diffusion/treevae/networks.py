@@ -10,10 +10,11 @@ uniformly; a deliberate, documented simplification).
 Deliberate omission: the bottom-up ``Conv`` blocks of the reference also build mu/var heads that no
 loss ever reads; :class:`ConvBlock` builds heads only when asked.
 
-Why one long module: two encoder/decoder families (``cnn1`` for 28x28 grey, ``cnn2``, the ResNet
-of the colour datasets), the per-node blocks (transformations, routers, heads) and the PyTorch
-layer semantics they share; each family is a few short classes, kept side by side so the
-parameter counts can be checked against the reference in one place.
+Why one long module: the per-node blocks (``ConvBlock``, ``GaussianHead``, ``Router``,
+``ContrastiveProjection``), two encoder/decoder families (``cnn1`` for the grey datasets,
+``cnn2``, the ResNet of the colour ones) and the PyTorch layer semantics they share (``RowConv``
+and the padding rules); each is a few short classes, kept side by side because they are read
+together when matching the reference layer by layer.
 """
 
 from __future__ import annotations
