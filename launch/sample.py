@@ -98,6 +98,15 @@ def main(argv):
   if _EXPORT_DIR.value is not None:
     files.check_path(_EXPORT_DIR.value, "--export_dir")
     runs.check_writable(_EXPORT_DIR.value, "pass an --export_dir you can write to")
+    if _EXPORT_TOTAL.value is not None:   # each leaf gets one at least: refused before any work
+      from tree_diffusion.tree import Tree  # pylint: disable=g-import-not-at-top
+      from tree_diffusion.treevae import export as export_lib  # pylint: disable=g-import-not-at-top
+      path = export_lib.resolve_export(config.diffusion.treevae_export or run_dir.export)
+      leaves = Tree.from_json(export_lib.read_export_meta(path)["tree"]).num_leaves
+      if _EXPORT_TOTAL.value < leaves:
+        raise ConfigError(f"--export_total={_EXPORT_TOTAL.value} is fewer than the run's {leaves} "
+                          f"leaves, and each leaf gets at least one image: pass "
+                          f"--export_total={leaves} or more, or --export_per_leaf=N")
   if not steps and _EXPORT_DIR.value is not None:   # no stage 2: the TreeVAE's images only
     _export(workdir, config, None)
     common.refresh_report(workdir)

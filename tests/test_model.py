@@ -222,6 +222,12 @@ def test_prune_variables_matches_the_tree():
   pv = prune_variables(v, pruned)
   check_variables(pruned, pv)
   assert "p_router" not in pv["params"]["node_1"] and "node_3" not in pv["params"]
+  # Pruned down to one leaf, the root passes through: the variables have exactly the structure
+  # of a fresh init of that tree (no empty entries), which is what checkpoints restore into.
+  one = pruned.prune([2]).prune([9])     # leaf 10 alone; 0, 1 and 4 pass through
+  for t in (pruned, one):
+    got = jax.tree_util.tree_structure(prune_variables(v, t))
+    assert got == jax.tree_util.tree_structure(TINY.init(jax.random.key(1), t)), t
 
 
 # ----------------------------------------------------------------------------- steps

@@ -687,7 +687,9 @@ def prune_variables(variables: Variables, new_tree: Tree) -> Variables:
       n = int(k[len("node_"):])
       if n in new_tree:
         keep = set(node_components(new_tree, n))
-        out[col][k] = {c: cv for c, cv in v.items() if c in keep}
+        kept = {c: cv for c, cv in v.items() if c in keep}
+        if kept:   # a node left with nothing in a collection has no entry, as init gives it
+          out[col][k] = kept
   return out
 
 
