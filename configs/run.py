@@ -12,9 +12,8 @@ samples ``runs/demo`` with its own config and 10 sampling steps. The recorded va
 """
 
 from configs import common
-from tree_diffusion import files
 from tree_diffusion.errors import ConfigError
-from tree_diffusion.runs import RunDir
+from tree_diffusion.runs import read_recorded_config
 
 
 def _update(c, saved: dict, path: str, prefix: str = ""):
@@ -44,17 +43,11 @@ def get_config(arg=None):
   """The recorded config of the run directory ``arg``."""
   if not arg:
     raise ConfigError("configs/run.py needs the run directory: --config=configs/run.py:WORKDIR")
-  path = RunDir(arg).own_config()
-  if path is None:
+  recorded = read_recorded_config(
+      arg, "pass the config the run was trained with as --config=configs/NAME.py")
+  if recorded is None:
     raise ConfigError(no_config_message(arg))
-  try:
-    saved = files.read_json(path)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {e}): pass the config the run "
-                      f"was trained with as --config=configs/NAME.py") from None
-  if not isinstance(saved, dict):
-    raise ConfigError(f"{path} holds no config: pass the config the run was trained with as "
-                      f"--config=configs/NAME.py")
+  path, saved = recorded
   c = common.base()
   _update(c, saved, path)
   return c

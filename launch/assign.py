@@ -60,7 +60,7 @@ def main(argv):
   import time  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   from tree_diffusion import data, files, image_files, runs  # pylint: disable=g-import-not-at-top
-  from tree_diffusion import trained  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.diffusion import trained  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
   output = _OUTPUT.value
   files.check_path(output, "--output")

@@ -143,7 +143,7 @@ def _export(workdir, config, stage2):
   """--export_dir: generated images per leaf, from ``stage2`` (else the TreeVAE)."""
   import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from tree_diffusion import trained  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.diffusion import trained  # pylint: disable=g-import-not-at-top
   run = trained.load_run(workdir, config)
   run._stage2 = stage2   # pylint: disable=protected-access  (the checkpoint already loaded)
   per_leaf = _EXPORT_PER_LEAF.value

@@ -18,7 +18,6 @@ from launchers import ODD_NAMES
 from tree_diffusion import data, html_report
 from tree_diffusion.runs import RunDir
 from tree_diffusion.tree import Tree
-from tree_diffusion.treevae import export as export_lib
 
 TREE = Tree((0, 1, 2, 5, 6))          # leaves 1, 5, 6; node 2 is the inner node below the root
 CHROMIUM = find_chromium()
@@ -32,8 +31,8 @@ pytestmark = pytest.mark.skipif(
 
 def _make_run(root):
   """A run directory as stage 1 and sample.py leave it, written by hand: a labelled folder of 20
-  images (two classes, file names with spaces, quotes, commas, non-ASCII and markup), its export's
-  tree, assignments.csv with chosen leaves and probabilities, metrics, and sample_all_leaves."""
+  images (two classes, file names with spaces, quotes, commas, non-ASCII and markup), the tree
+  (in stage1_metrics.json, as stage 1 records it), assignments.csv with chosen leaves and probabilities, metrics, and sample_all_leaves."""
   folder, workdir = root / "images", root / "run ü x"
   rng = np.random.default_rng(0)
   names = list(ODD_NAMES) + [f"img_{i:02d}.png" for i in range(16)]
@@ -44,9 +43,7 @@ def _make_run(root):
   data_config = dict(name="folder", folder=str(folder), image_size=28, channels=1, resize=False,
                      test_fraction=0.25, seed=0, data_dir=str(root / "tfds"))
   run_dir = RunDir(str(workdir))
-  os.makedirs(run_dir.export)
-  with open(os.path.join(run_dir.export, "meta.json"), "w") as f:
-    json.dump({"format": export_lib.EXPORT_FORMAT, "tree": json.loads(TREE.to_json())}, f)
+  os.makedirs(workdir)
   with open(run_dir.config, "w") as f:
     json.dump({"data": data_config}, f)
   rows = []
@@ -62,7 +59,7 @@ def _make_run(root):
     w.writeheader()
     w.writerows(rows)
   with open(run_dir.stage1_metrics, "w") as f:
-    json.dump({"num_leaves": 3, "test": {"nmi": 0.4321}}, f)
+    json.dump({"tree": json.loads(TREE.to_json()), "num_leaves": 3, "test": {"nmi": 0.4321}}, f)
   os.makedirs(run_dir.eval)
   with open(run_dir.eval_metrics, "w") as f:
     json.dump({"checkpoints": {"3": {"fid_gen": 12.5}}}, f)

@@ -66,6 +66,7 @@ import numpy as np
 from PIL import Image
 
 from tree_diffusion import image_files
+from tree_diffusion.runs import format_eta
 
 try:
   import fcntl  # pylint: disable=g-import-not-at-top
@@ -712,7 +713,7 @@ def _convert_folder(scan: _FolderScan, settings: Mapping[str, Any], data_dir: st
           last = elapsed
           logger.info('decoded %d/%d images (%.0f/s), ETA %s', len(decoded), len(paths),
                       len(decoded) / elapsed,
-                      _eta(elapsed / len(decoded) * (len(paths) - len(decoded))))
+                      format_eta(elapsed / len(decoded) * (len(paths) - len(decoded))))
   except image_files.ImageSizeError as e:
     raise _size_error(e, scan, size) from None
   keep = [i for i, image in enumerate(decoded) if image is not None]
@@ -741,11 +742,6 @@ def _convert_folder(scan: _FolderScan, settings: Mapping[str, Any], data_dir: st
   logger.info('converted %d images of %s (%d train, %d test) into %s', len(keep), scan.root,
               len(train), len(test), built)
   return built
-
-
-def _eta(seconds: float) -> str:
-  seconds = max(0, int(seconds))
-  return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
 def _is_grey(image: Image.Image) -> bool:

@@ -11,7 +11,7 @@ node's gallery reuses its leaves' images), so the page opens from ``file://`` wi
 no network. Text taken from files (names, labels, metrics) is handed to the page as JSON and put
 into the document as text, never as markup.
 
-What the page reads, all written by the training commands: the stage-1 export's tree,
+What the page reads, all written by the training commands: the tree (``stage1_metrics.json``),
 ``assignments.csv`` (each image's leaf and its probability), the dataset itself for the pixels,
 and ``diffusion/samples/sample_all_leaves/samples.npz``. A leaf's gallery ranks its images by the
 probability of that leaf; an inner node's takes its leaves' most probable images in turn (the best
@@ -31,7 +31,6 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from tree_diffusion.treevae import export as export_lib
 from tree_diffusion import data as data_lib
 from tree_diffusion import files
 from tree_diffusion.runs import RunDir
@@ -148,8 +147,11 @@ def build(workdir: str) -> str:
   """The page's HTML for the run in ``workdir`` (stage 1 finished)."""
   run_dir = RunDir(workdir)
   config = _json_or_none(run_dir.stage2_config) or _json_or_none(run_dir.config) or {}
-  export = ((config.get("diffusion") or {}).get("treevae_export") or run_dir.export)
-  tree = Tree.from_json(export_lib.read_export_meta(export)["tree"])
+  stage1 = _json_or_none(run_dir.stage1_metrics)
+  if not isinstance(stage1, dict) or "tree" not in stage1:
+    raise FileNotFoundError(f"{run_dir.stage1_metrics} is missing or holds no tree: run "
+                            f"launch/train_treevae.py with this --workdir first")
+  tree = Tree.from_json(stage1["tree"])
   rows = _read_assignments(run_dir.assignments)
   data_config = config.get("data") or {}
   arrays, note = {}, ""

@@ -161,6 +161,27 @@ class RunDir:
     return self._join("summary.md")
 
 
+def read_recorded_config(workdir: str, fix: str) -> tuple[str, dict] | None:
+  """``(path, config as a dict)`` of the config a run recorded (:meth:`RunDir.own_config`), or
+  ``None`` when it recorded none.
+
+  Raises:
+    ConfigError: the file cannot be read or holds no JSON object (the message ends with ``fix``).
+  """
+  from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  path = RunDir(workdir).own_config()
+  if path is None:
+    return None
+  try:
+    saved = files.read_json(path)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {files.one_line(e)}): "
+                      f"{fix}") from None
+  if not isinstance(saved, dict):
+    raise ConfigError(f"{path} holds no config: {fix}")
+  return path, saved
+
+
 def save_config(path: str, config) -> bool:
   """Records ``config`` (the full ``ConfigDict`` a training command runs with) as JSON at ``path``
   (:attr:`RunDir.config`, :attr:`RunDir.stage2_config`), so that sampling and evaluation can use

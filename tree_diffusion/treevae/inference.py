@@ -46,7 +46,9 @@ def assign(model: TreeVAE, variables, tree: Tree, images, batch_size: int = 256,
   Args:
     images: floats ``[N, H, W, C]`` in [0, 1] of the model's shape (uint8 images: convert them
       with :func:`tree_diffusion.inputs.to_unit_range`).
-    batch_size: images per compiled call (the last batch is padded, so one compile serves all).
+    batch_size: images per compiled call; every batch, the last included, is padded to it, so one
+      compile serves every call with this batch size (``TrainedRun.assign_files`` calls once per
+      batch of files).
     mesh: a one-process :func:`sharding.make_mesh` to split each batch over its devices (the
       batch is rounded up to a multiple of the device count); ``None``: the default device.
     progress: called with ``(done, total)`` after each batch.
@@ -59,7 +61,7 @@ def assign(model: TreeVAE, variables, tree: Tree, images, batch_size: int = 256,
   batch_size = inputs.count(batch_size, "batch_size")
   images = np.asarray(images, np.float32)
   n = len(images)
-  b = min(batch_size, n)
+  b = batch_size
   if mesh is not None:
     devices = mesh.devices.size
     b = -(-b // devices) * devices

@@ -8,14 +8,16 @@
     images = run.generate(num=8)                 # {leaf id: [8, H, W, C]}: diffusion if stage 2
                                                  # has run, else the TreeVAE
 
-A module above both stages: it loads what they wrote (the stage-1 export, the run's recorded
-config and metrics, the latest stage-2 checkpoint) and imports no training code.
+It loads what both stages wrote (the stage-1 export, the run's recorded config and metrics, the
+latest stage-2 checkpoint) and imports no training code; it sits in the stage-2 package, the
+layer that sees both stages.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import os
 import time
@@ -28,10 +30,11 @@ import numpy as np
 from tree_diffusion.treevae import export as export_lib
 from tree_diffusion.diffusion.checkpoints import Stage2Checkpoints
 from tree_diffusion import files, image_files, inputs, sharding
+from tree_diffusion.diffusion import generate as generate_lib
 from tree_diffusion.errors import ConfigError
-from tree_diffusion.runs import RunDir
+from tree_diffusion.runs import RunDir, read_recorded_config
 from tree_diffusion.tree import Tree
-from tree_diffusion.treevae import inference
+from tree_diffusion.treevae import assignments, inference
 from tree_diffusion.treevae.model import TreeVAE
 
 # What a generator is called in outputs (``index.csv``'s ``generator`` column).
@@ -59,19 +62,12 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   Raises:
     ConfigError: the run has no readable recorded config.
   """
-  path = RunDir(workdir).own_config()
-  if path is None:
+  recorded = read_recorded_config(workdir, "train the run again")
+  if recorded is None:
     raise ConfigError(f"run directory {workdir} has no config.json: train stage 1 there with "
                       f"launch/train_treevae.py (runs trained before runs recorded their config "
                       f"cannot be loaded this way)")
-  try:
-    saved = files.read_json(path)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{path} cannot be read ({files.one_line(e)}): train the run again, or "
-                      f"copy the config.json of the config it was trained with there") from None
-  if not isinstance(saved, dict):
-    raise ConfigError(f"{path} holds no config: train the run again")
-  return ml_collections.ConfigDict(_tuples(saved))
+  return ml_collections.ConfigDict(_tuples(recorded[1]))
 
 
 def _read_json_or_empty(path: str) -> dict:
@@ -153,9 +149,13 @@ class TrainedRun:
     Returns:
       ``(leaves [N], probs [N, K])``.
     """
-    mesh = sharding.make_mesh(jax.local_device_count()) if jax.process_count() == 1 else None
     return inference.assign(self.model, self.variables, self.tree, images,
-                            batch_size or self.batch_size, mesh=mesh, progress=progress)
+                            batch_size or self.batch_size, mesh=self._mesh, progress=progress)
+
+  @functools.cached_property
+  def _mesh(self):
+    """The local devices, for :meth:`assign` (``None`` in a multi-process job)."""
+    return sharding.make_mesh(jax.local_device_count()) if jax.process_count() == 1 else None
 
   def decode_files(self, paths: Sequence[str], resize: bool | None = None
                    ) -> tuple[np.ndarray, list[int]]:
@@ -194,7 +194,8 @@ class TrainedRun:
     for start in range(0, len(paths), batch_size):
       chunk = paths[start:start + batch_size]
       images, kept = self.decode_files(chunk, resize)
-      skipped += [p for i, p in enumerate(chunk) if i not in set(kept)]
+      read = set(kept)
+      skipped += [p for i, p in enumerate(chunk) if i not in read]
       if kept:
         leaf, prob = self.assign(inputs.to_unit_range(images), batch_size)
         placed += [chunk[i] for i in kept]
@@ -214,8 +215,7 @@ class TrainedRun:
   def stage2(self):
     """The latest stage-2 checkpoint, loaded once (:func:`diffusion.generate.load_stage2`)."""
     if self._stage2 is None:
-      from tree_diffusion.diffusion import generate  # pylint: disable=g-import-not-at-top
-      self._stage2 = generate.load_stage2(self.config, self.workdir)
+      self._stage2 = generate_lib.load_stage2(self.config, self.workdir)
     return self._stage2
 
   def generate(self, leaves: Sequence[int] | None = None, num: int = 16, seed: int = 0,
@@ -304,13 +304,12 @@ class TrainedRun:
     for name in (files.listdir(directory) if files.is_dir(directory) else []):
       if name.startswith("leaf_") and name[5:].isdigit():
         files.rmtree(files.join(directory, name))
-    from tree_diffusion.diffusion.generate import to_uint8  # pylint: disable=g-import-not-at-top
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=INDEX_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for leaf, n in counts.items():
       path = "/".join(str(p) for p in self.tree.path(leaf))
-      pixels = to_uint8(images[leaf][:n])
+      pixels = generate_lib.to_uint8(images[leaf][:n])
       for i in range(n):
         name = f"leaf_{leaf}/{i}.png"
         files.save_png(files.join(directory, name),
@@ -366,7 +365,6 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> T
 
 def placed_rows(tree: Tree, names: Sequence[str], probs: np.ndarray):
   """Rows of :data:`FILE_COLUMNS` for placed files (``probs`` ``[N, K]``)."""
-  from tree_diffusion.treevae import assignments  # pylint: disable=g-import-not-at-top
   for row in assignments.probability_rows(tree, probs):
     i = row["index"]
     yield {"file": names[i], **{k: row[k] for k in FILE_COLUMNS if k != "file"}}
