@@ -16,14 +16,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 workdir="${1:-runs/demo}"
 times=()
-step() {  # step NAME SCRIPT: runs launch/SCRIPT on the demo config and records its wall time
-  local name=$1 script=$2 t0=$SECONDS
+step() {  # step NAME MODULE: runs python -m launch.MODULE on the demo config, records its wall time
+  local name=$1 module=$2 t0=$SECONDS
   shift 2
-  .venv/bin/python "launch/$script" --config=configs/demo.py --workdir="$workdir" "$@"
+  .venv/bin/python -m "launch.$module" --config=configs/demo.py --workdir="$workdir" "$@"
   times+=("$name=$((SECONDS - t0))")
 }
-step stage1 train_treevae.py
-step stage2 train_diffusion.py
-step sampling sample.py
-step evaluation evaluate.py --checkpoints=latest
-exec .venv/bin/python launch/summarize.py --workdir="$workdir" --times="$(IFS=,; echo "${times[*]}")"
+step stage1 train_treevae
+step stage2 train_diffusion
+step sampling sample
+step evaluation evaluate --checkpoints=latest
+exec .venv/bin/python -m launch.summarize --workdir="$workdir" --times="$(IFS=,; echo "${times[*]}")"

@@ -3,7 +3,7 @@
 The reference's cubicc.yml trains 1 epoch per phase, almost certainly a debug leftover
 (1 epoch cannot grow a useful tree); we use the CIFAR-10 schedule (150/150) instead.
 
-    python launch/train_treevae.py --config=configs/cubicc.py --config.data.folder=/path/to/cubicc \
+    python -m launch.train_treevae --config=configs/cubicc.py --config.data.folder=/path/to/cubicc \
         --workdir=runs/cubicc
 """
 

@@ -1,6 +1,6 @@
 """Your own folder of images: its groups and sub-groups, on a laptop.
 
-    python launch/train_treevae.py --config=configs/folder.py \\
+    python -m launch.train_treevae --config=configs/folder.py \\
         --config.data.folder=/path/to/images --workdir=runs/my_images
 
 A schedule meant to find groups in a few thousand images on a CPU (stage 1 of 5,000 28x28 images

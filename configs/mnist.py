@@ -1,7 +1,7 @@
 """MNIST, the reference's CNN-TreeVAE hyper-parameters.
 
-    python launch/prepare_data.py --dataset=mnist          # once, needs network + tensorflow-cpu
-    python launch/train_treevae.py --config=configs/mnist.py --workdir=runs/mnist
+    python -m launch.prepare_data --dataset=mnist          # once, needs network + tensorflow-cpu
+    python -m launch.train_treevae --config=configs/mnist.py --workdir=runs/mnist
 
 ``configs/mnist.py:tiny`` runs in seconds on CPU.
 """

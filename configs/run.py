@@ -5,7 +5,7 @@ Each training command records its full config in the run directory (stage 1:
 stage 2's if there is one (sampling needs its diffusion section), else stage 1's.
 ``launch/sample.py`` and ``launch/evaluate.py`` use it when ``--config`` is left out, so
 
-    python launch/sample.py --workdir=runs/demo --config.diffusion.sampling.steps=10
+    python -m launch.sample --workdir=runs/demo --config.diffusion.sampling.steps=10
 
 samples ``runs/demo`` with its own config and 10 sampling steps. The recorded values are laid over
 ``configs/common.py``'s defaults, so a key added since the run was trained has its default.

@@ -1,7 +1,7 @@
 """Places new images into a trained run's tree: one CSV row per image with its leaf.
 
-    python launch/assign.py --workdir=runs/demo --images=new_images/ --output=placed.csv
-    python launch/assign.py --workdir=runs/demo --images='scans/*.png' --output=placed.csv
+    python -m launch.assign --workdir=runs/demo --images=new_images/ --output=placed.csv
+    python -m launch.assign --workdir=runs/demo --images='scans/*.png' --output=placed.csv
 
 --images is a folder (searched recursively; files with other extensions are skipped and counted)
 or a glob pattern (quote it). Each image is read as the run's training images were: its size and
@@ -16,13 +16,10 @@ second_leaf, second_probability: the columns of WORKDIR/assignments.csv without 
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from absl import flags  # noqa: E402
-
-from launch import common  # noqa: E402
+from launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory whose stage 1 has finished.")
 _IMAGES = flags.DEFINE_string("images", None, "A folder of images, or a glob pattern (quoted).")

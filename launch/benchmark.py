@@ -1,9 +1,9 @@
 """Throughput of both stages, the sampler and Inception; one JSON line per measurement.
 
-    python launch/benchmark.py --config=configs/mnist.py --parts=treevae,diffusion
-    python launch/benchmark.py --config=configs/mnist.py --parts=sampler --batch=512 \
+    python -m launch.benchmark --config=configs/mnist.py --parts=treevae,diffusion
+    python -m launch.benchmark --config=configs/mnist.py --parts=sampler --batch=512 \
         --config.diffusion.sampling.steps=100 --dtype=bfloat16
-    python launch/benchmark.py --config=configs/mnist.py --estimate_end_to_end
+    python -m launch.benchmark --config=configs/mnist.py --estimate_end_to_end
 
 Inputs are random arrays of the config's image shape (no dataset needed). Each line gives
 images/s, XLA's FLOPs per image, achieved TFLOP/s and utilisation against the chip's peak
@@ -15,15 +15,12 @@ the hours a whole paper row would take (stage 1 schedule, stage 2 steps, samplin
 next to the reference code's hours from its measured rates where known.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags, logging
+from ml_collections import config_flags
 
-from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from launch import common  # noqa: E402
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _PARTS = flags.DEFINE_list("parts", ["treevae", "diffusion", "sampler", "inception"],

@@ -131,7 +131,7 @@ def refresh_report(workdir: str):
   try:
     path = html_report.write(workdir)
   except Exception as e:  # pylint: disable=broad-except
-    logging.warning("report.html was not refreshed (%s): run launch/report.py --workdir=%s",
+    logging.warning("report.html was not refreshed (%s): run python -m launch.report --workdir=%s",
                     _one_line(e), workdir)
     return
   print(f"report: {path}")
@@ -149,7 +149,7 @@ def check_run_dir(workdir: str, flag: str = "--workdir"):
   if not files.is_dir(workdir):
     what = "is not a directory" if files.exists(workdir) else "does not exist"
     raise ConfigError(f"run directory {workdir} {what}: pass the {flag} of a run (train it first "
-                      f"with launch/train_treevae.py)")
+                      f"with python -m launch.train_treevae)")
 
 
 def _user_errors():

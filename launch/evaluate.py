@@ -1,7 +1,7 @@
 """Evaluates run directories: the stage-1 export and every selected stage-2 checkpoint.
 
-    python launch/evaluate.py --workdir=runs/demo
-    python launch/evaluate.py --workdir=runs/mnist,runs/mnist_seed2 --checkpoints=latest \
+    python -m launch.evaluate --workdir=runs/demo
+    python -m launch.evaluate --workdir=runs/mnist,runs/mnist_seed2 --checkpoints=latest \
         --modes=sample,recons --config.eval.num_samples=1000
 
 Without --config, each run is evaluated with its own config: the one its training commands
@@ -27,14 +27,11 @@ writes the files. The run directory must be storage every process reads (shared 
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
+from ml_collections import config_flags
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from launch import common  # noqa: E402
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (default: each run's own, configs/run.py:WORKDIR).",
@@ -91,7 +88,7 @@ def _preflight(runs_: list[tuple[str, object]], settings: list, checkpoints: str
       if str(e) != "no stage-2 checkpoints":
         raise ConfigError(f"{workdir}: {e}") from None
       raise ConfigError(f"no stage-2 checkpoints in {ckpt_dir}: train stage 2 "
-                        f"(launch/train_diffusion.py --workdir={workdir}) or pass "
+                        f"(python -m launch.train_diffusion --workdir={workdir}) or pass "
                         f"--checkpoints=none to evaluate stage 1 only") from None
     path = export_lib.resolve_export(frozen.export_path(config, workdir))
     exports[workdir] = (path, export_lib.read_export_meta(path))
@@ -100,7 +97,7 @@ def _preflight(runs_: list[tuple[str, object]], settings: list, checkpoints: str
   if len(set(datasets.values())) > 1 and not common.config_from_run():
     listed = ", ".join(f"{w} ({d})" for w, d in datasets.items())
     raise ConfigError(f"--workdir holds runs of different datasets: {listed}; one --config "
-                      f"serves every --workdir: evaluate each dataset in its own launch/evaluate.py call "
+                      f"serves every --workdir: evaluate each dataset in its own python -m launch.evaluate call "
                       f"with its own --config, or leave out --config to use each run's own")
   for workdir, config in runs_:
     frozen.check_export(config, *exports[workdir])

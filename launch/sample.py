@@ -1,7 +1,7 @@
 """Samples a trained stage 2: PNG grids and .npz per mode, and the tree figure with diffusion samples.
 
-    python launch/sample.py --workdir=runs/demo
-    python launch/sample.py --workdir=runs/mnist --modes=sample --num_samples=10000 \
+    python -m launch.sample --workdir=runs/demo
+    python -m launch.sample --workdir=runs/mnist --modes=sample --num_samples=10000 \
         --config.diffusion.sampling.steps=50
 
 Without --config, the run's own config is used: the one its training commands recorded
@@ -27,15 +27,11 @@ With --distributed (one process per host, as for training) every batch is split 
 process's devices and process 0 writes the outputs, the same bits as one process writes.
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
+from ml_collections import config_flags
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from launch import common  # noqa: E402
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (default: the run's own, configs/run.py:WORKDIR).",
@@ -113,7 +109,7 @@ def main(argv):
     return
   if not steps:
     raise ckpt_lib.CheckpointError(f"no stage-2 checkpoint in {ckpt_dir}: run "
-                                   f"launch/train_diffusion.py with this --workdir first (or pass "
+                                   f"python -m launch.train_diffusion with this --workdir first (or pass "
                                    f"--export_dir=DIR for the TreeVAE's images per leaf)")
   if _STEP.value is not None and _STEP.value not in steps:
     raise ckpt_lib.CheckpointError(f"no stage-2 checkpoint {_STEP.value} in {ckpt_dir}; have "

@@ -1,7 +1,7 @@
 """Prints one table for a run directory and writes it to WORKDIR/summary.md.
 
-    python launch/summarize.py --workdir=runs/demo
-    python launch/summarize.py --workdir=runs/demo --times=stage1=230,stage2=300
+    python -m launch.summarize --workdir=runs/demo
+    python -m launch.summarize --workdir=runs/demo --times=stage1=230,stage2=300
 
 Clustering (test NMI and leaf purity, against k-means on pixels), FID of generations and
 reconstructions and the purity of generations for the TreeVAE and the diffusion model (from
@@ -9,14 +9,10 @@ launch/evaluate.py's latest checkpoint), and the wall time of each step: --times
 ./demo.sh measures around each command) or else the times the launchers recorded.
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from absl import flags  # noqa: E402
-
-from launch import common  # noqa: E402
+from launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _TIMES = flags.DEFINE_list("times", [], "step=seconds pairs (stage1, stage2, sampling, evaluation).")
@@ -32,7 +28,7 @@ def main(argv):
   common.check_run_dir(_WORKDIR.value)
   run_dir = runs.RunDir(_WORKDIR.value)
   if not files.is_file(run_dir.stage1_metrics):
-    raise ConfigError(f"{_WORKDIR.value} has no stage1_metrics.json: run launch/train_treevae.py "
+    raise ConfigError(f"{_WORKDIR.value} has no stage1_metrics.json: run python -m launch.train_treevae "
                       f"with this --workdir first")
   times = {}
   for item in _TIMES.value:

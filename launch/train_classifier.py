@@ -1,7 +1,7 @@
 """Trains the per-leaf purity classifier of a dataset (a ResNet trained from scratch).
 
-    python launch/train_classifier.py --config=configs/demo.py --workdir=runs/demo
-    python launch/train_classifier.py --config=configs/cifar10.py --workdir=runs/cifar10 \
+    python -m launch.train_classifier --config=configs/demo.py --workdir=runs/demo
+    python -m launch.train_classifier --config=configs/cifar10.py --workdir=runs/cifar10 \
         --config.classifier.num_epochs=20
 
 Trains on the config's train split, evaluates on its test split and writes classifier.msgpack and
@@ -9,15 +9,11 @@ classifier.json into WORKDIR/classifier/ (or --config.classifier.dir). Every run
 overwrites the previous classifier.
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags, logging
+from ml_collections import config_flags
 
-from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from launch import common  # noqa: E402
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,

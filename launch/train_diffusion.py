@@ -1,7 +1,7 @@
 """Stage 2: trains (or resumes) the cluster-conditional diffusion model on a stage-1 export.
 
-    python launch/train_diffusion.py --config=configs/demo.py --workdir=runs/demo
-    python launch/train_diffusion.py --config=configs/mnist.py --workdir=runs/mnist \
+    python -m launch.train_diffusion --config=configs/demo.py --workdir=runs/demo
+    python -m launch.train_diffusion --config=configs/mnist.py --workdir=runs/mnist \
         --config.diffusion.conditioning=image+path
 
 The stage-1 export is read from WORKDIR/export (what launch/train_treevae.py writes) unless
@@ -9,15 +9,11 @@ The stage-1 export is read from WORKDIR/export (what launch/train_treevae.py wri
 Re-running the command resumes from the latest checkpoint.
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags, logging
+from ml_collections import config_flags
 
-from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from launch import common  # noqa: E402
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (holds the stage-1 export).")

@@ -1,19 +1,15 @@
 """Stage 1: trains (or resumes) a TreeVAE, then writes its export, metrics and tree figure.
 
-    python launch/train_treevae.py --config=configs/demo.py --workdir=runs/demo
-    python launch/train_treevae.py --config=configs/mnist.py --workdir=runs/mnist \
+    python -m launch.train_treevae --config=configs/demo.py --workdir=runs/demo
+    python -m launch.train_treevae --config=configs/mnist.py --workdir=runs/mnist \
         --config.stage1.num_epochs=50
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags, logging
+from ml_collections import config_flags
 
-from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from launch import common  # noqa: E402
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, export and metrics.")

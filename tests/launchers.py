@@ -10,10 +10,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def command(script):
+  """The command line that runs ``launch/<script>`` as the README does: ``python -m launch.NAME``
+  from the repository root (the cwd every launcher subprocess here gets)."""
+  return [sys.executable, "-m", "launch." + script.removesuffix(".py")]
+
+
 def run(*args, timeout=600, script="train_treevae.py", env=None):
   """Runs ``launch/<script>`` with ``args``; returns the ``CompletedProcess`` (text output)."""
-  env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args],
+  env = dict(os.environ, **(env or {}))
+  return subprocess.run([*command(script), *args],
                         capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
@@ -39,10 +45,8 @@ def run_with_signals(*args, script, signals, timeout=600):
   """Runs a launcher; ``signals`` is a list of ``(text, signal[, delay_s])``: each signal is sent
   (``delay_s`` seconds) after a stderr line contains its text, in order. Returns ``(exit code,
   stderr)``."""
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  p = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", script), *args],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                       cwd=ROOT)
+  p = subprocess.Popen([*command(script), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True, cwd=ROOT)
   watchdog = threading.Timer(timeout, p.kill)
   watchdog.start()
   lines, todo = [], list(signals)

@@ -5,9 +5,10 @@
 
 import os
 import subprocess
-import sys
 
 import pytest
+
+import launchers
 
 from configs import mnist
 from tree_diffusion import benchmark
@@ -51,7 +52,7 @@ def test_measurement_rates_and_utilisation():
 
 
 def test_launcher_rejects_an_unknown_part_in_one_line():
-  r = subprocess.run([sys.executable, "launch/benchmark.py", "--config=configs/mnist.py:tiny",
+  r = subprocess.run([*launchers.command("benchmark.py"), "--config=configs/mnist.py:tiny",
                       "--parts=treevae,unet"], capture_output=True, text=True, cwd=ROOT,
                      timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert r.returncode == 1

@@ -5,11 +5,12 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import ml_collections
 import numpy as np
 import pytest
+
+import launchers
 
 from tree_diffusion.data import Arrays
 from tree_diffusion.errors import ConfigError
@@ -166,10 +167,10 @@ def test_save_load_round_trip(trained, tmp_path):
                         (dict(num_classes=10), "has 3 classes")]:
     with pytest.raises(ConfigError, match=match) as e:
       clf.load_classifier(str(tmp_path), **kwargs)
-    assert "\n" not in str(e.value) and "launch/train_classifier.py" in str(e.value)
+    assert "\n" not in str(e.value) and "python -m launch.train_classifier" in str(e.value)
   with pytest.raises(ConfigError, match="no classifier in") as e:
     clf.load_classifier(str(tmp_path / "missing"))
-  assert "\n" not in str(e.value) and "launch/train_classifier.py --config=" in str(e.value)
+  assert "\n" not in str(e.value) and "python -m launch.train_classifier --config=" in str(e.value)
   # Through a config: WORKDIR/classifier or classifier.dir, and the dataset name must match.
   config = _tiny_config()
   config.data.update(dict(image_size=8, channels=1))
@@ -207,10 +208,8 @@ def test_figure(trained, tmp_path):
 
 @pytest.mark.slow
 def test_launcher_tiny_end_to_end(tmp_path):
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train_classifier.py"),
-                      "--config=configs/demo.py:tiny", f"--workdir={tmp_path}"],
-                     capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+  r = subprocess.run([*launchers.command("train_classifier.py"), "--config=configs/demo.py:tiny",
+                      f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "classifier: test accuracy" in r.stdout and "img/s" in r.stderr
   loaded = clf.load_classifier(str(tmp_path / "classifier"), image_shape=(28, 28, 1),

@@ -13,11 +13,11 @@ import PIL.ImageFile
 from PIL import Image
 import pytest
 
-# pytest puts tests/ (not the repo root) on sys.path; the package is not installed.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _ROOT)
+import launchers
 
-from tree_diffusion import data  # pylint: disable=g-import-not-at-top
+from tree_diffusion import data
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**fields):
@@ -420,14 +420,14 @@ def test_unknown_name_and_split():
 
 
 def test_launcher_help_and_one_line_error(tmp_path):
-  script = os.path.join(_ROOT, 'launch', 'prepare_data.py')
-  done = subprocess.run([sys.executable, script, '--help'], capture_output=True, text=True,
+  script = launchers.command('prepare_data.py')
+  done = subprocess.run([*script, '--help'], capture_output=True, text=True, cwd=_ROOT,
                         timeout=60, check=False)
   # absl exits with status 1 after printing --help.
   assert '--dataset' in done.stdout and 'Traceback' not in done.stderr
-  done = subprocess.run([sys.executable, script, '--dataset=folder', f'--folder={tmp_path}/x',
+  done = subprocess.run([*script, '--dataset=folder', f'--folder={tmp_path}/x',
                          '--image_size=8', '--channels=3', f'--data_dir={tmp_path}'],
-                        capture_output=True, text=True, timeout=60, check=False)
+                        capture_output=True, text=True, cwd=_ROOT, timeout=60, check=False)
   assert done.returncode == 1
   assert done.stderr.strip().splitlines()[-1].startswith('error: image folder')
   assert 'Traceback' not in done.stderr

@@ -8,7 +8,6 @@ the code under test.
 import logging
 import multiprocessing
 import os
-import sys
 import threading
 
 import ml_collections
@@ -16,11 +15,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-# pytest puts tests/ (not the repo root) on sys.path; the package is not installed.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _ROOT)
+from tree_diffusion import data
 
-from tree_diffusion import data  # pylint: disable=g-import-not-at-top
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(folder, data_dir, channels=1, name='folder', **fields):

@@ -223,7 +223,7 @@ _TINY = "--config=configs/demo.py:tiny"
     ("sample.py", [_TINY, "--workdir={run}", "--meta_is_garbled"],
      "{run}/export/meta.json is garbled (JSONDecodeError: "),
     ("train_diffusion.py", [_TINY, "--workdir={run}", "--meta_is_garbled"],
-     "rewrite it by re-running launch/train_treevae.py with the same --config and --workdir"),
+     "rewrite it by re-running python -m launch.train_treevae with the same --config and --workdir"),
     ("train_diffusion.py", [_TINY, "--workdir={run}", "--export_was_being_swapped"],
      "stage-1 export {run}/export is missing but {run}/export.old-77 holds the previous one"),
     ("train_treevae.py", [_TINY, "--config.data.name=folder", "--config.data.folder={tmp}",

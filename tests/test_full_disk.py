@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from absl import logging
 
+import launchers
 from launchers import ROOT, assert_trees_equal, tiny_config
 from launchers import run as _run
 from test_reliability import _stage1_run, _stage2_run
@@ -167,9 +168,8 @@ def _assert_one_full_disk_error(r, *kept):
 def _run_filling(disk, when: str, *args, script: str, timeout: float = 300):
   """Runs ``launch/<script>`` and fills ``disk`` once a line of its stderr holds ``when``; returns
   the ``CompletedProcess``."""
-  p = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", script), *args],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=ROOT))
+  p = subprocess.Popen([*launchers.command(script), *args], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, cwd=ROOT)
   watchdog = threading.Timer(timeout, p.kill)
   watchdog.start()
   lines, filled = [], False

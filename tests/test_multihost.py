@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+import launchers
+
 from test_multidevice import ROOT, TRAJECTORY, XLA_FAST, _check_trajectories
 
 
@@ -51,7 +53,7 @@ def _env(devices: int) -> dict:
 def _launch(script, args, devices=(4,)):
   """``launch/<script>`` as one process, or (several ``devices``) as that many processes joined
   over loopback with ``--distributed``; returns ``[(exit code, stdout, stderr)]`` per process."""
-  cmd = [sys.executable, os.path.join(ROOT, "launch", script), *args]
+  cmd = [*launchers.command(script), *args]
   if len(devices) > 1:
     port = _port()
     cmds = [cmd + ["--distributed", f"--coordinator_address=127.0.0.1:{port}",

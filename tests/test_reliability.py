@@ -84,7 +84,7 @@ def test_rerunning_a_finished_stage1_repairs_a_garbled_export(tmp_path):
   model, variables, tree = _stage1_run(c, workdir)
   expected = export_lib.fingerprint(model, variables, tree, _identity(c))
   (workdir / "export" / "meta.json").write_text('{"format": "tree_diffusion.treevae.exp')
-  with pytest.raises(checkpoint.CheckpointError, match="is garbled .*re-running launch/train_treevae.py"):
+  with pytest.raises(checkpoint.CheckpointError, match="is garbled .*re-running python -m launch.train_treevae"):
     export_lib.load_treevae(str(workdir / "export"))
   tv_train.train_and_export(c, str(workdir))
   export_lib.load_treevae(str(workdir / "export"))

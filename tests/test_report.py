@@ -170,7 +170,7 @@ def test_a_page_before_sampling_and_without_readable_images_still_opens(tmp_path
     browser.open(workdir.joinpath("report.html").as_uri())
     body = browser.evaluate("document.body.textContent")
     assert "The images could not be read" in body
-    assert "Generations appear here once launch/sample.py has run." in body
+    assert "Generations appear here once python -m launch.sample has run." in body
     assert browser.evaluate("document.querySelectorAll('#node-body figcaption').length") == 12
     assert browser.evaluate("document.querySelectorAll('#node-body img').length") == 0
     assert browser.errors == []

@@ -386,7 +386,7 @@ def sync_processes(name: str):
 
 
 # How to repair an unreadable or stale stage-1 export (in the export's errors).
-REWRITE_EXPORT = ("rewrite it by re-running launch/train_treevae.py with the same --config and "
+REWRITE_EXPORT = ("rewrite it by re-running python -m launch.train_treevae with the same --config and "
                   "--workdir (a finished run only writes the export again)")
 
 

@@ -272,7 +272,7 @@ def _load_mnist_5k(split: str) -> Arrays:
 
 
 def _prepare_command(name: str, data_dir: str) -> str:
-  return f'python launch/prepare_data.py --dataset={name} --data_dir={data_dir}'
+  return f'python -m launch.prepare_data --dataset={name} --data_dir={data_dir}'
 
 
 def _open_tfds_source(name: str, split: str, data_dir: str):
@@ -327,7 +327,7 @@ def _read_tfds(source, transform: Callable[[np.ndarray], np.ndarray] | None
       if 'label' in record:
         labels[start + offset] = int(record['label'])
   if images is None:
-    raise DataError('the tfds split is empty; re-prepare it with launch/prepare_data.py')
+    raise DataError('the tfds split is empty; re-prepare it with python -m launch.prepare_data')
   return images, labels
 
 

@@ -150,7 +150,7 @@ def build(workdir: str) -> str:
   stage1 = _json_or_none(run_dir.stage1_metrics)
   if not isinstance(stage1, dict) or "tree" not in stage1:
     raise FileNotFoundError(f"{run_dir.stage1_metrics} is missing or holds no tree: run "
-                            f"launch/train_treevae.py with this --workdir first")
+                            f"python -m launch.train_treevae with this --workdir first")
   tree = Tree.from_json(stage1["tree"])
   rows = _read_assignments(run_dir.assignments)
   data_config = config.get("data") or {}
@@ -414,7 +414,7 @@ td:first-child { color: #555; }
             }), function () { return kt[1].split(" ")[0]; }));
           });
     } else {
-      body.appendChild(el("p", {}, "Generations appear here once launch/sample.py has run."));
+      body.appendChild(el("p", {}, "Generations appear here once python -m launch.sample has run."));
     }
   }
 

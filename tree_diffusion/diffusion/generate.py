@@ -100,7 +100,7 @@ def load_stage2(config, workdir: str, step: int | None = None) -> Stage2:
   ckpts = Stage2Checkpoints(RunDir(workdir).stage2_checkpoints, read_only=True)
   if ckpts.latest_step() is None:
     raise ckpt_lib.CheckpointError(f"no stage-2 checkpoint in {ckpts.directory}: run "
-                                   f"launch/train_diffusion.py with this --workdir first")
+                                   f"python -m launch.train_diffusion with this --workdir first")
   meta = ckpts.read_meta(step)
   step_name = ckpts.latest_step() if step is None else step
   if meta.get("export_fingerprint") != fingerprint:

@@ -65,7 +65,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   recorded = read_recorded_config(workdir, "train the run again")
   if recorded is None:
     raise ConfigError(f"run directory {workdir} has no config.json: train stage 1 there with "
-                      f"launch/train_treevae.py (runs trained before runs recorded their config "
+                      f"python -m launch.train_treevae (runs trained before runs recorded their config "
                       f"cannot be loaded this way)")
   return ml_collections.ConfigDict(_tuples(recorded[1]))
 
@@ -352,7 +352,7 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> T
   files.check_path(workdir, "workdir")
   if not files.is_dir(workdir):
     raise ConfigError(f"run directory {workdir} does not exist: pass the --workdir of a run "
-                      f"(train it first with launch/train_treevae.py)")
+                      f"(train it first with python -m launch.train_treevae)")
   config = read_run_config(workdir) if config is None else config
   run_dir = RunDir(workdir)
   export = config.get("diffusion", {}).get("treevae_export") or run_dir.export

@@ -59,7 +59,7 @@ _SHIFT = 2  # pixels of the "shift" augmentation (zero padding, then a random cr
 
 def train_command(config_path: str = "<config>", workdir: str = "<workdir>") -> str:
   """The command that trains a classifier (named in the errors of :func:`load_classifier`)."""
-  return f"python launch/train_classifier.py --config={config_path} --workdir={workdir}"
+  return f"python -m launch.train_classifier --config={config_path} --workdir={workdir}"
 
 
 # ------------------------------------------------------------------------------------- the model

@@ -441,7 +441,7 @@ class Evaluator:
     except ConfigError as e:
       if str(e) == "no stage-2 checkpoints":
         raise ConfigError(f"no stage-2 checkpoints in {stage2_ckpt_dir}: train stage 2 "
-                          f"(launch/train_diffusion.py --workdir={workdir}) or pass "
+                          f"(python -m launch.train_diffusion --workdir={workdir}) or pass "
                           f"--checkpoints=none to evaluate stage 1 only") from None
       raise
     if s.fid:

@@ -204,7 +204,7 @@ def resolve_export(path: str) -> str:
                             f"(a run was stopped while replacing it): rename it to {p}, or "
                             f"{REWRITE_EXPORT}")
     raise CheckpointError(f"stage-1 export {p} does not exist: train stage 1 first "
-                          f"(launch/train_treevae.py writes WORKDIR/export) or set "
+                          f"(python -m launch.train_treevae writes WORKDIR/export) or set "
                           f"--config.diffusion.treevae_export=PATH/TO/export")
   read_export_meta(path)  # training workdir / wrong format → CheckpointError with the fix
   return str(files.as_path(path))
