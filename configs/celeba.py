@@ -1,7 +1,7 @@
 """CelebA at 64×64 (crop 148 at (40, 15), resize): 35 epochs per phase, batch 128.
 
-    python -m launch.prepare_data --dataset=celeb_a
-    python -m launch.train_treevae --config=configs/celeba.py --workdir=runs/celeba
+python -m launch.prepare_data --dataset=celeb_a
+python -m launch.train_treevae --config=configs/celeba.py --workdir=runs/celeba
 """
 
 from configs import cifar10, common

@@ -1,7 +1,7 @@
 """CIFAR-10: ResNet encoder (cnn2), 4×4 feature-map latents, contrastive routers.
 
-    python -m launch.prepare_data --dataset=cifar10
-    python -m launch.train_treevae --config=configs/cifar10.py --workdir=runs/cifar10
+python -m launch.prepare_data --dataset=cifar10
+python -m launch.train_treevae --config=configs/cifar10.py --workdir=runs/cifar10
 """
 
 from configs import common

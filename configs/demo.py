@@ -54,8 +54,17 @@ def get_config(arg=None):
   d.conditioning = "image+path"
   d.prediction = "x0"
   d.center_data = True
-  d.unet.update(dict(ch=8, ch_mults=(1, 2, 4), num_res_blocks=1, attn_resolutions=(),
-                     num_heads=4, dropout=0.0, norm_groups=4))
+  d.unet.update(
+    dict(
+      ch=8,
+      ch_mults=(1, 2, 4),
+      num_res_blocks=1,
+      attn_resolutions=(),
+      num_heads=4,
+      dropout=0.0,
+      norm_groups=4,
+    )
+  )
   d.batch_size = 64
   d.num_steps = 1000
   d.lr = 1e-3
@@ -63,15 +72,26 @@ def get_config(arg=None):
   d.ema_decay = 0.995
   d.log_every_steps = 50
   d.checkpoint_every_steps = 500
-  d.sampling.update(dict(steps=50, batch_size=64, num_samples=16, figure_samples=24,
-                         figure_images_per_leaf=6))
+  d.sampling.update(
+    dict(steps=50, batch_size=64, num_samples=16, figure_samples=24, figure_images_per_leaf=6)
+  )
   # The purity classifier, sized for the same CPU: a 78k-parameter ResNet (4 stages of one block,
   # width 8) instead of the reference's pretrained ResNet-50, 16 epochs of batch 64 with random
   # 2-pixel shifts, Adam 2e-3 with a cosine decay (the reference: 50 epochs of batch 32 at a
   # constant 1e-3). Measured on 2 (shared) CPU cores: test accuracy 0.980 on the 1,000 test digits,
   # 2 min 08 s and 2 min 19 s (two runs) for launch/train_classifier.py.
-  c.classifier.update(dict(width=8, stage_sizes=(1, 1, 1, 1), batch_size=64, num_epochs=16,
-                           lr=2e-3, lr_schedule="cosine", augment="shift", log_every_steps=62))
+  c.classifier.update(
+    dict(
+      width=8,
+      stage_sizes=(1, 1, 1, 1),
+      batch_size=64,
+      num_epochs=16,
+      lr=2e-3,
+      lr_schedule="cosine",
+      augment="shift",
+      log_every_steps=62,
+    )
+  )
   # Evaluation sized for the same CPU (launch/evaluate.py): 500 generations and 500 reconstructed
   # test digits per FID instead of 10,000, 100 prior samples through every leaf for the purity
   # (about 55 of the 1,000 are kept at p >= 0.5), 100 importance samples per test digit for the

@@ -1,7 +1,7 @@
 """Fashion-MNIST: as MNIST but ``kl_start=0.5`` (the reference's fork config).
 
-    python -m launch.prepare_data --dataset=fashion_mnist
-    python -m launch.train_treevae --config=configs/fashion_mnist.py --workdir=runs/fmnist
+python -m launch.prepare_data --dataset=fashion_mnist
+python -m launch.train_treevae --config=configs/fashion_mnist.py --workdir=runs/fmnist
 """
 
 from configs import common

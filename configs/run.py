@@ -21,13 +21,17 @@ def _update(c, saved: dict, path: str, prefix: str = ""):
   for k, v in saved.items():
     name = prefix + k
     if k not in c:
-      raise ConfigError(f"{path} has the unknown config key {name!r} (written by another version "
-                        f"of tree_diffusion?): pass the config it was trained with as "
-                        f"--config=configs/NAME.py")
+      raise ConfigError(
+        f"{path} has the unknown config key {name!r} (written by another version "
+        f"of tree_diffusion?): pass the config it was trained with as "
+        f"--config=configs/NAME.py"
+      )
     if isinstance(c[k], type(c)):
       if not isinstance(v, dict):
-        raise ConfigError(f"{path}: config.{name} must be a section, got {v!r}: pass the config "
-                          f"it was trained with as --config=configs/NAME.py")
+        raise ConfigError(
+          f"{path}: config.{name} must be a section, got {v!r}: pass the config "
+          f"it was trained with as --config=configs/NAME.py"
+        )
       _update(c[k], v, path, name + ".")
       continue
     if isinstance(c[k], tuple) and isinstance(v, list):
@@ -35,8 +39,10 @@ def _update(c, saved: dict, path: str, prefix: str = ""):
     try:
       c[k] = v
     except TypeError as e:
-      raise ConfigError(f"{path}: config.{name} = {v!r} does not fit its type ({e}): pass the "
-                        f"config it was trained with as --config=configs/NAME.py") from None
+      raise ConfigError(
+        f"{path}: config.{name} = {v!r} does not fit its type ({e}): pass the "
+        f"config it was trained with as --config=configs/NAME.py"
+      ) from None
 
 
 def get_config(arg=None):
@@ -44,7 +50,8 @@ def get_config(arg=None):
   if not arg:
     raise ConfigError("configs/run.py needs the run directory: --config=configs/run.py:WORKDIR")
   recorded = read_recorded_config(
-      arg, "pass the config the run was trained with as --config=configs/NAME.py")
+    arg, "pass the config the run was trained with as --config=configs/NAME.py"
+  )
   if recorded is None:
     raise ConfigError(no_config_message(arg))
   path, saved = recorded
@@ -55,6 +62,8 @@ def get_config(arg=None):
 
 def no_config_message(workdir: str) -> str:
   """The error for a run without a recorded config (trained before runs recorded it)."""
-  return (f"run directory {workdir} has no config.json (it was trained before runs recorded their "
-          f"config): pass --config with the config it was trained with, e.g. "
-          f"--config=configs/demo.py")
+  return (
+    f"run directory {workdir} has no config.json (it was trained before runs recorded their "
+    f"config): pass --config with the config it was trained with, e.g. "
+    f"--config=configs/demo.py"
+  )

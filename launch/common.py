@@ -14,22 +14,29 @@ import traceback
 from absl import app, flags, logging
 
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False,
-    "Multi-host run: call jax.distributed.initialize() before anything else. On Cloud TPU pods, "
-    "SLURM and other clusters JAX finds its peers itself; elsewhere pass the three flags below.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 (with --distributed).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.",
-                                      lower_bound=1)
+  "distributed",
+  False,
+  "Multi-host run: call jax.distributed.initialize() before anything else. On Cloud TPU pods, "
+  "SLURM and other clusters JAX finds its peers itself; elsewhere pass the three flags below.",
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0 (with --distributed)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.", lower_bound=1)
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.", lower_bound=0)
 _TRACEBACK = flags.DEFINE_bool(
-    "traceback", False, "Show the traceback of an expected error (a bad config, missing data, …) "
-    "instead of the one-line `error: …` message (for debugging).")
+  "traceback",
+  False,
+  "Show the traceback of an expected error (a bad config, missing data, …) "
+  "instead of the one-line `error: …` message (for debugging).",
+)
 _CACHE = flags.DEFINE_string(
-    "compilation_cache", None,
-    "Directory of JAX's persistent compilation cache, so that a re-run or a resume compiles "
-    "nothing it compiled before; 'none' turns it off. Default: $TREE_DIFFUSION_COMPILATION_CACHE, "
-    "else $JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/tree_diffusion/jax (~/.cache/…).")
+  "compilation_cache",
+  None,
+  "Directory of JAX's persistent compilation cache, so that a re-run or a resume compiles "
+  "nothing it compiled before; 'none' turns it off. Default: $TREE_DIFFUSION_COMPILATION_CACHE, "
+  "else $JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/tree_diffusion/jax (~/.cache/…).",
+)
 
 
 def compilation_cache_dir(default_on: bool = True) -> str | None:
@@ -39,14 +46,17 @@ def compilation_cache_dir(default_on: bool = True) -> str | None:
     if not default_on:
       return None
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    d = (os.environ.get("TREE_DIFFUSION_COMPILATION_CACHE")
-         or os.environ.get("JAX_COMPILATION_CACHE_DIR")
-         or os.path.join(base, "tree_diffusion", "jax"))
+    d = (
+      os.environ.get("TREE_DIFFUSION_COMPILATION_CACHE")
+      or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+      or os.path.join(base, "tree_diffusion", "jax")
+    )
   return None if d.strip().lower() in ("", "none", "off") else os.path.abspath(d)
 
 
 def _use_compilation_cache(default_on: bool):
   import jax  # pylint: disable=g-import-not-at-top
+
   d = compilation_cache_dir(default_on)
   if d is None:
     jax.config.update("jax_enable_compilation_cache", False)
@@ -69,38 +79,53 @@ def setup(compilation_cache: bool = True):
   only when the flag names a directory, as the benchmark does to time real compiles)."""
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=g-import-not-at-top
+
     # CPU processes (tests, debugging) need a collectives backend; GPUs and TPUs have their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
-      jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                 num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+      jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+      )
     except (ValueError, RuntimeError) as e:
       from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+
       raise ConfigError(
-          f"--distributed: jax.distributed.initialize() failed: {_one_line(e).rstrip('.')}; "
-          f"outside a cluster that JAX detects itself (Cloud TPU, SLURM, ...) pass "
-          f"--coordinator_address=HOST:PORT (of process 0), --num_processes=N and "
-          f"--process_id=0..N-1") from None
+        f"--distributed: jax.distributed.initialize() failed: {_one_line(e).rstrip('.')}; "
+        f"outside a cluster that JAX detects itself (Cloud TPU, SLURM, ...) pass "
+        f"--coordinator_address=HOST:PORT (of process 0), --num_processes=N and "
+        f"--process_id=0..N-1"
+      ) from None
     from tree_diffusion import sharding  # pylint: disable=g-import-not-at-top
-    sharding.check_processes()   # equal shares of every batch need equal local device counts
+
+    sharding.check_processes()  # equal shares of every batch need equal local device counts
   try:  # TensorFlow (only present to prepare tfds data) must not grab GPU memory.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     tf.config.set_visible_devices([], "GPU")
   except ImportError:
     pass
   _use_compilation_cache(compilation_cache)
   import jax  # pylint: disable=g-import-not-at-top
-  logging.info("process %d/%d, %d devices (%d local, %s)", jax.process_index(),
-               jax.process_count(), jax.device_count(), jax.local_device_count(),
-               jax.devices()[0].platform)
+
+  logging.info(
+    "process %d/%d, %d devices (%d local, %s)",
+    jax.process_index(),
+    jax.process_count(),
+    jax.device_count(),
+    jax.local_device_count(),
+    jax.devices()[0].platform,
+  )
   if jax.process_index() != 0:
-    logging.set_verbosity(logging.WARNING)   # one process reports progress
+    logging.set_verbosity(logging.WARNING)  # one process reports progress
 
 
 def check_config(config):
   """Unknown keys and ill-typed values of a config file, against ``configs/common.py``'s base."""
   from configs import common as config_common  # pylint: disable=g-import-not-at-top
   from tree_diffusion import validation  # pylint: disable=g-import-not-at-top
+
   validation.check_types(config, config_common.base())
   _resolve_channels(config)
 
@@ -111,13 +136,17 @@ def _resolve_channels(config):
   if "data" not in config or config.data.get("channels") != 0:
     return
   from tree_diffusion import data  # pylint: disable=g-import-not-at-top
+
   channels, notice = data.detect_channels(config.data)
   config.data.channels = channels
   if notice:
     logging.warning("%s", notice)
   else:
-    logging.info("data.channels=0: the images are %s, read with %d channel(s)",
-                 "grey" if channels == 1 else "colour", channels)
+    logging.info(
+      "data.channels=0: the images are %s, read with %d channel(s)",
+      "grey" if channels == 1 else "colour",
+      channels,
+    )
 
 
 def refresh_report(workdir: str):
@@ -125,14 +154,19 @@ def refresh_report(workdir: str):
   outputs are written by then, so a page that cannot be made is a warning that names the command
   to make it later, not a failure."""
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.process_index() != 0:
     return
   from tree_diffusion import html_report  # pylint: disable=g-import-not-at-top
+
   try:
     path = html_report.write(workdir)
   except Exception as e:  # pylint: disable=broad-except
-    logging.warning("report.html was not refreshed (%s): run python -m launch.report --workdir=%s",
-                    _one_line(e), workdir)
+    logging.warning(
+      "report.html was not refreshed (%s): run python -m launch.report --workdir=%s",
+      _one_line(e),
+      workdir,
+    )
     return
   print(f"report: {path}")
 
@@ -145,19 +179,32 @@ def check_run_dir(workdir: str, flag: str = "--workdir"):
   """
   from tree_diffusion import files  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
-  files.check_bucket(workdir)   # gs://: a missing bucket or no credentials, said as such
+
+  files.check_bucket(workdir)  # gs://: a missing bucket or no credentials, said as such
   if not files.is_dir(workdir):
     what = "is not a directory" if files.exists(workdir) else "does not exist"
-    raise ConfigError(f"run directory {workdir} {what}: pass the {flag} of a run (train it first "
-                      f"with python -m launch.train_treevae)")
+    raise ConfigError(
+      f"run directory {workdir} {what}: pass the {flag} of a run (train it first "
+      f"with python -m launch.train_treevae)"
+    )
 
 
 def _user_errors():
   from tree_diffusion import checkpoint, data, errors  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import inception  # pylint: disable=g-import-not-at-top
-  return (data.DataError, checkpoint.CheckpointError, errors.ConfigError, PermissionError,
-          FileNotFoundError, inception.InceptionWeightsError, errors.TrainingDivergedError,
-          errors.WorkdirBusyError, errors.StorageError, errors.DiskFullError)
+
+  return (
+    data.DataError,
+    checkpoint.CheckpointError,
+    errors.ConfigError,
+    PermissionError,
+    FileNotFoundError,
+    inception.InceptionWeightsError,
+    errors.TrainingDivergedError,
+    errors.WorkdirBusyError,
+    errors.StorageError,
+    errors.DiskFullError,
+  )
 
 
 def _workdir() -> str | None:
@@ -173,6 +220,7 @@ def _threads_say_a_full_disk_in_one_line():
   its traceback: the command says it in its error line when it writes next."""
   import threading  # pylint: disable=g-import-not-at-top
   from tree_diffusion import errors  # pylint: disable=g-import-not-at-top
+
   previous = threading.excepthook
 
   def hook(args):
@@ -190,14 +238,16 @@ def _drop_late_reports():
   callbacks, their asyncio tasks) still log or raise while the process exits is dropped."""
   import logging as std_logging  # pylint: disable=g-import-not-at-top
   import threading  # pylint: disable=g-import-not-at-top
+
   std_logging.disable(std_logging.CRITICAL)
   sys.unraisablehook = lambda unraisable: None
   threading.excepthook = lambda args: None
 
 
 def resume_command() -> str:
-  return " ".join(shlex.quote(a) for a in [sys.executable, os.path.relpath(sys.argv[0])]
-                  + sys.argv[1:])
+  return " ".join(
+    shlex.quote(a) for a in [sys.executable, os.path.relpath(sys.argv[0])] + sys.argv[1:]
+  )
 
 
 def _one_line(e: BaseException) -> str:
@@ -233,46 +283,60 @@ def _load_config_file(parse, flag: str, value: str):
   :class:`ConfigFileError` that names the file and the fix."""
   from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+
   path = value.partition(":")[0]
   if not os.path.isfile(path):
     what = "is a directory" if os.path.isdir(path) else "does not exist"
     raise ConfigFileError(
-        f"--{flag}={value}: config file {path} {what} (relative paths start at {os.getcwd()}); "
-        f"pass --{flag}=configs/NAME.py[:tiny] with NAME among {_config_files()}")
+      f"--{flag}={value}: config file {path} {what} (relative paths start at {os.getcwd()}); "
+      f"pass --{flag}=configs/NAME.py[:tiny] with NAME among {_config_files()}"
+    )
   try:
     config = parse(value)
   except Exception as e:  # pylint: disable=broad-except
     # ml_collections re-raises a TypeError/ValueError as a new one holding the traceback text.
-    if isinstance(e, (TypeError, ValueError)) and e.__context__ is not None and str(e).startswith(
-        "Error whilst parsing config file"):
+    if (
+      isinstance(e, (TypeError, ValueError))
+      and e.__context__ is not None
+      and str(e).startswith("Error whilst parsing config file")
+    ):
       e = e.__context__
-    if isinstance(e, ConfigError):     # the file's own message (e.g. an unknown config argument)
+    if isinstance(e, ConfigError):  # the file's own message (e.g. an unknown config argument)
       raise ConfigFileError(f"--{flag}={value}: {_one_line(e)}") from None
     if isinstance(e, SyntaxError):
-      raise ConfigFileError(f"--{flag}={value}: {_short(e.filename or path)}:{e.lineno}: {e.msg}: "
-                            f"fix the config file") from None
+      raise ConfigFileError(
+        f"--{flag}={value}: {_short(e.filename or path)}:{e.lineno}: {e.msg}: fix the config file"
+      ) from None
     if isinstance(e, AttributeError) and "get_config" in str(e):
-      raise ConfigFileError(f"--{flag}={value}: {path} defines no get_config(arg=None): not a "
-                            f"config file? (use one of configs/: {_config_files()})") from None
+      raise ConfigFileError(
+        f"--{flag}={value}: {path} defines no get_config(arg=None): not a "
+        f"config file? (use one of configs/: {_config_files()})"
+      ) from None
     raise ConfigFileError(
-        f"--{flag}={value}: loading {path} failed with {type(e).__name__}: {_one_line(e)}"
-        f"{_where(e)}: fix the config file") from None
+      f"--{flag}={value}: loading {path} failed with {type(e).__name__}: {_one_line(e)}"
+      f"{_where(e)}: fix the config file"
+    ) from None
   if not isinstance(config, ConfigDict):
     # ml_collections defers an IOError raised while loading until the config is used.
     cause = getattr(config, "_error", None) if config is not None else None
     if isinstance(cause, BaseException):
-      raise ConfigFileError(f"--{flag}={value}: loading {path} failed with "
-                            f"{type(cause).__name__}: {_one_line(cause)}{_where(cause)}: fix the "
-                            f"config file") from None
-    raise ConfigFileError(f"--{flag}={value}: get_config() of {path} returned "
-                          f"{type(config).__name__}, not an ml_collections.ConfigDict: fix the "
-                          f"config file")
+      raise ConfigFileError(
+        f"--{flag}={value}: loading {path} failed with "
+        f"{type(cause).__name__}: {_one_line(cause)}{_where(cause)}: fix the "
+        f"config file"
+      ) from None
+    raise ConfigFileError(
+      f"--{flag}={value}: get_config() of {path} returned "
+      f"{type(config).__name__}, not an ml_collections.ConfigDict: fix the "
+      f"config file"
+    )
   return config
 
 
 def _guard_config_files():
   """Routes the loading of every ``DEFINE_config_file`` flag through :func:`_load_config_file`."""
   from ml_collections.config_flags import config_flags  # pylint: disable=g-import-not-at-top
+
   for name in list(flags.FLAGS):
     parser = flags.FLAGS[name].parser
     if isinstance(parser, config_flags.ConfigFileFlagParser) and not hasattr(parser, "_guarded"):
@@ -282,8 +346,9 @@ def _guard_config_files():
 
 
 # The config file that reads a run's recorded config (``--config=configs/run.py:WORKDIR``).
-RUN_CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "configs", "run.py")
+RUN_CONFIG_FILE = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "run.py"
+)
 _RUN_CONFIG = {"workdir_flag": None, "defaulted": False}
 
 
@@ -315,7 +380,7 @@ def _flag_value(argv, name: str) -> str | None:
       if a == prefix and i + 1 < len(argv):
         value, i = argv[i + 1], i + 1
       elif a.startswith(prefix + "="):
-        value = a[len(prefix) + 1:]
+        value = a[len(prefix) + 1 :]
     i += 1
   return value
 
@@ -324,19 +389,23 @@ def _with_run_config(argv):
   """``argv`` with ``--config=configs/run.py:WORKDIR`` first when the launcher defaults its config
   to the run's and ``--config`` is not given."""
   flag = _RUN_CONFIG["workdir_flag"]
-  if flag is None or any(a == "--" or a.split("=", 1)[0] in ("--config", "-config")
-                         for a in argv[1:]):
+  if flag is None or any(
+    a == "--" or a.split("=", 1)[0] in ("--config", "-config") for a in argv[1:]
+  ):
     return argv
   workdir = (_flag_value(argv, flag) or "").split(",")[0].strip()
   if not workdir:
     overrides = [a for a in argv[1:] if a.startswith(("--config.", "-config."))]
-    if overrides:   # absl would call them unknown flags
-      sys.exit(f"error: {overrides[0]} overrides the run's config, but --{flag} names no run: "
-               f"pass --{flag}=RUN (or a --config file)")
-    return argv     # absl (or the launcher) reports the missing --workdir
+    if overrides:  # absl would call them unknown flags
+      sys.exit(
+        f"error: {overrides[0]} overrides the run's config, but --{flag} names no run: "
+        f"pass --{flag}=RUN (or a --config file)"
+      )
+    return argv  # absl (or the launcher) reports the missing --workdir
   from configs import run as run_config  # pylint: disable=g-import-not-at-top
   from tree_diffusion.runs import RunDir  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+
   try:
     check_run_dir(workdir, f"--{flag}")
     if RunDir(workdir).own_config() is None:
@@ -359,6 +428,7 @@ def run_config(workdir: str):
   """
   from ml_collections.config_flags import config_path  # pylint: disable=g-import-not-at-top
   from configs import run as run_config_file  # pylint: disable=g-import-not-at-top
+
   config = run_config_file.get_config(workdir)
   for key, value in flags.FLAGS["config"].override_values.items():
     config_path.set_value(key, config, value)
@@ -369,7 +439,7 @@ def run_config(workdir: str):
 def _value_text(v) -> str:
   if isinstance(v, str):
     return v
-  if isinstance(v, (list, tuple)):   # the comma form sequence keys take on a command line
+  if isinstance(v, (list, tuple)):  # the comma form sequence keys take on a command line
     return ",".join(_value_text(x) for x in v) if v else "()"
   return json.dumps(v)
 
@@ -386,35 +456,43 @@ def check_against_run(config, workdir: str):
   from tree_diffusion import checkpoint, files  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from tree_diffusion.runs import RunDir  # pylint: disable=g-import-not-at-top
+
   path = RunDir(workdir).own_config()
   if path is None:
     return
   try:
     saved = files.read_json(path)
   except (OSError, ValueError) as e:
-    raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {_one_line(e)}): remove it, or "
-                      f"re-run the run's training command to write it again") from None
+    raise ConfigError(
+      f"{path} cannot be read ({type(e).__name__}: {_one_line(e)}): remove it, or "
+      f"re-run the run's training command to write it again"
+    ) from None
   diffs = checkpoint.run_config_contradictions(config, saved)
   if not diffs:
     return
   overridden = set(flags.FLAGS["config"].override_values)
-  diffs.sort(key=lambda d: d[0] not in overridden)    # the command line's own overrides first
+  diffs.sort(key=lambda d: d[0] not in overridden)  # the command line's own overrides first
   key, was, now = diffs[0]
   also = [d[0] for d in diffs[1:]]
   also = f"; also {', '.join(also[:4])}{', …' if len(also) > 4 else ''}" if also else ""
   from ml_collections.config_flags import config_path  # pylint: disable=g-import-not-at-top
-  settings = ", ".join(s + (".*" if isinstance(config_path.get_value(s, config), type(config))
-                            else "") for s in checkpoint.RUN_SETTINGS)
+
+  settings = ", ".join(
+    s + (".*" if isinstance(config_path.get_value(s, config), type(config)) else "")
+    for s in checkpoint.RUN_SETTINGS
+  )
   where = f"({_value_text(was)} in {path}{also})"
   if key in overridden:
     raise ConfigError(
-        f"--config.{key}={_value_text(now)} contradicts the run's config {where}: only its "
-        f"sampling and evaluation settings ({settings}) may be overridden; leave out "
-        f"--config.{key}")
+      f"--config.{key}={_value_text(now)} contradicts the run's config {where}: only its "
+      f"sampling and evaluation settings ({settings}) may be overridden; leave out "
+      f"--config.{key}"
+    )
   raise ConfigError(
-      f"--config={flags.FLAGS['config'].config_filename} has {key}={_value_text(now)}, which "
-      f"contradicts the run's config {where}: leave out --config to use the run's own config, or "
-      f"pass --config.{key}={_value_text(was)}")
+    f"--config={flags.FLAGS['config'].config_filename} has {key}={_value_text(now)}, which "
+    f"contradicts the run's config {where}: leave out --config to use the run's own config, or "
+    f"pass --config.{key}={_value_text(was)}"
+  )
 
 
 def _typed_sequences(argv):
@@ -426,6 +504,7 @@ def _typed_sequences(argv):
     ConfigError: a value that is not such a sequence (the key, the bad element, a working form).
   """
   from configs import common as config_common  # pylint: disable=g-import-not-at-top
+
   out, i = list(argv[:1]), 1
   while i < len(argv):
     arg = argv[i]
@@ -436,12 +515,12 @@ def _typed_sequences(argv):
       out.append(arg)
       i += 1
       continue
-    key, eq, value = arg[len(dashes) + len("config."):].partition("=")
+    key, eq, value = arg[len(dashes) + len("config.") :].partition("=")
     if eq:
       taken = [arg]
-    elif i + 1 < len(argv):   # --config.KEY VALUE
+    elif i + 1 < len(argv):  # --config.KEY VALUE
       taken, value = [arg, argv[i + 1]], argv[i + 1]
-    else:                     # no value: absl says so
+    else:  # no value: absl says so
       taken, value = [arg], None
     parsed = None if value is None else config_common.sequence_override(key, value)
     out += taken if parsed is None else [f"{dashes}config.{key}={parsed!r}"]
@@ -455,6 +534,7 @@ def _parse_flags(argv):
   _guard_config_files()
   argv = _with_run_config(argv)
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+
   try:
     argv = _typed_sequences(argv)
   except ConfigError as e:
@@ -467,7 +547,7 @@ def _parse_flags(argv):
     sys.exit(f"error: {_one_line(e)} (see --help)")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     msg = _one_line(e)
-    while len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":   # str(KeyError) quotes
+    while len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":  # str(KeyError) quotes
       msg = msg[1:-1]
     sys.exit(f"error: bad --config override: {msg}")
 
@@ -475,29 +555,36 @@ def _parse_flags(argv):
 def run(main):
   """``absl.app.run(main)`` with expected errors reported as ``error: …`` on one line, and a
   graceful stop (:class:`preemption.Preempted`) as exit code 0 with the command that resumes."""
+
   def wrapped(argv):
     from tree_diffusion import errors, preemption  # pylint: disable=g-import-not-at-top
-    if len(argv) > 1:   # every launcher takes flags only; a stray word is a mistyped flag
-      sys.exit(f"error: unexpected argument(s) {' '.join(shlex.quote(a) for a in argv[1:])}: "
-               f"flags take the form --name=value (see --help)")
+
+    if len(argv) > 1:  # every launcher takes flags only; a stray word is a mistyped flag
+      sys.exit(
+        f"error: unexpected argument(s) {' '.join(shlex.quote(a) for a in argv[1:])}: "
+        f"flags take the form --name=value (see --help)"
+      )
     _threads_say_a_full_disk_in_one_line()
     try:
       return main(argv)
     except preemption.Preempted as e:
       logging.warning("%s. Resume with the same command: %s", e, resume_command())
       sys.exit(0)
-    except KeyboardInterrupt:   # Ctrl-C outside training (sampling, evaluation, data)
+    except KeyboardInterrupt:  # Ctrl-C outside training (sampling, evaluation, data)
       if _TRACEBACK.value:
         raise
-      print("error: interrupted (Ctrl-C); what was written before stays valid: re-run the same "
-            "command to continue", file=sys.stderr)
+      print(
+        "error: interrupted (Ctrl-C); what was written before stays valid: re-run the same "
+        "command to continue",
+        file=sys.stderr,
+      )
       sys.exit(130)
     except _user_errors() as e:
       if _TRACEBACK.value:
         raise
       if errors.disk_full(e) is not None:
         _drop_late_reports()
-      sys.exit(f"error: {_one_line(e)}")   # said once (no log line of the same before it)
+      sys.exit(f"error: {_one_line(e)}")  # said once (no log line of the same before it)
     except Exception as e:  # pylint: disable=broad-except  (a full disk in any writer)
       full = errors.disk_full(e)
       if full is None or _TRACEBACK.value:
@@ -506,8 +593,11 @@ def run(main):
       path = getattr(full, "filename", None)
       where = f" writing {path}" if path else ""
       disk = os.path.dirname(os.fspath(path)) if path else _workdir()
-      sys.exit(f"error: the disk is full{where}: free space on the disk that holds "
-               f"{disk or 'the run directory'} and re-run the same command (a training command "
-               f"resumes from its last complete checkpoint; a file being replaced is kept as it "
-               f"was)")
+      sys.exit(
+        f"error: the disk is full{where}: free space on the disk that holds "
+        f"{disk or 'the run directory'} and re-run the same command (a training command "
+        f"resumes from its last complete checkpoint; a file being replaced is kept as it "
+        f"was)"
+      )
+
   app.run(wrapped, flags_parser=_parse_flags)

@@ -34,22 +34,29 @@ from ml_collections import config_flags
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (default: each run's own, configs/run.py:WORKDIR).",
-    lock_config=True)
+  "config", None, "Config file (default: each run's own, configs/run.py:WORKDIR).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_list("workdir", None, "Run directories (comma-separated).")
 _CHECKPOINTS = flags.DEFINE_string(
-    "checkpoints", "all", "Stage-2 checkpoints: all, latest, none (stage 1 only) or steps 500,1000.")
-_MODES = flags.DEFINE_list("modes", None, "Stage-2 modes (default config.eval.modes): "
-                           "sample, recons, sample_all_leaves, recons_all_leaves.")
+  "checkpoints", "all", "Stage-2 checkpoints: all, latest, none (stage 1 only) or steps 500,1000."
+)
+_MODES = flags.DEFINE_list(
+  "modes",
+  None,
+  "Stage-2 modes (default config.eval.modes): "
+  "sample, recons, sample_all_leaves, recons_all_leaves.",
+)
 _FORCE = flags.DEFINE_bool("force", False, "Re-evaluate checkpoints evaluated before.")
-_DATA_FID = flags.DEFINE_bool("data_fid", False,
-                              "Also report FID(train split, test split) of the dataset itself.")
+_DATA_FID = flags.DEFINE_bool(
+  "data_fid", False, "Also report FID(train split, test split) of the dataset itself."
+)
 flags.mark_flags_as_required(["workdir"])
 common.config_defaults_to_run("workdir")
 
 
 def _check_workdirs(workdirs: list[str]):
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+
   if not any(workdirs):
     raise ConfigError("--workdir is empty: pass one or more run directories (comma-separated)")
   if not all(workdirs):
@@ -78,41 +85,56 @@ def _preflight(runs_: list[tuple[str, object]], settings: list, checkpoints: str
   from tree_diffusion.diffusion import frozen  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import classifier, evaluate  # pylint: disable=g-import-not-at-top
+
   exports, any_steps = {}, False
   for workdir, config in runs_:
     ckpt_dir = runs.RunDir(workdir).stage2_checkpoints
     try:
-      any_steps |= bool(evaluate.select_steps(Stage2Checkpoints.steps_in(ckpt_dir),
-                                              checkpoints))
+      any_steps |= bool(evaluate.select_steps(Stage2Checkpoints.steps_in(ckpt_dir), checkpoints))
     except ConfigError as e:
       if str(e) != "no stage-2 checkpoints":
         raise ConfigError(f"{workdir}: {e}") from None
-      raise ConfigError(f"no stage-2 checkpoints in {ckpt_dir}: train stage 2 "
-                        f"(python -m launch.train_diffusion --workdir={workdir}) or pass "
-                        f"--checkpoints=none to evaluate stage 1 only") from None
+      raise ConfigError(
+        f"no stage-2 checkpoints in {ckpt_dir}: train stage 2 "
+        f"(python -m launch.train_diffusion --workdir={workdir}) or pass "
+        f"--checkpoints=none to evaluate stage 1 only"
+      ) from None
     path = export_lib.resolve_export(frozen.export_path(config, workdir))
     exports[workdir] = (path, export_lib.read_export_meta(path))
-  datasets = {w: ((meta.get("config") or {}).get("data") or {}).get("name", "?")
-              for w, (_, meta) in exports.items()}
+  datasets = {
+    w: ((meta.get("config") or {}).get("data") or {}).get("name", "?")
+    for w, (_, meta) in exports.items()
+  }
   if len(set(datasets.values())) > 1 and not common.config_from_run():
     listed = ", ".join(f"{w} ({d})" for w, d in datasets.items())
-    raise ConfigError(f"--workdir holds runs of different datasets: {listed}; one --config "
-                      f"serves every --workdir: evaluate each dataset in its own python -m launch.evaluate call "
-                      f"with its own --config, or leave out --config to use each run's own")
+    raise ConfigError(
+      f"--workdir holds runs of different datasets: {listed}; one --config "
+      f"serves every --workdir: evaluate each dataset in its own python -m launch.evaluate call "
+      f"with its own --config, or leave out --config to use each run's own"
+    )
   for workdir, config in runs_:
     frozen.check_export(config, *exports[workdir])
   fix = "make it writable, or copy the run to a directory you can write to and pass that --workdir"
   for (workdir, config), settings_ in zip(runs_, settings):
     runs.check_writable(runs.RunDir(workdir).eval, fix)
     directory = classifier.classifier_dir(config, workdir)
-    if (any_steps and "sample_all_leaves" in settings_.modes and settings_.train_classifier
-        and not os.path.exists(os.path.join(directory, classifier.META_FILE))):
-      runs.check_writable(directory, "the purity classifier is trained into it: " + fix
-                            + ", set --config.classifier.dir, or pass "
-                            "--config.eval.train_classifier=False")
+    if (
+      any_steps
+      and "sample_all_leaves" in settings_.modes
+      and settings_.train_classifier
+      and not os.path.exists(os.path.join(directory, classifier.META_FILE))
+    ):
+      runs.check_writable(
+        directory,
+        "the purity classifier is trained into it: "
+        + fix
+        + ", set --config.classifier.dir, or pass "
+        "--config.eval.train_classifier=False",
+      )
       # Its training batch is split over every device (of every process with --distributed).
-      sharding.check_batch_size(config.classifier.batch_size, sharding.make_mesh(),
-                                setting="classifier.batch_size")
+      sharding.check_batch_size(
+        config.classifier.batch_size, sharding.make_mesh(), setting="classifier.batch_size"
+      )
 
 
 def main(argv):
@@ -124,28 +146,35 @@ def main(argv):
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from tree_diffusion.eval import evaluate, report  # after setup()
   import jax  # pylint: disable=g-import-not-at-top
+
   if _MODES.value is not None and not _MODES.value:
-    raise ConfigError("--modes is empty: name some of sample, recons, sample_all_leaves, "
-                      "recons_all_leaves (or pass --checkpoints=none to evaluate stage 1 only)")
+    raise ConfigError(
+      "--modes is empty: name some of sample, recons, sample_all_leaves, "
+      "recons_all_leaves (or pass --checkpoints=none to evaluate stage 1 only)"
+    )
   runs_, settings = _run_configs(_WORKDIR.value), []
   for workdir, config in runs_:
     common.check_config(config)
-    common.check_against_run(config, workdir)   # only evaluation settings may differ from the run's
+    common.check_against_run(config, workdir)  # only evaluation settings may differ from the run's
     validation.check_data(config)
-    settings.append(evaluate.Settings.from_config(config, _MODES.value))   # checks config.eval too
+    settings.append(evaluate.Settings.from_config(config, _MODES.value))  # checks config.eval too
   _preflight(runs_, settings, _CHECKPOINTS.value)
   ev = evaluate.Evaluator(settings[0], log=logging.info)
   for (workdir, config), settings_ in zip(runs_, settings):
-    ev = ev.with_settings(settings_)   # the Inception net and real-image features are kept
+    ev = ev.with_settings(settings_)  # the Inception net and real-image features are kept
     metrics = ev.run(config, workdir, _CHECKPOINTS.value, _FORCE.value, _DATA_FID.value)
-    if jax.process_index() != 0:   # with --distributed every process evaluates, process 0 reports
+    if jax.process_index() != 0:  # with --distributed every process evaluates, process 0 reports
       continue
     rows = report.csv_rows(metrics)
-    print(f"{workdir}: {len(metrics.get('checkpoints', {}))} checkpoint(s) evaluated -> "
-          f"{runs.RunDir(workdir).eval_report}")
+    print(
+      f"{workdir}: {len(metrics.get('checkpoints', {}))} checkpoint(s) evaluated -> "
+      f"{runs.RunDir(workdir).eval_report}"
+    )
     for row in rows:
-      print("  " + ", ".join(f"{k}={report.format_value(v, 3)}" for k, v in row.items()
-                             if v is not None))
+      print(
+        "  "
+        + ", ".join(f"{k}={report.format_value(v, 3)}" for k, v in row.items() if v is not None)
+      )
     common.refresh_report(workdir)
 
 

@@ -9,7 +9,6 @@ stage1_metrics.json and eval/metrics.json. Images are inlined: the page works fr
 server or network. train_treevae.py, sample.py and evaluate.py write it again when they finish.
 """
 
-
 from absl import flags
 
 from launch import common
@@ -22,18 +21,24 @@ def main(argv):
   del argv
   from tree_diffusion import checkpoint, files  # pylint: disable=g-import-not-at-top
   from tree_diffusion import html_report, runs  # pylint: disable=g-import-not-at-top
+
   common.check_run_dir(_WORKDIR.value)
   run_dir = runs.RunDir(_WORKDIR.value)
   if not files.exists(run_dir.assignments):
     raise checkpoint.CheckpointError(
-        f"{run_dir.assignments} does not exist: run python -m launch.train_treevae with this --workdir "
-        f"first (it writes the file at the end of stage 1)")
-  runs.check_writable(_WORKDIR.value, "make the run directory writable (the page is written to "
-                                      "WORKDIR/report.html)")
+      f"{run_dir.assignments} does not exist: run python -m launch.train_treevae with this --workdir "
+      f"first (it writes the file at the end of stage 1)"
+    )
+  runs.check_writable(
+    _WORKDIR.value, "make the run directory writable (the page is written to WORKDIR/report.html)"
+  )
   path = html_report.write(_WORKDIR.value)
   size = len(files.read_bytes(path))
-  print(f"report: {path} ({size / 1e6:.1f} MB)" if size >= 1e6 else
-        f"report: {path} ({size / 1e3:.0f} KB)")
+  print(
+    f"report: {path} ({size / 1e6:.1f} MB)"
+    if size >= 1e6
+    else f"report: {path} ({size / 1e3:.0f} KB)"
+  )
 
 
 if __name__ == "__main__":

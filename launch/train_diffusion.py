@@ -9,7 +9,6 @@ The stage-1 export is read from WORKDIR/export (what launch/train_treevae.py wri
 Re-running the command resumes from the latest checkpoint.
 """
 
-
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -27,11 +26,14 @@ def main(argv):
   from tree_diffusion import preemption  # after setup(): jax is configured first
   from tree_diffusion.diffusion import train
   from tree_diffusion.runs import RunDir
+
   logging.info("config:\n%s", _CONFIG.value.diffusion)
-  with preemption.StopRequest() as stop:   # SIGTERM / Ctrl-C: checkpoint, then exit 0
+  with preemption.StopRequest() as stop:  # SIGTERM / Ctrl-C: checkpoint, then exit 0
     summary = train.train_and_save(_CONFIG.value, _WORKDIR.value, stop=stop)
-  print(f"stage 2: {summary['steps']} steps, {summary['conditioning']} conditioning, "
-        f"{summary['parameters']:,} parameters -> {RunDir(_WORKDIR.value).stage2}")
+  print(
+    f"stage 2: {summary['steps']} steps, {summary['conditioning']} conditioning, "
+    f"{summary['parameters']:,} parameters -> {RunDir(_WORKDIR.value).stage2}"
+  )
 
 
 if __name__ == "__main__":

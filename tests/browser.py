@@ -43,7 +43,7 @@ class Browser:
     cmd_r, self._cmd_w = os.pipe()
     self._out_r, out_w = os.pipe()
 
-    def child_fds():   # the browser reads commands on fd 3 and writes replies on fd 4
+    def child_fds():  # the browser reads commands on fd 3 and writes replies on fd 4
       # Moved above 4 first, so that neither dup2 overwrites the other end (pipes are made
       # non-inheritable; dup2 makes the copies inheritable).
       cmd, out = os.dup(cmd_r), os.dup(out_w)
@@ -51,15 +51,32 @@ class Browser:
       os.dup2(cmd, 3)
       os.dup2(out, 4)
 
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-extensions", "--disable-dev-shm-usage", "--hide-scrollbars",
-             f"--window-size={width},{height}", f"--user-data-dir={self._profile}",
-             "--remote-debugging-pipe", "about:blank"]
+    flags = [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+      "--disable-extensions",
+      "--disable-dev-shm-usage",
+      "--hide-scrollbars",
+      f"--window-size={width},{height}",
+      f"--user-data-dir={self._profile}",
+      "--remote-debugging-pipe",
+      "about:blank",
+    ]
     log = open(os.path.join(self._profile, "stderr.log"), "wb")
-    self._proc = subprocess.Popen([executable, *flags], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=log,
-                                  close_fds=False, preexec_fn=child_fds)
+    self._proc = subprocess.Popen(
+      [executable, *flags],
+      stdin=subprocess.DEVNULL,
+      stdout=subprocess.DEVNULL,
+      stderr=log,
+      close_fds=False,
+      preexec_fn=child_fds,
+    )
     log.close()
     os.close(cmd_r)
     os.close(out_w)
@@ -67,8 +84,9 @@ class Browser:
     self._next_id = 0
     self._events: list[dict] = []
     target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-    self._session = self.send("Target.attachToTarget",
-                              {"targetId": target, "flatten": True})["sessionId"]
+    self._session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
+      "sessionId"
+    ]
     for domain in ("Page", "Runtime", "Log"):
       self.call(f"{domain}.enable")
 
@@ -113,11 +131,16 @@ class Browser:
     method, params = msg.get("method"), msg.get("params", {})
     if method == "Runtime.exceptionThrown":
       d = params["exceptionDetails"]
-      self.errors.append("exception: " + (d.get("exception", {}).get("description")
-                                          or d.get("text", "")))
+      self.errors.append(
+        "exception: " + (d.get("exception", {}).get("description") or d.get("text", ""))
+      )
     elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-      self.errors.append("console." + params["type"] + ": " + " ".join(
-          str(a.get("value", a.get("description", ""))) for a in params.get("args", [])))
+      self.errors.append(
+        "console."
+        + params["type"]
+        + ": "
+        + " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", []))
+      )
     elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
       self.errors.append("log: " + params["entry"].get("text", ""))
     elif method == "Page.javascriptDialogOpening":
@@ -125,8 +148,9 @@ class Browser:
       self.call("Page.handleJavaScriptDialog", {"accept": True}, wait=False)
     self._events.append(msg)
 
-  def send(self, method: str, params: dict | None = None, session: str | None = None,
-           wait: bool = True) -> dict:
+  def send(
+    self, method: str, params: dict | None = None, session: str | None = None, wait: bool = True
+  ) -> dict:
     self._next_id += 1
     msg = {"id": self._next_id, "method": method, "params": params or {}}
     if session:
@@ -169,15 +193,17 @@ class Browser:
 
   def evaluate(self, expression: str):
     """The value of a JavaScript expression (JSON-able), run in the page."""
-    result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                            "awaitPromise": True})
+    result = self.call(
+      "Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True}
+    )
     if "exceptionDetails" in result:
       raise BrowserError(f"{expression[:80]}: {result['exceptionDetails']}")
     return result["result"].get("value")
 
   def screenshot(self, path: str, full_page: bool = True):
     """A PNG of the page (``full_page``: all of it, else the window)."""
-    data = self.call("Page.captureScreenshot", {"format": "png",
-                                                "captureBeyondViewport": full_page})
+    data = self.call(
+      "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": full_page}
+    )
     with open(path, "wb") as f:
       f.write(base64.b64decode(data["data"]))

@@ -23,15 +23,30 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # slow ones: with whole files handed to two workers in this order (--dist loadfile
 # --no-loadscope-reorder in setup.cfg), the quick files left for the end let both workers finish
 # together.
-_HEAVY_FILES = ("test_model.py", "test_diffusion.py", "test_errors.py", "test_checkpoint.py",
-                "test_precision.py", "test_likelihood.py", "test_classifier.py",
-                "test_inception.py", "test_reliability.py")
+_HEAVY_FILES = (
+  "test_model.py",
+  "test_diffusion.py",
+  "test_errors.py",
+  "test_checkpoint.py",
+  "test_precision.py",
+  "test_likelihood.py",
+  "test_classifier.py",
+  "test_inception.py",
+  "test_reliability.py",
+)
 
 
 # The files of the slow tests, longest first (about 170-240 s down to 20 s on 2 cores): the two
 # longest start at once, one on each worker, and the shorter ones fill in around them.
-_SLOW_FILES = ("test_gcs.py", "test_launch.py", "test_multihost.py", "test_run_config.py",
-               "test_tensorboard.py", "test_full_disk.py", "test_multidevice.py")
+_SLOW_FILES = (
+  "test_gcs.py",
+  "test_launch.py",
+  "test_multihost.py",
+  "test_run_config.py",
+  "test_tensorboard.py",
+  "test_full_disk.py",
+  "test_multidevice.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,7 +56,7 @@ def pytest_collection_modifyitems(config, items):
 
   def rank(item):
     name = item.path.name
-    if item.get_closest_marker("slow") is not None:   # the end-to-end tests first of all
+    if item.get_closest_marker("slow") is not None:  # the end-to-end tests first of all
       return (0, _SLOW_FILES.index(name) if name in _SLOW_FILES else len(_SLOW_FILES))
     return (1 if name in _HEAVY_FILES else 2, 0)
 

@@ -27,8 +27,12 @@ ENV_NO_LAYOUT_LOOKUP = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
 
 def emulator_env(url: str) -> dict[str, str]:
   """The variables that send every client of this project to the server at ``url``."""
-  return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-          "GOOGLE_CLOUD_PROJECT": "test", **ENV_NO_LAYOUT_LOOKUP}
+  return {
+    "STORAGE_EMULATOR_HOST": url,
+    "TENSORSTORE_GCS_HTTP_URL": url,
+    "GOOGLE_CLOUD_PROJECT": "test",
+    **ENV_NO_LAYOUT_LOOKUP,
+  }
 
 
 def _free_port() -> int:
@@ -40,8 +44,11 @@ def _free_port() -> int:
 def start(bucket: str = "bkt") -> tuple[subprocess.Popen, dict[str, str]]:
   """Starts the server; returns the process and the environment variables to set."""
   port = _free_port()
-  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port), bucket],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, os.path.abspath(__file__), str(port), bucket],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.time() + 30
   while True:
     try:
@@ -72,24 +79,27 @@ def _with_preconditions(objects):
       if want and "upload_id" not in request.query:
         name = name_of(request)
         if name is not None and current_generation(
-            storage, request.params["bucket_name"], name) != int(want[0]):
+          storage, request.params["bucket_name"], name
+        ) != int(want[0]):
           response.status = HTTPStatus.PRECONDITION_FAILED
           response.json({"error": {"code": 412, "message": "Precondition Failed"}})
           return None
       return handler(request, response, storage, *args, **kwargs)
+
     return wrapped
 
   def upload_name(request):
     if "name" in request.query:
       return request.query["name"][0]
     data = request.data if isinstance(request.data, dict) else {}
-    return (data.get("meta") or {}).get("name") or data.get("name")   # multipart, resumable
+    return (data.get("meta") or {}).get("name") or data.get("name")  # multipart, resumable
 
   def download(request, response, storage, *args, **kwargs):
     # Reads carry the object's generation (TensorStore reads it from this header) and honour
     # ifGenerationNotMatch (304: the caller's cached copy is current).
-    generation = current_generation(storage, request.params["bucket_name"],
-                                    request.params["object_id"])
+    generation = current_generation(
+      storage, request.params["bucket_name"], request.params["object_id"]
+    )
     not_match = request.query.get("ifGenerationNotMatch")
     if generation and not_match and int(not_match[0]) == generation:
       response.status = HTTPStatus.NOT_MODIFIED
@@ -101,9 +111,11 @@ def _with_preconditions(objects):
     return original_download(request, response, storage, *args, **kwargs)
 
   original_download = objects.download
-  return (guard(objects.insert, upload_name),
-          guard(objects.delete, lambda request: request.params["object_id"]),
-          guard(download, lambda request: request.params["object_id"]))
+  return (
+    guard(objects.insert, upload_name),
+    guard(objects.delete, lambda request: request.params["object_id"]),
+    guard(download, lambda request: request.params["object_id"]),
+  )
 
 
 def _move(objects):
@@ -115,8 +127,14 @@ def _move(objects):
   def move(request, response, storage, *args, **kwargs):
     bucket = request.params["bucket_name"]
     try:
-      obj = objects._copy(request.base_url, storage, bucket,  # pylint: disable=protected-access
-                          request.params["object_id"], bucket, request.params["dest_object_id"])
+      obj = objects._copy(
+        request.base_url,
+        storage,
+        bucket,  # pylint: disable=protected-access
+        request.params["object_id"],
+        bucket,
+        request.params["dest_object_id"],
+      )
       storage.delete_file(bucket, request.params["object_id"])
     except NotFound:
       response.status = HTTPStatus.NOT_FOUND
@@ -129,20 +147,25 @@ def _move(objects):
 
 def main(port: int, bucket: str):
   from gcp_storage_emulator import server, settings, storage  # pylint: disable=g-import-not-at-top
+
   # In memory there is nothing to persist, and the emulator re-serialises the metadata of every
   # object it holds after each write (quadratic in the objects of a run: minutes for a tiny one).
   storage.Storage._write_config_to_file = lambda self: None  # pylint: disable=protected-access
   from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
+
   insert, delete, download = _with_preconditions(objects)
   replace = {objects.insert: insert, objects.delete: delete, objects.download: download}
   for _, handlers in server.HANDLERS:
     for method, handler in list(handlers.items()):
       handlers[method] = replace.get(handler, handler)
-  objects.insert = insert     # the server's fallback for uploads posted without /upload
-  move_route = (rf"^{settings.API_ENDPOINT}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)"
-                rf"/moveTo/o/(?P<dest_object_id>.*[^/]+)$", {"POST": _move(objects)})
-  server.HANDLERS = (move_route,) + tuple(server.HANDLERS)   # before the generic object route
-  objects.download = download   # what objects.get calls for ?alt=media
+  objects.insert = insert  # the server's fallback for uploads posted without /upload
+  move_route = (
+    rf"^{settings.API_ENDPOINT}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)"
+    rf"/moveTo/o/(?P<dest_object_id>.*[^/]+)$",
+    {"POST": _move(objects)},
+  )
+  server.HANDLERS = (move_route,) + tuple(server.HANDLERS)  # before the generic object route
+  objects.download = download  # what objects.get calls for ?alt=media
   server.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket).run()
 
 

@@ -19,13 +19,18 @@ def command(script):
 def run(*args, timeout=600, script="train_treevae.py", env=None):
   """Runs ``launch/<script>`` with ``args``; returns the ``CompletedProcess`` (text output)."""
   env = dict(os.environ, **(env or {}))
-  return subprocess.run([*command(script), *args],
-                        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+  return subprocess.run(
+    [*command(script), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+  )
 
 
 # File names a folder of a user's may hold: spaces, non-ASCII, CSV and HTML special characters.
-ODD_NAMES = ('a b.png', 'ünïcødé 字.png', 'comma,"quote".png',
-             '<img src=x onerror=alert(1)> & co.png')
+ODD_NAMES = (
+  'a b.png',
+  'ünïcødé 字.png',
+  'comma,"quote".png',
+  '<img src=x onerror=alert(1)> & co.png',
+)
 
 
 def write_image_folder(folder, n=64, odd_names=False):
@@ -34,6 +39,7 @@ def write_image_folder(folder, n=64, odd_names=False):
   from PIL import Image
   from configs import demo
   from tree_diffusion import data
+
   images = data.load_arrays(demo.get_config().data, "test").images[:n, :, :, 0]
   folder.mkdir()
   for i, im in enumerate(images):
@@ -45,8 +51,13 @@ def run_with_signals(*args, script, signals, timeout=600):
   """Runs a launcher; ``signals`` is a list of ``(text, signal[, delay_s])``: each signal is sent
   (``delay_s`` seconds) after a stderr line contains its text, in order. Returns ``(exit code,
   stderr)``."""
-  p = subprocess.Popen([*command(script), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       text=True, cwd=ROOT)
+  p = subprocess.Popen(
+    [*command(script), *args],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=ROOT,
+  )
   watchdog = threading.Timer(timeout, p.kill)
   watchdog.start()
   lines, todo = [], list(signals)
@@ -67,6 +78,7 @@ def run_with_signals(*args, script, signals, timeout=600):
 def tiny_config(**overrides):
   """``configs/demo.py:tiny`` with ``section__field=value`` overrides."""
   from configs import demo
+
   c = demo.get_config("tiny")
   for key, value in overrides.items():
     section, field = key.split("__")
@@ -78,6 +90,7 @@ def assert_trees_equal(a, b):
   """Two pytrees of arrays are the same, structure and bits."""
   import jax
   import numpy as np
+
   assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))   # bit for bit
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit

@@ -14,8 +14,9 @@ from tree_diffusion import augment
 
 _crop = jax.jit(augment.random_resized_crop, static_argnames=('scale', 'ratio'))
 _flip = jax.jit(augment.random_horizontal_flip, static_argnames=('p',))
-_jitter = jax.jit(augment.color_jitter,
-                  static_argnames=('brightness', 'contrast', 'saturation', 'hue', 'p'))
+_jitter = jax.jit(
+  augment.color_jitter, static_argnames=('brightness', 'contrast', 'saturation', 'hue', 'p')
+)
 _gray = jax.jit(augment.random_grayscale, static_argnames=('p',))
 _augment = jax.jit(augment.augment, static_argnames=('config',))
 _two_views = jax.jit(augment.two_views, static_argnames=('config',))
@@ -55,8 +56,7 @@ def test_crop_identity_when_full_scale_and_unit_ratio():
 
 def test_crop_changes_images_and_stays_in_range():
   x = _images(1)
-  y = np.asarray(_crop(jax.random.key(2), jnp.asarray(x), scale=(0.2, 1.0),
-                       ratio=(3 / 4, 4 / 3)))
+  y = np.asarray(_crop(jax.random.key(2), jnp.asarray(x), scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)))
   assert y.shape == x.shape
   assert y.dtype == np.float32
   assert np.all(y >= 0.0) and np.all(y <= 1.0)
@@ -75,7 +75,7 @@ def test_crop_matches_numpy_bilinear_of_some_quarter_crop():
     errors = {}
     for top in range(5):
       for left in range(5):
-        patch = x[n, top:top + 4, left:left + 4].astype(np.float64)
+        patch = x[n, top : top + 4, left : left + 4].astype(np.float64)
         ref = _np_resize_axis(_np_resize_axis(patch, 8, 0), 8, 1)
         errors[(top, left)] = np.abs(ref - y[n]).max()
     best = min(errors, key=errors.get)
@@ -146,8 +146,21 @@ def test_single_channel_saturation_hue_grayscale_are_noops_and_contrast_uses_mea
 def test_rgb_hsv_round_trip():
   rgb = np.random.default_rng(11).uniform(size=(4096, 3)).astype(np.float32)
   # Include grays, black, white and pure primaries/secondaries (the branch edges).
-  edges = np.array([[0, 0, 0], [1, 1, 1], [0.5, 0.5, 0.5], [1, 0, 0], [0, 1, 0], [0, 0, 1],
-                    [1, 1, 0], [0, 1, 1], [1, 0, 1], [0.3, 0.3, 0.7]], np.float32)
+  edges = np.array(
+    [
+      [0, 0, 0],
+      [1, 1, 1],
+      [0.5, 0.5, 0.5],
+      [1, 0, 0],
+      [0, 1, 0],
+      [0, 0, 1],
+      [1, 1, 0],
+      [0, 1, 1],
+      [1, 0, 1],
+      [0.3, 0.3, 0.7],
+    ],
+    np.float32,
+  )
   rgb = np.concatenate([rgb, edges])
   back = jax.jit(lambda c: augment.hsv_to_rgb(augment.rgb_to_hsv(c)))(jnp.asarray(rgb))
   np.testing.assert_allclose(np.asarray(back), rgb, atol=1e-5, rtol=0)
@@ -226,8 +239,9 @@ def test_color_jitter_factors_within_ranges():
 
 def test_color_jitter_full_in_range_and_p_zero_is_identity():
   x = jnp.asarray(_images(18))
-  y = np.asarray(_jitter(jax.random.key(4), x, brightness=0.4, contrast=0.4, saturation=0.4,
-                         hue=0.1))
+  y = np.asarray(
+    _jitter(jax.random.key(4), x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
+  )
   assert np.all(y >= 0) and np.all(y <= 1)
   assert np.abs(y - np.asarray(x)).max() > 1e-3
   z = _jitter(jax.random.key(4), x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.0)

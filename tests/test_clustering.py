@@ -44,14 +44,17 @@ def _brute_force_dendrogram_purity(tree, labels, leaves):
 # ------------------------------------------------------------------------------------- nmi
 
 
-@pytest.mark.parametrize("n,num_classes,num_clusters,seed", [
+@pytest.mark.parametrize(
+  "n,num_classes,num_clusters,seed",
+  [
     (50, 3, 3, 0),
     (200, 10, 4, 1),
     (200, 2, 12, 2),
     (37, 5, 5, 3),
     (1000, 7, 16, 4),
     (10, 1, 3, 5),  # constant labels: NMI 0 unless the clustering is constant too
-])
+  ],
+)
 def test_nmi_matches_sklearn_random(n, num_classes, num_clusters, seed):
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, num_classes, n)
@@ -63,13 +66,16 @@ def test_nmi_matches_sklearn_random(n, num_classes, num_clusters, seed):
     assert clustering.nmi(labels, p) == pytest.approx(expected, abs=1e-10)
 
 
-@pytest.mark.parametrize("labels,preds", [
+@pytest.mark.parametrize(
+  "labels,preds",
+  [
     ([0, 0, 0], [1, 1, 1]),  # one class, one cluster
     ([0, 1, 2], [5, 5, 5]),  # one cluster
     ([3, 3, 9, 9], [100, 100, -1, -1]),  # arbitrary label values, perfect match
     ([0, 0, 1, 1], [0, 1, 0, 1]),  # independent: MI exactly 0
     ([0, 1, 0, 1, 2, 2], [0, 0, 1, 1, 2, 2]),
-])
+  ],
+)
 def test_nmi_edge_cases_match_sklearn(labels, preds):
   expected = sklearn.metrics.normalized_mutual_info_score(labels, preds)
   assert clustering.nmi(labels, preds) == pytest.approx(expected, abs=1e-10)
@@ -90,9 +96,17 @@ def test_accuracy_hand_worked():
   assert clustering.accuracy(labels, preds) == pytest.approx(5 / 6)
 
 
-@pytest.mark.parametrize("num_classes,num_clusters,seed", [
-    (4, 4, 0), (4, 4, 1), (3, 5, 2), (3, 5, 3), (5, 3, 4), (2, 2, 5),
-])
+@pytest.mark.parametrize(
+  "num_classes,num_clusters,seed",
+  [
+    (4, 4, 0),
+    (4, 4, 1),
+    (3, 5, 2),
+    (3, 5, 3),
+    (5, 3, 4),
+    (2, 2, 5),
+  ],
+)
 def test_accuracy_matches_brute_force(num_classes, num_clusters, seed):
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, num_classes, 40)
@@ -175,8 +189,9 @@ def test_dendrogram_purity_matches_brute_force_random_trees(seed):
   tree = tree.prune([int(v) for v in rng.choice(tree.leaves, 2, replace=False)])
   num_classes = 4
   labels = rng.integers(0, num_classes, 50)
-  leaves = np.where(rng.random(50) < 0.5, labels % tree.num_leaves,
-                    rng.integers(0, tree.num_leaves, 50))
+  leaves = np.where(
+    rng.random(50) < 0.5, labels % tree.num_leaves, rng.integers(0, tree.num_leaves, 50)
+  )
   expected = _brute_force_dendrogram_purity(tree, labels, leaves)
   assert clustering.dendrogram_purity(tree, labels, leaves) == pytest.approx(expected, rel=1e-12)
 

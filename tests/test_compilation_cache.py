@@ -20,7 +20,7 @@ def test_cache_directory_from_flag_environment_or_default(monkeypatch, tmp_path)
     monkeypatch.delenv(var, raising=False)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   assert common.compilation_cache_dir() == str(tmp_path / "xdg" / "tree_diffusion" / "jax")
-  assert common.compilation_cache_dir(default_on=False) is None       # the benchmark's default
+  assert common.compilation_cache_dir(default_on=False) is None  # the benchmark's default
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
   assert common.compilation_cache_dir() == str(tmp_path / "jax")
   monkeypatch.setenv("TREE_DIFFUSION_COMPILATION_CACHE", str(tmp_path / "ours"))

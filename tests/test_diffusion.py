@@ -12,20 +12,40 @@ import pytest
 from tree_diffusion.diffusion import sampler as sampler_lib
 from tree_diffusion.diffusion import schedule
 from tree_diffusion.diffusion import train as train_lib
-from tree_diffusion.diffusion.conditioning import (Conditioning, PathTables, SignalEncoder,
-                                                   make_condition, make_denoiser, stack_latents)
+from tree_diffusion.diffusion.conditioning import (
+  Conditioning,
+  PathTables,
+  SignalEncoder,
+  make_condition,
+  make_denoiser,
+  stack_latents,
+)
 from tree_diffusion.diffusion.ddim import ddim_step
 from tree_diffusion.diffusion.unet import timestep_embedding
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 
-MNIST_UNET = dict(ch=64, ch_mults=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                  num_heads=8, dropout=0.1, norm_groups=32)
+MNIST_UNET = dict(
+  ch=64,
+  ch_mults=(1, 2, 2, 2),
+  num_res_blocks=2,
+  attn_resolutions=(16,),
+  num_heads=8,
+  dropout=0.1,
+  norm_groups=32,
+)
 CIFAR_UNET = dict(MNIST_UNET, ch=128, attn_resolutions=(16, 8))
 CELEBA_UNET = dict(CIFAR_UNET, ch_mults=(1, 2, 2, 2, 4))
-TINY_UNET = dict(ch=8, ch_mults=(1, 2), num_res_blocks=1, attn_resolutions=(2,), num_heads=2,
-                 dropout=0.1, norm_groups=4)
+TINY_UNET = dict(
+  ch=8,
+  ch_mults=(1, 2),
+  num_res_blocks=1,
+  attn_resolutions=(2,),
+  num_heads=2,
+  dropout=0.1,
+  norm_groups=4,
+)
 # Root 0; node 1 lost its left child in pruning (passthrough) and leads to the split 4 → (9, 10).
 UNBALANCED = Tree((0, 1, 2, 4, 9, 10))
 
@@ -33,14 +53,23 @@ UNBALANCED = Tree((0, 1, 2, 4, 9, 10))
 def _count(conditioning, unet, size, channels, z_dim, depth=4):
   den = make_denoiser(conditioning, unet)
   x = jnp.zeros((1, size, size, channels))
-  cond = dict(image=x, latents=jnp.zeros((1, depth, z_dim)), ids=jnp.zeros((1, depth)),
-              mask=jnp.ones((1, depth)))
-  shapes = jax.eval_shape(lambda: den.init({"params": jax.random.key(0)}, x,
-                                           jnp.zeros((1,), jnp.int32), cond, train=False))
+  cond = dict(
+    image=x,
+    latents=jnp.zeros((1, depth, z_dim)),
+    ids=jnp.zeros((1, depth)),
+    mask=jnp.ones((1, depth)),
+  )
+  shapes = jax.eval_shape(
+    lambda: den.init(
+      {"params": jax.random.key(0)}, x, jnp.zeros((1,), jnp.int32), cond, train=False
+    )
+  )
   return sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes))
 
 
-@pytest.mark.parametrize("conditioning,unet,size,channels,z_dim,expected", [
+@pytest.mark.parametrize(
+  "conditioning,unet,size,channels,z_dim,expected",
+  [
     # The reference network built from its configs (its parameter counts).
     ("image+path", MNIST_UNET, 28, 1, 64, 9_409_025),
     ("path", MNIST_UNET, 28, 1, 64, 9_408_449),
@@ -50,16 +79,25 @@ def _count(conditioning, unet, size, channels, z_dim, depth=4):
     ("image+path", CELEBA_UNET, 64, 3, 1024, 89_150_467),
     ("path", CELEBA_UNET, 64, 3, 1024, 89_147_011),
     ("image", CELEBA_UNET, 64, 3, 1024, 83_962_499),
-])
+  ],
+)
 def test_parameter_counts_match_the_reference(conditioning, unet, size, channels, z_dim, expected):
   assert _count(conditioning, unet, size, channels, z_dim) == expected
 
 
-@pytest.mark.parametrize("name,image,signal", [
-    ("path", None, "path"), ("image+path", "image", "path"), ("image", "image", None),
-    ("leaf_id", None, "leaf_id"), ("leaf_latent", None, "leaf_latent"),
-    ("leaf_id+latent", None, "leaf_id+latent"), ("form2", "form2", None),
-    ("image+leaf_id+latent", "image", "leaf_id+latent")])
+@pytest.mark.parametrize(
+  "name,image,signal",
+  [
+    ("path", None, "path"),
+    ("image+path", "image", "path"),
+    ("image", "image", None),
+    ("leaf_id", None, "leaf_id"),
+    ("leaf_latent", None, "leaf_latent"),
+    ("leaf_id+latent", None, "leaf_id+latent"),
+    ("form2", "form2", None),
+    ("image+leaf_id+latent", "image", "leaf_id+latent"),
+  ],
+)
 def test_conditioning_names(name, image, signal):
   c = Conditioning.parse(name)
   assert (c.image, c.signal) == (image, signal) and Conditioning.parse(c.name) == c
@@ -71,9 +109,15 @@ def test_unknown_conditioning_is_a_config_error(name):
     Conditioning.parse(name)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(method="ddpn"), "unknown sampler"), (dict(spacing="cosine"), "spacing"),
-    (dict(variance="learned"), "variance"), (dict(eta=-1.0), "eta")])
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
+    (dict(method="ddpn"), "unknown sampler"),
+    (dict(spacing="cosine"), "spacing"),
+    (dict(variance="learned"), "variance"),
+    (dict(eta=-1.0), "eta"),
+  ],
+)
 def test_bad_sampler_settings_are_config_errors(kwargs, match):
   with pytest.raises(ConfigError, match=match):
     sampler_lib.SamplerConfig(**kwargs)
@@ -83,8 +127,9 @@ def test_timestep_embedding_is_cos_first():
   t = np.array([0, 3, 999])
   got = np.asarray(timestep_embedding(jnp.asarray(t), 8))
   f = np.exp(-np.log(10000.0) * np.arange(4) / 4)
-  np.testing.assert_allclose(got, np.concatenate([np.cos(t[:, None] * f), np.sin(t[:, None] * f)],
-                                                 1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    got, np.concatenate([np.cos(t[:, None] * f), np.sin(t[:, None] * f)], 1), rtol=1e-5, atol=1e-5
+  )
 
 
 def _bfs_ids(tree: Tree) -> dict:
@@ -115,8 +160,9 @@ def test_signal_equals_an_explicit_per_sample_loop(signal):
   enc = SignalEncoder(16, cond.uses_latent, cond.uses_id)
   params = enc.init(jax.random.key(1), c["latents"], c["ids"], c["mask"])
   # Non-zero biases, so that a wrong number of summands shows.
-  params = jax.tree_util.tree_map(lambda a: a + 0.1 * jnp.asarray(rng.normal(size=a.shape),
-                                                                   jnp.float32), params)
+  params = jax.tree_util.tree_map(
+    lambda a: a + 0.1 * jnp.asarray(rng.normal(size=a.shape), jnp.float32), params
+  )
   got = np.asarray(enc.apply(params, c["latents"], c["ids"], c["mask"]))
   ids = _bfs_ids(tree)
   p = params["params"]
@@ -124,7 +170,7 @@ def test_signal_equals_an_explicit_per_sample_loop(signal):
     k = int(leaf[i])
     node = tree.leaves[k]
     if signal == "path":
-      entries = [(n, ids[n]) for n in tree.path(node)]   # root → leaf, passthrough 1 included
+      entries = [(n, ids[n]) for n in tree.path(node)]  # root → leaf, passthrough 1 included
     else:
       entries = [(node, k)]
     want = 0.0
@@ -152,19 +198,26 @@ def tiny():
 def _random_params(den, model, key):
   """Initial params plus noise, so that the zero-initialised output convs do not hide anything."""
   cfg = train_lib.StepConfig()
-  state = train_lib.init_state(den, cfg, key, train_lib.example_condition(den, model, UNBALANCED),
-                               model.image_shape)
+  state = train_lib.init_state(
+    den, cfg, key, train_lib.example_condition(den, model, UNBALANCED), model.image_shape
+  )
   leaves, treedef = jax.tree_util.tree_flatten(state.params)
   keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
   return jax.tree_util.tree_unflatten(
-      treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+  )
 
 
 def test_unet_zero_initialised_convs(tiny):
   model, _, _ = tiny
   den = make_denoiser("path", TINY_UNET)
-  state = train_lib.init_state(den, train_lib.StepConfig(), jax.random.key(0),
-                               train_lib.example_condition(den, model, UNBALANCED), (28, 28, 1))
+  state = train_lib.init_state(
+    den,
+    train_lib.StepConfig(),
+    jax.random.key(0),
+    train_lib.example_condition(den, model, UNBALANCED),
+    (28, 28, 1),
+  )
   unet = state.params["UNet_0"]
   zero = lambda p: not np.any(np.asarray(p["kernel"])) and not np.any(np.asarray(p["bias"]))
   blocks = [k for k in unet if k.startswith(("ResBlock", "AttentionBlock"))]
@@ -185,11 +238,13 @@ def test_train_step_warmup_starts_at_zero_and_ema_follows(tiny):
   model, tvae_vars, x = tiny
   den = make_denoiser("image+path", TINY_UNET)
   cfg = train_lib.StepConfig(warmup_steps=4, lr=1e-2, ema_decay=0.9)
-  state = train_lib.init_state(den, cfg, jax.random.key(0),
-                               train_lib.example_condition(den, model, UNBALANCED), (28, 28, 1))
+  state = train_lib.init_state(
+    den, cfg, jax.random.key(0), train_lib.example_condition(den, model, UNBALANCED), (28, 28, 1)
+  )
   init = jax.device_get(state.params)
-  step = lambda s, i: train_lib.train_step(s, tvae_vars, x, jax.random.key(i), denoiser=den,
-                                           model=model, tree=UNBALANCED, cfg=cfg)
+  step = lambda s, i: train_lib.train_step(
+    s, tvae_vars, x, jax.random.key(i), denoiser=den, model=model, tree=UNBALANCED, cfg=cfg
+  )
   state, m1 = step(state, 1)
   assert np.isfinite(float(m1["loss"]))
   same = jax.tree_util.tree_map(lambda a, b: np.array_equal(a, np.asarray(b)), init, state.params)
@@ -197,8 +252,10 @@ def test_train_step_warmup_starts_at_zero_and_ema_follows(tiny):
   ema1, p1 = jax.device_get(state.ema_params), jax.device_get(state.params)
   state, _ = step(state, 2)
   p2, ema2 = jax.device_get(state.params), jax.device_get(state.ema_params)
-  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(p1),
-                                                     jax.tree_util.tree_leaves(p2))]
+  moved = [
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2))
+  ]
   assert any(moved)
   for e1, q, e2 in zip(*(jax.tree_util.tree_leaves(t) for t in (ema1, p2, ema2))):
     np.testing.assert_allclose(e2, 0.9 * np.asarray(e1, np.float64) + 0.1 * q, rtol=1e-6, atol=1e-7)
@@ -216,13 +273,17 @@ def test_scanned_chain_equals_a_python_loop(tiny, form2):
   cfg = sampler_lib.SamplerConfig(steps=5, spacing="uniform")
   x_T = jax.random.normal(jax.random.key(4), x.shape)
   eps_fn = jax.jit(lambda xx, t: den.apply({"params": params}, xx, t, cond, train=False))
-  got = jax.jit(lambda x0: sampler_lib.reverse_chain(
-      eps_fn, x0, cfg, None, shift=cond["image"] if form2 else None))(x_T)
+  got = jax.jit(
+    lambda x0: sampler_lib.reverse_chain(
+      eps_fn, x0, cfg, None, shift=cond["image"] if form2 else None
+    )
+  )(x_T)
   assert got.shape == x.shape
   # The reference's form, literally: form2 subtracts the condition inside the update and once
   # at the end (as the reference does).
-  r = schedule.respace(schedule.alpha_bars(schedule.linear_betas()),
-                       schedule.spaced_timesteps(1000, 5, "uniform"))
+  r = schedule.respace(
+    schedule.alpha_bars(schedule.linear_betas()), schedule.spaced_timesteps(1000, 5, "uniform")
+  )
   xt = x_T + (cond["image"] if form2 else 0.0)
   c = cond["image"] if form2 else 0.0
   for k in reversed(range(len(r))):

@@ -38,24 +38,33 @@ def test_settings_from_config_and_bad_modes():
 def _metrics():
   purity = lambda w, n: {"weighted_majority_fraction": w, "total_kept": n}
   return {
-      "num_leaves": 3, "export": "/run/export", "settings": {"num_samples": 8, "purity_samples": 4},
-      "stage1": {"clustering": {"nmi": 0.5, "accuracy": 0.6, "leaf_purity": 0.7,
-                                "dendrogram_purity": 0.4},
-                 "log_likelihood": {"log_likelihood": -100.0, "log_likelihood_stderr": 1.0,
-                                    "num_samples": 2},
-                 "fid": {"gen": 30.0, "rec": 20.0, "num_rec": 8, "num_reference": 16}},
-      "checkpoints": {
-          "10": {"modes": {"sample": {"fid": 5.0}, "recons": {"fid": 4.0},
-                           "sample_all_leaves": {"purity": {"thresholds": {
-                               "0.5": purity(0.8, 9), "0.9": purity(0.9, 3)}},
-                               "purity_treevae": {"thresholds": {
-                                   "0.5": purity(0.6, 9), "0.9": purity(0.7, 3)}}}}},
-          "2": {"modes": {"sample": {"fid": 7.0}}}}}
+    "num_leaves": 3,
+    "export": "/run/export",
+    "settings": {"num_samples": 8, "purity_samples": 4},
+    "stage1": {
+      "clustering": {"nmi": 0.5, "accuracy": 0.6, "leaf_purity": 0.7, "dendrogram_purity": 0.4},
+      "log_likelihood": {"log_likelihood": -100.0, "log_likelihood_stderr": 1.0, "num_samples": 2},
+      "fid": {"gen": 30.0, "rec": 20.0, "num_rec": 8, "num_reference": 16},
+    },
+    "checkpoints": {
+      "10": {
+        "modes": {
+          "sample": {"fid": 5.0},
+          "recons": {"fid": 4.0},
+          "sample_all_leaves": {
+            "purity": {"thresholds": {"0.5": purity(0.8, 9), "0.9": purity(0.9, 3)}},
+            "purity_treevae": {"thresholds": {"0.5": purity(0.6, 9), "0.9": purity(0.7, 3)}},
+          },
+        }
+      },
+      "2": {"modes": {"sample": {"fid": 7.0}}},
+    },
+  }
 
 
 def test_csv_rows_and_report(tmp_path):
   rows = report.csv_rows(_metrics())
-  assert [r["step"] for r in rows] == [2, 10]                      # numeric order
+  assert [r["step"] for r in rows] == [2, 10]  # numeric order
   assert rows[1]["fid_gen"] == 5.0 and rows[1]["fid_rec"] == 4.0
   assert rows[1]["majority_p0.5"] == 0.8 and rows[1]["kept_p0.9"] == 3
   assert rows[0]["fid_rec"] is None and rows[0]["nmi"] == 0.5 and rows[0]["treevae_fid_gen"] == 30.0
@@ -63,7 +72,7 @@ def test_csv_rows_and_report(tmp_path):
   lines = (tmp_path / "m.csv").read_text().splitlines()
   assert lines[0].split(",") == list(report.CSV_COLUMNS) and len(lines) == 3
   config = demo.get_config("tiny")
-  config.diffusion.conditioning = "path"    # the paper's final model: its Table-1 row is marked
+  config.diffusion.conditioning = "path"  # the paper's final model: its Table-1 row is marked
   report.write_report(str(tmp_path / "r.md"), _metrics(), config)
   text = (tmp_path / "r.md").read_text()
   assert "| 10 | 4.00 | 5.00 | 0.800 (9) | 0.900 (3) | 0.600 | 0.700 |" in text
@@ -77,23 +86,33 @@ def test_csv_rows_and_report(tmp_path):
 def test_histogram_images():
   img = evaluate.histogram_images([[0.25, 0.75], None], height=10, bar=2)
   assert img.shape == (2, 1, 10, 2 * 2 + 3, 3)
-  col = lambda x: img[0, 0, :9, x]                                  # above the baseline
+  col = lambda x: img[0, 0, :9, x]  # above the baseline
   blue, orange = (col(1) != 1).all(-1).sum(), (col(4) != 1).all(-1).sum()
   assert (blue, orange) == (round(0.25 * 8), round(0.75 * 8))
-  assert np.allclose(img[0, 0, 8, 4], (0.95, 0.55, 0.1))            # majority class in orange
-  assert np.all(img[1, 0, :9] == 1.0)                               # nothing kept: blank
+  assert np.allclose(img[0, 0, 8, 4], (0.95, 0.55, 0.1))  # majority class in orange
+  assert np.all(img[1, 0, :9] == 1.0)  # nothing kept: blank
 
 
 def test_run_summary_table(tmp_path):
   from tree_diffusion.eval import report
-  write = lambda rel, obj: ((tmp_path / rel).parent.mkdir(parents=True, exist_ok=True),
-                            (tmp_path / rel).write_text(json.dumps(obj)))
-  write("stage1_metrics.json", {"test": {"num_leaves": 3, "nmi": 0.61234, "leaf_purity": 0.6},
-                                "kmeans_pixels": {"nmi": 0.48, "leaf_purity": 0.55},
-                                "wall_time_s": 200.0})
+
+  write = lambda rel, obj: (
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True),
+    (tmp_path / rel).write_text(json.dumps(obj)),
+  )
+  write(
+    "stage1_metrics.json",
+    {
+      "test": {"num_leaves": 3, "nmi": 0.61234, "leaf_purity": 0.6},
+      "kmeans_pixels": {"nmi": 0.48, "leaf_purity": 0.55},
+      "wall_time_s": 200.0,
+    },
+  )
   write("diffusion/train_summary.json", {"wall_time_s": 301.0, "conditioning": "image+path"})
-  write("diffusion/samples/summary.json", {"modes": {"sample": {"wall_time_s": 10.0},
-                                                     "recons": {"wall_time_s": 5.0}}})
+  write(
+    "diffusion/samples/summary.json",
+    {"modes": {"sample": {"wall_time_s": 10.0}, "recons": {"wall_time_s": 5.0}}},
+  )
   m = _metrics()
   m["stage1"]["wall_time_s"] = 50.0
   m["checkpoints"]["10"]["wall_time_s"] = 70.0
@@ -102,7 +121,11 @@ def test_run_summary_table(tmp_path):
   rows = [line for line in text.splitlines() if line.startswith("| ")]
   assert rows[1] == "| k-means on pixels | 0.480 | 0.550 | – | – | – | – |"
   # The latest checkpoint (10, not 2); stage 1's time from `times`, the rest as recorded.
-  assert rows[2] == "| TreeVAE (3 leaves) | 0.612 | 0.600 | 30.0 | 20.0 | 0.600 (9 kept) | 3 min 50 s |"
-  assert rows[3] == ("| diffusion, image+path conditioning (step 10) | – | – | 5.0 | 4.0 | "
-                     "0.800 (9 kept) | 5 min 01 s |")
+  assert (
+    rows[2] == "| TreeVAE (3 leaves) | 0.612 | 0.600 | 30.0 | 20.0 | 0.600 (9 kept) | 3 min 50 s |"
+  )
+  assert rows[3] == (
+    "| diffusion, image+path conditioning (step 10) | – | – | 5.0 | 4.0 | "
+    "0.800 (9 kept) | 5 min 01 s |"
+  )
   assert "sampling and figures 15 s, evaluation 2 min 00 s; 11 min 06 s in all." in text

@@ -20,8 +20,12 @@ def _reference(mu1, s1, mu2, s2):
   """tr sqrtm(Σ1 Σ2) = tr sqrtm(Σ1^½ Σ2 Σ1^½), a symmetric PSD matrix: sum of sqrt eigenvalues."""
   r = _sqrt_psd(s1)
   inner = np.linalg.eigvalsh(r @ s2 @ r)
-  return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
-               - 2 * np.sum(np.sqrt(np.clip(inner, 0, None))))
+  return float(
+    np.sum((mu1 - mu2) ** 2)
+    + np.trace(s1)
+    + np.trace(s2)
+    - 2 * np.sum(np.sqrt(np.clip(inner, 0, None)))
+  )
 
 
 @pytest.mark.parametrize("d,seed", [(1, 0), (8, 1), (64, 2)])
@@ -62,13 +66,13 @@ def test_feature_cache_recomputes_corrupt_or_stale_files(tmp_path, caplog):
   first = fid.cached_features(path, meta, compute)
   again = fid.cached_features(path, meta, compute)
   assert len(calls) == 1 and np.array_equal(first, again)
-  with open(path, "wb") as f:                       # truncated / corrupt file
+  with open(path, "wb") as f:  # truncated / corrupt file
     f.write(b"PK\x03\x04 not a zip")
   with caplog.at_level("WARNING"):
     third = fid.cached_features(path, meta, compute)
   assert len(calls) == 2 and np.array_equal(third, first) and "unreadable" in caplog.text
   caplog.clear()
-  with caplog.at_level("WARNING"):                  # made for other data: recomputed, warned
+  with caplog.at_level("WARNING"):  # made for other data: recomputed, warned
     fid.cached_features(path, dict(meta, split="train"), compute)
   assert len(calls) == 3 and "recomputing" in caplog.text
 
@@ -79,7 +83,9 @@ def test_per_group_fid_uses_matching_groups_only():
   feats = np.concatenate([a, b])
   groups = np.array([0] * 40 + [1] * 30)
   out = fid.per_group_fid(feats, groups, feats, groups, num_groups=3)
-  assert out[0]["fid"] == pytest.approx(0.0, abs=1e-8) and out[1]["fid"] == pytest.approx(0.0, abs=1e-8)
+  assert out[0]["fid"] == pytest.approx(0.0, abs=1e-8) and out[1]["fid"] == pytest.approx(
+    0.0, abs=1e-8
+  )
   assert out[2] == {"fid": None, "num": 0, "num_reference": 0}
   swapped = fid.per_group_fid(feats, groups, feats, 1 - groups, num_groups=2)
   assert swapped[0]["fid"] == pytest.approx(fid.fid_from_features(a, b))

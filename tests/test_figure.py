@@ -36,8 +36,15 @@ def _draw(channels, size, n=4, **kwargs):
   real[tree.leaf_index(2), n - 1] = np.nan  # Leaf 2 has one image fewer than n.
   generated = rng.random((k, n, size, size, channels)).astype(np.float32)
   share = np.array([0.5, 0.3, 0.2])
-  image, layout = figure.draw_tree(tree, share, [real, generated], row_titles=["real", "generated"],
-                                   title="test", return_layout=True, **kwargs)
+  image, layout = figure.draw_tree(
+    tree,
+    share,
+    [real, generated],
+    row_titles=["real", "generated"],
+    title="test",
+    return_layout=True,
+    **kwargs,
+  )
   return tree, share, (real, generated), image, layout
 
 
@@ -124,7 +131,7 @@ def test_layout_of_the_pruned_tree():
   pixels = np.asarray(image)
   for leaf in tree.leaves:
     x0, y0, x1, _ = box[leaf]
-    assert np.all(pixels[y0, x0:x1 + 1] == 0)
+    assert np.all(pixels[y0, x0 : x1 + 1] == 0)
   # Each leaf's grid sits centred under its box.
   for leaf in tree.leaves:
     x0, _, _, _ = layout["panels"][0][leaf][0]
@@ -145,8 +152,10 @@ def test_cell_sets_the_integer_upscaling():
 def test_twelve_leaves_stay_a_sane_size(n):
   tree = Tree.complete(4).prune([15, 16, 17, 18])
   assert tree.num_leaves == 12
-  rows = [np.full((12, n, 28, 28, 1), 0.5, np.float32),
-          np.full((12, n, 32, 32, 3), 0.2, np.float32)]
+  rows = [
+    np.full((12, n, 28, 28, 1), 0.5, np.float32),
+    np.full((12, n, 32, 32, 3), 0.2, np.float32),
+  ]
   image, layout = figure.draw_tree(tree, np.full(12, 1 / 12), rows, return_layout=True)
   assert image.size[0] <= 4000 and image.size[1] <= 4000
   assert all(len(p) == n for row in layout["panels"] for p in row.values())

@@ -20,31 +20,35 @@ class _DiskFullAfter(io.FileIO):
 
   def write(self, data):
     if len(data) > self.left:
-      super().write(bytes(data[:self.left]))
+      super().write(bytes(data[: self.left]))
       self.left = 0
       raise OSError(errno.ENOSPC, "No space left on device")
     self.left -= len(data)
     return super().write(data)
 
 
-@pytest.mark.parametrize("write", [
+@pytest.mark.parametrize(
+  "write",
+  [
     lambda p: files.save_npz(p, images=np.full((64, 28, 28, 1), 7, np.uint8)),
     lambda p: files.write_json(p, {"x": list(range(1000))}),
     lambda p: files.save_png(p, np.full((64, 64, 3), 200, np.uint8)),
-])
+  ],
+)
 def test_a_write_that_fails_half_way_leaves_the_previous_file(tmp_path, monkeypatch, write):
   path = tmp_path / "out" / "file"
   path.parent.mkdir()
   path.write_bytes(b"the previous contents")
-  monkeypatch.setattr(files, "open", lambda p, mode: _DiskFullAfter(p, mode, limit=100),
-                      raising=False)
+  monkeypatch.setattr(
+    files, "open", lambda p, mode: _DiskFullAfter(p, mode, limit=100), raising=False
+  )
   with pytest.raises(OSError) as e:
     write(str(path))
   assert e.value.errno == errno.ENOSPC
   assert path.read_bytes() == b"the previous contents"
-  assert os.listdir(path.parent) == ["file"]          # no temporary file left behind
+  assert os.listdir(path.parent) == ["file"]  # no temporary file left behind
   monkeypatch.undo()
-  write(str(path))                                   # with space: replaced
+  write(str(path))  # with space: replaced
   assert path.read_bytes() != b"the previous contents"
 
 
@@ -59,5 +63,5 @@ def test_round_trips_and_local_paths_are_made_absolute(tmp_path, monkeypatch):
   assert files.join("r", "x") == os.path.join("r", "x")
   assert files.bucket_of("gs://b/r/x") == "b" and files.bucket_of("r/x") is None
   files.remove("a/t.md")
-  files.remove("a/t.md")                              # a missing file: nothing to do
+  files.remove("a/t.md")  # a missing file: nothing to do
   assert not (tmp_path / "a" / "t.md").exists()

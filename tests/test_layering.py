@@ -8,7 +8,7 @@ import ast
 import os
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tree_diffusion")
-LAYERS = {"": 0, "treevae": 1, "diffusion": 2, "eval": 3}   # "": the base modules at the top
+LAYERS = {"": 0, "treevae": 1, "diffusion": 2, "eval": 3}  # "": the base modules at the top
 # Library modules above every layer: the benchmark (it measures all of them) and the package's
 # __init__, which hands out load_run.
 TOP = ("benchmark", "__init__")
@@ -23,7 +23,7 @@ def _modules():
       if f.endswith(".py"):
         path = os.path.join(dirpath, f)
         name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
-        yield (name[:-len(".__init__")] if name.endswith(".__init__") else name), path
+        yield (name[: -len(".__init__")] if name.endswith(".__init__") else name), path
 
 
 def _imports(path, known):
@@ -34,11 +34,14 @@ def _imports(path, known):
     if isinstance(node, ast.Import):
       out.update(a.name for a in node.names)
     elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-      for a in node.names:   # `from tree_diffusion.x import y`: y may be a module of x
+      for a in node.names:  # `from tree_diffusion.x import y`: y may be a module of x
         full = f"{node.module}.{a.name}"
         out.add(full if full.removeprefix("tree_diffusion.") in known else node.module)
-  return {m.removeprefix("tree_diffusion.") if m.startswith("tree_diffusion.") else "!" + m
-          for m in out if m != "tree_diffusion"}
+  return {
+    m.removeprefix("tree_diffusion.") if m.startswith("tree_diffusion.") else "!" + m
+    for m in out
+    if m != "tree_diffusion"
+  }
 
 
 def _layer(module):
@@ -51,15 +54,20 @@ def _layer(module):
 def test_imports_follow_the_layering():
   modules = dict(_modules())
   edges = {(m, i) for m, path in modules.items() for i in _imports(path, modules)}
-  foreign = {(m, i[1:]) for m, i in edges if i.startswith("!") and
-             i[1:].split(".")[0] in ("launch", "configs")}
+  foreign = {
+    (m, i[1:])
+    for m, i in edges
+    if i.startswith("!") and i[1:].split(".")[0] in ("launch", "configs")
+  }
   assert not foreign, f"the library imports launchers or configs: {sorted(foreign)}"
   edges = {(m, i) for m, i in edges if not i.startswith("!") and i in modules}
-  back = {(m, i) for m, i in edges
-          if _layer(i) > _layer(m) or (i.endswith(".train") and m not in TOP)}
+  back = {
+    (m, i) for m, i in edges if _layer(i) > _layer(m) or (i.endswith(".train") and m not in TOP)
+  }
   assert back - KNOWN_BACK_EDGES == set(), f"new back-edges: {sorted(back - KNOWN_BACK_EDGES)}"
   assert KNOWN_BACK_EDGES - back == set(), (
-      f"gone (remove from KNOWN_BACK_EDGES): {sorted(KNOWN_BACK_EDGES - back)}")
+    f"gone (remove from KNOWN_BACK_EDGES): {sorted(KNOWN_BACK_EDGES - back)}"
+  )
 
 
 # What the config files may import from the library: plain values and paths, nothing that
@@ -111,6 +119,7 @@ def test_launchers_share_only_launch_common_and_configs_import_no_jax_code():
   for name, imports in _package_imports("configs").items():
     used = _library_modules(imports)
     assert used <= CONFIG_IMPORTS, (
-        f"configs/{name}.py imports library modules beyond {sorted(CONFIG_IMPORTS)}: "
-        f"{sorted(used - CONFIG_IMPORTS)}")
+      f"configs/{name}.py imports library modules beyond {sorted(CONFIG_IMPORTS)}: "
+      f"{sorted(used - CONFIG_IMPORTS)}"
+    )
     assert not {i for i in imports if i.startswith("launch")}, f"configs/{name}.py imports launch"

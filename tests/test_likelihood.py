@@ -50,8 +50,9 @@ def _log_normal(z, mu, var):
 
 def test_path_log_weights_match_a_float64_assembly(setup):
   variables, x = setup
-  log_w, parts = jax.jit(lambda v, x, k: TINY.path_log_weights(v, UNBALANCED, x, k, details=True)
-                         )(variables, x, jax.random.key(3))
+  log_w, parts = jax.jit(lambda v, x, k: TINY.path_log_weights(v, UNBALANCED, x, k, details=True))(
+    variables, x, jax.random.key(3)
+  )
   parts = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), parts)
   xs = np.asarray(x, np.float64).reshape(5, -1)
   expected = np.zeros((5, UNBALANCED.num_leaves))
@@ -59,7 +60,9 @@ def test_path_log_weights_match_a_float64_assembly(setup):
     total = np.zeros(5)
     for i, n in enumerate(_path(leaf)):
       p = parts[n]
-      total += _log_normal(p["z"], p["mu_p"], p["var_p"]) - _log_normal(p["z"], p["mu_q"], p["var_q"])
+      total += _log_normal(p["z"], p["mu_p"], p["var_p"]) - _log_normal(
+        p["z"], p["mu_q"], p["var_q"]
+      )
       if i:
         parent = _path(leaf)[i - 1]
         if len(UNBALANCED.children(parent)) == 2:
@@ -84,22 +87,25 @@ def test_gaussian_observation_density():
 def test_estimator_equals_a_loop_over_samples(setup):
   variables, x = setup
   m = 4
-  arrays = data_lib.Arrays(np.asarray(np.asarray(x) * 255, np.uint8),
-                           np.zeros(5, np.int32), 0)
+  arrays = data_lib.Arrays(np.asarray(np.asarray(x) * 255, np.uint8), np.zeros(5, np.int32), 0)
   est = LogLikelihood(TINY, UNBALANCED, num_samples=m, batch_size=8)
   key = jax.random.key(7)
   out = est.run(variables, arrays, key)
   xq = jnp.asarray(arrays.images, jnp.float32) / 255.0
-  xq = jnp.concatenate([xq, jnp.zeros((3,) + xq.shape[1:])])        # the padded batch of 8
+  xq = jnp.concatenate([xq, jnp.zeros((3,) + xq.shape[1:])])  # the padded batch of 8
   batch_key = jax.random.fold_in(key, 0)
   log_w = jax.jit(lambda v, x, k: TINY.path_log_weights(v, UNBALANCED, x, k))
-  per_sample = np.stack([
-      scipy.special.logsumexp(np.asarray(log_w(variables, xq, jax.random.fold_in(batch_key, j)),
-                                         np.float64), axis=1)[:5]
-      for j in range(m)])                                              # [M, N]
+  per_sample = np.stack(
+    [
+      scipy.special.logsumexp(
+        np.asarray(log_w(variables, xq, jax.random.fold_in(batch_key, j)), np.float64), axis=1
+      )[:5]
+      for j in range(m)
+    ]
+  )  # [M, N]
   want = scipy.special.logsumexp(per_sample, axis=0) - math.log(m)
   assert out["num_images"] == 5 and out["num_samples"] == m
   np.testing.assert_allclose(out["log_likelihood"], want.mean(), rtol=1e-5)
   np.testing.assert_allclose(out["single_sample_bound"], per_sample.mean(), rtol=1e-5)
-  assert out["log_likelihood"] >= out["single_sample_bound"]   # log-mean-exp ≥ mean
+  assert out["log_likelihood"] >= out["single_sample_bound"]  # log-mean-exp ≥ mean
   assert "bits_per_dim" not in out

@@ -9,9 +9,15 @@ import pytest
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae import losses, networks
 from tree_diffusion.treevae import train as train_lib
-from tree_diffusion.treevae.model import (TreeVAE, check_variables, grow_variables,
-                                          merge_split_variables, node_key, prune_variables,
-                                          split_variables)
+from tree_diffusion.treevae.model import (
+  TreeVAE,
+  check_variables,
+  grow_variables,
+  merge_split_variables,
+  node_key,
+  prune_variables,
+  split_variables,
+)
 
 TINY = TreeVAE(latent_channels=(2,) * 4, bottom_up_channels=(4,) * 4)
 X = jnp.asarray(np.random.default_rng(0).uniform(size=(8, 28, 28, 1)), jnp.float32)
@@ -20,18 +26,28 @@ X = jnp.asarray(np.random.default_rng(0).uniform(size=(8, 28, 28, 1)), jnp.float
 # ----------------------------------------------------------------------------- layers
 
 
-@pytest.mark.parametrize("h,cin,cout,k,s,p,transpose", [
-    (28, 1, 3, 12, 1, 1, False), (10, 2, 3, 7, 5, 1, False), (2, 3, 2, 7, 5, 1, True),
-    (10, 2, 3, 12, 1, 1, True), (4, 3, 2, 4, 2, 1, True), (2, 3, 4, 3, 1, 1, False)])
+@pytest.mark.parametrize(
+  "h,cin,cout,k,s,p,transpose",
+  [
+    (28, 1, 3, 12, 1, 1, False),
+    (10, 2, 3, 7, 5, 1, False),
+    (2, 3, 2, 7, 5, 1, True),
+    (10, 2, 3, 12, 1, 1, True),
+    (4, 3, 2, 4, 2, 1, True),
+    (2, 3, 4, 3, 1, 1, False),
+  ],
+)
 def test_conv2d_rows_matches_lax(h, cin, cout, k, s, p, transpose):
   x = jax.random.normal(jax.random.key(0), (2, h, h, cin))
   w = jax.random.normal(jax.random.key(1), (k, k, cin, cout))
   if transpose:  # PyTorch ConvTranspose2d(padding=p) on the dilated input, no kernel flip
-    want = jax.lax.conv_transpose(x, w, (s, s), [(k - 1 - p, k - 1 - p)] * 2,
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    want = jax.lax.conv_transpose(
+      x, w, (s, s), [(k - 1 - p, k - 1 - p)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
   else:
-    want = jax.lax.conv_general_dilated(x, w, (s, s), [(p, p)] * 2,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    want = jax.lax.conv_general_dilated(
+      x, w, (s, s), [(p, p)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
   got = networks.conv2d_rows(x, w, s, p, transpose)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -39,21 +55,33 @@ def test_conv2d_rows_matches_lax(h, cin, cout, k, s, p, transpose):
 def _lax_conv(x, w, s, p, transpose):
   if transpose:  # PyTorch ConvTranspose2d(padding=p) on the dilated input, no kernel flip
     k = w.shape[0]
-    return jax.lax.conv_transpose(x, w, (s, s), [(k - 1 - p, k - 1 - p)] * 2,
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  return jax.lax.conv_general_dilated(x, w, (s, s), [(p, p)] * 2,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_transpose(
+      x, w, (s, s), [(k - 1 - p, k - 1 - p)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+  return jax.lax.conv_general_dilated(
+    x, w, (s, s), [(p, p)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 # Every convolution of the cnn1 networks of configs/mnist.py (encoder channels 1-11-21-32, decoder
 # 16-11-6-1) and configs/demo.py (1-6-11-16, 8-5-3-1), and the 3x3 convolutions on their 2x2
 # maps: (h, cin, cout, k, stride, transpose).
 _CNN1_LAYERS = [
-    (28, 1, 11, 12, 1, False), (19, 11, 21, 12, 1, False), (10, 21, 32, 7, 5, False),  # encoder
-    (2, 16, 11, 7, 5, True), (10, 11, 6, 12, 1, True), (19, 6, 1, 12, 1, True),        # decoder
-    (28, 1, 6, 12, 1, False), (19, 6, 11, 12, 1, False), (10, 11, 16, 7, 5, False),    # demo
-    (2, 8, 5, 7, 5, True), (10, 5, 3, 12, 1, True), (19, 3, 1, 12, 1, True),
-    (2, 32, 32, 3, 1, False), (2, 16, 1, 3, 1, False)]                                  # maps
+  (28, 1, 11, 12, 1, False),
+  (19, 11, 21, 12, 1, False),
+  (10, 21, 32, 7, 5, False),  # encoder
+  (2, 16, 11, 7, 5, True),
+  (10, 11, 6, 12, 1, True),
+  (19, 6, 1, 12, 1, True),  # decoder
+  (28, 1, 6, 12, 1, False),
+  (19, 6, 11, 12, 1, False),
+  (10, 11, 16, 7, 5, False),  # demo
+  (2, 8, 5, 7, 5, True),
+  (10, 5, 3, 12, 1, True),
+  (19, 3, 1, 12, 1, True),
+  (2, 32, 32, 3, 1, False),
+  (2, 16, 1, 3, 1, False),
+]  # maps
 
 
 @pytest.mark.parametrize("h,cin,cout,k,s,transpose", _CNN1_LAYERS)
@@ -105,12 +133,22 @@ def test_parameter_counts_match_the_reference():
   tree = Tree.complete(1)
   mnist = TreeVAE()
   assert networks.param_count(mnist.init(jax.random.key(0), tree)["params"]) == (
-      396_118 - 6 * 2 * 9 * 32 * 16)
-  cifar = TreeVAE(encoder="cnn2", image_size=32, channels=3, latent_channels=(64,) * 7,
-                  bottom_up_channels=(128,) * 7, representation_dim=4, res_connections=True,
-                  output="mse", contrastive=True)
+    396_118 - 6 * 2 * 9 * 32 * 16
+  )
+  cifar = TreeVAE(
+    encoder="cnn2",
+    image_size=32,
+    channels=3,
+    latent_channels=(64,) * 7,
+    bottom_up_channels=(128,) * 7,
+    representation_dim=4,
+    res_connections=True,
+    output="mse",
+    contrastive=True,
+  )
   assert networks.param_count(cifar.init(jax.random.key(0), tree)["params"]) == (
-      5_446_286 - 6 * 2 * 9 * 128 * 64 - 7 * (128 * 10 + 10))
+    5_446_286 - 6 * 2 * 9 * 128 * 64 - 7 * (128 * 10 + 10)
+  )
 
 
 # ----------------------------------------------------------------------------- ELBO terms
@@ -128,14 +166,17 @@ def test_merge_and_kls_against_float64_numpy():
   np.testing.assert_allclose(got_var, var_q, rtol=1e-5, atol=1e-6)
   s1, s2 = v1 + eps, v2 + eps
   kl = (0.5 * (np.log(s2 / s1) + (s1 + (mu1 - mu2) ** 2) / s2 - 1)).reshape(3, -1).sum(1)
-  np.testing.assert_allclose(losses.gaussian_kl(*map(jnp.asarray, (mu1, v1, mu2, v2))), kl,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.gaussian_kl(*map(jnp.asarray, (mu1, v1, mu2, v2))), kl, rtol=1e-5
+  )
   # The limits: an uninformative prior leaves the proposal; equal variances halve it.
-  m, v = losses.merge_gaussians(jnp.float32(1.5), jnp.float32(0.3), jnp.float32(-2.0),
-                                jnp.float32(1e9))
+  m, v = losses.merge_gaussians(
+    jnp.float32(1.5), jnp.float32(0.3), jnp.float32(-2.0), jnp.float32(1e9)
+  )
   assert abs(float(m) - 1.5) < 1e-5 and abs(float(v) - 0.3) < 1e-5
-  m, v = losses.merge_gaussians(jnp.float32(1.0), jnp.float32(0.5), jnp.float32(3.0),
-                                jnp.float32(0.5))
+  m, v = losses.merge_gaussians(
+    jnp.float32(1.0), jnp.float32(0.5), jnp.float32(3.0), jnp.float32(0.5)
+  )
   assert abs(float(m) - 2.0) < 1e-5 and abs(float(v) - 0.25) < 1e-5
 
 
@@ -144,18 +185,24 @@ def test_bernoulli_kl_and_bce_against_numpy():
   q, p = rng.uniform(0.01, 0.99, size=(2, 50))
   eps = 1e-7
   want = q * np.log(eps + q / (p + eps)) + (1 - q) * np.log(eps + (1 - q) / (1 - p + eps))
-  np.testing.assert_allclose(losses.bernoulli_kl(jnp.asarray(q), jnp.asarray(p)), want, rtol=1e-4,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    losses.bernoulli_kl(jnp.asarray(q), jnp.asarray(p)), want, rtol=1e-4, atol=1e-6
+  )
   assert float(jnp.abs(losses.bernoulli_kl(jnp.asarray(q), jnp.asarray(q))).max()) < 1e-5
   x = rng.uniform(size=(2, 3, 3, 1))
   logits = rng.normal(scale=3, size=(2, 3, 3, 1))
   sig = 1 / (1 + np.exp(-logits))
   bce = -(x * np.maximum(np.log(sig), -100) + (1 - x) * np.maximum(np.log(1 - sig), -100))
-  np.testing.assert_allclose(losses.reconstruction_loss(jnp.asarray(x), jnp.asarray(logits),
-                                                        "sigmoid"), bce.reshape(2, -1).sum(1),
-                             rtol=1e-5)
-  np.testing.assert_allclose(losses.reconstruction_loss(jnp.asarray(x), jnp.asarray(logits), "mse"),
-                             ((logits - x) ** 2).reshape(2, -1).sum(1), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.reconstruction_loss(jnp.asarray(x), jnp.asarray(logits), "sigmoid"),
+    bce.reshape(2, -1).sum(1),
+    rtol=1e-5,
+  )
+  np.testing.assert_allclose(
+    losses.reconstruction_loss(jnp.asarray(x), jnp.asarray(logits), "mse"),
+    ((logits - x) ** 2).reshape(2, -1).sum(1),
+    rtol=1e-5,
+  )
 
 
 def test_contrastive_terms_against_numpy():
@@ -176,8 +223,11 @@ def test_contrastive_terms_against_numpy():
 
   np.testing.assert_allclose(losses.nt_xent(jnp.asarray(e), 0.5), ntxent(e, 0.5).mean(), rtol=1e-5)
   u = np.stack([pi, 1 - pi], 1)
-  np.testing.assert_allclose(losses.router_infonce(jnp.asarray(pi), jnp.asarray(w)),
-                             (w * ntxent(u, 1.0)).sum() / w.sum(), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.router_infonce(jnp.asarray(pi), jnp.asarray(w)),
+    (w * ntxent(u, 1.0)).sum() / w.sum(),
+    rtol=1e-5,
+  )
 
 
 # ----------------------------------------------------------------------------- routing
@@ -192,24 +242,44 @@ def test_leaf_probabilities_follow_bfs_order_on_a_pruned_tree():
   np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
   # Independent composition: apply each q-router on its bottom-up level and multiply by hand.
   enc = TINY.encoder_def()
-  ds = [enc.apply({"params": v["params"]["encoder"], "batch_stats": v["batch_stats"]["encoder"]},
-                  X, train=False)]
+  ds = [
+    enc.apply(
+      {"params": v["params"]["encoder"], "batch_stats": v["batch_stats"]["encoder"]}, X, train=False
+    )
+  ]
   for j in range(1, TINY.num_levels):
     m = TINY.bottom_up_def(j)
-    ds.append(m.apply({"params": v["params"][f"bottom_up_{j}"],
-                       "batch_stats": v["batch_stats"][f"bottom_up_{j}"]}, ds[-1], train=False))
+    ds.append(
+      m.apply(
+        {
+          "params": v["params"][f"bottom_up_{j}"],
+          "batch_stats": v["batch_stats"][f"bottom_up_{j}"],
+        },
+        ds[-1],
+        train=False,
+      )
+    )
 
   def q(node, depth):
     r = networks.Router(TINY.h(depth))
-    return np.asarray(r.apply({"params": v["params"][node_key(node)]["q_router"],
-                               "batch_stats": v["batch_stats"][node_key(node)]["q_router"]},
-                              ds[TINY.max_depth - depth], train=False), np.float64)
+    return np.asarray(
+      r.apply(
+        {
+          "params": v["params"][node_key(node)]["q_router"],
+          "batch_stats": v["batch_stats"][node_key(node)]["q_router"],
+        },
+        ds[TINY.max_depth - depth],
+        train=False,
+      ),
+      np.float64,
+    )
 
   pi0, pi4 = q(0, 0), q(4, 2)
   want = np.stack([1 - pi0, pi0 * pi4, pi0 * (1 - pi4)], 1)  # columns: leaves 2, 9, 10
   np.testing.assert_allclose(probs, want, rtol=1e-5)
-  np.testing.assert_allclose(jax.jit(lambda v: TINY.leaf_probabilities(v, tree, X))(v), want,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    jax.jit(lambda v: TINY.leaf_probabilities(v, tree, X))(v), want, rtol=1e-5
+  )
   gen = jax.jit(lambda v: TINY.generate(v, tree, jax.random.key(2), 3))(v)
   assert gen["images"].shape == (3, 3, 28, 28, 1)
   np.testing.assert_allclose(gen["leaf_probs"].sum(1), 1.0, rtol=1e-5)
@@ -224,7 +294,7 @@ def test_prune_variables_matches_the_tree():
   assert "p_router" not in pv["params"]["node_1"] and "node_3" not in pv["params"]
   # Pruned down to one leaf, the root passes through: the variables have exactly the structure
   # of a fresh init of that tree (no empty entries), which is what checkpoints restore into.
-  one = pruned.prune([2]).prune([9])     # leaf 10 alone; 0, 1 and 4 pass through
+  one = pruned.prune([2]).prune([9])  # leaf 10 alone; 0, 1 and 4 pass through
   for t in (pruned, one):
     got = jax.tree_util.tree_structure(prune_variables(v, t))
     assert got == jax.tree_util.tree_structure(TINY.init(jax.random.key(1), t)), t
@@ -254,22 +324,30 @@ def test_grow_keeps_old_parameters_and_a_split_step_changes_only_the_new_subtree
   cfg = train_lib.StepConfig()
   state = train_lib.init_state(split_variables(v, tree, 1), cfg)
   for _ in range(2):
-    state, terms = train_lib.split_step(state, v, X, jax.random.key(2), 0.1, 1e-2, model=TINY,
-                                        tree=tree, parent=1, cfg=cfg)
+    state, terms = train_lib.split_step(
+      state, v, X, jax.random.key(2), 0.1, 1e-2, model=TINY, tree=tree, parent=1, cfg=cfg
+    )
   assert np.isfinite(float(terms["loss"]))
-  new = merge_split_variables(v, tree, 1, {"params": state.params,
-                                           "batch_stats": state.batch_stats})
+  new = merge_split_variables(
+    v, tree, 1, {"params": state.params, "batch_stats": state.batch_stats}
+  )
   check_variables(tree, new)
   for path, a in jax.tree_util.tree_leaves_with_path(new):
     key = jax.tree_util.keystr(path)
-    in_split = ("node_3" in key or "node_4" in key
-                or ("node_1" in key and ("p_router" in key or "q_router" in key)))
+    in_split = (
+      "node_3" in key
+      or "node_4" in key
+      or ("node_1" in key and ("p_router" in key or "q_router" in key))
+    )
     before = flat[path]
     if in_split:
       continue
     np.testing.assert_array_equal(a, before, err_msg=key)
-  changed = [not np.array_equal(a, flat[p]) for p, a in jax.tree_util.tree_leaves_with_path(new)
-             if "node_3" in jax.tree_util.keystr(p) and "kernel" in jax.tree_util.keystr(p)]
+  changed = [
+    not np.array_equal(a, flat[p])
+    for p, a in jax.tree_util.tree_leaves_with_path(new)
+    if "node_3" in jax.tree_util.keystr(p) and "kernel" in jax.tree_util.keystr(p)
+  ]
   assert changed and all(changed)
 
 
@@ -278,8 +356,9 @@ def test_full_step_traces_once_per_tree(grown):
   compiled: a retrace would come from an output state whose types differ from its input's)."""
   tree0, v0, tree, v = grown
   cfg = train_lib.StepConfig()
-  step = jax.jit(chex.assert_max_traces(train_lib._train_step, n=2),
-                 static_argnames=("model", "tree", "cfg"))
+  step = jax.jit(
+    chex.assert_max_traces(train_lib._train_step, n=2), static_argnames=("model", "tree", "cfg")
+  )
   for t, var in ((tree0, v0), (tree, v)):
     state = jax.eval_shape(lambda v: train_lib.init_state(v, cfg), var)
     for i in range(3):
@@ -287,17 +366,21 @@ def test_full_step_traces_once_per_tree(grown):
       new_state, terms = traced.out_info
       assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
       assert [(a.shape, a.dtype, a.weak_type) for a in jax.tree_util.tree_leaves(new_state)] == [
-          (a.shape, a.dtype, getattr(a, "weak_type", False))
-          for a in jax.tree_util.tree_leaves(state)]
+        (a.shape, a.dtype, getattr(a, "weak_type", False)) for a in jax.tree_util.tree_leaves(state)
+      ]
       assert terms["loss"].shape == ()
       state = new_state
   chex.clear_trace_counter()
 
 
 def test_loss_terms_weighting():
-  out = dict(rec=jnp.array([2.0, 4.0]), kl_root=jnp.array([1.0, 1.0]),
-             kl_nodes=jnp.array([-30.0, -30.0]), kl_decisions=jnp.array([0.5, 1.5]),
-             aug=jnp.float32(0.25))
+  out = dict(
+    rec=jnp.array([2.0, 4.0]),
+    kl_root=jnp.array([1.0, 1.0]),
+    kl_nodes=jnp.array([-30.0, -30.0]),
+    kl_decisions=jnp.array([0.5, 1.5]),
+    aug=jnp.float32(0.25),
+  )
   t = train_lib.loss_terms(out, 0.5, 100.0)
   # kl_nodes is clipped to ≥ −10 after the batch mean; aug is weighted.
   assert float(t["kl_nodes"]) == -10.0 and float(t["aug"]) == 25.0
@@ -314,19 +397,37 @@ def test_schedules():
 def test_colour_contrastive_steps_run():
   """cnn2 + mse + two augmented views + InfoNCE/NT-Xent: a full step and a split step."""
   from tree_diffusion import augment
-  model = TreeVAE(encoder="cnn2", image_size=16, channels=3, latent_channels=(2,) * 3,
-                  bottom_up_channels=(4,) * 3, representation_dim=4, res_connections=True,
-                  output="mse", contrastive=True)
+
+  model = TreeVAE(
+    encoder="cnn2",
+    image_size=16,
+    channels=3,
+    latent_channels=(2,) * 3,
+    bottom_up_channels=(4,) * 3,
+    representation_dim=4,
+    res_connections=True,
+    output="mse",
+    contrastive=True,
+  )
   cfg = train_lib.StepConfig(contrastive=True, aug_weight=100.0, augment=augment.CIFAR)
   images = jnp.asarray(np.random.default_rng(4).uniform(size=(4, 16, 16, 3)), jnp.float32)
   tree0 = Tree.complete(1)
   v0 = model.init(jax.random.key(0), tree0)
   # The full step is traced (its shapes checked), the split step, with the same terms, also run.
-  _, terms = train_lib.train_step.trace(train_lib.init_state(v0, cfg), images, jax.random.key(1),
-                                        0.1, 1e-3, model=model, tree=tree0, cfg=cfg).out_info
+  _, terms = train_lib.train_step.trace(
+    train_lib.init_state(v0, cfg),
+    images,
+    jax.random.key(1),
+    0.1,
+    1e-3,
+    model=model,
+    tree=tree0,
+    cfg=cfg,
+  ).out_info
   assert terms["aug"].shape == () and terms["loss"].dtype == jnp.float32
   tree, v = grow_variables(model, v0, tree0, 2, jax.random.key(2))
   state = train_lib.init_state(split_variables(v, tree, 2), cfg)
-  state, terms = train_lib.split_step(state, v, images, jax.random.key(3), 0.1, 1e-3, model=model,
-                                      tree=tree, parent=2, cfg=cfg)
+  state, terms = train_lib.split_step(
+    state, v, images, jax.random.key(3), 0.1, 1e-3, model=model, tree=tree, parent=2, cfg=cfg
+  )
   assert np.isfinite(float(terms["loss"])) and float(terms["aug"]) > 0

@@ -69,13 +69,18 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_samples_identical_on_1_and_8_devices():
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {XLA_FAST}")
-  r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
-                     cwd=ROOT, timeout=600)
+  env = dict(
+    os.environ,
+    PYTHONPATH=ROOT,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {XLA_FAST}",
+  )
+  r = subprocess.run(
+    [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(r.stdout.strip().splitlines()[-1])
-  assert res["padded_batch"] == 8             # 6 is padded to a multiple of 8 devices
+  assert res["padded_batch"] == 8  # 6 is padded to a multiple of 8 devices
   assert res["leaves_equal"] and res["probs_diff"] <= 1e-6, res
   # 8 devices × 1 example and 1 device × 1 example run the same kernels: bit-identical.
   assert res["same_per_device_batch"] == 0.0, res
@@ -146,7 +151,7 @@ TRAJECTORY = textwrap.dedent("""
 def _check_trajectories(res):
   many, one = np.asarray(res["many"]), np.asarray(res["one"])
   assert many.shape == (5,) and np.isfinite(many).all()
-  assert np.abs(np.diff(one)).max() > 1e-4     # the loss does move over the 5 steps
+  assert np.abs(np.diff(one)).max() > 1e-4  # the loss does move over the 5 steps
   rel = np.abs(many - one) / np.abs(one)
   print("max relative difference", rel.max())
   assert rel.max() <= 1e-5, rel
@@ -156,10 +161,20 @@ def _check_trajectories(res):
 def test_training_on_8_devices_2_axis_mesh_matches_1_device():
   """Stage 2: 5 steps on a (2 replica x 4 data) mesh = 5 steps on one device (stage 1 on the same
   8 devices and mesh, as two processes: tests/test_multihost.py)."""
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {XLA_FAST}")
-  r = subprocess.run([sys.executable, "-c", "STAGE = 2\n" + TRAJECTORY], capture_output=True,
-                     text=True, env=env, cwd=ROOT, timeout=900)
+  env = dict(
+    os.environ,
+    PYTHONPATH=ROOT,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {XLA_FAST}",
+  )
+  r = subprocess.run(
+    [sys.executable, "-c", "STAGE = 2\n" + TRAJECTORY],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=ROOT,
+    timeout=900,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(r.stdout.strip().splitlines()[-1])
   assert res["devices"] == 8

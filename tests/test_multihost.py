@@ -22,15 +22,29 @@ def test_two_processes_over_loopback_match_1_device():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {XLA_FAST}")
-  init = ("import jax\n"
-          "jax.config.update('jax_cpu_collectives_implementation', 'gloo')\n"
-          f"jax.distributed.initialize('127.0.0.1:{port}', num_processes=2, process_id=PID)\n"
-          "STAGE = 1\n")
-  procs = [subprocess.Popen([sys.executable, "-c", init.replace("PID", str(i)) + TRAJECTORY],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=ROOT) for i in range(2)]
+  env = dict(
+    os.environ,
+    PYTHONPATH=ROOT,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {XLA_FAST}",
+  )
+  init = (
+    "import jax\n"
+    "jax.config.update('jax_cpu_collectives_implementation', 'gloo')\n"
+    f"jax.distributed.initialize('127.0.0.1:{port}', num_processes=2, process_id=PID)\n"
+    "STAGE = 1\n"
+  )
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", init.replace("PID", str(i)) + TRAJECTORY],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env,
+      cwd=ROOT,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=900) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
@@ -46,8 +60,12 @@ def _port() -> int:
 
 
 def _env(devices: int) -> dict:
-  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {XLA_FAST}")
+  return dict(
+    os.environ,
+    PYTHONPATH=ROOT,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {XLA_FAST}",
+  )
 
 
 def _launch(script, args, devices=(4,)):
@@ -56,13 +74,24 @@ def _launch(script, args, devices=(4,)):
   cmd = [*launchers.command(script), *args]
   if len(devices) > 1:
     port = _port()
-    cmds = [cmd + ["--distributed", f"--coordinator_address=127.0.0.1:{port}",
-                   f"--num_processes={len(devices)}", f"--process_id={i}"]
-            for i in range(len(devices))]
+    cmds = [
+      cmd
+      + [
+        "--distributed",
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={len(devices)}",
+        f"--process_id={i}",
+      ]
+      for i in range(len(devices))
+    ]
   else:
     cmds = [cmd]
-  procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(n), cwd=ROOT) for c, n in zip(cmds, devices)]
+  procs = [
+    subprocess.Popen(
+      c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(n), cwd=ROOT
+    )
+    for c, n in zip(cmds, devices)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
   return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
 
@@ -81,37 +110,67 @@ def _tiny_run(tmp_path):
   from tree_diffusion.diffusion import train as df_train
   from tree_diffusion.diffusion.conditioning import make_denoiser
   from tree_diffusion.treevae import train as tv_train
+
   write_image_folder(tmp_path / "images")
-  flags = ["--config=configs/demo.py:tiny", "--config.data.name=folder",
-           f"--config.data.folder={tmp_path / 'images'}",
-           f"--config.data.data_dir={tmp_path / 'tfds'}"]
+  flags = [
+    "--config=configs/demo.py:tiny",
+    "--config.data.name=folder",
+    f"--config.data.folder={tmp_path / 'images'}",
+    f"--config.data.data_dir={tmp_path / 'tfds'}",
+  ]
   c = demo.get_config("tiny")
-  c.data.name, c.data.folder, c.data.data_dir = "folder", str(tmp_path / "images"), str(tmp_path / "tfds")
+  c.data.name, c.data.folder, c.data.data_dir = (
+    "folder",
+    str(tmp_path / "images"),
+    str(tmp_path / "tfds"),
+  )
   identity = data.identity(*(data.load_arrays(c.data, s) for s in ("train", "test")))
   workdir, rng = tmp_path / "run", np.random.default_rng(0)
   noisy = lambda tree, scale: jax.tree_util.tree_map(
-      lambda a: np.asarray(a) + (scale * rng.standard_normal(a.shape)).astype(a.dtype), tree)
+    lambda a: np.asarray(a) + (scale * rng.standard_normal(a.shape)).astype(a.dtype), tree
+  )
   model, tree = tv_train.make_model(c), tv_train.initial_tree(c)
   variables = jax.device_get(model.init(jax.random.key(0), tree))
   variables["params"] = noisy(variables["params"], 0.3)
   export = str(workdir / "export")
-  export_lib.export_treevae(export, model, variables, tree,
-                            {"metrics": {"test": {}, "num_leaves": tree.num_leaves}},
-                            data_identity=identity)
+  export_lib.export_treevae(
+    export,
+    model,
+    variables,
+    tree,
+    {"metrics": {"test": {}, "num_leaves": tree.num_leaves}},
+    data_identity=identity,
+  )
   d = c.diffusion
   den = make_denoiser(d.conditioning, d.unet, d.dtype)
-  shapes = jax.eval_shape(lambda: df_train.init_state(
-      den, df_train.StepConfig.from_config(d), jax.random.key(1),
-      df_train.example_condition(den, model, tree), model.image_shape))
+  shapes = jax.eval_shape(
+    lambda: df_train.init_state(
+      den,
+      df_train.StepConfig.from_config(d),
+      jax.random.key(1),
+      df_train.example_condition(den, model, tree),
+      model.image_shape,
+    )
+  )
   params = noisy(jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), shapes.params), 0.3)
   state = df_train.DiffusionState(
-      step=np.int32(3), params=params, ema_params=params,
-      opt_state=jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), shapes.opt_state))
+    step=np.int32(3),
+    params=params,
+    ema_params=params,
+    opt_state=jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), shapes.opt_state),
+  )
   ckpts = Stage2Checkpoints(str(workdir / "diffusion" / "checkpoints"))
-  ckpts.save(3, state, {"export": os.path.abspath(export), "conditioning": den.conditioning.name,
-                        "data_identity": identity,
-                        "export_fingerprint": export_lib.export_fingerprint(export),
-                        "config": checkpoint.config_sections(c, checkpoint.STAGE2_SECTIONS)})
+  ckpts.save(
+    3,
+    state,
+    {
+      "export": os.path.abspath(export),
+      "conditioning": den.conditioning.name,
+      "data_identity": identity,
+      "export_fingerprint": export_lib.export_fingerprint(export),
+      "config": checkpoint.config_sections(c, checkpoint.STAGE2_SECTIONS),
+    },
+  )
   ckpts.close()
   return workdir, flags
 
@@ -126,15 +185,18 @@ def test_sampling_and_evaluation_on_two_processes_match_one(tmp_path):
   then the same and so are the bits (other per-device shapes would change float32 rounding).
   """
   import numpy as np
+
   workdir, flags = _tiny_run(tmp_path)
   samples, ev = workdir / "diffusion" / "samples", workdir / "eval"
   modes = ["--modes=sample,recons_all_leaves", "--nofigure"]
-  one = _launch("sample.py", flags + [f"--workdir={workdir}", *modes,
-                                      "--config.diffusion.sampling.batch_size=4"])
+  one = _launch(
+    "sample.py",
+    flags + [f"--workdir={workdir}", *modes, "--config.diffusion.sampling.batch_size=4"],
+  )
   assert one[0][0] == 0, one[0][2][-3000:]
   samples.rename(tmp_path / "samples_one")
   samples.mkdir()
-  with open(samples / ".lock", "w") as held:   # another sampler holds it: both processes refuse
+  with open(samples / ".lock", "w") as held:  # another sampler holds it: both processes refuse
     fcntl.flock(held, fcntl.LOCK_EX)
     held.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     held.flush()
@@ -149,9 +211,9 @@ def test_sampling_and_evaluation_on_two_processes_match_one(tmp_path):
   for mode in ("sample", "recons_all_leaves"):
     a = (tmp_path / "samples_one" / mode / "samples.npz").read_bytes()
     b = (samples / mode / "samples.npz").read_bytes()
-    assert a == b, mode                                   # the file, bit for bit
+    assert a == b, mode  # the file, bit for bit
     out = np.load(samples / mode / "samples.npz")
-    assert out["images"].std() > 3 and len(set(out["leaf"].ravel())) > 1   # not degenerate
+    assert out["images"].std() > 3 and len(set(out["leaf"].ravel())) > 1  # not degenerate
 
   fid_flags = flags + [f"--workdir={workdir}", "--checkpoints=latest", "--modes=sample"]
   one = _launch("evaluate.py", fid_flags + ["--config.diffusion.sampling.batch_size=4"])
@@ -162,8 +224,12 @@ def test_sampling_and_evaluation_on_two_processes_match_one(tmp_path):
     assert rc == 0, err[-3000:]
   m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "eval_one", ev))
   step = m1["checkpoints"]["3"]["modes"]["sample"]
-  fids = lambda m, s: [m["stage1"]["fid"]["gen"], m["stage1"]["fid"]["rec"], s["fid"],
-                       *(g["fid"] for g in m["stage1"]["fid"]["gen_per_leaf"] + s["fid_per_leaf"])]
+  fids = lambda m, s: [
+    m["stage1"]["fid"]["gen"],
+    m["stage1"]["fid"]["rec"],
+    s["fid"],
+    *(g["fid"] for g in m["stage1"]["fid"]["gen_per_leaf"] + s["fid_per_leaf"]),
+  ]
   f1 = fids(m1, m1["checkpoints"]["3"]["modes"]["sample"])
   f2 = fids(m2, m2["checkpoints"]["3"]["modes"]["sample"])
   assert [f is None for f in f1] == [f is None for f in f2] and step["fid"] > 1
@@ -183,10 +249,13 @@ def test_sampling_and_evaluation_on_two_processes_match_one(tmp_path):
 def test_processes_with_unequal_device_counts_are_refused_in_one_line(tmp_path):
   """Every process feeds an equal share of each batch: 4 + 2 devices is refused by every process
   right after joining, before anything is read, naming the counts."""
-  res = _launch("sample.py", ["--config=configs/demo.py:tiny", f"--workdir={tmp_path}"],
-                devices=(4, 2))
+  res = _launch(
+    "sample.py", ["--config=configs/demo.py:tiny", f"--workdir={tmp_path}"], devices=(4, 2)
+  )
   for rc, _, err in res:
     assert rc == 1, err[-3000:]
-    assert "error: the processes of this job have different numbers of devices (process 0: 4, " \
-           "process 1: 2)" in err, err[-3000:]
+    assert (
+      "error: the processes of this job have different numbers of devices (process 0: 4, "
+      "process 1: 2)" in err
+    ), err[-3000:]
     assert "CUDA_VISIBLE_DEVICES to 2 devices" in err and "Traceback" not in err

@@ -25,8 +25,14 @@ print("not reached", flush=True)
 
 
 def test_second_signal_exits_at_once():
-  r = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=120,
-                     cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+  r = subprocess.run(
+    [sys.executable, "-c", _SCRIPT],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=ROOT,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+  )
   assert r.returncode == 128 + signal.SIGINT, r.stderr[-2000:]
   assert r.stdout == "first signal: stop requested\n"
   assert "SIGTERM received: finishing the current step" in r.stderr

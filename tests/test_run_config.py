@@ -35,14 +35,17 @@ def test_a_recorded_config_reads_back_as_it_was(tmp_path):
   c.diffusion.conditioning, c.diffusion.unet.ch = "path", 16
   rd = runs.RunDir(str(tmp_path))
   assert rd.own_config() is None
-  with pytest.raises(ConfigError, match=rf"run directory {tmp_path} has no config.json \(it was "
-                     r"trained before runs recorded their config\): pass --config"):
+  with pytest.raises(
+    ConfigError,
+    match=rf"run directory {tmp_path} has no config.json \(it was "
+    r"trained before runs recorded their config\): pass --config",
+  ):
     run_config.get_config(str(tmp_path))
   assert runs.save_config(rd.config, demo.get_config("tiny"))
   assert rd.own_config() == str(tmp_path / "config.json")
   assert runs.save_config(rd.stage2_config, c)
-  assert not runs.save_config(rd.stage2_config, c)          # the same config: not rewritten
-  assert rd.own_config() == str(tmp_path / "diffusion" / "config.json")   # stage 2's first
+  assert not runs.save_config(rd.stage2_config, c)  # the same config: not rewritten
+  assert rd.own_config() == str(tmp_path / "diffusion" / "config.json")  # stage 2's first
   _assert_recorded(tmp_path / "diffusion" / "config.json", c)
   got = run_config.get_config(str(tmp_path))
   assert got.diffusion.conditioning == "path" and got.diffusion.unet.ch == 16
@@ -75,11 +78,12 @@ def test_only_sampling_and_evaluation_settings_may_contradict_a_run():
   c.diffusion.unet.ch, c.diffusion.conditioning, c.data.name = 16, "path", "mnist"
   c.treevae.latent_channels, c.diffusion.prediction = [3] * 4, "eps"
   assert checkpoint.run_config_contradictions(c, saved) == [
-      ("data.name", "mnist_5k", "mnist"),
-      ("diffusion.conditioning", "image+path", "path"),
-      ("diffusion.prediction", "x0", "eps"),
-      ("diffusion.unet.ch", 8, 16),
-      ("treevae.latent_channels", [2, 2, 2, 2], [3, 3, 3, 3])]
+    ("data.name", "mnist_5k", "mnist"),
+    ("diffusion.conditioning", "image+path", "path"),
+    ("diffusion.prediction", "x0", "eps"),
+    ("diffusion.unet.ch", 8, 16),
+    ("treevae.latent_channels", [2, 2, 2, 2], [3, 3, 3, 3]),
+  ]
   # A key the recorded config does not have (an older version's) is not compared.
   del saved["diffusion"]["unet"]["ch"]
   assert ("diffusion.unet.ch", 8, 16) not in checkpoint.run_config_contradictions(c, saved)
@@ -90,8 +94,9 @@ def test_the_training_functions_record_their_config(tmp_path):
   from test_reliability import _stage1_run, _stage2_run
   from tree_diffusion.diffusion import train as df_train
   from tree_diffusion.treevae import train as tv_train
+
   c = demo.get_config("tiny")
-  c.stage1.eval_batch_size = 12          # a value no config file has
+  c.stage1.eval_batch_size = 12  # a value no config file has
   c.diffusion.sampling.steps = 7
   workdir = tmp_path / "run"
   _stage1_run(c, workdir)
@@ -103,8 +108,12 @@ def test_the_training_functions_record_their_config(tmp_path):
   (workdir / "diffusion" / "train_summary.json").write_text('{"steps": 3}')
   df_train.train_and_save(c, str(workdir))
   _assert_recorded(workdir / "diffusion" / "config.json", c)
-  assert json.loads((workdir / "diffusion" / "config.json").read_text())[
-      "diffusion"]["sampling"]["steps"] == 7
+  assert (
+    json.loads((workdir / "diffusion" / "config.json").read_text())["diffusion"]["sampling"][
+      "steps"
+    ]
+    == 7
+  )
 
 
 @pytest.mark.slow
@@ -114,8 +123,7 @@ def test_an_ablation_is_sampled_and_evaluated_with_each_runs_own_config(tmp_path
   write_image_folder(tmp_path / "images")
   data = ["--config.data.name=folder", f"--config.data.folder={tmp_path / 'images'}"]
   s1, a, b = tmp_path / "s1", tmp_path / "a", tmp_path / "b"
-  r = _run("--config=configs/demo.py:tiny", *data, "--config.stage1.prune=False",
-           f"--workdir={s1}")
+  r = _run("--config=configs/demo.py:tiny", *data, "--config.stage1.prune=False", f"--workdir={s1}")
   assert r.returncode == 0, r.stderr[-3000:]
   expected = demo.get_config("tiny")
   expected.data.name, expected.data.folder = "folder", str(tmp_path / "images")
@@ -124,43 +132,68 @@ def test_an_ablation_is_sampled_and_evaluated_with_each_runs_own_config(tmp_path
 
   export = f"--config.diffusion.treevae_export={s1 / 'export'}"
   for workdir, conditioning in ((a, "path"), (b, "image+path")):
-    r = _run("--config=configs/demo.py:tiny", *data, export,
-             f"--config.diffusion.conditioning={conditioning}", f"--workdir={workdir}",
-             script="train_diffusion.py")
+    r = _run(
+      "--config=configs/demo.py:tiny",
+      *data,
+      export,
+      f"--config.diffusion.conditioning={conditioning}",
+      f"--workdir={workdir}",
+      script="train_diffusion.py",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
   expected_a = demo.get_config("tiny")
   expected_a.data.name, expected_a.data.folder = "folder", str(tmp_path / "images")
   expected_a.diffusion.treevae_export = str(s1 / "export")
   expected_a.diffusion.conditioning = "path"
   _assert_recorded(a / "diffusion" / "config.json", expected_a)
-  assert not (a / "config.json").exists()        # run a has no stage 1 of its own
+  assert not (a / "config.json").exists()  # run a has no stage 1 of its own
 
   # Sampling: the run's own config, a sampling setting overridden.
-  r = _run(f"--workdir={a}", "--modes=sample", "--config.diffusion.sampling.num_samples=3",
-           "--nofigure", script="sample.py")
+  r = _run(
+    f"--workdir={a}",
+    "--modes=sample",
+    "--config.diffusion.sampling.num_samples=3",
+    "--nofigure",
+    script="sample.py",
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   out = np.load(a / "diffusion" / "samples" / "sample" / "samples.npz")
   assert out["images"].shape == (3, 28, 28, 1)
   # What was trained cannot be overridden.
-  r = _run(f"--workdir={a}", "--config.diffusion.conditioning=image+path", script="sample.py",
-           timeout=120)
+  r = _run(
+    f"--workdir={a}", "--config.diffusion.conditioning=image+path", script="sample.py", timeout=120
+  )
   assert r.returncode != 0 and "Traceback" not in r.stderr
   errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
   assert errors == [
-      f"error: --config.diffusion.conditioning=image+path contradicts the run's config (path in "
-      f"{a}/diffusion/config.json): only its sampling and evaluation settings "
-      f"(diffusion.sampling.*, diffusion.dtype, stage1.eval_batch_size, eval.*, classifier.*) may "
-      f"be overridden; leave out --config.diffusion.conditioning"], r.stderr[-2000:]
+    f"error: --config.diffusion.conditioning=image+path contradicts the run's config (path in "
+    f"{a}/diffusion/config.json): only its sampling and evaluation settings "
+    f"(diffusion.sampling.*, diffusion.dtype, stage1.eval_batch_size, eval.*, classifier.*) may "
+    f"be overridden; leave out --config.diffusion.conditioning"
+  ], r.stderr[-2000:]
   # One explicit --config serves every run, as before: it contradicts run a.
-  r = _run("--config=configs/demo.py:tiny", *data, export, f"--workdir={a},{b}",
-           script="evaluate.py", timeout=120)
+  r = _run(
+    "--config=configs/demo.py:tiny",
+    *data,
+    export,
+    f"--workdir={a},{b}",
+    script="evaluate.py",
+    timeout=120,
+  )
   assert r.returncode != 0 and "Traceback" not in r.stderr
-  assert (f"error: --config=configs/demo.py:tiny has diffusion.conditioning=image+path, which "
-          f"contradicts the run's config (path in {a}/diffusion/config.json)") in r.stderr
+  assert (
+    f"error: --config=configs/demo.py:tiny has diffusion.conditioning=image+path, which "
+    f"contradicts the run's config (path in {a}/diffusion/config.json)"
+  ) in r.stderr
 
   # The ablation evaluated in one call, each run with its own config and the same overrides.
-  r = _run(f"--workdir={a},{b}", "--checkpoints=latest", "--config.eval.fid=False",
-           "--config.eval.ll_samples=3", script="evaluate.py")
+  r = _run(
+    f"--workdir={a},{b}",
+    "--checkpoints=latest",
+    "--config.eval.fid=False",
+    "--config.eval.ll_samples=3",
+    script="evaluate.py",
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   for workdir in (a, b):
     metrics = json.loads((workdir / "eval" / "metrics.json").read_text())

@@ -10,5 +10,6 @@ __version__ = "0.2.0"
 def __getattr__(name):
   if name in ("load_run", "TrainedRun"):
     from tree_diffusion.diffusion import trained  # pylint: disable=g-import-not-at-top
+
     return getattr(trained, name)
   raise AttributeError(f"module 'tree_diffusion' has no attribute {name!r}")

@@ -94,11 +94,27 @@ class AugmentConfig:
 
 
 CIFAR = AugmentConfig(
-    crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True, jitter_p=0.8,
-    brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, grayscale_p=0.2)
+  crop_scale=(0.2, 1.0),
+  crop_ratio=(3 / 4, 4 / 3),
+  flip=True,
+  jitter_p=0.8,
+  brightness=0.4,
+  contrast=0.4,
+  saturation=0.4,
+  hue=0.1,
+  grayscale_p=0.2,
+)
 CELEBA = AugmentConfig(
-    crop_scale=(0.75, 1.0), crop_ratio=(0.8, 1.25), flip=True, jitter_p=0.8,
-    brightness=0.2, contrast=0.2, saturation=0.2, hue=0.0, grayscale_p=0.0)
+  crop_scale=(0.75, 1.0),
+  crop_ratio=(0.8, 1.25),
+  flip=True,
+  jitter_p=0.8,
+  brightness=0.2,
+  contrast=0.2,
+  saturation=0.2,
+  hue=0.0,
+  grayscale_p=0.0,
+)
 NONE = AugmentConfig()
 
 _PRESETS = {'cifar': CIFAR, 'celeba': CELEBA, 'none': NONE}
@@ -314,9 +330,9 @@ def grayscale(images: jax.Array) -> jax.Array:
 # Each single-image op takes a vector ``u`` of U[0, 1) draws instead of a key (see
 # ``_per_image``); ``_NUM_*`` is how many it consumes.
 
-_NUM_CROP = 4     # area, log-ratio, top, left
+_NUM_CROP = 4  # area, log-ratio, top, left
 _NUM_FLIP = 1
-_NUM_JITTER = 9   # apply, 4 factors, 4 order keys
+_NUM_JITTER = 9  # apply, 4 factors, 4 order keys
 _NUM_GRAY = 1
 
 
@@ -371,8 +387,9 @@ def _crop_one(u: jax.Array, image: jax.Array, scale, ratio) -> jax.Array:
   return jnp.clip(out, 0.0, 1.0)
 
 
-def random_resized_crop(key: jax.Array, images: jax.Array, scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> jax.Array:
+def random_resized_crop(
+  key: jax.Array, images: jax.Array, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> jax.Array:
   """Crops a random box from each image and resizes it back to the full size (bilinear).
 
   Per image: area fraction uniform in ``scale``, aspect ratio ``w / h`` log-uniform in ``ratio``,
@@ -410,14 +427,24 @@ def random_horizontal_flip(key: jax.Array, images: jax.Array, p: float = 0.5) ->
   return _per_image(functools.partial(_flip_one, p=p), key, images, _NUM_FLIP)
 
 
-def _jitter_one(u: jax.Array, image: jax.Array, brightness: float, contrast: float,
-                saturation: float, hue: float, p: float) -> jax.Array:
+def _jitter_one(
+  u: jax.Array,
+  image: jax.Array,
+  brightness: float,
+  contrast: float,
+  saturation: float,
+  hue: float,
+  p: float,
+) -> jax.Array:
   """ColorJitter (applied with probability ``p``) of one ``[H, W, C]`` image."""
   rgb = image.shape[-1] == 3
   ops = []
   # Disabled ops are dropped statically: they would be identities and only cost compute.
-  for strength, u_i, op in ((brightness, u[1], _brightness_one), (contrast, u[2], _contrast_one),
-                            (saturation, u[3], _saturation_one if rgb else None)):
+  for strength, u_i, op in (
+    (brightness, u[1], _brightness_one),
+    (contrast, u[2], _contrast_one),
+    (saturation, u[3], _saturation_one if rgb else None),
+  ):
     if strength > 0 and op is not None:
       factor = _uniform_in(u_i, max(0.0, 1.0 - strength), 1.0 + strength)
       ops.append(functools.partial(op, factor=factor.astype(image.dtype)))
@@ -434,17 +461,22 @@ def _jitter_one(u: jax.Array, image: jax.Array, brightness: float, contrast: flo
     # gives a uniformly random permutation; step ``i`` runs op ``order[i]``. The loop keeps one
     # copy of the (vmapped, hence select-of-all-branches) switch in the graph instead of one per
     # step, which keeps compile time down.
-    order = jnp.argsort(u[5:5 + len(ops)])
-    out = jax.lax.fori_loop(
-        0, len(ops), lambda step, x: jax.lax.switch(order[step], ops, x), image)
+    order = jnp.argsort(u[5 : 5 + len(ops)])
+    out = jax.lax.fori_loop(0, len(ops), lambda step, x: jax.lax.switch(order[step], ops, x), image)
   if p >= 1.0:
     return out
   return jnp.where(u[0] < p, out, image)
 
 
-def color_jitter(key: jax.Array, images: jax.Array, brightness: float = 0.0,
-                 contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0,
-                 p: float = 1.0) -> jax.Array:
+def color_jitter(
+  key: jax.Array,
+  images: jax.Array,
+  brightness: float = 0.0,
+  contrast: float = 0.0,
+  saturation: float = 0.0,
+  hue: float = 0.0,
+  p: float = 1.0,
+) -> jax.Array:
   """torchvision ``RandomApply([ColorJitter(b, c, s, h)], p)`` with per-image parameters.
 
   Each image draws brightness/contrast/saturation factors uniform in ``[max(0, 1 - s), 1 + s]``
@@ -466,8 +498,9 @@ def color_jitter(key: jax.Array, images: jax.Array, brightness: float = 0.0,
   _check_channels(images)
   if not 0.0 <= hue <= 0.5:
     raise ValueError(f'hue must be in [0, 0.5], got {hue}')
-  fn = functools.partial(_jitter_one, brightness=brightness, contrast=contrast,
-                         saturation=saturation, hue=hue, p=p)
+  fn = functools.partial(
+    _jitter_one, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue, p=p
+  )
   return _per_image(fn, key, images, _NUM_JITTER)
 
 
@@ -498,13 +531,21 @@ def random_grayscale(key: jax.Array, images: jax.Array, p: float) -> jax.Array:
 def _augment_one(u: jax.Array, image: jax.Array, config: AugmentConfig) -> jax.Array:
   """The full pipeline for one ``[H, W, C]`` image; each stage reads its own slice of ``u``."""
   u_crop, u_flip, u_jitter, u_gray = jnp.split(
-      u, [_NUM_CROP, _NUM_CROP + _NUM_FLIP, _NUM_CROP + _NUM_FLIP + _NUM_JITTER])
+    u, [_NUM_CROP, _NUM_CROP + _NUM_FLIP, _NUM_CROP + _NUM_FLIP + _NUM_JITTER]
+  )
   if not (config.crop_scale == (1.0, 1.0) and config.crop_ratio == (1.0, 1.0)):
     image = _crop_one(u_crop, image, config.crop_scale, config.crop_ratio)
   if config.flip:
     image = _flip_one(u_flip, image, 0.5)
-  image = _jitter_one(u_jitter, image, config.brightness, config.contrast, config.saturation,
-                      config.hue, config.jitter_p)
+  image = _jitter_one(
+    u_jitter,
+    image,
+    config.brightness,
+    config.contrast,
+    config.saturation,
+    config.hue,
+    config.jitter_p,
+  )
   return _random_grayscale_one(u_gray, image, config.grayscale_p)
 
 

@@ -36,25 +36,29 @@ PARTS = ("treevae", "diffusion", "sampler", "inception")
 # NVIDIA GPUs is the TF32 tensor-core rate (XLA's default precision for f32 matmuls and
 # convolutions there); TPUs run float32 matmuls as bfloat16 passes, so one figure is given.
 PEAK_TFLOPS = {
-    "NVIDIA H200": (989.0, 494.5),
-    "NVIDIA H100": (989.0, 494.5),
-    "NVIDIA A100": (312.0, 156.0),
-    "TPU v6 lite": (918.0, 918.0),
-    "TPU v5p": (459.0, 459.0),
-    "TPU v5 lite": (197.0, 197.0),
-    "TPU v4": (275.0, 275.0),
+  "NVIDIA H200": (989.0, 494.5),
+  "NVIDIA H100": (989.0, 494.5),
+  "NVIDIA A100": (312.0, 156.0),
+  "TPU v6 lite": (918.0, 918.0),
+  "TPU v5p": (459.0, 459.0),
+  "TPU v5 lite": (197.0, 197.0),
+  "TPU v4": (275.0, 275.0),
 }
 
 # The reference PyTorch code on one NVIDIA H200, float32, images/s (issue figures; the sampler is
 # DDIM with 100 steps at batch 512, the train steps batch 256 with a depth-3 tree).
 REFERENCE_H200 = {
-    "mnist": {"treevae": 2932.0, "diffusion": 3276.0, "sampler": 85.0},
-    "cifar10": {"treevae": 1592.0, "diffusion": 2231.0, "sampler": 63.0},
+  "mnist": {"treevae": 2932.0, "diffusion": 3276.0, "sampler": 85.0},
+  "cifar10": {"treevae": 1592.0, "diffusion": 2231.0, "sampler": 63.0},
 }
 
 # (train, test) sizes of the named datasets, for the end-to-end estimate.
-DATASET_SIZES = {"mnist": (60_000, 10_000), "fashion_mnist": (60_000, 10_000),
-                 "cifar10": (50_000, 10_000), "celeb_a": (162_770, 19_962)}
+DATASET_SIZES = {
+  "mnist": (60_000, 10_000),
+  "fashion_mnist": (60_000, 10_000),
+  "cifar10": (50_000, 10_000),
+  "celeb_a": (162_770, 19_962),
+}
 
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
@@ -66,8 +70,16 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 
 
 # CPU flags (``/proc/cpuinfo``) that decide which kernels run fast; reported with CPU figures.
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile",
-             "amx_bf16")
+CPU_FLAGS = (
+  "avx2",
+  "fma",
+  "avx512f",
+  "avx512_bf16",
+  "avx512_fp16",
+  "avx512_vnni",
+  "amx_tile",
+  "amx_bf16",
+)
 
 
 def cpu_info() -> dict:
@@ -107,7 +119,7 @@ def measure_matmul_tflops(mesh, dtype: str = "float32", n: int = 2048, repeats: 
     t0 = time.perf_counter()
     fn(a, a).block_until_ready()
     best = min(best, time.perf_counter() - t0)
-  return 2.0 * n ** 3 / best / 1e12
+  return 2.0 * n**3 / best / 1e12
 
 
 def cpu_peaks(mesh, info: dict) -> dict:
@@ -125,6 +137,7 @@ def cpu_peaks(mesh, info: dict) -> dict:
 @dataclasses.dataclass
 class Measurement:
   """One line of the benchmark's output (see :meth:`to_json`)."""
+
   part: str
   batch: int
   steps: int
@@ -159,18 +172,26 @@ class Measurement:
     return self.tflops / (self.peak_tflops * (1 if self.device == "cpu" else self.num_devices))
 
   def to_dict(self) -> dict:
-    d = {"part": self.part, "images_per_s": round(self.images_per_s, 2),
-         "step_ms": round(1e3 * self.seconds_per_step, 3), "batch": self.batch,
-         "steps": self.steps, "dtype": self.dtype, "device": self.device,
-         "num_devices": self.num_devices, "compile_s": round(self.compile_s, 2),
-         "gflops_per_image": None if self.flops_per_image is None
-         else round(self.flops_per_image / 1e9, 4),
-         "flops_source": self.flops_source,
-         "tflops": None if self.tflops is None else round(self.tflops, 4),
-         "peak_tflops": self.peak_tflops,
-         "utilisation": None if self.utilisation is None else round(self.utilisation, 4),
-         "peak_memory_bytes": self.peak_memory_bytes,
-         "compiled_memory_bytes": self.compiled_memory_bytes}
+    d = {
+      "part": self.part,
+      "images_per_s": round(self.images_per_s, 2),
+      "step_ms": round(1e3 * self.seconds_per_step, 3),
+      "batch": self.batch,
+      "steps": self.steps,
+      "dtype": self.dtype,
+      "device": self.device,
+      "num_devices": self.num_devices,
+      "compile_s": round(self.compile_s, 2),
+      "gflops_per_image": None
+      if self.flops_per_image is None
+      else round(self.flops_per_image / 1e9, 4),
+      "flops_source": self.flops_source,
+      "tflops": None if self.tflops is None else round(self.tflops, 4),
+      "peak_tflops": self.peak_tflops,
+      "utilisation": None if self.utilisation is None else round(self.utilisation, 4),
+      "peak_memory_bytes": self.peak_memory_bytes,
+      "compiled_memory_bytes": self.compiled_memory_bytes,
+    }
     d.update(self.extra)
     return d
 
@@ -198,8 +219,9 @@ def compiled_memory(compiled) -> int | None:
     return None
   if m is None:
     return None
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+  return int(
+    m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  )
 
 
 def device_peak_memory() -> int | None:
@@ -216,8 +238,9 @@ def compile_fn(fn, *args, **static) -> tuple[Any, float]:
   return compiled, time.perf_counter() - t0
 
 
-def time_calls(step: Callable[[Any], tuple[Any, Any]], carry, steps: int, warmup: int
-               ) -> tuple[float, Any]:
+def time_calls(
+  step: Callable[[Any], tuple[Any, Any]], carry, steps: int, warmup: int
+) -> tuple[float, Any]:
   """Seconds per call of ``carry, out = step(carry)`` after ``warmup`` calls (blocked at the end)."""
   out = None
   for _ in range(warmup):
@@ -236,56 +259,86 @@ def time_calls(step: Callable[[Any], tuple[Any, Any]], carry, steps: int, warmup
 @dataclasses.dataclass
 class Setup:
   """What every part needs: the config, the mesh, the compute dtype and the benchmark tree."""
+
   config: Any
   mesh: Any
   dtype: str
   tree_depth: int = 3
   steps: int = 20
   warmup: int = 2
-  tree_nodes: tuple[int, ...] | None = None   # any tree (heap node ids); overrides tree_depth
+  tree_nodes: tuple[int, ...] | None = None  # any tree (heap node ids); overrides tree_depth
   # Measured matmul TFLOP/s per dtype (CPU: see cpu_peaks); used where no spec sheet is known.
   measured_peaks: dict[str, float] = dataclasses.field(default_factory=dict)
-  cpu: dict | None = None   # cpu_info() of a CPU run, reported with every measurement
+  cpu: dict | None = None  # cpu_info() of a CPU run, reported with every measurement
 
-  def measurement(self, part: str, batch: int, seconds: float, compile_s: float,
-                  flops: float | None, source: str, compiled=None, **extra) -> Measurement:
+  def measurement(
+    self,
+    part: str,
+    batch: int,
+    seconds: float,
+    compile_s: float,
+    flops: float | None,
+    source: str,
+    compiled=None,
+    **extra,
+  ) -> Measurement:
     dev = self.mesh.devices.flat[0]
     peak = peak_tflops(dev.device_kind, self.dtype)
     if peak is None and self.measured_peaks:
       # A CPU without bf16 units runs bf16 no faster than float32: its float32 peak is the limit.
       peak = self.measured_peaks.get(self.dtype, self.measured_peaks.get("float32"))
-      extra = dict(extra, peak_source="measured matmul", measured_peak_tflops={
-          k: round(v, 4) for k, v in self.measured_peaks.items()})
+      extra = dict(
+        extra,
+        peak_source="measured matmul",
+        measured_peak_tflops={k: round(v, 4) for k, v in self.measured_peaks.items()},
+      )
       if "float32" in self.measured_peaks and flops:
         extra["utilisation_vs_fp32_peak"] = round(
-            flops / seconds / 1e12 / self.measured_peaks["float32"], 4)
+          flops / seconds / 1e12 / self.measured_peaks["float32"], 4
+        )
     if self.cpu is not None:
       extra = dict(extra, cpu=self.cpu)
     return Measurement(
-        part=part, batch=batch, steps=self.steps, seconds_per_step=seconds, compile_s=compile_s,
-        flops_per_image=None if flops is None else flops / batch, flops_source=source,
-        device=dev.device_kind, num_devices=self.mesh.devices.size, dtype=self.dtype,
-        peak_tflops=peak, peak_memory_bytes=device_peak_memory(),
-        compiled_memory_bytes=None if compiled is None else compiled_memory(compiled), extra=extra)
+      part=part,
+      batch=batch,
+      steps=self.steps,
+      seconds_per_step=seconds,
+      compile_s=compile_s,
+      flops_per_image=None if flops is None else flops / batch,
+      flops_source=source,
+      device=dev.device_kind,
+      num_devices=self.mesh.devices.size,
+      dtype=self.dtype,
+      peak_tflops=peak,
+      peak_memory_bytes=device_peak_memory(),
+      compiled_memory_bytes=None if compiled is None else compiled_memory(compiled),
+      extra=extra,
+    )
 
 
 def _tree_and_model(setup: Setup):
   from tree_diffusion.treevae import train as train1
+
   model = dataclasses.replace(train1.make_model(setup.config), dtype=setup.dtype)
   try:
     tree = Tree(tuple(setup.tree_nodes)) if setup.tree_nodes else Tree.complete(setup.tree_depth)
   except ValueError as e:
     raise ConfigError(f"bad benchmark tree: {e}") from None
   if tree.depth > model.max_depth:
-    raise ConfigError(f"a tree of depth {tree.depth} exceeds the config's max depth "
-                      f"{model.max_depth}")
+    raise ConfigError(
+      f"a tree of depth {tree.depth} exceeds the config's max depth {model.max_depth}"
+    )
   variables = jax.device_put(model.init(jax.random.key(0), tree), sharding.replicated(setup.mesh))
   return model, tree, variables
 
 
 def _images(setup: Setup, batch: int, uint8: bool = False) -> jax.Array:
-  shape = (batch, setup.config.data.image_size, setup.config.data.image_size,
-           setup.config.data.channels)
+  shape = (
+    batch,
+    setup.config.data.image_size,
+    setup.config.data.image_size,
+    setup.config.data.channels,
+  )
   x = np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)
   if uint8:
     x = (255 * x).astype(np.uint8)
@@ -295,30 +348,47 @@ def _images(setup: Setup, batch: int, uint8: bool = False) -> jax.Array:
 def treevae_step(setup: Setup, batch: int) -> Measurement:
   """The stage-1 train step (forward, backward, Adam) on a complete tree of ``tree_depth``."""
   from tree_diffusion.treevae import train as train1
+
   model, tree, variables = _tree_and_model(setup)
   cfg = train1.step_config(setup.config.stage1)
   rep = sharding.replicated(setup.mesh)
   state = jax.device_put(train1.init_state(variables, cfg), rep)
   images = _images(setup, batch)
   key, alpha, lr = jax.device_put((jax.random.key(1), jnp.float32(0.5), jnp.float32(1e-3)), rep)
-  compiled, compile_s = compile_fn(train1.train_step, state, images, key, alpha, lr, model=model,
-                                   tree=tree, cfg=cfg)
-  seconds, _ = time_calls(lambda s: compiled(s, images, key, alpha, lr), state, setup.steps,
-                          setup.warmup)
-  return setup.measurement("treevae", batch, seconds, compile_s, xla_flops(compiled),
-                           "xla_cost_analysis", compiled, tree_leaves=tree.num_leaves,
-                           tree_depth=tree.depth)
+  compiled, compile_s = compile_fn(
+    train1.train_step, state, images, key, alpha, lr, model=model, tree=tree, cfg=cfg
+  )
+  seconds, _ = time_calls(
+    lambda s: compiled(s, images, key, alpha, lr), state, setup.steps, setup.warmup
+  )
+  return setup.measurement(
+    "treevae",
+    batch,
+    seconds,
+    compile_s,
+    xla_flops(compiled),
+    "xla_cost_analysis",
+    compiled,
+    tree_leaves=tree.num_leaves,
+    tree_depth=tree.depth,
+  )
 
 
 def _stage2(setup: Setup):
   from tree_diffusion.diffusion import train as train2
   from tree_diffusion.diffusion.conditioning import make_denoiser
+
   c = setup.config.diffusion
   model, tree, tvae_vars = _tree_and_model(setup)
   denoiser = make_denoiser(c.conditioning, c.unet, setup.dtype)
   cfg = train2.StepConfig.from_config(c)
-  state = train2.init_state(denoiser, cfg, jax.random.key(1),
-                            train2.example_condition(denoiser, model, tree), model.image_shape)
+  state = train2.init_state(
+    denoiser,
+    cfg,
+    jax.random.key(1),
+    train2.example_condition(denoiser, model, tree),
+    model.image_shape,
+  )
   state = jax.device_put(state, sharding.replicated(setup.mesh))
   return denoiser, model, tree, tvae_vars, cfg, state
 
@@ -326,6 +396,7 @@ def _stage2(setup: Setup):
 def _forward_flops(setup: Setup, denoiser, model, tree, params, batch: int) -> float | None:
   """XLA's FLOPs of one denoiser call on ``batch`` images (condition built from a batch)."""
   from tree_diffusion.diffusion import train as train2
+
   cond = train2.example_condition(denoiser, model, tree)
   cond = jax.tree_util.tree_map(lambda a: jnp.repeat(a, batch, axis=0), cond)
   x = jnp.zeros((batch,) + model.image_shape, jnp.float32)
@@ -337,24 +408,44 @@ def _forward_flops(setup: Setup, denoiser, model, tree, params, batch: int) -> f
 def diffusion_step(setup: Setup, batch: int) -> Measurement:
   """The stage-2 train step: frozen TreeVAE posterior, condition, UNet forward/backward, Adam, EMA."""
   from tree_diffusion.diffusion import train as train2
+
   denoiser, model, tree, tvae_vars, cfg, state = _stage2(setup)
   images = _images(setup, batch)
   key = jax.device_put(jax.random.key(2), sharding.replicated(setup.mesh))
-  compiled, compile_s = compile_fn(train2.train_step, state, tvae_vars, images, key,
-                                   denoiser=denoiser, model=model, tree=tree, cfg=cfg)
-  seconds, state = time_calls(lambda s: compiled(s, tvae_vars, images, key), state, setup.steps,
-                              setup.warmup)
+  compiled, compile_s = compile_fn(
+    train2.train_step,
+    state,
+    tvae_vars,
+    images,
+    key,
+    denoiser=denoiser,
+    model=model,
+    tree=tree,
+    cfg=cfg,
+  )
+  seconds, state = time_calls(
+    lambda s: compiled(s, tvae_vars, images, key), state, setup.steps, setup.warmup
+  )
   fwd = _forward_flops(setup, denoiser, model, tree, state.params, batch)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   return setup.measurement(
-      "diffusion", batch, seconds, compile_s, xla_flops(compiled), "xla_cost_analysis", compiled,
-      conditioning=denoiser.conditioning.name, parameters=n_params,
-      forward_gflops_per_image=None if fwd is None else round(fwd / batch / 1e9, 4))
+    "diffusion",
+    batch,
+    seconds,
+    compile_s,
+    xla_flops(compiled),
+    "xla_cost_analysis",
+    compiled,
+    conditioning=denoiser.conditioning.name,
+    parameters=n_params,
+    forward_gflops_per_image=None if fwd is None else round(fwd / batch / 1e9, 4),
+  )
 
 
 def sampler_batch(setup: Setup, batch: int) -> Measurement:
   """One batch of the ``sample_all_leaves`` sampler (prior pass + the whole reverse chain)."""
   from tree_diffusion.diffusion.sampler import Sampler, SamplerConfig
+
   denoiser, model, tree, tvae_vars, _, state = _stage2(setup)
   cfg = SamplerConfig.from_config(setup.config.diffusion)
   sampler = Sampler(denoiser, model, tree, cfg, "sample_all_leaves", batch, setup.mesh)
@@ -364,15 +455,25 @@ def sampler_batch(setup: Setup, batch: int) -> Measurement:
   params = state.ema_params
   key = jax.device_put(jax.random.key(3), sharding.replicated(setup.mesh))
   compiled, compile_s = compile_fn(sampler.fn, params, tvae_vars, key, *inputs)
-  seconds, _ = time_calls(lambda c: (c, compiled(params, tvae_vars, key, *inputs)), None,
-                          setup.steps, setup.warmup)
+  seconds, _ = time_calls(
+    lambda c: (c, compiled(params, tvae_vars, key, *inputs)), None, setup.steps, setup.warmup
+  )
   total, fwd = xla_flops(compiled), _forward_flops(setup, denoiser, model, tree, params, n)
   calls = len(cfg.respaced()) * (2 if cfg.guidance_weight else 1)
   flops = None if total is None or fwd is None else total + (calls - 1) * fwd
   return setup.measurement(
-      "sampler", n, seconds, compile_s, flops, "xla_cost_analysis (scan body x steps)", compiled,
-      method=cfg.method, sampler_steps=len(cfg.respaced()), mode="sample_all_leaves",
-      conditioning=denoiser.conditioning.name)
+    "sampler",
+    n,
+    seconds,
+    compile_s,
+    flops,
+    "xla_cost_analysis (scan body x steps)",
+    compiled,
+    method=cfg.method,
+    sampler_steps=len(cfg.respaced()),
+    mode="sample_all_leaves",
+    conditioning=denoiser.conditioning.name,
+  )
 
 
 def inception_batch(setup: Setup, batch: int, weights: str | None = None) -> Measurement:
@@ -382,34 +483,54 @@ def inception_batch(setup: Setup, batch: int, weights: str | None = None) -> Mea
   which costs the same; the line says ``"weights": "random"``.
   """
   from tree_diffusion.eval import inception, inception_weights
+
   try:
     params, source = inception_weights.load_inception_params(weights or None), "fid"
   except inception_weights.InceptionWeightsNotFound:
     rng = np.random.default_rng(0)
-    params = inception.unflatten_params({
-        k: (rng.uniform(0.5, 1.5, s) if k.endswith("var") else rng.normal(0, 0.05, s)
-            ).astype(np.float32) for k, s in inception.param_shapes().items()})
+    params = inception.unflatten_params(
+      {
+        k: (rng.uniform(0.5, 1.5, s) if k.endswith("var") else rng.normal(0, 0.05, s)).astype(
+          np.float32
+        )
+        for k, s in inception.param_shapes().items()
+      }
+    )
     source = "random"
   ext = inception.FeatureExtractor(params, setup.mesh, batch_size=batch)
   images = _images(setup, ext.batch_size, uint8=True)
   # The network as FeatureExtractor.features runs it (its own jit with the platform's options);
   # the preprocessing (resize to 299) is a separate, cheap jitted call, timed with it.
   compiled, compile_s = compile_fn(ext.network, ext.params, ext.prep(images))
-  seconds, _ = time_calls(lambda c: (c, compiled(ext.params, ext.prep(images))), None,
-                          setup.steps, setup.warmup)
+  seconds, _ = time_calls(
+    lambda c: (c, compiled(ext.params, ext.prep(images))), None, setup.steps, setup.warmup
+  )
   plain = jax.jit(lambda p, x: ext.model.apply({"params": p}, inception.preprocess(x)))
   flops = xla_flops(plain.lower(ext.params, images).compile())
-  return setup.measurement("inception", ext.batch_size, seconds, compile_s, flops,
-                           "xla_cost_analysis", compiled, weights=source,
-                           micro_batch=ext.micro_batch)
+  return setup.measurement(
+    "inception",
+    ext.batch_size,
+    seconds,
+    compile_s,
+    flops,
+    "xla_cost_analysis",
+    compiled,
+    weights=source,
+    micro_batch=ext.micro_batch,
+  )
 
 
-def run_part(setup: Setup, part: str, batch: int | None = None,
-             inception_weights: str | None = None) -> Measurement:
+def run_part(
+  setup: Setup, part: str, batch: int | None = None, inception_weights: str | None = None
+) -> Measurement:
   """Measures ``part`` at ``batch`` (default: the config's batch size for that work)."""
   c = setup.config
-  default = {"treevae": c.stage1.batch_size, "diffusion": c.diffusion.batch_size,
-             "sampler": c.diffusion.sampling.batch_size, "inception": c.eval.fid_batch_size}
+  default = {
+    "treevae": c.stage1.batch_size,
+    "diffusion": c.diffusion.batch_size,
+    "sampler": c.diffusion.sampling.batch_size,
+    "inception": c.eval.fid_batch_size,
+  }
   if part not in default:
     raise ValueError(f"unknown part {part!r}; use one of {', '.join(PARTS)}")
   b = batch or default[part]
@@ -432,16 +553,26 @@ def stage1_epochs(s) -> dict:
   """
   splits = 0
   if s.grow:
-    splits = min(max(s.num_clusters_tree - 2 ** s.initial_depth, 0), s.max_growth_iterations)
-  intermediate = (sum(1 for it in range(1, splits) if it % 3 == 0)
-                  if s.intermediate_fulltrain else 0)
-  return {"initial": s.num_epochs, "small_tree": splits * s.num_epochs_smalltree,
-          "intermediate": intermediate * s.num_epochs_intermediate_fulltrain,
-          "finetune": s.num_epochs_finetuning, "splits": splits}
+    splits = min(max(s.num_clusters_tree - 2**s.initial_depth, 0), s.max_growth_iterations)
+  intermediate = sum(1 for it in range(1, splits) if it % 3 == 0) if s.intermediate_fulltrain else 0
+  return {
+    "initial": s.num_epochs,
+    "small_tree": splits * s.num_epochs_smalltree,
+    "intermediate": intermediate * s.num_epochs_intermediate_fulltrain,
+    "finetune": s.num_epochs_finetuning,
+    "splits": splits,
+  }
 
 
-def end_to_end(config, rates: dict[str, float | None], *, train_size: int, test_size: int,
-               fid_runs: int = 10, leaves: int | None = None) -> dict:
+def end_to_end(
+  config,
+  rates: dict[str, float | None],
+  *,
+  train_size: int,
+  test_size: int,
+  fid_runs: int = 10,
+  leaves: int | None = None,
+) -> dict:
   """Hours for a paper row (stage 1, stage 2, sampling, FID features) from images/s ``rates``.
 
   Workload (stated in the output): stage 1 runs its whole schedule with every epoch over the full
@@ -456,20 +587,29 @@ def end_to_end(config, rates: dict[str, float | None], *, train_size: int, test_
   ep = stage1_epochs(s)
   s1_epochs = ep["initial"] + ep["small_tree"] + ep["intermediate"] + ep["finetune"]
   steps2 = d.num_steps if d.num_steps > 0 else d.num_epochs * (train_size // d.batch_size)
-  images = {"treevae": s1_epochs * train_size, "diffusion": steps2 * d.batch_size,
-            "sampler": fid_runs * config.eval.num_samples * leaves,
-            "inception": fid_runs * config.eval.num_samples + test_size}
+  images = {
+    "treevae": s1_epochs * train_size,
+    "diffusion": steps2 * d.batch_size,
+    "sampler": fid_runs * config.eval.num_samples * leaves,
+    "inception": fid_runs * config.eval.num_samples + test_size,
+  }
   hours = {k: (None if not rates.get(k) else images[k] / rates[k] / 3600.0) for k in images}
   known = [h for h in hours.values() if h is not None]
   return {
-      "part": "end_to_end", "hours": {k: None if v is None else round(v, 3)
-                                      for k, v in hours.items()},
-      "total_hours": round(sum(known), 3) if known else None,
-      "complete": len(known) == len(hours), "images": images,
-      "rates_images_per_s": rates, "stage1_epochs": s1_epochs, "stage1_splits": ep["splits"],
-      "stage2_steps": steps2,
-      "assumptions": ("stage 1: every epoch over the full training set at the full-tree step "
-                      "rate (upper bound); stage 2: the configured steps; sampling: fid_runs x "
-                      "eval.num_samples prior samples through every leaf; Inception: those "
-                      "generations + the test split; data loading, evaluation passes of stage 1 "
-                      "and checkpointing not counted")}
+    "part": "end_to_end",
+    "hours": {k: None if v is None else round(v, 3) for k, v in hours.items()},
+    "total_hours": round(sum(known), 3) if known else None,
+    "complete": len(known) == len(hours),
+    "images": images,
+    "rates_images_per_s": rates,
+    "stage1_epochs": s1_epochs,
+    "stage1_splits": ep["splits"],
+    "stage2_steps": steps2,
+    "assumptions": (
+      "stage 1: every epoch over the full training set at the full-tree step "
+      "rate (upper bound); stage 2: the configured steps; sampling: fid_runs x "
+      "eval.num_samples prior samples through every leaf; Inception: those "
+      "generations + the test split; data loading, evaluation passes of stage 1 "
+      "and checkpointing not counted"
+    ),
+  }

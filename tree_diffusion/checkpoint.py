@@ -53,8 +53,9 @@ def restore_sharding(sharding=None):
   """Where a restored array goes: ``sharding`` as given; in a multi-process job an unspecified or
   one-device placement becomes a copy on every device of every process (Orbax restores a
   multi-process job's arrays as global arrays, and refuses a process-local target)."""
-  if jax.process_count() == 1 or not (sharding is None or isinstance(
-      sharding, jax.sharding.SingleDeviceSharding)):
+  if jax.process_count() == 1 or not (
+    sharding is None or isinstance(sharding, jax.sharding.SingleDeviceSharding)
+  ):
     return sharding
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -65,7 +66,7 @@ def checksum(arrays) -> str:
   which Orbax itself restores without complaint."""
   crc = 0
   for leaf in jax.tree_util.tree_leaves(arrays):
-    if isinstance(leaf, jax.Array):   # replicated over processes: this process's full copy
+    if isinstance(leaf, jax.Array):  # replicated over processes: this process's full copy
       leaf = leaf.addressable_data(0)
     crc = zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).tobytes(), crc)
   return f"{crc:08x}"
@@ -77,8 +78,9 @@ def config_sections(config, sections: Iterable[str]) -> dict:
   return {s: full.get(s) for s in sections}
 
 
-def _differences(saved: dict, current: dict, ignore: Iterable[str] = (),
-                 shared_only: bool = False) -> list[tuple[str, Any, Any]]:
+def _differences(
+  saved: dict, current: dict, ignore: Iterable[str] = (), shared_only: bool = False
+) -> list[tuple[str, Any, Any]]:
   """``[(dotted key, saved value, current value), …]`` where two nested dicts differ, sorted by
   key, except the dotted keys (or key prefixes) in ``ignore``. A key only one side has compares
   as ``"<missing>"``, or is skipped with ``shared_only``."""
@@ -102,8 +104,9 @@ def _differences(saved: dict, current: dict, ignore: Iterable[str] = (),
 def config_differences(saved: dict, current: dict, ignore: Iterable[str] = ()) -> list[str]:
   """``["stage1.lr: 0.001 (checkpoint) → 0.002 (now)", …]`` over nested dicts, except the dotted
   keys (or key prefixes) in ``ignore``."""
-  return [f"{k}: {a!r} (checkpoint) → {b!r} (now)" for k, a, b in
-          _differences(saved, current, ignore)]
+  return [
+    f"{k}: {a!r} (checkpoint) → {b!r} (now)" for k, a, b in _differences(saved, current, ignore)
+  ]
 
 
 class Checkpoints:
@@ -117,11 +120,13 @@ class Checkpoints:
     self.directory = epath.Path(directory)
     self.read_only = read_only
     if read_only:
-      options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
-                                             cleanup_tmp_directories=False)
+      options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, max_to_keep=None, cleanup_tmp_directories=False
+      )
     else:
-      options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             cleanup_tmp_directories=True)
+      options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+      )
     self.manager = ocp.CheckpointManager(files.as_path(self.directory), options=options)
     if not read_only:
       # Orbax removes the temporary directories of interrupted saves in a background thread and
@@ -138,9 +143,13 @@ class Checkpoints:
     latest = self.manager.latest_step()
     try:
       with orbax_failure_held():
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
-                                                        meta=ocp.args.JsonSave(meta)))
-        self.manager.wait_until_finished()   # committed (renamed into place) before we go on
+        self.manager.save(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
+          ),
+        )
+        self.manager.wait_until_finished()  # committed (renamed into place) before we go on
     except Exception as e:  # pylint: disable=broad-except  (Orbax wraps the OSError)
       error = self._not_saved(f"{self.kind} {step}", e, latest)
       if error is None:
@@ -160,9 +169,10 @@ class Checkpoints:
       return None
     then = "start afresh" if latest is None else "resume from it"
     return CheckpointError(
-        f"{what} was not saved in {self.directory}: {why}; the last complete one is "
-        f"{self.describe_latest(latest)}. Free space (or fix the directory) and re-run the same "
-        f"command to {then}")
+      f"{what} was not saved in {self.directory}: {why}; the last complete one is "
+      f"{self.describe_latest(latest)}. Free space (or fix the directory) and re-run the same "
+      f"command to {then}"
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -174,13 +184,18 @@ class Checkpoints:
     """``"checkpoint 4 in DIR (kept)"`` or ``"none yet (a restart begins afresh)"``: for messages
     (about ``step``, by default the latest one)."""
     step = self.manager.latest_step() if step == -1 else step
-    return ("none yet (a restart begins afresh)" if step is None
-            else f"checkpoint {step} in {self.directory} (kept)")
+    return (
+      "none yet (a restart begins afresh)"
+      if step is None
+      else f"checkpoint {step} in {self.directory} (kept)"
+    )
 
   def _read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def _read(self, step: int, abstract_fn: Callable[[dict], Any], check: Callable[[int, dict], None]):
+  def _read(
+    self, step: int, abstract_fn: Callable[[dict], Any], check: Callable[[int, dict], None]
+  ):
     """``(arrays, meta)`` of ``step``; ``CheckpointError`` from ``check`` passes through, any
     other failure is returned as the exception."""
     try:
@@ -189,16 +204,20 @@ class Checkpoints:
       return e
     check(step, meta)
     try:
-      arrays = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_fn(meta))))["state"]
+      arrays = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_fn(meta)))
+      )["state"]
     except Exception as e:  # pylint: disable=broad-except  (missing or truncated array files)
       return e
     if "checksum" in meta and checksum(arrays) != meta["checksum"]:
       return CheckpointError(f"checksum {checksum(arrays)} != {meta['checksum']} recorded at save")
     return arrays, meta
 
-  def restore_latest(self, abstract_fn: Callable[[dict], Any],
-                     check: Callable[[int, dict], None] = lambda step, meta: None):
+  def restore_latest(
+    self,
+    abstract_fn: Callable[[dict], Any],
+    check: Callable[[int, dict], None] = lambda step, meta: None,
+  ):
     """``(step, arrays, meta)`` of the newest readable checkpoint, or ``None`` if there is none.
 
     Newer checkpoints that cannot be read are moved to ``<dir>.unreadable/`` (with a warning) once
@@ -219,9 +238,10 @@ class Checkpoints:
       return (step,) + out
     if bad:
       raise CheckpointError(
-          f"no {self.kind} in {self.directory} can be read (steps "
-          f"{', '.join(f'{s}: {short_error(e)}' for s, e in bad)}); move the directory away to start "
-          f"afresh")
+        f"no {self.kind} in {self.directory} can be read (steps "
+        f"{', '.join(f'{s}: {short_error(e)}' for s, e in bad)}); move the directory away to start "
+        f"afresh"
+      )
     return None
 
   def _move_aside(self, step: int, err: Exception, fallback: int):
@@ -236,8 +256,15 @@ class Checkpoints:
         target, n = target_dir / f"{step}_{n}", n + 1
       (files.as_path(self.directory) / str(step)).rename(target)
     sync_processes(f"moved_unreadable_{step}")
-    logging.warning("%s %d in %s cannot be read (%s): moved to %s, resuming from %d instead",
-                    self.kind, step, self.directory, short_error(err), target, fallback)
+    logging.warning(
+      "%s %d in %s cannot be read (%s): moved to %s, resuming from %d instead",
+      self.kind,
+      step,
+      self.directory,
+      short_error(err),
+      target,
+      fallback,
+    )
     self.manager.reload()
 
   def close(self):
@@ -308,9 +335,14 @@ def orbax_failure_held():
   held = _HeldRecords()
   unraisable = []
 
-  def hold(u):   # the object itself is not kept: it may be one being finalised
-    unraisable.append((u.err_msg or "Exception ignored in", repr(u.object),
-                       (u.exc_type, u.exc_value, u.exc_traceback)))
+  def hold(u):  # the object itself is not kept: it may be one being finalised
+    unraisable.append(
+      (
+        u.err_msg or "Exception ignored in",
+        repr(u.object),
+        (u.exc_type, u.exc_value, u.exc_traceback),
+      )
+    )
 
   loggers = [py_logging.getLogger(name) for name in _ORBAX_LOGGERS]
   previous_hook = sys.unraisablehook
@@ -322,7 +354,7 @@ def orbax_failure_held():
     yield
   except BaseException as e:
     full = errors.disk_full(e) is not None
-    if full:   # the writes still in flight report now, and are held back too
+    if full:  # the writes still in flight report now, and are held back too
       _settle(lambda: len(held.records) + len(unraisable))
     raise
   finally:
@@ -352,8 +384,15 @@ def short_error(e: BaseException) -> str:
   return f"{type(e).__name__}: {msg[:200]}"
 
 
-def check_compatible(kind: str, step: int, directory, meta: dict, config: dict,
-                     ignore: Iterable[str], afresh: Callable[[list[str]], str] | None = None):
+def check_compatible(
+  kind: str,
+  step: int,
+  directory,
+  meta: dict,
+  config: dict,
+  ignore: Iterable[str],
+  afresh: Callable[[list[str]], str] | None = None,
+):
   """Refuses a checkpoint of another library version or config; the message lists what differs.
 
   A checkpoint that records its dataset's identity (``data_identity``, which the caller compares)
@@ -362,8 +401,9 @@ def check_compatible(kind: str, step: int, directory, meta: dict, config: dict,
   """
   if meta.get("version") != __version__:
     raise CheckpointError(
-        f"{kind} {step} in {directory} was written by tree_diffusion {meta.get('version')}, this "
-        f"is {__version__}: resume with that version, or start afresh with a new --workdir")
+      f"{kind} {step} in {directory} was written by tree_diffusion {meta.get('version')}, this "
+      f"is {__version__}: resume with that version, or start afresh with a new --workdir"
+    )
   if "config" not in meta:
     return
   if meta.get("data_identity") is not None:
@@ -374,20 +414,24 @@ def check_compatible(kind: str, step: int, directory, meta: dict, config: dict,
     keys = [k for k, _, _ in _differences(saved, config, ignore)]
     fresh = afresh(keys) if afresh is not None else "start afresh with a new --workdir"
     raise CheckpointError(
-        f"{kind} {step} in {directory} was trained with another config ({'; '.join(diffs)}): "
-        f"resume with the original settings, or {fresh}")
+      f"{kind} {step} in {directory} was trained with another config ({'; '.join(diffs)}): "
+      f"resume with the original settings, or {fresh}"
+    )
 
 
 def sync_processes(name: str):
   """A barrier across processes (nothing on one process)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
 # How to repair an unreadable or stale stage-1 export (in the export's errors).
-REWRITE_EXPORT = ("rewrite it by re-running python -m launch.train_treevae with the same --config and "
-                  "--workdir (a finished run only writes the export again)")
+REWRITE_EXPORT = (
+  "rewrite it by re-running python -m launch.train_treevae with the same --config and "
+  "--workdir (a finished run only writes the export again)"
+)
 
 
 def json_default(o):
@@ -402,26 +446,41 @@ def json_default(o):
 def abstract_like(tree):
   """Restore target with the structure, shapes, dtypes (and shardings) of ``tree``."""
   return jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                     sharding=restore_sharding(getattr(a, "sharding", None))),
-      tree)
+    lambda a: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=restore_sharding(getattr(a, "sharding", None))
+    ),
+    tree,
+  )
 
 
 # ------------------------------------------------------------ what each stage may change on resume
 
 # Settings that do not change what stage 1 computes: they may differ when a run is resumed.
 STAGE1_RESUMABLE_CHANGES = (
-    "data.data_dir", "stage1.log_every_epochs", "stage1.eval_every_epochs",
-    "stage1.checkpoints_to_keep", "stage1.checkpoint_every_steps",
-    "stage1.figure_images_per_leaf", "stage1.kmeans_baseline", "stage1.final_elbo")
+  "data.data_dir",
+  "stage1.log_every_epochs",
+  "stage1.eval_every_epochs",
+  "stage1.checkpoints_to_keep",
+  "stage1.checkpoint_every_steps",
+  "stage1.figure_images_per_leaf",
+  "stage1.kmeans_baseline",
+  "stage1.final_elbo",
+)
 STAGE1_SECTIONS = ("data", "treevae", "stage1")
 
 # Settings that do not change what stage 2 computes up to a step: they may differ on resume
 # (num_steps/num_epochs only move the end; the export is identified by its fingerprint).
 STAGE2_RESUMABLE_CHANGES = (
-    "data.data_dir", "diffusion.log_every_steps", "diffusion.checkpoint_every_steps",
-    "diffusion.checkpoints_to_keep", "diffusion.num_steps", "diffusion.num_epochs",
-    "diffusion.sampling", "diffusion.treevae_export", "diffusion.sample_every")
+  "data.data_dir",
+  "diffusion.log_every_steps",
+  "diffusion.checkpoint_every_steps",
+  "diffusion.checkpoints_to_keep",
+  "diffusion.num_steps",
+  "diffusion.num_epochs",
+  "diffusion.sampling",
+  "diffusion.treevae_export",
+  "diffusion.sample_every",
+)
 STAGE2_SECTIONS = ("data", "diffusion")
 
 # The settings of sampling and evaluation: ``launch/sample.py`` and ``launch/evaluate.py`` may run
@@ -429,7 +488,12 @@ STAGE2_SECTIONS = ("data", "diffusion")
 # the settings either stage may change on resume (they only say how a run logs and checkpoints,
 # where it ends and where its data and export are). Every other key describes what was trained.
 RUN_SETTINGS = (
-    "diffusion.sampling", "diffusion.dtype", "stage1.eval_batch_size", "eval", "classifier")
+  "diffusion.sampling",
+  "diffusion.dtype",
+  "stage1.eval_batch_size",
+  "eval",
+  "classifier",
+)
 
 
 def run_config_contradictions(config, saved: dict) -> list[tuple[str, Any, Any]]:
@@ -441,6 +505,9 @@ def run_config_contradictions(config, saved: dict) -> list[tuple[str, Any, Any]]
   Returns:
     ``[(dotted key, value in saved, value in config), …]`` (JSON values), sorted by key.
   """
-  return _differences(saved, json.loads(config.to_json_best_effort()),
-                      RUN_SETTINGS + STAGE1_RESUMABLE_CHANGES + STAGE2_RESUMABLE_CHANGES,
-                      shared_only=True)
+  return _differences(
+    saved,
+    json.loads(config.to_json_best_effort()),
+    RUN_SETTINGS + STAGE1_RESUMABLE_CHANGES + STAGE2_RESUMABLE_CHANGES,
+    shared_only=True,
+  )

@@ -63,7 +63,9 @@ def _check_range(x: np.ndarray, upper: int | None, name: str):
   if x.min() < 0:
     raise ValueError(f"{name} must be non-negative; got minimum {x.min()}")
   if upper is not None and x.max() >= upper:
-    raise ValueError(f"{name} out of range: maximum {x.max()} but only {upper} allowed (0 … {upper - 1})")
+    raise ValueError(
+      f"{name} out of range: maximum {x.max()} but only {upper} allowed (0 … {upper - 1})"
+    )
 
 
 # ------------------------------------------------------------------------------------- counting
@@ -204,6 +206,7 @@ def adjusted_rand(labels: Any, preds: Any) -> float:
   preds = _as_vector(preds, "preds")
   _check_same_length(labels, preds, "labels", "preds")
   import sklearn.metrics  # pylint: disable=g-import-not-at-top  (1.7 s; only needed here)
+
   return float(sklearn.metrics.adjusted_rand_score(labels, preds))
 
 
@@ -313,12 +316,13 @@ def summary(tree: Tree, labels: Any | None, leaf_probs: Any) -> dict[str, Any]:
   leaf_probs = np.asarray(leaf_probs)
   if leaf_probs.ndim != 2 or leaf_probs.shape[1] != tree.num_leaves:
     raise ValueError(
-        f"leaf_probs must have shape [N, {tree.num_leaves}] (one column per leaf of {tree}); "
-        f"got {leaf_probs.shape}")
+      f"leaf_probs must have shape [N, {tree.num_leaves}] (one column per leaf of {tree}); "
+      f"got {leaf_probs.shape}"
+    )
   assigned = np.argmax(leaf_probs, axis=1).astype(np.int64)
   out: dict[str, Any] = {
-      "num_leaves": int(tree.num_leaves),
-      "leaf_counts": [int(v) for v in leaf_counts(assigned, tree.num_leaves)],
+    "num_leaves": int(tree.num_leaves),
+    "leaf_counts": [int(v) for v in leaf_counts(assigned, tree.num_leaves)],
   }
   if labels is None:
     return out
@@ -331,11 +335,11 @@ def summary(tree: Tree, labels: Any | None, leaf_probs: Any) -> dict[str, Any]:
   y, k = labels[labelled], assigned[labelled]
   num_classes = int(y.max()) + 1
   out.update(
-      nmi=nmi(y, k),
-      accuracy=accuracy(y, k),
-      ari=adjusted_rand(y, k),
-      leaf_purity=leaf_purity(y, k),
-      dendrogram_purity=dendrogram_purity(tree, y, k),
-      label_histograms=label_histograms(y, k, tree.num_leaves, num_classes).tolist(),
+    nmi=nmi(y, k),
+    accuracy=accuracy(y, k),
+    ari=adjusted_rand(y, k),
+    leaf_purity=leaf_purity(y, k),
+    dendrogram_purity=dendrogram_purity(tree, y, k),
+    label_histograms=label_histograms(y, k, tree.num_leaves, num_classes).tolist(),
   )
   return out

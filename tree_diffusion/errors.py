@@ -36,7 +36,8 @@ FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # status code and the OS error, e.g. ``RESOURCE_EXHAUSTED: Error writing local file "…": … No
 # space left on device [os_error_code='28']``.
 _FULL_DISK_TEXT = re.compile(
-    r"os_error_code='?(?:%d|%d)\b|No space left on device|Disk quota exceeded" % FULL_DISK_ERRNOS)
+  r"os_error_code='?(?:%d|%d)\b|No space left on device|Disk quota exceeded" % FULL_DISK_ERRNOS
+)
 
 
 def disk_full(e: BaseException | None) -> BaseException | None:

@@ -35,8 +35,10 @@ def check_path(path, name: str = "path") -> None:
   """Raises ``TypeError`` unless ``path`` is a non-empty local path or URL (``str`` or
   ``os.PathLike``)."""
   if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-    raise TypeError(f"{name} must be a local path or a gs:// URL (a non-empty str or "
-                    f"os.PathLike); got {type(path).__name__} {path!r:.60}")
+    raise TypeError(
+      f"{name} must be a local path or a gs:// URL (a non-empty str or "
+      f"os.PathLike); got {type(path).__name__} {path!r:.60}"
+    )
 
 
 def bucket_of(path: PathLike) -> str | None:
@@ -88,9 +90,11 @@ def makedirs(path: PathLike):
   os.makedirs(path, exist_ok=True)
 
 
-CREDENTIALS_HELP = ("credentials come from the VM's service account on Google Cloud, from "
-                    "GOOGLE_APPLICATION_CREDENTIALS=key.json, or from `gcloud auth "
-                    "application-default login`")
+CREDENTIALS_HELP = (
+  "credentials come from the VM's service account on Google Cloud, from "
+  "GOOGLE_APPLICATION_CREDENTIALS=key.json, or from `gcloud auth "
+  "application-default login`"
+)
 
 
 def one_line(e: BaseException) -> str:
@@ -111,18 +115,21 @@ def check_bucket(path: PathLike):
   if bucket is None:
     return
   from tree_diffusion.errors import StorageError  # pylint: disable=g-import-not-at-top
+
   url = os.fspath(path).split("://", 1)[0] + "://" + bucket
   try:
     found = epath.Path(url).exists()
   except Exception as e:  # pylint: disable=broad-except  (auth, HTTP and connection errors)
     raise StorageError(
-        f"bucket {bucket} of {os.fspath(path)} cannot be reached ({type(e).__name__}: "
-        f"{one_line(e)}); {CREDENTIALS_HELP}") from None
+      f"bucket {bucket} of {os.fspath(path)} cannot be reached ({type(e).__name__}: "
+      f"{one_line(e)}); {CREDENTIALS_HELP}"
+    ) from None
   if not found:
     raise StorageError(
-        f"bucket {bucket} of {os.fspath(path)} does not exist or these credentials cannot see "
-        f"it: create it (gcloud storage buckets create gs://{bucket}) or use another; "
-        f"{CREDENTIALS_HELP}")
+      f"bucket {bucket} of {os.fspath(path)} does not exist or these credentials cannot see "
+      f"it: create it (gcloud storage buckets create gs://{bucket}) or use another; "
+      f"{CREDENTIALS_HELP}"
+    )
 
 
 def read_bytes(path: PathLike) -> bytes:
@@ -146,7 +153,7 @@ def write_bytes(path: PathLike, data: bytes):
   """
   target = as_path(path)
   if is_remote(path):
-    target.write_bytes(data)   # one upload: the object appears whole or not at all
+    target.write_bytes(data)  # one upload: the object appears whole or not at all
     return
   tmp = f"{target}.tmp{os.getpid()}"
   existed = target.exists()
@@ -161,12 +168,17 @@ def write_bytes(path: PathLike, data: bytes):
     full = errors.disk_full(e)
     if full is None:
       raise
-    kept = ("the previous one is kept as it was" if existed
-            else "nothing was there before, nothing was lost")
+    kept = (
+      "the previous one is kept as it was"
+      if existed
+      else "nothing was there before, nothing was lost"
+    )
     raise errors.DiskFullError(
-        getattr(full, "errno", None) or errno.ENOSPC,
-        f"the disk is full: {target} was not written ({kept}); free space on the disk that holds "
-        f"{target.parent} and re-run the same command", str(target)) from e
+      getattr(full, "errno", None) or errno.ENOSPC,
+      f"the disk is full: {target} was not written ({kept}); free space on the disk that holds "
+      f"{target.parent} and re-run the same command",
+      str(target),
+    ) from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -197,12 +209,15 @@ def load_npz(path: PathLike) -> Mapping[str, np.ndarray]:
 def save_png(path: PathLike, image):
   """A PIL image, or a uint8 array (``[H, W]``, ``[H, W, 3]`` or ``[H, W, 4]``), as PNG."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   if not isinstance(image, Image.Image):
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
-      raise ValueError(f"save_png takes a PIL image or uint8 [H, W], [H, W, 3] or [H, W, 4]; got "
-                       f"{arr.dtype} {arr.shape} (floats in [0, 1]: np.rint(x * 255)"
-                       f".astype(np.uint8))")
+      raise ValueError(
+        f"save_png takes a PIL image or uint8 [H, W], [H, W, 3] or [H, W, 4]; got "
+        f"{arr.dtype} {arr.shape} (floats in [0, 1]: np.rint(x * 255)"
+        f".astype(np.uint8))"
+      )
     image = Image.fromarray(arr)
   buf = io.BytesIO()
   image.save(buf, format="PNG")

@@ -117,8 +117,9 @@ def _scalars(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
   return rows
 
 
-def _generations(run_dir: RunDir, tree: Tree, images: _Images, num: int
-                 ) -> dict[str, dict[int, list[int]]]:
+def _generations(
+  run_dir: RunDir, tree: Tree, images: _Images, num: int
+) -> dict[str, dict[int, list[int]]]:
   """Per generator and leaf, the ``num`` draws of ``sample_all_leaves`` most likely to reach the
   leaf (as the stage-2 tree figure shows them): image store positions."""
   path = run_dir.samples_npz("sample_all_leaves")
@@ -127,19 +128,21 @@ def _generations(run_dir: RunDir, tree: Tree, images: _Images, num: int
   try:
     npz = files.load_npz(path)
   except (OSError, ValueError) as e:
-    logging.warning("report: %s cannot be read (%s); the page shows no generations", path,
-                    files.one_line(e))
+    logging.warning(
+      "report: %s cannot be read (%s); the page shows no generations", path, files.one_line(e)
+    )
     return {}
   leaf_nodes = [int(n) for n in npz.get("leaf_nodes", np.asarray(tree.leaves))]
   if leaf_nodes != list(tree.leaves):
-    logging.warning("report: %s was sampled from another tree; the page shows no generations",
-                    path)
+    logging.warning("report: %s was sampled from another tree; the page shows no generations", path)
     return {}
-  order = np.argsort(-npz["leaf_probs"], axis=0, kind="stable")[:num]   # [num, K]
+  order = np.argsort(-npz["leaf_probs"], axis=0, kind="stable")[:num]  # [num, K]
   out = {}
   for kind, key in (("treevae", "vae_images"), ("diffusion", "images")):
-    out[kind] = {n: [images.add((kind, int(i), j), npz[key][i, j]) for i in order[:, j]]
-                 for j, n in enumerate(tree.leaves)}
+    out[kind] = {
+      n: [images.add((kind, int(i), j), npz[key][i, j]) for i in order[:, j]]
+      for j, n in enumerate(tree.leaves)
+    }
   return out
 
 
@@ -149,8 +152,10 @@ def build(workdir: str) -> str:
   config = _json_or_none(run_dir.stage2_config) or _json_or_none(run_dir.config) or {}
   stage1 = _json_or_none(run_dir.stage1_metrics)
   if not isinstance(stage1, dict) or "tree" not in stage1:
-    raise FileNotFoundError(f"{run_dir.stage1_metrics} is missing or holds no tree: run "
-                            f"python -m launch.train_treevae with this --workdir first")
+    raise FileNotFoundError(
+      f"{run_dir.stage1_metrics} is missing or holds no tree: run "
+      f"python -m launch.train_treevae with this --workdir first"
+    )
   tree = Tree.from_json(stage1["tree"])
   rows = _read_assignments(run_dir.assignments)
   data_config = config.get("data") or {}
@@ -174,8 +179,13 @@ def build(workdir: str) -> str:
 
   def real(r: dict) -> dict:
     split, index = r["split"], int(r["index"])
-    item = {"file": r["file"] or f"{split} #{index}", "split": split, "index": index,
-            "p": float(r["leaf_probability"]), "leaf": int(r["leaf"])}
+    item = {
+      "file": r["file"] or f"{split} #{index}",
+      "split": split,
+      "index": index,
+      "p": float(r["leaf_probability"]),
+      "leaf": int(r["leaf"]),
+    }
     if split in arrays and index < len(arrays[split]):
       item["img"] = images.add(("real", split, index), arrays[split].images[index])
     return item
@@ -197,38 +207,61 @@ def build(workdir: str) -> str:
         labels[name] = labels.get(name, 0) + 1
     # Each leaf's most probable images in turn (the best of each leaf, then the second best, ...),
     # so that an inner node's gallery shows every branch below it.
-    gallery = [g for i in range(REAL_PER_NODE)
-               for g in sorted((leaf_gallery[m][i] for m in leaves if i < len(leaf_gallery[m])),
-                               key=lambda g: -g["p"])]
+    gallery = [
+      g
+      for i in range(REAL_PER_NODE)
+      for g in sorted(
+        (leaf_gallery[m][i] for m in leaves if i < len(leaf_gallery[m])), key=lambda g: -g["p"]
+      )
+    ]
     gens = {}
     for kind, per_leaf in generated.items():
       # Round-robin over the node's leaves, so an inner node shows each of its leaves.
-      picks = [per_leaf[m][i] for i in range(GENERATED_PER_NODE) for m in leaves
-               if i < len(per_leaf[m])]
+      picks = [
+        per_leaf[m][i] for i in range(GENERATED_PER_NODE) for m in leaves if i < len(per_leaf[m])
+      ]
       gens[kind] = picks[:GENERATED_PER_NODE]
-    nodes.append({
-        "id": n, "parent": tree.parent(n), "children": list(tree.children(n)),
-        "leaf": tree.is_leaf(n), "x": pos[n][0], "depth": pos[n][1],
-        "path": list(tree.path(n)), "count": len(members), "share": len(members) / total,
+    nodes.append(
+      {
+        "id": n,
+        "parent": tree.parent(n),
+        "children": list(tree.children(n)),
+        "leaf": tree.is_leaf(n),
+        "x": pos[n][0],
+        "depth": pos[n][1],
+        "path": list(tree.path(n)),
+        "count": len(members),
+        "share": len(members) / total,
         "splits": {s: sum(r["split"] == s for r in members) for s in ("train", "test")},
         "labels": sorted(labels.items(), key=lambda kv: -kv[1]),
-        "real": gallery[:REAL_PER_NODE], "generated": gens,
-    })
+        "real": gallery[:REAL_PER_NODE],
+        "generated": gens,
+      }
+    )
   metrics = []
-  for title, path in (("Stage 1 (stage1_metrics.json)", run_dir.stage1_metrics),
-                      ("Evaluation (eval/metrics.json)", run_dir.eval_metrics)):
+  for title, path in (
+    ("Stage 1 (stage1_metrics.json)", run_dir.stage1_metrics),
+    ("Evaluation (eval/metrics.json)", run_dir.eval_metrics),
+  ):
     obj = _json_or_none(path)
     if isinstance(obj, dict):
       skip = ("tree",)
-      metrics.append({"title": title,
-                      "rows": _scalars({k: v for k, v in obj.items() if k not in skip})})
+      metrics.append(
+        {"title": title, "rows": _scalars({k: v for k, v in obj.items() if k not in skip})}
+      )
   name = data_config.get("name", "?")
   if data_config.get("folder"):
     name = f"{name}: {data_config['folder']}"
   payload = {
-      "title": f"tree_diffusion run {workdir}", "dataset": name, "images": images.urls,
-      "nodes": nodes, "metrics": metrics, "num_images": len(rows), "note": note,
-      "num_leaves": tree.num_leaves, "has_generations": bool(generated),
+    "title": f"tree_diffusion run {workdir}",
+    "dataset": name,
+    "images": images.urls,
+    "nodes": nodes,
+    "metrics": metrics,
+    "num_images": len(rows),
+    "note": note,
+    "num_leaves": tree.num_leaves,
+    "has_generations": bool(generated),
   }
   text = json.dumps(payload, separators=(",", ":"))
   # Inside <script>, "</script>" or "<!--" in a file name would end the element: escape < > &.

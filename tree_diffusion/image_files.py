@@ -139,8 +139,9 @@ def decode(path: str, size: int, channels: int, resize: bool) -> Decoded | None:
     else:
       # Premultiplied colour and alpha resize linearly, so compositing afterwards equals
       # compositing first and resizing then (up to rounding), without choosing the background yet.
-      split = tuple(np.stack([_resize_float(a[..., c], size) for c in range(a.shape[-1])], -1)
-                    for a in split)
+      split = tuple(
+        np.stack([_resize_float(a[..., c], size) for c in range(a.shape[-1])], -1) for a in split
+      )
   if split is None:
     return Decoded(from_pil(image))
   return Decoded(*split)
@@ -170,7 +171,11 @@ def flatten(decoded: Sequence[Decoded], paths: Sequence[str]) -> list[np.ndarray
   background = _background([decoded[i] for i in transparent])
   colour = 'white' if background else 'black'
   logger.warning(
-      '%d of %d images have transparency (e.g. %s): composited over %s, the background that '
-      'contrasts most with their mean colour; flatten them yourself for another background',
-      len(transparent), len(decoded), paths[transparent[0]], colour)
+    '%d of %d images have transparency (e.g. %s): composited over %s, the background that '
+    'contrasts most with their mean colour; flatten them yourself for another background',
+    len(transparent),
+    len(decoded),
+    paths[transparent[0]],
+    colour,
+  )
   return [d.pixels if d.alpha is None else _composite(d, background) for d in decoded]

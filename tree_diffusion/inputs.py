@@ -71,12 +71,15 @@ def prng_key(key: Any, name: str = "key") -> None:
     return
   if dtype == np.uint32 and shape == (2,):
     return
-  raise TypeError(f"{name} must be one JAX PRNG key (jax.random.key(0) or "
-                  f"jax.random.PRNGKey(0)); got {_kind_of(key)}")
+  raise TypeError(
+    f"{name} must be one JAX PRNG key (jax.random.key(0) or "
+    f"jax.random.PRNGKey(0)); got {_kind_of(key)}"
+  )
 
 
-def images(x: Any, image_shape: tuple[int, int, int], name: str = "images", *,
-           batch_axis: str = "B") -> None:
+def images(
+  x: Any, image_shape: tuple[int, int, int], name: str = "images", *, batch_axis: str = "B"
+) -> None:
   """Checks model images: floats ``[B, H, W, C]`` with ``(H, W, C) == image_shape``, ``B >= 1``,
   values in ``[0, 1]`` (when ``x`` is concrete).
 
@@ -88,8 +91,9 @@ def images(x: Any, image_shape: tuple[int, int, int], name: str = "images", *,
   h, w, c = image_shape
   want = f"floats [{batch_axis}, {h}, {w}, {c}] in [0, 1]"
   if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    raise TypeError(f"{name} must be an array of {want}; got {type(x).__name__} (convert it "
-                    f"with np.asarray)")
+    raise TypeError(
+      f"{name} must be an array of {want}; got {type(x).__name__} (convert it with np.asarray)"
+    )
   shape = tuple(x.shape)
   if len(shape) != 4:
     hint = ""
@@ -103,29 +107,40 @@ def images(x: Any, image_shape: tuple[int, int, int], name: str = "images", *,
     if shape[1:] == (c, h, w):
       hint = f": that is NCHW; transpose it with {name}.transpose(0, 2, 3, 1)"
     elif shape[1:3] == (h, w):
-      hint = (f": {shape[3]} channels, the model takes {c} (it was trained on "
-              f"{'grey' if c == 1 else 'colour'} images)")
+      hint = (
+        f": {shape[3]} channels, the model takes {c} (it was trained on "
+        f"{'grey' if c == 1 else 'colour'} images)"
+      )
     else:
-      hint = (f": {shape[1]}x{shape[2]} images, the model takes {h}x{w} (resize them, e.g. "
-              f"with PIL, as its training data was)")
+      hint = (
+        f": {shape[1]}x{shape[2]} images, the model takes {h}x{w} (resize them, e.g. "
+        f"with PIL, as its training data was)"
+      )
     raise ValueError(f"{name} must be {want}; got shape {shape}{hint}")
   if b == 0:
     raise ValueError(f"{name} is an empty batch (shape {shape}); pass at least one image")
   dtype = np.dtype(x.dtype)
   if dtype.kind in "biu":
-    raise TypeError(f"{name} must be {want}; got {dtype} images (convert them with "
-                    f"tree_diffusion.inputs.to_unit_range({name}), i.e. / 255 for uint8)")
+    raise TypeError(
+      f"{name} must be {want}; got {dtype} images (convert them with "
+      f"tree_diffusion.inputs.to_unit_range({name}), i.e. / 255 for uint8)"
+    )
   if dtype.kind != "f" and dtype != jax.numpy.bfloat16:
     raise TypeError(f"{name} must be {want}; got {dtype} images")
   if not is_concrete(x):
     return
-  with jax.ensure_compile_time_eval():   # a concrete array closed over by a traced function
+  with jax.ensure_compile_time_eval():  # a concrete array closed over by a traced function
     lo, hi = float(jax.numpy.min(x)), float(jax.numpy.max(x))
   if not (np.isfinite(lo) and np.isfinite(hi)):
     raise ValueError(f"{name} hold NaN or infinite values; the model takes {want}")
   if lo < -_RANGE_SLACK or hi > 1.0 + _RANGE_SLACK:
-    hint = (" (0..255 images: divide by 255, or use tree_diffusion.inputs.to_unit_range)"
-            if hi > 2.0 else " (images in [-1, 1]: map them with (x + 1) / 2)" if lo < 0 else "")
+    hint = (
+      " (0..255 images: divide by 255, or use tree_diffusion.inputs.to_unit_range)"
+      if hi > 2.0
+      else " (images in [-1, 1]: map them with (x + 1) / 2)"
+      if lo < 0
+      else ""
+    )
     raise ValueError(f"{name} must be {want}; got values in [{lo:g}, {hi:g}]{hint}")
 
 
@@ -160,8 +175,9 @@ def fits_memory(nbytes: int, what: str, fix: str) -> None:
   """
   limit = memory_limit()
   if nbytes > limit:
-    raise ValueError(f"{what} would take {_bytes(nbytes)}, more than the {_bytes(limit)} of "
-                     f"memory here; {fix}")
+    raise ValueError(
+      f"{what} would take {_bytes(nbytes)}, more than the {_bytes(limit)} of memory here; {fix}"
+    )
 
 
 def _bytes(n: float) -> str:

@@ -26,15 +26,17 @@ def _process_alive(pid: int) -> bool:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
-  except PermissionError:   # exists, owned by another user
+  except PermissionError:  # exists, owned by another user
     return True
   return True
 
 
 def _describe(holder: dict) -> str:
-  return (f"process {holder.get('pid')} on {holder.get('host')}"
-          + (f" ({holder['command']})" if holder.get("command") else "")
-          + (f", since {holder['since']}" if holder.get("since") else ""))
+  return (
+    f"process {holder.get('pid')} on {holder.get('host')}"
+    + (f" ({holder['command']})" if holder.get("command") else "")
+    + (f", since {holder['since']}" if holder.get("since") else "")
+  )
 
 
 # The lock on an object store: its holder rewrites the record every HEARTBEAT_S seconds; a record
@@ -56,14 +58,23 @@ class _ObjectLock:
   once cannot both win.
   """
 
-  def __init__(self, url: str, record: dict, busy: Callable[[dict], Exception],
-               heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S):
+  def __init__(
+    self,
+    url: str,
+    record: dict,
+    busy: Callable[[dict], Exception],
+    heartbeat_s: float = HEARTBEAT_S,
+    stale_after_s: float = STALE_AFTER_S,
+  ):
     import fsspec  # pylint: disable=g-import-not-at-top
+
     if not url.startswith("gs://"):
-      raise StorageError(f"{url}: run directories on object stores other than Cloud Storage "
-                         f"(gs://) are not supported; use a gs:// or a local --workdir")
+      raise StorageError(
+        f"{url}: run directories on object stores other than Cloud Storage "
+        f"(gs://) are not supported; use a gs:// or a local --workdir"
+      )
     self.url = url
-    self.bucket, self.key = url[len("gs://"):].split("/", 1)
+    self.bucket, self.key = url[len("gs://") :].split("/", 1)
     self.record = {**record, "token": os.urandom(8).hex()}
     self.busy = busy
     self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
@@ -100,19 +111,22 @@ class _ObjectLock:
         self.fs.pipe_file(self.url, self._payload(), mode="create")
       except FileExistsError:
         holder, generation = self._read()
-        if generation is None:          # released meanwhile: try again
+        if generation is None:  # released meanwhile: try again
           continue
         if self._alive(holder):
           raise self.busy(holder) from None
-        logging.warning("taking over the lock of %s, which has not been renewed for %s (%s)",
-                        _describe(holder) if holder else "an unknown process",
-                        f"{time.time() - holder['heartbeat']:.0f} s" if isinstance(
-                            holder.get("heartbeat"), (int, float)) else "an unknown time",
-                        self.url)
+        logging.warning(
+          "taking over the lock of %s, which has not been renewed for %s (%s)",
+          _describe(holder) if holder else "an unknown process",
+          f"{time.time() - holder['heartbeat']:.0f} s"
+          if isinstance(holder.get("heartbeat"), (int, float))
+          else "an unknown time",
+          self.url,
+        )
         self._delete(generation)
         continue
       holder, _ = self._read()
-      if holder.get("token") != self.record["token"]:   # a store without preconditions
+      if holder.get("token") != self.record["token"]:  # a store without preconditions
         raise self.busy(holder)
       self._start_heartbeat()
       return
@@ -121,14 +135,14 @@ class _ObjectLock:
   def _delete(self, generation: int):
     """Deletes the lock object if it is still ``generation`` (else another process got there)."""
     try:
-      self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key,
-                   ifGenerationMatch=str(generation))
-    except (FileExistsError, FileNotFoundError):   # 412: replaced meanwhile; 404: gone
+      self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=str(generation))
+    except (FileExistsError, FileNotFoundError):  # 412: replaced meanwhile; 404: gone
       pass
     self.fs.invalidate_cache(self.url)
 
   def _start_heartbeat(self):
     import threading  # pylint: disable=g-import-not-at-top
+
     self._stop = threading.Event()
 
     def beat():
@@ -197,9 +211,10 @@ class WorkdirLock:
 
   def _busy(self, holder: dict) -> WorkdirBusyError:
     return WorkdirBusyError(
-        f"{self.workdir} is in use by "
-        f"{_describe(holder) if holder else 'another process'}: wait for it to finish, stop it, "
-        f"or use another --workdir")
+      f"{self.workdir} is in use by "
+      f"{_describe(holder) if holder else 'another process'}: wait for it to finish, stop it, "
+      f"or use another --workdir"
+    )
 
   def __enter__(self) -> "WorkdirLock":
     if not self.enabled:
@@ -222,11 +237,12 @@ class WorkdirLock:
     try:
       fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       locked = True
-    except BlockingIOError:     # EWOULDBLOCK: another process holds it
+    except BlockingIOError:  # EWOULDBLOCK: another process holds it
       raise self._busy(self._read()) from None
-    except OSError as e:        # no locking on this file system (e.g. ENOLCK on some NFS mounts)
-      logging.warning("cannot lock %s (%s): relying on the process id recorded in it", self.path,
-                      e.strerror or e)
+    except OSError as e:  # no locking on this file system (e.g. ENOLCK on some NFS mounts)
+      logging.warning(
+        "cannot lock %s (%s): relying on the process id recorded in it", self.path, e.strerror or e
+      )
       locked = False
     previous = self._read()
     if previous and previous["pid"] != os.getpid():
@@ -234,8 +250,11 @@ class WorkdirLock:
         raise self._busy(previous)
       # With flock held, the recorded process has ended (its lock went with it), even if its
       # process id has been reused since.
-      logging.warning("taking over the lock of %s, which is no longer running (%s)",
-                      _describe(previous), self.path)
+      logging.warning(
+        "taking over the lock of %s, which is no longer running (%s)",
+        _describe(previous),
+        self.path,
+      )
     record = self._record()
     os.ftruncate(self._fd, 0)
     os.lseek(self._fd, 0, os.SEEK_SET)
@@ -243,8 +262,12 @@ class WorkdirLock:
     os.fsync(self._fd)
 
   def _record(self) -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "command": self.command,
+      "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
   def __exit__(self, *exc):
     if self._object is not None:
@@ -255,7 +278,7 @@ class WorkdirLock:
         os.ftruncate(self._fd, 0)
       except OSError:
         pass
-      os.close(self._fd)    # closing releases the flock
+      os.close(self._fd)  # closing releases the flock
       self._fd = None
     return False
 
@@ -266,6 +289,7 @@ def locked_workdir(workdir: str, command: str) -> Iterator[None]:
   every process learns whether it got it, so that all of them refuse together (no process is left
   waiting at a barrier for one that exited)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   lock = WorkdirLock(workdir, command, enabled=jax.process_index() == 0)
   busy = None
   try:
@@ -274,6 +298,7 @@ def locked_workdir(workdir: str, command: str) -> Iterator[None]:
     busy = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     refused = bool(multihost_utils.broadcast_one_to_all(np.int32(busy is not None)))
     if refused and busy is None:
       busy = WorkdirBusyError(f"{workdir} is in use by another process (see process 0's error)")

@@ -24,6 +24,7 @@ class TrainState:
   """What a training loop carries from step to step for a network with BatchNorm (stage 1 and
   the purity classifier; stage 2 has its own, with EMA weights): the step, the parameters, the
   BatchNorm statistics and the optimiser state."""
+
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -45,8 +46,9 @@ class Progress:
     rates: a list to append steady-state rates to (shared across stage 1's phases); default new.
   """
 
-  def __init__(self, total: int, images_per_step: int, done: int = 0,
-               rates: list[float] | None = None):
+  def __init__(
+    self, total: int, images_per_step: int, done: int = 0, rates: list[float] | None = None
+  ):
     self.total, self.images_per_step = total, images_per_step
     self.rates = [] if rates is None else rates
     self._start_done = self._window_done = done
@@ -65,7 +67,7 @@ class Progress:
     """``(images per second in the window ending now, ETA in seconds)``; starts the next window."""
     now = time.perf_counter()
     ips = (done - self._window_done) * self.images_per_step / max(now - self._t_window, 1e-9)
-    if self._window_done > self._start_done:   # not the first window: no compilation in it
+    if self._window_done > self._start_done:  # not the first window: no compilation in it
       self.rates.append(ips)
     eta = (now - self._t_start) / max(done - self._start_done, 1) * (self.total - done)
     self._window_done, self._t_window = done, now
@@ -81,12 +83,19 @@ def check_finite(mean_loss: float, what: str, fix: str, last_good: str | None = 
   diverged state is never written."""
   if np.isfinite(mean_loss):
     return
-  saved = "" if last_good is None else f"; nothing was saved after it, the last good one is {last_good}"
+  saved = (
+    "" if last_good is None else f"; nothing was saved after it, the last good one is {last_good}"
+  )
   raise TrainingDivergedError(f"non-finite loss in {what}{saved}. {fix}")
 
 
-def checkpoint_if_due(stop: preemption.StopRequest, done: int, every: int,
-                      save: Callable[[], int], stopped: Callable[[int], str]) -> None:
+def checkpoint_if_due(
+  stop: preemption.StopRequest,
+  done: int,
+  every: int,
+  save: Callable[[], int],
+  stopped: Callable[[int], str],
+) -> None:
   """Calls ``save()`` (which checks finiteness and returns the checkpoint's number) every
   ``every`` steps (never if 0) and when ``stop`` asks for a stop; after a stop's save raises
   :class:`preemption.Preempted` with ``"stopped by SIGTERM " + stopped(checkpoint number)``."""

@@ -18,6 +18,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def compute_dtype(name: str, setting: str = "dtype"):
   """The JAX dtype for a config value ``"float32"`` or ``"bfloat16"``."""
   if name not in DTYPES:
-    raise ConfigError(f"unknown compute dtype {name!r} for --config.{setting}; use one of "
-                      f"{', '.join(DTYPES)}")
+    raise ConfigError(
+      f"unknown compute dtype {name!r} for --config.{setting}; use one of {', '.join(DTYPES)}"
+    )
   return DTYPES[name]

@@ -29,15 +29,15 @@ class Preempted(Exception):
 class StopRequest:
   """Remembers a stop signal; a context manager that installs (and restores) the handlers.
 
-      with preemption.StopRequest() as stop:
-        train.train_and_export(config, workdir, stop=stop)
+  with preemption.StopRequest() as stop:
+    train.train_and_export(config, workdir, stop=stop)
   """
 
   def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self._signals = tuple(signals)
     self._received: int | None = None
     self._previous = {}
-    self._calls = 0      # the step id of the multi-process sync point (same on every process)
+    self._calls = 0  # the step id of the multi-process sync point (same on every process)
 
   @property
   def signal_name(self) -> str | None:
@@ -45,14 +45,19 @@ class StopRequest:
 
   def _handle(self, signum, frame):
     del frame
-    if self._received is not None:   # the second signal: no more waiting
-      logging.warning("second %s: exiting now; the checkpoint being written (if any) is "
-                      "discarded on restart", signal.Signals(signum).name)
+    if self._received is not None:  # the second signal: no more waiting
+      logging.warning(
+        "second %s: exiting now; the checkpoint being written (if any) is discarded on restart",
+        signal.Signals(signum).name,
+      )
       logging.flush()
       os._exit(128 + signum)  # pylint: disable=protected-access
     self._received = signum
-    logging.warning("%s received: finishing the current step, then saving a checkpoint and "
-                    "exiting (send it again to exit at once)", signal.Signals(signum).name)
+    logging.warning(
+      "%s received: finishing the current step, then saving a checkpoint and "
+      "exiting (send it again to exit at once)",
+      signal.Signals(signum).name,
+    )
 
   def __enter__(self) -> "StopRequest":
     # Python handlers only in the main thread of a single-process job (see the module docstring).
@@ -79,9 +84,10 @@ class StopRequest:
       return True
     if jax.process_count() > 1 and self._signals:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       try:
         reached = multihost_utils.reached_preemption_sync_point(self._calls)
-      except RuntimeError:   # started with jax_enable_preemption_service=False: no notices
+      except RuntimeError:  # started with jax_enable_preemption_service=False: no notices
         reached = False
       if reached:
         self._received = signal.SIGTERM

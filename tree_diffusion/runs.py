@@ -29,6 +29,7 @@ class RunDir:
   ``root`` may be a local directory or a ``gs://`` URL; every path is read and written through
   :mod:`tree_diffusion.files`.
   """
+
   root: str
 
   def __post_init__(self):
@@ -169,14 +170,16 @@ def read_recorded_config(workdir: str, fix: str) -> tuple[str, dict] | None:
     ConfigError: the file cannot be read or holds no JSON object (the message ends with ``fix``).
   """
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+
   path = RunDir(workdir).own_config()
   if path is None:
     return None
   try:
     saved = files.read_json(path)
   except (OSError, ValueError) as e:
-    raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {files.one_line(e)}): "
-                      f"{fix}") from None
+    raise ConfigError(
+      f"{path} cannot be read ({type(e).__name__}: {files.one_line(e)}): {fix}"
+    ) from None
   if not isinstance(saved, dict):
     raise ConfigError(f"{path} holds no config: {fix}")
   return path, saved
@@ -192,13 +195,14 @@ def save_config(path: str, config) -> bool:
     Whether the file was written.
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.process_index() != 0:
     return False
   obj = json.loads(config.to_json_best_effort())
   try:
     if files.exists(path) and files.read_json(path) == obj:
       return False
-  except (OSError, ValueError):   # unreadable or garbled: written again
+  except (OSError, ValueError):  # unreadable or garbled: written again
     pass
   files.write_json(path, obj)
   return True
@@ -213,9 +217,10 @@ def format_eta(seconds: float) -> str:
 def _full_disk(directory: str, e: OSError) -> DiskFullError:
   """The error of a full disk found while creating ``directory`` or probing it (``e``)."""
   return DiskFullError(
-      getattr(disk_full(e), "errno", None) or e.errno,
-      f"the disk that holds {directory} is full: nothing was written (what the run directory had "
-      f"is kept); free space on it and re-run the same command")
+    getattr(disk_full(e), "errno", None) or e.errno,
+    f"the disk that holds {directory} is full: nothing was written (what the run directory had "
+    f"is kept); free space on it and re-run the same command",
+  )
 
 
 def _unwritable(directory: str) -> str | None:
@@ -258,8 +263,9 @@ def check_workdir(workdir: str):
   else:
     why = _unwritable(workdir)
   if why is not None:
-    raise PermissionError(f"workdir {workdir} is not writable ({why}); "
-                          f"pass a --workdir you can write to")
+    raise PermissionError(
+      f"workdir {workdir} is not writable ({why}); pass a --workdir you can write to"
+    )
 
 
 def check_writable(path: str, fix: str):

@@ -58,10 +58,12 @@ def check_processes() -> None:
   counts = collections.Counter(d.process_index for d in jax.devices())
   if len(set(counts.values())) > 1:
     listed = ", ".join(f"process {p}: {n}" for p, n in sorted(counts.items()))
-    raise ConfigError(f"the processes of this job have different numbers of devices ({listed}); "
-                      f"every process must have the same number (start one process per host "
-                      f"with all its accelerators, or set CUDA_VISIBLE_DEVICES to "
-                      f"{min(counts.values())} devices on every host)")
+    raise ConfigError(
+      f"the processes of this job have different numbers of devices ({listed}); "
+      f"every process must have the same number (start one process per host "
+      f"with all its accelerators, or set CUDA_VISIBLE_DEVICES to "
+      f"{min(counts.values())} devices on every host)"
+    )
 
 
 def replicated(mesh) -> NamedSharding:
@@ -84,6 +86,7 @@ def replicate(tree, mesh):
     if isinstance(a, jax.Array) and a.sharding == rep:
       return a
     return jax.device_put(np.asarray(a), rep)
+
   return jax.tree_util.tree_map(put, tree)
 
 
@@ -100,8 +103,10 @@ def data_sharded(mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, mesh, setting: str = "stage1.batch_size") -> None:
   n = mesh.devices.size
   if batch_size % n:
-    raise ConfigError(f"batch size {batch_size} is not divisible by the {n} devices of the mesh; "
-                     f"use a multiple of {n} (e.g. --config.{setting}={batch_size // n * n or n})")
+    raise ConfigError(
+      f"batch size {batch_size} is not divisible by the {n} devices of the mesh; "
+      f"use a multiple of {n} (e.g. --config.{setting}={batch_size // n * n or n})"
+    )
 
 
 def process_rows(mesh, global_batch: int) -> slice:
@@ -111,8 +116,10 @@ def process_rows(mesh, global_batch: int) -> slice:
   stops = [global_batch if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
   lo, hi = min(starts), max(stops)
   if sum(b - a for a, b in set(zip(starts, stops))) != hi - lo:
-    raise ValueError(f"this process's devices do not hold one contiguous block of the batch "
-                     f"({sorted(set(zip(starts, stops)))}); build the mesh with make_mesh()")
+    raise ValueError(
+      f"this process's devices do not hold one contiguous block of the batch "
+      f"({sorted(set(zip(starts, stops)))}); build the mesh with make_mesh()"
+    )
   return slice(lo, hi)
 
 
@@ -139,8 +146,10 @@ def put_global(arrays, mesh):
 
   def put(a):
     a = np.asarray(a)
-    return jax.make_array_from_process_local_data(sharding, a[process_rows(mesh, a.shape[0])],
-                                                  a.shape)
+    return jax.make_array_from_process_local_data(
+      sharding, a[process_rows(mesh, a.shape[0])], a.shape
+    )
+
   return jax.tree_util.tree_map(put, arrays)
 
 
@@ -153,6 +162,7 @@ def to_host(tree):
     if isinstance(a, jax.Array) and not a.is_fully_addressable:
       return multihost_utils.process_allgather(a, tiled=True)
     return np.asarray(a)
+
   return jax.tree_util.tree_map(get, tree)
 
 

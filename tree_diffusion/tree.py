@@ -51,19 +51,23 @@ class Tree:
   def __post_init__(self):
     given = self.nodes
     if isinstance(given, (str, bytes)) or not hasattr(given, "__iter__"):
-      raise TypeError(f"a Tree's nodes are a sequence of heap ids such as (0, 1, 2); got "
-                      f"{type(given).__name__} {given!r}")
+      raise TypeError(
+        f"a Tree's nodes are a sequence of heap ids such as (0, 1, 2); got "
+        f"{type(given).__name__} {given!r}"
+      )
     given = tuple(given)
     bad = [n for n in given if isinstance(n, bool) or not isinstance(n, numbers.Integral)]
     if bad:
       raise TypeError(f"a Tree's nodes are integer heap ids such as (0, 1, 2); got {bad[0]!r}")
     nodes = tuple(sorted(set(int(n) for n in given)))
     if nodes and nodes[0] < 0:
-      raise ValueError(f"a Tree's node ids are heap ids >= 0 (root 0, children 2i+1 and 2i+2); "
-                       f"got {nodes[0]}")
+      raise ValueError(
+        f"a Tree's node ids are heap ids >= 0 (root 0, children 2i+1 and 2i+2); got {nodes[0]}"
+      )
     if nodes and nodes[-1] > MAX_NODE_ID:
-      raise ValueError(f"node {nodes[-1]} is deeper than {MAX_DEPTH} levels (heap ids up to "
-                       f"{MAX_NODE_ID})")
+      raise ValueError(
+        f"node {nodes[-1]} is deeper than {MAX_DEPTH} levels (heap ids up to {MAX_NODE_ID})"
+      )
     if not nodes or nodes[0] != 0:
       raise ValueError(f"a tree needs its root (node 0); got nodes {nodes}")
     present = set(nodes)
@@ -84,8 +88,10 @@ class Tree:
     if isinstance(depth, bool) or not isinstance(depth, numbers.Integral):
       raise TypeError(f"depth must be an integer in 0..{MAX_DEPTH}; got {depth!r}")
     if not 0 <= depth <= MAX_DEPTH:
-      raise ValueError(f"depth must be an integer in 0..{MAX_DEPTH} (a complete tree of depth d "
-                       f"has 2^(d+1) - 1 nodes); got {depth}")
+      raise ValueError(
+        f"depth must be an integer in 0..{MAX_DEPTH} (a complete tree of depth d "
+        f"has 2^(d+1) - 1 nodes); got {depth}"
+      )
     return cls(tuple(range(2 ** (depth + 1) - 1)))
 
   # ----------------------------------------------------------------------------- structure
@@ -177,7 +183,9 @@ class Tree:
     """Gives leaf ``node_id`` two children."""
     self._check(node_id)
     if not self.is_leaf(node_id):
-      raise ValueError(f"can only grow a leaf; node {node_id} has children {self.children(node_id)}")
+      raise ValueError(
+        f"can only grow a leaf; node {node_id} has children {self.children(node_id)}"
+      )
     return Tree(self.nodes + (2 * node_id + 1, 2 * node_id + 2))
 
   def prune(self, node_ids: Iterable[int]) -> "Tree":

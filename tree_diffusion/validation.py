@@ -64,8 +64,9 @@ def _walk(value: dict, reference: dict, prefix: str):
       _walk(v, ref, name + ".")
       continue
     if got != want and not (got == "int" and want == "float") and ref is not None:
-      raise ConfigError(f"config.{name} must be {want} (like {ref!r}), got {got} {v!r}; "
-                        f"set --config.{name}=…")
+      raise ConfigError(
+        f"config.{name} must be {want} (like {ref!r}), got {got} {v!r}; set --config.{name}=…"
+      )
 
 
 def _get(config, name: str):
@@ -94,82 +95,136 @@ dtype = (lambda v: v in _DTYPES, f"one of {_DTYPES}")
 
 
 def check_data(config) -> None:
-  check_rules(config, {
+  check_rules(
+    config,
+    {
       "data.image_size": positive,
       # 0: from the images; the launchers set it to 1 or 3 before anything uses it.
       "data.channels": (lambda v: v in (0, 1, 3), "1 or 3 (or 0: from the images)"),
       "data.test_fraction": unit_open,
       "data.seed": non_negative,
-  })
+    },
+  )
 
 
 def check_stage1(config) -> None:
   """Ranges of ``data`` and ``stage1`` (the TreeVAE's own checks run when it is built)."""
   check_data(config)
   s = "stage1."
-  check_rules(config, {
-      s + "batch_size": positive, s + "eval_batch_size": positive, s + "lr": positive,
-      s + "weight_decay": non_negative, s + "decay_lr": positive, s + "decay_stepsize": positive,
-      s + "num_epochs": non_negative, s + "num_epochs_smalltree": non_negative,
+  check_rules(
+    config,
+    {
+      s + "batch_size": positive,
+      s + "eval_batch_size": positive,
+      s + "lr": positive,
+      s + "weight_decay": non_negative,
+      s + "decay_lr": positive,
+      s + "decay_stepsize": positive,
+      s + "num_epochs": non_negative,
+      s + "num_epochs_smalltree": non_negative,
       s + "num_epochs_intermediate_fulltrain": non_negative,
-      s + "num_epochs_finetuning": non_negative, s + "kl_start": non_negative,
-      s + "decay_kl": non_negative, s + "initial_depth": positive,
+      s + "num_epochs_finetuning": non_negative,
+      s + "kl_start": non_negative,
+      s + "decay_kl": non_negative,
+      s + "initial_depth": positive,
       s + "num_clusters_tree": (lambda v: v >= 2, ">= 2"),
-      s + "max_growth_iterations": non_negative, s + "log_every_epochs": non_negative,
+      s + "max_growth_iterations": non_negative,
+      s + "log_every_epochs": non_negative,
       s + "eval_every_epochs": non_negative,
-      s + "checkpoints_to_keep": positive, s + "checkpoint_every_steps": non_negative,
-      s + "seed": non_negative, s + "dtype": dtype,
-  })
+      s + "checkpoints_to_keep": positive,
+      s + "checkpoint_every_steps": non_negative,
+      s + "seed": non_negative,
+      s + "dtype": dtype,
+    },
+  )
   if config.stage1.augment and config.stage1.batch_size % 2:
-    raise ConfigError(f"config.stage1.batch_size must be even with augment=True (two views of "
-                      f"batch_size/2 images), got {config.stage1.batch_size}")
+    raise ConfigError(
+      f"config.stage1.batch_size must be even with augment=True (two views of "
+      f"batch_size/2 images), got {config.stage1.batch_size}"
+    )
 
 
 def check_stage2(config) -> None:
   """Ranges of ``data`` and ``diffusion``."""
   check_data(config)
   d = "diffusion."
-  check_rules(config, {
-      d + "T": positive, d + "beta_1": (lambda v: 0 < v < 1, "in (0, 1)"),
-      d + "beta_T": (lambda v: 0 < v < 1, "in (0, 1)"), d + "lr": positive,
-      d + "warmup_steps": non_negative, d + "grad_clip": positive, d + "ema_decay": unit_open,
-      d + "cfg_drop_rate": unit_open, d + "seed": non_negative, d + "batch_size": positive,
-      d + "num_epochs": non_negative, d + "num_steps": non_negative,
-      d + "log_every_steps": positive, d + "checkpoint_every_steps": positive,
-      d + "checkpoints_to_keep": positive, d + "sample_every": non_negative, d + "dtype": dtype,
-  })
+  check_rules(
+    config,
+    {
+      d + "T": positive,
+      d + "beta_1": (lambda v: 0 < v < 1, "in (0, 1)"),
+      d + "beta_T": (lambda v: 0 < v < 1, "in (0, 1)"),
+      d + "lr": positive,
+      d + "warmup_steps": non_negative,
+      d + "grad_clip": positive,
+      d + "ema_decay": unit_open,
+      d + "cfg_drop_rate": unit_open,
+      d + "seed": non_negative,
+      d + "batch_size": positive,
+      d + "num_epochs": non_negative,
+      d + "num_steps": non_negative,
+      d + "log_every_steps": positive,
+      d + "checkpoint_every_steps": positive,
+      d + "checkpoints_to_keep": positive,
+      d + "sample_every": non_negative,
+      d + "dtype": dtype,
+    },
+  )
   if config.diffusion.beta_1 > config.diffusion.beta_T:
-    raise ConfigError(f"config.diffusion.beta_1 ({config.diffusion.beta_1}) must be <= beta_T "
-                      f"({config.diffusion.beta_T})")
+    raise ConfigError(
+      f"config.diffusion.beta_1 ({config.diffusion.beta_1}) must be <= beta_T "
+      f"({config.diffusion.beta_T})"
+    )
   _check_some_training(config, "diffusion")
 
 
 def check_eval(config) -> None:
   """Ranges of ``eval`` (launch/evaluate.py) and of the sampling settings it uses."""
   e = "eval."
-  check_rules(config, {
-      e + "batch_size": positive, e + "num_samples": positive, e + "recons_num": non_negative,
-      e + "purity_samples": positive, e + "fid_batch_size": positive, e + "ll_samples": positive,
-      e + "ll_batch_size": positive, e + "grid_images": positive, e + "seed": non_negative,
-  })
+  check_rules(
+    config,
+    {
+      e + "batch_size": positive,
+      e + "num_samples": positive,
+      e + "recons_num": non_negative,
+      e + "purity_samples": positive,
+      e + "fid_batch_size": positive,
+      e + "ll_samples": positive,
+      e + "ll_batch_size": positive,
+      e + "grid_images": positive,
+      e + "seed": non_negative,
+    },
+  )
   if config.eval.fid and config.eval.num_samples < 2:
-    raise ConfigError(f"config.eval.num_samples must be >= 2 for FID, got "
-                      f"{config.eval.num_samples}; set --config.eval.num_samples=… or "
-                      f"--config.eval.fid=False")
+    raise ConfigError(
+      f"config.eval.num_samples must be >= 2 for FID, got "
+      f"{config.eval.num_samples}; set --config.eval.num_samples=… or "
+      f"--config.eval.fid=False"
+    )
   check_classifier(config)
 
 
 def check_classifier(config) -> None:
   """Ranges of ``classifier`` (the purity classifier; its own checks run when it is built)."""
   c = "classifier."
-  check_rules(config, {
-      c + "width": positive, c + "lr": positive, c + "batch_size": positive,
-      c + "num_epochs": non_negative, c + "num_steps": non_negative, c + "seed": non_negative,
-      c + "eval_batch_size": positive, c + "log_every_steps": non_negative,
+  check_rules(
+    config,
+    {
+      c + "width": positive,
+      c + "lr": positive,
+      c + "batch_size": positive,
+      c + "num_epochs": non_negative,
+      c + "num_steps": non_negative,
+      c + "seed": non_negative,
+      c + "eval_batch_size": positive,
+      c + "log_every_steps": non_negative,
       c + "eval_every_epochs": non_negative,
-      c + "thresholds": (lambda v: len(v) > 0 and all(0 < t <= 1 for t in v),
-                         "a non-empty list of probabilities in (0, 1]"),
-  })
+      c + "thresholds": (
+        lambda v: len(v) > 0 and all(0 < t <= 1 for t in v),
+        "a non-empty list of probabilities in (0, 1]",
+      ),
+    },
+  )
   _check_some_training(config, "classifier")
 
 

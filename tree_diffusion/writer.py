@@ -51,8 +51,15 @@ def eval_tags(thresholds=()) -> list[str]:
 def stage1_eval_tags() -> list[str]:
   """The scalar tags the evaluation writes for the stage-1 export (its TreeVAE's own FIDs, the
   test clustering metrics and log-likelihood)."""
-  return ["eval/fid_gen", "eval/fid_rec", "eval/nmi", "eval/accuracy", "eval/leaf_purity",
-          "eval/dendrogram_purity", "eval/log_likelihood"]
+  return [
+    "eval/fid_gen",
+    "eval/fid_rec",
+    "eval/nmi",
+    "eval/accuracy",
+    "eval/leaf_purity",
+    "eval/dendrogram_purity",
+    "eval/log_likelihood",
+  ]
 
 
 def purity_tag(threshold: float) -> str:
@@ -78,8 +85,10 @@ def _image_array(tag: str, image) -> tuple[np.ndarray, str]:
   """``image`` as a uint8 array and its tensorboardX data format; a one-line error otherwise."""
   x = np.asarray(image)
   if x.dtype != np.uint8:
-    raise ValueError(f"image {tag!r} is {x.dtype}; pass uint8 pixels (e.g. "
-                     f"np.rint(np.clip(x, 0, 1) * 255).astype(np.uint8))")
+    raise ValueError(
+      f"image {tag!r} is {x.dtype}; pass uint8 pixels (e.g. "
+      f"np.rint(np.clip(x, 0, 1) * 255).astype(np.uint8))"
+    )
   if x.ndim == 2:
     return x, "HW"
   if x.ndim == 3 and x.shape[-1] in (1, 3, 4):
@@ -106,7 +115,7 @@ class MetricWriter:
     self._tb = None
     self._jsonl = None
     self._remote = not _appendable(self.logdir)
-    self._lines: list[str] = []           # remote: the whole JSON-lines file
+    self._lines: list[str] = []  # remote: the whole JSON-lines file
     self._uploaded = 0.0
     self._dirty = False
     self._remote_flush_secs = remote_flush_secs
@@ -114,6 +123,7 @@ class MetricWriter:
       return
     files.makedirs(self.logdir)
     from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
+
     suffix = f".{os.getpid()}.{os.urandom(4).hex()}" + (f".{job}" if job else "")
     self._tb = SummaryWriter(self.logdir, filename_suffix=suffix)
     self._jsonl_path = files.join(self.logdir, f"metrics.{job}.jsonl" if job else "metrics.jsonl")
@@ -153,10 +163,10 @@ class MetricWriter:
       DiskFullError: the disk is full.
     """
     events = self._tb.file_writer.event_writer
-    worker = getattr(events, "_worker", None)   # tensorboardX 2.x: the thread (not public)
+    worker = getattr(events, "_worker", None)  # tensorboardX 2.x: the thread (not public)
     if worker is not None and not worker.is_alive():
       queue = getattr(events, "_event_queue", None)
-      if queue is not None:   # nothing reads it any more: the process exits without its events
+      if queue is not None:  # nothing reads it any more: the process exits without its events
         queue.cancel_join_thread()
       with self._full_disk_said(f"the TensorBoard events in {self.logdir}"):
         events.flush()
@@ -173,9 +183,11 @@ class MetricWriter:
       if errors.disk_full(e) is None:
         raise
       raise errors.DiskFullError(
-          e.errno, f"the disk is full: {what} could not be written (what was written before is "
-          f"kept); free space on the disk that holds {self.logdir} and re-run the same command (a "
-          f"training command resumes from its last complete checkpoint)") from e
+        e.errno,
+        f"the disk is full: {what} could not be written (what was written before is "
+        f"kept); free space on the disk that holds {self.logdir} and re-run the same command (a "
+        f"training command resumes from its last complete checkpoint)",
+      ) from e
 
   def write_images(self, step: int, images: Mapping[str, Any]):
     """Each ``tag: image`` at ``step``: uint8 ``[H, W]`` (grey), ``[H, W, 1|3|4]`` or a PIL image.
@@ -198,6 +210,7 @@ class MetricWriter:
     if not self.active:
       return
     from tensorboardX.summary import hparams as hparams_summaries
+
     values = {k: _hparam_value(v) for k, v in hparams.items() if v is not None}
     experiment, session_start, _ = hparams_summaries(values, {m: 0.0 for m in metrics})
     # Both in this run's own event file (tensorboardX's add_hparams would make a sub-run): the

@@ -20,9 +20,12 @@ import jax
 
 # What YNNPACK takes on a CPU in the convolutional networks' programs: XLA's default (individual
 # dots and convolutions, reductions) plus elementwise fusions.
-CONV_NET_CPU = {"xla_cpu_experimental_ynn_fusion_type": ",".join(
-    f"LIBRARY_FUSION_TYPE_{t}" for t in ("INDIVIDUAL_DOT", "INDIVIDUAL_CONVOLUTION", "ELTWISE",
-                                         "REDUCE"))}
+CONV_NET_CPU = {
+  "xla_cpu_experimental_ynn_fusion_type": ",".join(
+    f"LIBRARY_FUSION_TYPE_{t}"
+    for t in ("INDIVIDUAL_DOT", "INDIVIDUAL_CONVOLUTION", "ELTWISE", "REDUCE")
+  )
+}
 
 
 def conv_net(platform: str) -> dict[str, Any] | None:
@@ -51,8 +54,9 @@ class ConvNetJit:
   def _for_backend(self):
     platform = jax.default_backend()
     if platform not in self._jitted:
-      self._jitted[platform] = jax.jit(self._fun, compiler_options=conv_net(platform),
-                                       **self._kwargs)
+      self._jitted[platform] = jax.jit(
+        self._fun, compiler_options=conv_net(platform), **self._kwargs
+      )
     return self._jitted[platform]
 
   def __call__(self, *args, **kwargs):

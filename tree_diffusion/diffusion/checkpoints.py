@@ -10,9 +10,16 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from tree_diffusion import files
-from tree_diffusion.checkpoint import (STAGE2_RESUMABLE_CHANGES, STAGE2_SECTIONS, CheckpointError,
-                                       Checkpoints, abstract_like, check_compatible,
-                                       config_sections, short_error)
+from tree_diffusion.checkpoint import (
+  STAGE2_RESUMABLE_CHANGES,
+  STAGE2_SECTIONS,
+  CheckpointError,
+  Checkpoints,
+  abstract_like,
+  check_compatible,
+  config_sections,
+  short_error,
+)
 
 
 class Stage2Checkpoints(Checkpoints):
@@ -33,8 +40,9 @@ class Stage2Checkpoints(Checkpoints):
 
   def _check_step(self, step: int):
     if step not in self.manager.all_steps():
-      raise CheckpointError(f"no stage-2 checkpoint {step} in {self.directory}; "
-                            f"have {sorted(self.manager.all_steps())}")
+      raise CheckpointError(
+        f"no stage-2 checkpoint {step} in {self.directory}; have {sorted(self.manager.all_steps())}"
+      )
 
   def read_meta(self, step: int | None = None) -> dict | None:
     step = self.manager.latest_step() if step is None else step
@@ -52,12 +60,14 @@ class Stage2Checkpoints(Checkpoints):
     self._check_step(step)
     out = self._read(step, lambda meta: abstract_like(abstract_state), lambda s, m: None)
     if isinstance(out, Exception):
-      raise CheckpointError(f"stage-2 checkpoint {step} in {self.directory} cannot be read "
-                            f"({short_error(out)})")
+      raise CheckpointError(
+        f"stage-2 checkpoint {step} in {self.directory} cannot be read ({short_error(out)})"
+      )
     return (step,) + out
 
-  def restore_for_training(self, abstract_state: Callable[[], Any], config,
-                           check_meta: Callable[[int, dict], None]):
+  def restore_for_training(
+    self, abstract_state: Callable[[], Any], config, check_meta: Callable[[int, dict], None]
+  ):
     """``(step, state, meta)`` of the newest readable checkpoint (falling back past unreadable
     ones), refused if its config or version differs; ``None`` when there is none.
     ``abstract_state()`` gives the restore target (only called when there is a checkpoint)."""
@@ -65,8 +75,15 @@ class Stage2Checkpoints(Checkpoints):
 
     def check(step, meta):
       check_meta(step, meta)
-      check_compatible(self.kind, step, self.directory, meta, current, STAGE2_RESUMABLE_CHANGES,
-                       afresh=lambda keys: _stage2_afresh(keys, meta.get("export")))
+      check_compatible(
+        self.kind,
+        step,
+        self.directory,
+        meta,
+        current,
+        STAGE2_RESUMABLE_CHANGES,
+        afresh=lambda keys: _stage2_afresh(keys, meta.get("export")),
+      )
 
     return self.restore_latest(lambda meta: abstract_like(abstract_state()), check)
 
@@ -76,6 +93,8 @@ def _stage2_afresh(keys: Iterable[str], export: str | None) -> str:
   --workdir, on the run's stage-1 ``export`` when they are all stage-2 settings (stage 1 is then
   not trained again)."""
   if export and all(k.startswith("diffusion.") for k in keys):
-    return (f"start afresh with a new --workdir on this run's stage-1 export: pass "
-            f"--config.diffusion.treevae_export={export}")
+    return (
+      f"start afresh with a new --workdir on this run's stage-1 export: pass "
+      f"--config.diffusion.treevae_export={export}"
+    )
   return "start afresh with a new --workdir"

@@ -39,15 +39,27 @@ from tree_diffusion.tree import Tree
 
 IMAGE_PARTS = ("image", "form2")
 SIGNALS = ("path", "leaf_id", "leaf_latent", "leaf_id+latent")
-NAMES = ("path", "image+path", "image", "leaf_id", "leaf_latent", "leaf_id+latent", "form2",
-         "form2+path", "image+leaf_id", "image+leaf_latent", "image+leaf_id+latent")
+NAMES = (
+  "path",
+  "image+path",
+  "image",
+  "leaf_id",
+  "leaf_latent",
+  "leaf_id+latent",
+  "form2",
+  "form2+path",
+  "image+leaf_id",
+  "image+leaf_latent",
+  "image+leaf_id+latent",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Conditioning:
   """A parsed conditioning name (hashable: part of jit cache keys)."""
-  image: str | None      # None, "image" (form1) or "form2"
-  signal: str | None     # None or one of SIGNALS
+
+  image: str | None  # None, "image" (form1) or "form2"
+  signal: str | None  # None or one of SIGNALS
 
   @classmethod
   def parse(cls, name: str) -> "Conditioning":
@@ -57,8 +69,10 @@ class Conditioning:
     image = [p for p in parts if p in IMAGE_PARTS]
     signal = [p for p in parts if p in SIGNALS]
     if not parts or len(image) > 1 or len(signal) > 1 or len(image) + len(signal) != len(parts):
-      raise ConfigError(f"unknown conditioning {name!r}; use one of {', '.join(NAMES)} "
-                        f"(e.g. --config.diffusion.conditioning=path)")
+      raise ConfigError(
+        f"unknown conditioning {name!r}; use one of {', '.join(NAMES)} "
+        f"(e.g. --config.diffusion.conditioning=path)"
+      )
     return cls(image[0] if image else None, signal[0] if signal else None)
 
   @property
@@ -80,6 +94,7 @@ class Conditioning:
 
 class MLP(nn.Module):
   """``Linear → SiLU → Linear`` (the reference's projection block)."""
+
   features: int
   dtype: Any = jnp.float32
 
@@ -92,6 +107,7 @@ class MLP(nn.Module):
 class SignalEncoder(nn.Module):
   """``y_b = Σ_d mask[b, d] (MLP_lat(latents[b, d]) + MLP_id(ids[b, d]))``: the path encoder and the
   leaf signals (one entry) in one masked sum."""
+
   features: int
   use_latent: bool
   use_id: bool
@@ -114,28 +130,42 @@ class Denoiser(nn.Module):
   ``[B, D, z_dim]``, ``ids`` ``[B, D]``, ``mask`` ``[B, D]`` (signal variants); see
   :func:`make_condition`.
   """
+
   conditioning: Conditioning
-  unet: dict   # UNet hyper-parameters (hashable items)
-  dtype: Any = jnp.float32   # compute dtype (parameters stay float32; the output is float32)
+  unet: dict  # UNet hyper-parameters (hashable items)
+  dtype: Any = jnp.float32  # compute dtype (parameters stay float32; the output is float32)
 
   @nn.compact
   def __call__(self, x_t, t, cond: dict, *, train: bool):
-    unet = UNet(out_channels=x_t.shape[-1], scale_shift=self.conditioning.signal is not None,
-                dtype=self.dtype, **dict(self.unet))
+    unet = UNet(
+      out_channels=x_t.shape[-1],
+      scale_shift=self.conditioning.signal is not None,
+      dtype=self.dtype,
+      **dict(self.unet),
+    )
     y = None
     if self.conditioning.signal is not None:
-      y = SignalEncoder(unet.embed_dim, self.conditioning.uses_latent, self.conditioning.uses_id,
-                        self.dtype, name="signal")(cond["latents"], cond["ids"], cond["mask"])
+      y = SignalEncoder(
+        unet.embed_dim,
+        self.conditioning.uses_latent,
+        self.conditioning.uses_id,
+        self.dtype,
+        name="signal",
+      )(cond["latents"], cond["ids"], cond["mask"])
     x = x_t
     if self.conditioning.image is not None:
       x = jnp.concatenate([x_t, cond["image"].astype(x_t.dtype)], axis=-1)
     return unet(x, t, y, train=train)
 
 
-def make_denoiser(conditioning: str | Conditioning, unet_config, dtype: str = "float32") -> Denoiser:
+def make_denoiser(
+  conditioning: str | Conditioning, unet_config, dtype: str = "float32"
+) -> Denoiser:
   """A :class:`Denoiser` from a conditioning name, the config's ``diffusion.unet`` section and the
   compute dtype (``diffusion.dtype``)."""
-  cond = conditioning if isinstance(conditioning, Conditioning) else Conditioning.parse(conditioning)
+  cond = (
+    conditioning if isinstance(conditioning, Conditioning) else Conditioning.parse(conditioning)
+  )
   u = dict(unet_config)
   unknown = sorted(set(u) - set(UNET_KEYS))
   if unknown:
@@ -153,8 +183,15 @@ def make_denoiser(conditioning: str | Conditioning, unet_config, dtype: str = "f
 
 # The settings of the U-Net a config's ``diffusion.unet`` section may hold (the rest of
 # :class:`UNet`'s fields come from the data and the conditioning).
-UNET_KEYS = ("ch", "ch_mults", "num_res_blocks", "attn_resolutions", "num_heads", "dropout",
-             "norm_groups")
+UNET_KEYS = (
+  "ch",
+  "ch_mults",
+  "num_res_blocks",
+  "attn_resolutions",
+  "num_heads",
+  "dropout",
+  "norm_groups",
+)
 
 
 class FrozenItems(dict):
@@ -179,6 +216,7 @@ class PathTables:
     path_mask: ``[K, D]`` 1 for real path entries.
     leaf_pos: ``[K]`` BFS positions of the leaves (``tree.leaves`` order).
   """
+
   nodes: tuple[int, ...]
   path_pos: np.ndarray
   path_mask: np.ndarray
@@ -192,8 +230,8 @@ class PathTables:
     path_pos = np.zeros((len(paths), d), np.int32)
     path_mask = np.zeros((len(paths), d), np.float32)
     for k, p in enumerate(paths):
-      path_pos[k, :len(p)] = [pos[n] for n in p]
-      path_mask[k, :len(p)] = 1.0
+      path_pos[k, : len(p)] = [pos[n] for n in p]
+      path_mask[k, : len(p)] = 1.0
     leaf_pos = np.asarray([pos[n] for n in tree.leaves], np.int32)
     return cls(tuple(tree.nodes), path_pos, path_mask, leaf_pos)
 
@@ -205,8 +243,14 @@ def stack_latents(z: dict, nodes) -> jax.Array:
   return jnp.stack([jnp.pad(f, ((0, 0), (0, width - f.shape[1]))) for f in flat], axis=1)
 
 
-def make_condition(cond: Conditioning, tables: PathTables, z_all: jax.Array, leaf: jax.Array,
-                   leaf_images: jax.Array | None = None, keep: jax.Array | None = None) -> dict:
+def make_condition(
+  cond: Conditioning,
+  tables: PathTables,
+  z_all: jax.Array,
+  leaf: jax.Array,
+  leaf_images: jax.Array | None = None,
+  keep: jax.Array | None = None,
+) -> dict:
   """The denoiser's ``cond`` for leaf ``leaf[b]`` (index into ``tree.leaves``) of every sample.
 
   Args:
@@ -225,8 +269,8 @@ def make_condition(cond: Conditioning, tables: PathTables, z_all: jax.Array, lea
       image = jnp.where(keep[:, None, None, None], image, 0.0)
     out["image"] = image
   if cond.signal == "path":
-    pos = jnp.asarray(tables.path_pos)[leaf]                                  # [B, D]
-    out["latents"] = jnp.take_along_axis(z_all, pos[..., None], axis=1)      # [B, D, z]
+    pos = jnp.asarray(tables.path_pos)[leaf]  # [B, D]
+    out["latents"] = jnp.take_along_axis(z_all, pos[..., None], axis=1)  # [B, D, z]
     out["ids"] = pos.astype(jnp.float32)
     out["mask"] = jnp.asarray(tables.path_mask)[leaf]
   elif cond.signal is not None:

@@ -29,9 +29,17 @@ def predict_x0(x_t: jax.Array, eps: jax.Array, alpha_bar_t, clip: bool = True) -
   return jnp.clip(x0, -1.0, 1.0) if clip else x0
 
 
-def ddim_step(x_t: jax.Array, eps: jax.Array, alpha_bar_t, alpha_bar_prev, eta=0.0,
-              key: jax.Array | None = None, *, clip: bool = True,
-              x0: jax.Array | None = None) -> jax.Array:
+def ddim_step(
+  x_t: jax.Array,
+  eps: jax.Array,
+  alpha_bar_t,
+  alpha_bar_prev,
+  eta=0.0,
+  key: jax.Array | None = None,
+  *,
+  clip: bool = True,
+  x0: jax.Array | None = None,
+) -> jax.Array:
   """``x_{t'}`` from ``x_t`` and the predicted noise ``eps`` (DDIM eq. 12).
 
   ``x' = sqrt(ᾱ') x̃0 + sqrt(1 − ᾱ' − σ²) ε̂ + σ ξ`` with
@@ -52,9 +60,15 @@ def ddim_step(x_t: jax.Array, eps: jax.Array, alpha_bar_t, alpha_bar_prev, eta=0
   """
   if x0 is None:
     x0 = predict_x0(x_t, eps, alpha_bar_t, clip)
-  sigma = eta * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)) * jnp.sqrt(
-      1.0 - alpha_bar_t / alpha_bar_prev)
-  x = jnp.sqrt(alpha_bar_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma ** 2, 0.0)) * eps
+  sigma = (
+    eta
+    * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t))
+    * jnp.sqrt(1.0 - alpha_bar_t / alpha_bar_prev)
+  )
+  x = (
+    jnp.sqrt(alpha_bar_prev) * x0
+    + jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma**2, 0.0)) * eps
+  )
   if key is not None:
     x = x + sigma * normal_like(key, x_t)
   elif not (isinstance(eta, (int, float)) and eta == 0):

@@ -9,9 +9,19 @@ import jax.numpy as jnp
 from tree_diffusion.diffusion.ddim import normal_like, predict_x0
 
 
-def ddpm_step(x_t: jax.Array, eps: jax.Array, alpha_bar_t, coef_x0, coef_xt, variance,
-              key: jax.Array, *, last, clip: bool = True,
-              x0: jax.Array | None = None) -> jax.Array:
+def ddpm_step(
+  x_t: jax.Array,
+  eps: jax.Array,
+  alpha_bar_t,
+  coef_x0,
+  coef_xt,
+  variance,
+  key: jax.Array,
+  *,
+  last,
+  clip: bool = True,
+  x0: jax.Array | None = None,
+) -> jax.Array:
   """``x_{t−1} ~ N(μ, v)`` with ``μ = c1 x̃0 + c2 x_t`` and ``x̃0`` from ``eps`` (clipped).
 
   Args:

@@ -49,9 +49,10 @@ def check_export(config, path: str, meta: dict):
   want = (config.data.image_size, config.data.image_size, config.data.channels)
   if got != want:
     raise ConfigError(
-        f"the stage-1 export {path} was trained on {'x'.join(map(str, got))} images but "
-        f"config.data ({config.data.name}) has {'x'.join(map(str, want))}: point "
-        f"--config.diffusion.treevae_export at an export of this dataset (or use its config)")
+      f"the stage-1 export {path} was trained on {'x'.join(map(str, got))} images but "
+      f"config.data ({config.data.name}) has {'x'.join(map(str, want))}: point "
+      f"--config.diffusion.treevae_export at an export of this dataset (or use its config)"
+    )
   saved = (meta.get("config") or {}).get("data")
   if saved is not None:
     current = ckpt_lib.config_sections(config, ("data",))["data"]
@@ -60,9 +61,10 @@ def check_export(config, path: str, meta: dict):
     diffs = ckpt_lib.config_differences({"data": saved}, {"data": current}, ignore)
     if diffs:
       raise ConfigError(
-          f"the stage-1 export {path} was trained on other data ({'; '.join(diffs)}): "
-          f"use the config of that stage-1 run, or point --config.diffusion.treevae_export at an "
-          f"export of this data")
+        f"the stage-1 export {path} was trained on other data ({'; '.join(diffs)}): "
+        f"use the config of that stage-1 run, or point --config.diffusion.treevae_export at an "
+        f"export of this data"
+      )
 
 
 def check_export_data(path: str, meta: dict, identity: dict, data_config=None):
@@ -76,13 +78,21 @@ def check_export_data(path: str, meta: dict, identity: dict, data_config=None):
   change = None if saved is None else data_lib.identity_change(saved, identity)
   if change:
     raise ConfigError(
-        f"the dataset changed since the stage-1 export {path} was trained ({change}): put the "
-        f"images back as they were, or train stage 1 again on them in a new --workdir")
-  moved = None if saved is None else data_lib.moved_folder(
-      (meta.get("config") or {}).get("data"), data_config)
+      f"the dataset changed since the stage-1 export {path} was trained ({change}): put the "
+      f"images back as they were, or train stage 1 again on them in a new --workdir"
+    )
+  moved = (
+    None
+    if saved is None
+    else data_lib.moved_folder((meta.get("config") or {}).get("data"), data_config)
+  )
   if moved:
-    logging.info("the stage-1 export %s was trained on the images in %s; they are now read from "
-                 "%s (the same images, labels and split)", path, *moved)
+    logging.info(
+      "the stage-1 export %s was trained on the images in %s; they are now read from "
+      "%s (the same images, labels and split)",
+      path,
+      *moved,
+    )
 
 
 def load_stage1(config, workdir: str):

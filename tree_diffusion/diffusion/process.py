@@ -43,6 +43,7 @@ def cosine_alpha_bars(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.n
 @dataclasses.dataclass(frozen=True)
 class Process:
   """The diffusion process (hashable, so it can be a static argument)."""
+
   T: int = 1000
   beta_1: float = 1e-4
   beta_T: float = 0.02
@@ -52,17 +53,27 @@ class Process:
 
   def __post_init__(self):
     if self.schedule not in SCHEDULES:
-      raise ConfigError(f"unknown noise schedule {self.schedule!r}; use one of {SCHEDULES} "
-                        f"(--config.diffusion.schedule)")
+      raise ConfigError(
+        f"unknown noise schedule {self.schedule!r}; use one of {SCHEDULES} "
+        f"(--config.diffusion.schedule)"
+      )
     if self.prediction not in PREDICTIONS:
-      raise ConfigError(f"unknown prediction target {self.prediction!r}; use one of "
-                        f"{PREDICTIONS} (--config.diffusion.prediction)")
+      raise ConfigError(
+        f"unknown prediction target {self.prediction!r}; use one of "
+        f"{PREDICTIONS} (--config.diffusion.prediction)"
+      )
 
   @classmethod
   def from_config(cls, c) -> "Process":
     """From the config's ``diffusion`` section."""
-    return cls(T=c.T, beta_1=c.beta_1, beta_T=c.beta_T, schedule=c.schedule,
-               prediction=c.prediction, center_data=bool(c.center_data))
+    return cls(
+      T=c.T,
+      beta_1=c.beta_1,
+      beta_T=c.beta_T,
+      schedule=c.schedule,
+      prediction=c.prediction,
+      center_data=bool(c.center_data),
+    )
 
   def alpha_bar(self) -> np.ndarray:
     """``ᾱ_t`` for ``t = 0 … T−1`` (float64)."""
@@ -86,8 +97,9 @@ class Process:
       return x0
     return jnp.sqrt(alpha_bar_t) * eps - jnp.sqrt(1.0 - alpha_bar_t) * x0
 
-  def x0_and_eps(self, pred: jax.Array, x_t: jax.Array, alpha_bar_t,
-                 clip: bool = True) -> tuple[jax.Array, jax.Array]:
+  def x0_and_eps(
+    self, pred: jax.Array, x_t: jax.Array, alpha_bar_t, clip: bool = True
+  ) -> tuple[jax.Array, jax.Array]:
     """``(x̃0, ε̂)`` from the network's output at ``x_t``; ``x̃0`` clipped to [−1, 1] if ``clip``.
 
     ε-prediction keeps the *unclipped* ``ε̂`` as the reference does; x0-prediction derives ``ε̂``

@@ -32,8 +32,12 @@ from absl import logging
 
 from tree_diffusion import inputs, sharding, validation, xla_options
 from tree_diffusion.diffusion import frozen, schedule
-from tree_diffusion.diffusion.conditioning import (Denoiser, PathTables, make_condition,
-                                                   null_condition)
+from tree_diffusion.diffusion.conditioning import (
+  Denoiser,
+  PathTables,
+  make_condition,
+  null_condition,
+)
 from tree_diffusion.diffusion.ddim import ddim_step, normal_like
 from tree_diffusion.diffusion.ddpm import ddpm_step
 from tree_diffusion.diffusion.process import Process
@@ -51,48 +55,66 @@ def check_config(config) -> None:
   with a config that cannot sample."""
   s = "diffusion.sampling."
   v = validation
-  v.check_rules(config, {
-      "diffusion.T": v.positive, s + "steps": v.positive, s + "batch_size": v.positive,
-      s + "num_samples": v.positive, s + "seed": v.non_negative,
-      s + "figure_samples": v.non_negative, s + "figure_images_per_leaf": v.positive,
-  })
-  SamplerConfig.from_config(config.diffusion)   # method, spacing, DDPM variance, eta
+  v.check_rules(
+    config,
+    {
+      "diffusion.T": v.positive,
+      s + "steps": v.positive,
+      s + "batch_size": v.positive,
+      s + "num_samples": v.positive,
+      s + "seed": v.non_negative,
+      s + "figure_samples": v.non_negative,
+      s + "figure_images_per_leaf": v.positive,
+    },
+  )
+  SamplerConfig.from_config(config.diffusion)  # method, spacing, DDPM variance, eta
   steps, T = config.diffusion.sampling.steps, config.diffusion.T
   if steps > T:
-    raise ConfigError(f"config.diffusion.sampling.steps ({steps}) must be <= config.diffusion.T "
-                      f"({T}): the sampler visits a subset of the T diffusion steps; set "
-                      f"--config.diffusion.sampling.steps={T} or fewer")
+    raise ConfigError(
+      f"config.diffusion.sampling.steps ({steps}) must be <= config.diffusion.T "
+      f"({T}): the sampler visits a subset of the T diffusion steps; set "
+      f"--config.diffusion.sampling.steps={T} or fewer"
+    )
   if config.diffusion.sampling.spacing == "uniform":
     try:
       schedule.spaced_timesteps(T, steps, "uniform")
     except ValueError as e:
-      raise ConfigError(f"config.diffusion.sampling.steps={steps} with spacing 'uniform': {e}; "
-                        f"set --config.diffusion.sampling.steps=… or "
-                        f"--config.diffusion.sampling.spacing=quad") from None
+      raise ConfigError(
+        f"config.diffusion.sampling.steps={steps} with spacing 'uniform': {e}; "
+        f"set --config.diffusion.sampling.steps=… or "
+        f"--config.diffusion.sampling.spacing=quad"
+      ) from None
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   """The chain (hashable). Defaults are the reference's: DDIM, 100 ``quad`` steps (96 distinct), η 0."""
+
   process: Process = Process()
   method: str = "ddim"
   steps: int = 100
   spacing: str = "quad"
   eta: float = 0.0
-  variance: str = "fixedlarge"     # DDPM only
+  variance: str = "fixedlarge"  # DDPM only
   guidance_weight: float = 0.0
   clip: bool = True
 
   def __post_init__(self):
     if self.method not in METHODS:
-      raise ConfigError(f"unknown sampler {self.method!r}; use one of {METHODS} "
-                        f"(--config.diffusion.sampling.method)")
+      raise ConfigError(
+        f"unknown sampler {self.method!r}; use one of {METHODS} "
+        f"(--config.diffusion.sampling.method)"
+      )
     if self.spacing not in schedule.SPACINGS:
-      raise ConfigError(f"unknown timestep spacing {self.spacing!r}; use one of "
-                        f"{schedule.SPACINGS} (--config.diffusion.sampling.spacing)")
+      raise ConfigError(
+        f"unknown timestep spacing {self.spacing!r}; use one of "
+        f"{schedule.SPACINGS} (--config.diffusion.sampling.spacing)"
+      )
     if self.variance not in schedule.DDPM_VARIANCES:
-      raise ConfigError(f"unknown DDPM variance {self.variance!r}; use one of "
-                        f"{schedule.DDPM_VARIANCES} (--config.diffusion.sampling.ddpm_variance)")
+      raise ConfigError(
+        f"unknown DDPM variance {self.variance!r}; use one of "
+        f"{schedule.DDPM_VARIANCES} (--config.diffusion.sampling.ddpm_variance)"
+      )
     if self.eta < 0:
       raise ConfigError(f"DDIM eta must be >= 0, got {self.eta}")
 
@@ -100,9 +122,15 @@ class SamplerConfig:
   def from_config(cls, c) -> "SamplerConfig":
     """From the config's ``diffusion`` section (the process) and ``diffusion.sampling``."""
     s = c.sampling
-    return cls(process=Process.from_config(c), method=s.method, steps=s.steps,
-               spacing=s.spacing, eta=s.eta, variance=s.ddpm_variance,
-               guidance_weight=s.guidance_weight)
+    return cls(
+      process=Process.from_config(c),
+      method=s.method,
+      steps=s.steps,
+      spacing=s.spacing,
+      eta=s.eta,
+      variance=s.ddpm_variance,
+      guidance_weight=s.guidance_weight,
+    )
 
   def respaced(self) -> schedule.Respaced:
     try:
@@ -112,8 +140,9 @@ class SamplerConfig:
     return schedule.respace(self.process.alpha_bar(), tau)
 
 
-def reverse_chain(eps_fn, x_T: jax.Array, cfg: SamplerConfig, keys: jax.Array | None,
-                  shift: jax.Array | None = None) -> jax.Array:
+def reverse_chain(
+  eps_fn, x_T: jax.Array, cfg: SamplerConfig, keys: jax.Array | None, shift: jax.Array | None = None
+) -> jax.Array:
   """Runs the reverse chain from ``x_T`` with one ``lax.scan`` over the respaced steps.
 
   Args:
@@ -129,10 +158,14 @@ def reverse_chain(eps_fn, x_T: jax.Array, cfg: SamplerConfig, keys: jax.Array | 
   """
   r = cfg.respaced()
   f32 = lambda a: jnp.asarray(np.asarray(a)[::-1].copy(), jnp.float32)
-  xs = dict(t=jnp.asarray(r.timesteps[::-1].copy(), jnp.int32),
-            k=jnp.arange(len(r) - 1, -1, -1, dtype=jnp.int32),
-            a=f32(r.alpha_bar), a_prev=f32(r.alpha_bar_prev), c1=f32(r.posterior_coef_x0),
-            c2=f32(r.posterior_coef_xt))
+  xs = dict(
+    t=jnp.asarray(r.timesteps[::-1].copy(), jnp.int32),
+    k=jnp.arange(len(r) - 1, -1, -1, dtype=jnp.int32),
+    a=f32(r.alpha_bar),
+    a_prev=f32(r.alpha_bar_prev),
+    c1=f32(r.posterior_coef_x0),
+    c2=f32(r.posterior_coef_xt),
+  )
   if cfg.method == "ddpm":
     xs["var"] = f32(r.ddpm_variance(cfg.variance))
   b = x_T.shape[0]
@@ -148,8 +181,7 @@ def reverse_chain(eps_fn, x_T: jax.Array, cfg: SamplerConfig, keys: jax.Array | 
     if cfg.method == "ddim":
       u = ddim_step(u, eps, s["a"], s["a_prev"], cfg.eta, step_keys, x0=x0)
     else:
-      u = ddpm_step(u, eps, s["a"], s["c1"], s["c2"], s["var"], step_keys, last=s["k"] == 0,
-                    x0=x0)
+      u = ddpm_step(u, eps, s["a"], s["c1"], s["c2"], s["var"], step_keys, last=s["k"] == 0, x0=x0)
     return u, None
 
   u, _ = jax.lax.scan(body, x_T, xs)
@@ -159,14 +191,17 @@ def reverse_chain(eps_fn, x_T: jax.Array, cfg: SamplerConfig, keys: jax.Array | 
 def guided_eps(denoiser: Denoiser, params, cond: dict, weight: float):
   """``eps_fn`` of the EMA denoiser; with ``weight ≠ 0`` classifier-free guidance
   ``(1 + w) ε(x, c) − w ε(x, ∅)`` from one network call on the doubled batch."""
+
   def eps_fn(x, t):
     if weight == 0:
       return denoiser.apply({"params": params}, x, t, cond, train=False)
     both = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), cond, null_condition(cond))
-    e = denoiser.apply({"params": params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both,
-                       train=False)
+    e = denoiser.apply(
+      {"params": params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both, train=False
+    )
     e_c, e_u = jnp.split(e, 2)
     return (1.0 + weight) * e_c - weight * e_u
+
   return eps_fn
 
 
@@ -179,21 +214,32 @@ class Sampler:
   any number of calls).
   """
 
-  def __init__(self, denoiser: Denoiser, model: TreeVAE, tree: Tree, cfg: SamplerConfig, mode: str,
-               batch_size: int, mesh=None):
+  def __init__(
+    self,
+    denoiser: Denoiser,
+    model: TreeVAE,
+    tree: Tree,
+    cfg: SamplerConfig,
+    mode: str,
+    batch_size: int,
+    mesh=None,
+  ):
     if mode not in MODES:
       raise ConfigError(f"unknown sampling mode {mode!r}; use one of {', '.join(MODES)}")
     self.denoiser, self.model, self.tree, self.cfg, self.mode = denoiser, model, tree, cfg, mode
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
     n_dev = self.mesh.devices.size
-    self.batch_size = -(-batch_size // n_dev) * n_dev   # padded, never rejected
+    self.batch_size = -(-batch_size // n_dev) * n_dev  # padded, never rejected
     self.tables = PathTables.from_tree(tree)
     self.traces = 0
     rep, data = sharding.replicated(self.mesh), sharding.data_sharded(self.mesh)
     self._data = data
-    self.fn = jax.jit(self._batch, in_shardings=(rep, rep, rep, data, data, data),
-                      out_shardings=data,
-                      compiler_options=xla_options.conv_net_for_mesh(self.mesh))
+    self.fn = jax.jit(
+      self._batch,
+      in_shardings=(rep, rep, rep, data, data, data),
+      out_shardings=data,
+      compiler_options=xla_options.conv_net_for_mesh(self.mesh),
+    )
 
   @property
   def all_leaves(self) -> bool:
@@ -209,11 +255,13 @@ class Sampler:
     ex_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, ids)
     sub = lambda i: jax.vmap(jax.random.fold_in, (0, None))(ex_keys, i)
     if self.from_prior:
-      z_all, probs, leaf_images = frozen.prior_per_example(self.model, self.tree, tvae_vars, sub(0),
-                                                           decode=True)
+      z_all, probs, leaf_images = frozen.prior_per_example(
+        self.model, self.tree, tvae_vars, sub(0), decode=True
+      )
     else:
-      z_all, probs, leaf_images = frozen.posterior_per_example(self.model, self.tree, tvae_vars,
-                                                               images, sub(0), decode=True)
+      z_all, probs, leaf_images = frozen.posterior_per_example(
+        self.model, self.tree, tvae_vars, images, sub(0), decode=True
+      )
     if not self.all_leaves:
       logits = jnp.log(jnp.maximum(probs, 1e-30))
       leaves = jax.vmap(jax.random.categorical)(sub(1), logits).astype(jnp.int32)
@@ -234,7 +282,9 @@ class Sampler:
       ab = float(self.cfg.process.alpha_bar()[-1])
       x_T = math.sqrt(ab) * start + math.sqrt(1.0 - ab) * noise
     eps_fn = guided_eps(self.denoiser, params, cond, self.cfg.guidance_weight)
-    x0 = reverse_chain(eps_fn, x_T, self.cfg, sub(3), shift=cond["image"] if cond_kind.form2 else None)
+    x0 = reverse_chain(
+      eps_fn, x_T, self.cfg, sub(3), shift=cond["image"] if cond_kind.form2 else None
+    )
     return dict(image=proc.decode(x0), vae_image=vae_image, leaf=leaves, leaf_probs=probs)
 
   def inputs(self, ids, leaves=None, images=None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -242,8 +292,9 @@ class Sampler:
     n = inputs.count(len(ids), "len(ids)")
     b = self.batch_size
     if n > b:
-      raise ValueError(f"{n} entries exceed the batch size {b}: pass at most {b} ids per batch "
-                       f"(or use run)")
+      raise ValueError(
+        f"{n} entries exceed the batch size {b}: pass at most {b} ids per batch (or use run)"
+      )
     pad = lambda a, fill=0: np.concatenate([a, np.full((b - n,) + a.shape[1:], fill, a.dtype)])
     ids = pad(np.asarray(ids, np.int32))
     leaves = pad(np.zeros(n, np.int32) if leaves is None else np.asarray(leaves, np.int32))
@@ -251,12 +302,12 @@ class Sampler:
       images = np.zeros((b,) + self.model.image_shape, np.float32)
     else:
       images = pad(np.asarray(images, np.float32))
-    return sharding.put_global((ids, leaves, images), self.mesh)   # this process's rows
+    return sharding.put_global((ids, leaves, images), self.mesh)  # this process's rows
 
   def batch(self, params, tvae_vars, key, ids, leaves=None, images=None) -> dict[str, np.ndarray]:
     """One batch of at most ``batch_size`` entries; returns host arrays for exactly those (on
     every process: a collective in a multi-process job, which every process must call)."""
-    if images is not None:   # run checks all its images once, before its batches
+    if images is not None:  # run checks all its images once, before its batches
       inputs.images(images, self.model.image_shape)
     params, tvae_vars, key = sharding.replicate((params, tvae_vars, key), self.mesh)
     return self._replicated_batch(params, tvae_vars, key, ids, leaves, images)
@@ -266,8 +317,15 @@ class Sampler:
     out = sharding.to_host(self.fn(params, tvae_vars, key, *self.inputs(ids, leaves, images)))
     return {k: v[: len(ids)] for k, v in out.items()}
 
-  def run(self, params, tvae_vars, key, num: int | None = None,
-          images: np.ndarray | None = None, log_every: int = 10) -> dict[str, np.ndarray]:
+  def run(
+    self,
+    params,
+    tvae_vars,
+    key,
+    num: int | None = None,
+    images: np.ndarray | None = None,
+    log_every: int = 10,
+  ) -> dict[str, np.ndarray]:
     """Every entry of the mode: ``num`` prior samples, or all of ``images`` (float [N, H, W, C]).
 
     Returns host arrays ``image`` (float, unclipped), ``vae_image`` (the chosen leaf's TreeVAE
@@ -276,21 +334,25 @@ class Sampler:
     """
     if self.from_prior:
       if num is None or images is not None:
-        raise ValueError(f"mode {self.mode} samples from the prior: pass num (a count >= 1), "
-                         f"not images")
+        raise ValueError(
+          f"mode {self.mode} samples from the prior: pass num (a count >= 1), not images"
+        )
       n = inputs.count(num, "num")
     else:
       if images is None or num is not None:
-        raise ValueError(f"mode {self.mode} encodes images: pass images (floats [N, H, W, C] "
-                         f"in [0, 1]), not num")
+        raise ValueError(
+          f"mode {self.mode} encodes images: pass images (floats [N, H, W, C] in [0, 1]), not num"
+        )
       inputs.images(images, self.model.image_shape, batch_axis="N")
       n = len(images)
     inputs.prng_key(key)
     k = self.tree.num_leaves if self.all_leaves else 1
-    inputs.fits_memory(2 * 4 * n * k * int(np.prod(self.model.image_shape)),
-                       f"{self.mode} of {n} x {k} images (image and vae_image)",
-                       "run it in smaller parts (fold_in the key per part)")
-    params, tvae_vars, key = sharding.replicate((params, tvae_vars, key), self.mesh)   # once
+    inputs.fits_memory(
+      2 * 4 * n * k * int(np.prod(self.model.image_shape)),
+      f"{self.mode} of {n} x {k} images (image and vae_image)",
+      "run it in smaller parts (fold_in the key per part)",
+    )
+    params, tvae_vars, key = sharding.replicate((params, tvae_vars, key), self.mesh)  # once
     ex = np.repeat(np.arange(n, dtype=np.int32), k)
     lv = np.tile(np.arange(k, dtype=np.int32), n)
     total = len(ex)
@@ -299,13 +361,22 @@ class Sampler:
     num_batches = -(-total // self.batch_size)
     for i, start in enumerate(range(0, total, self.batch_size)):
       sl = slice(start, start + self.batch_size)
-      outs.append(self._replicated_batch(params, tvae_vars, key, ex[sl], lv[sl],
-                                         None if images is None else images[ex[sl]]))
+      outs.append(
+        self._replicated_batch(
+          params, tvae_vars, key, ex[sl], lv[sl], None if images is None else images[ex[sl]]
+        )
+      )
       if log_every and ((i + 1) % log_every == 0 or i + 1 == num_batches):
         dt = time.perf_counter() - t0
         done = min(start + self.batch_size, total)
-        logging.info("%s: %d/%d images, %.1f images/s, ETA %.0f s", self.mode, done, total,
-                     done / dt, dt / done * (total - done))
+        logging.info(
+          "%s: %d/%d images, %.1f images/s, ETA %.0f s",
+          self.mode,
+          done,
+          total,
+          done / dt,
+          dt / done * (total - done),
+        )
     out = {key_: np.concatenate([o[key_] for o in outs]) for key_ in outs[0]}
     if self.all_leaves:
       out = {key_: v.reshape((n, k) + v.shape[1:]) for key_, v in out.items()}

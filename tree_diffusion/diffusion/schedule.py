@@ -54,8 +54,10 @@ def spaced_timesteps(T: int, n: int, kind: str = "quad") -> np.ndarray:
     if -(-T // stride) == n:
       return np.arange(0, T, stride, dtype=np.int64)
     near = sorted({-(-T // s) for s in range(max(1, stride - 3), stride + 4)})
-    raise ValueError(f"no integer stride gives {n} uniformly spaced steps out of {T}; "
-                     f"choose n among {near} or use 'quad' spacing")
+    raise ValueError(
+      f"no integer stride gives {n} uniformly spaced steps out of {T}; "
+      f"choose n among {near} or use 'quad' spacing"
+    )
   if kind == "quad":
     v = np.linspace(0.0, np.sqrt(0.8 * T), n, dtype=np.float64) ** 2
     return np.unique(v.astype(np.int64))
@@ -109,7 +111,9 @@ def respace(alpha_bar: np.ndarray, timesteps: np.ndarray) -> Respaced:
   """Restricts the chain with cumulative products ``alpha_bar`` (``[T]``) to ``timesteps``."""
   ab = np.asarray(alpha_bar, np.float64)
   tau = np.asarray(timesteps, np.int64)
-  if tau.ndim != 1 or tau.size == 0 or np.any(np.diff(tau) <= 0) or tau[0] < 0 or tau[-1] >= len(ab):
+  if (
+    tau.ndim != 1 or tau.size == 0 or np.any(np.diff(tau) <= 0) or tau[0] < 0 or tau[-1] >= len(ab)
+  ):
     raise ValueError(f"timesteps must be strictly increasing in [0, {len(ab)}), got {tau}")
   a = ab[tau]
   a_prev = np.concatenate([[1.0], a[:-1]])
@@ -117,5 +121,12 @@ def respace(alpha_bar: np.ndarray, timesteps: np.ndarray) -> Respaced:
   post_var = betas * (1.0 - a_prev) / (1.0 - a)
   c1 = betas * np.sqrt(a_prev) / (1.0 - a)
   c2 = np.sqrt(1.0 - betas) * (1.0 - a_prev) / (1.0 - a)
-  return Respaced(timesteps=tau, alpha_bar=a, alpha_bar_prev=a_prev, betas=betas,
-                  posterior_variance=post_var, posterior_coef_x0=c1, posterior_coef_xt=c2)
+  return Respaced(
+    timesteps=tau,
+    alpha_bar=a,
+    alpha_bar_prev=a_prev,
+    betas=betas,
+    posterior_variance=post_var,
+    posterior_coef_x0=c1,
+    posterior_coef_xt=c2,
+  )

@@ -37,6 +37,7 @@ class DiffusionState:
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """Static settings of the train step (hashable)."""
+
   process: Process = Process()
   loss: str = "l2"
   lr: float = 2e-4
@@ -51,9 +52,15 @@ class StepConfig:
       raise ConfigError(f"unknown diffusion loss {c.loss!r}; use one of {LOSSES}")
     if not 0.0 <= c.cfg_drop_rate < 1.0:
       raise ConfigError(f"diffusion.cfg_drop_rate must be in [0, 1), got {c.cfg_drop_rate}")
-    return cls(process=Process.from_config(c), loss=c.loss, lr=c.lr,
-               warmup_steps=c.warmup_steps, grad_clip=c.grad_clip, ema_decay=c.ema_decay,
-               cfg_drop_rate=c.cfg_drop_rate)
+    return cls(
+      process=Process.from_config(c),
+      loss=c.loss,
+      lr=c.lr,
+      warmup_steps=c.warmup_steps,
+      grad_clip=c.grad_clip,
+      ema_decay=c.ema_decay,
+      cfg_drop_rate=c.cfg_drop_rate,
+    )
 
 
 def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
@@ -71,16 +78,21 @@ def learning_rate(cfg: StepConfig, count: int) -> float:
   return float(cfg.lr * min(count / cfg.warmup_steps, 1.0))
 
 
-def init_state(denoiser: Denoiser, cfg: StepConfig, key: jax.Array, example_cond: dict,
-               image_shape) -> DiffusionState:
+def init_state(
+  denoiser: Denoiser, cfg: StepConfig, key: jax.Array, example_cond: dict, image_shape
+) -> DiffusionState:
   x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
-  init = jax.jit(lambda k: denoiser.init({"params": k, "dropout": k}, x, t, example_cond,
-                                         train=False)["params"])
+  init = jax.jit(
+    lambda k: denoiser.init({"params": k, "dropout": k}, x, t, example_cond, train=False)["params"]
+  )
   params = init(key)
-  return DiffusionState(step=jnp.zeros((), jnp.int32), params=params,
-                        ema_params=jax.tree_util.tree_map(jnp.copy, params),
-                        opt_state=make_optimizer(cfg).init(params))
+  return DiffusionState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    ema_params=jax.tree_util.tree_map(jnp.copy, params),
+    opt_state=make_optimizer(cfg).init(params),
+  )
 
 
 def example_condition(denoiser: Denoiser, model: TreeVAE, tree: Tree) -> dict:
@@ -94,5 +106,6 @@ def example_condition(denoiser: Denoiser, model: TreeVAE, tree: Tree) -> dict:
 
 def abstract_state(denoiser: Denoiser, cfg: StepConfig, model: TreeVAE, tree: Tree):
   cond = example_condition(denoiser, model, tree)
-  return jax.eval_shape(lambda: init_state(denoiser, cfg, jax.random.key(0), cond,
-                                           model.image_shape))
+  return jax.eval_shape(
+    lambda: init_state(denoiser, cfg, jax.random.key(0), cond, model.image_shape)
+  )

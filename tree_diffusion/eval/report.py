@@ -31,25 +31,44 @@ def read_json(path: str) -> dict:
 
 # The paper's Table 1: test-set FID, 10k samples, mean ± std.
 PAPER_TABLE1 = {
-    "MNIST": {"TreeVAE": ((24.0, 0.9), (21.8, 0.7)), "TreeVAE + Diffusion": ((1.4, 0.0), (1.8, 0.1)),
-              "TreeDiffusion": ((1.5, 0.0), (1.8, 0.1))},
-    "FashionMNIST": {"TreeVAE": ((40.7, 2.1), (41.9, 2.1)),
-                     "TreeVAE + Diffusion": ((4.8, 0.2), (4.8, 0.2)),
-                     "TreeDiffusion": ((5.5, 0.6), (5.4, 0.4))},
-    "CIFAR-10": {"TreeVAE": ((175.8, 1.4), (188.0, 2.0)),
-                 "TreeVAE + Diffusion": ((12.3, 0.1), (19.7, 0.2)),
-                 "TreeDiffusion": ((12.5, 0.4), (17.8, 0.4))},
-    "CUBICC": {"TreeVAE": ((232.5, 7.1), (255.3, 8.8)),
-               "TreeVAE + Diffusion": ((12.7, 6.5), (96.0, 2.1)),
-               "TreeDiffusion": ((13.4, 0.9), (29.0, 5.4))},
-    "CelebA": {"TreeVAE": ((75.2, 15.0), (77.9, 5.6)),
-               "TreeVAE + Diffusion": ((15.4, 3.2), (30.1, 7.5)),
-               "TreeDiffusion": ((14.1, 6.0), (18.4, 7.2))},
+  "MNIST": {
+    "TreeVAE": ((24.0, 0.9), (21.8, 0.7)),
+    "TreeVAE + Diffusion": ((1.4, 0.0), (1.8, 0.1)),
+    "TreeDiffusion": ((1.5, 0.0), (1.8, 0.1)),
+  },
+  "FashionMNIST": {
+    "TreeVAE": ((40.7, 2.1), (41.9, 2.1)),
+    "TreeVAE + Diffusion": ((4.8, 0.2), (4.8, 0.2)),
+    "TreeDiffusion": ((5.5, 0.6), (5.4, 0.4)),
+  },
+  "CIFAR-10": {
+    "TreeVAE": ((175.8, 1.4), (188.0, 2.0)),
+    "TreeVAE + Diffusion": ((12.3, 0.1), (19.7, 0.2)),
+    "TreeDiffusion": ((12.5, 0.4), (17.8, 0.4)),
+  },
+  "CUBICC": {
+    "TreeVAE": ((232.5, 7.1), (255.3, 8.8)),
+    "TreeVAE + Diffusion": ((12.7, 6.5), (96.0, 2.1)),
+    "TreeDiffusion": ((13.4, 0.9), (29.0, 5.4)),
+  },
+  "CelebA": {
+    "TreeVAE": ((75.2, 15.0), (77.9, 5.6)),
+    "TreeVAE + Diffusion": ((15.4, 3.2), (30.1, 7.5)),
+    "TreeDiffusion": ((14.1, 6.0), (18.4, 7.2)),
+  },
 }
-_PAPER_NAMES = {"mnist": "MNIST", "mnist_5k": "MNIST", "fashion_mnist": "FashionMNIST",
-                "cifar10": "CIFAR-10", "cubicc": "CUBICC", "celeb_a": "CelebA", "celeba": "CelebA"}
+_PAPER_NAMES = {
+  "mnist": "MNIST",
+  "mnist_5k": "MNIST",
+  "fashion_mnist": "FashionMNIST",
+  "cifar10": "CIFAR-10",
+  "cubicc": "CUBICC",
+  "celeb_a": "CelebA",
+  "celeba": "CelebA",
+}
 # Which Table-1 row a stage-2 conditioning corresponds to.
 _PAPER_METHOD = {"path": "TreeDiffusion", "image": "TreeVAE + Diffusion"}
+
 
 def _get(d, *path, default=None):
   for p in path:
@@ -59,26 +78,49 @@ def _get(d, *path, default=None):
   return d
 
 
-CSV_COLUMNS = ("step", "fid_gen", "fid_rec", "majority_p0.5", "majority_p0.9", "kept_p0.5",
-               "kept_p0.9", "treevae_majority_p0.5", "treevae_majority_p0.9", "treevae_fid_gen",
-               "treevae_fid_rec", "nmi", "accuracy", "leaf_purity", "dendrogram_purity",
-               "test_log_likelihood", "num_leaves")
+CSV_COLUMNS = (
+  "step",
+  "fid_gen",
+  "fid_rec",
+  "majority_p0.5",
+  "majority_p0.9",
+  "kept_p0.5",
+  "kept_p0.9",
+  "treevae_majority_p0.5",
+  "treevae_majority_p0.9",
+  "treevae_fid_gen",
+  "treevae_fid_rec",
+  "nmi",
+  "accuracy",
+  "leaf_purity",
+  "dendrogram_purity",
+  "test_log_likelihood",
+  "num_leaves",
+)
 
 
 def csv_rows(metrics: dict) -> list[dict]:
   """One row per evaluated checkpoint (stage-1 columns repeated on every row)."""
   s1 = metrics.get("stage1", {})
-  common = {"treevae_fid_gen": _get(s1, "fid", "gen"), "treevae_fid_rec": _get(s1, "fid", "rec"),
-            "nmi": _get(s1, "clustering", "nmi"), "accuracy": _get(s1, "clustering", "accuracy"),
-            "leaf_purity": _get(s1, "clustering", "leaf_purity"),
-            "dendrogram_purity": _get(s1, "clustering", "dendrogram_purity"),
-            "test_log_likelihood": _get(s1, "log_likelihood", "log_likelihood"),
-            "num_leaves": metrics.get("num_leaves")}
+  common = {
+    "treevae_fid_gen": _get(s1, "fid", "gen"),
+    "treevae_fid_rec": _get(s1, "fid", "rec"),
+    "nmi": _get(s1, "clustering", "nmi"),
+    "accuracy": _get(s1, "clustering", "accuracy"),
+    "leaf_purity": _get(s1, "clustering", "leaf_purity"),
+    "dendrogram_purity": _get(s1, "clustering", "dendrogram_purity"),
+    "test_log_likelihood": _get(s1, "log_likelihood", "log_likelihood"),
+    "num_leaves": metrics.get("num_leaves"),
+  }
   rows = []
   for step in sorted(metrics.get("checkpoints", {}), key=int):
     c = metrics["checkpoints"][step]
-    row = {"step": int(step), "fid_gen": _get(c, "modes", "sample", "fid"),
-           "fid_rec": _get(c, "modes", "recons", "fid"), **common}
+    row = {
+      "step": int(step),
+      "fid_gen": _get(c, "modes", "sample", "fid"),
+      "fid_rec": _get(c, "modes", "recons", "fid"),
+      **common,
+    }
     for t in ("0.5", "0.9"):
       th = _get(c, "modes", "sample_all_leaves", "purity", "thresholds", t) or {}
       row[f"majority_p{t}"] = th.get("weighted_majority_fraction")
@@ -116,36 +158,51 @@ def write_report(path: str, metrics: dict, config) -> None:
   ll = s1.get("log_likelihood", {})
   paper_name = _PAPER_NAMES.get(config.data.name)
   method = _PAPER_METHOD.get(config.diffusion.conditioning, None)
-  lines = [f"# Evaluation of `{metrics.get('export', '')}`", "",
-           f"Dataset `{config.data.name}`, {metrics.get('num_leaves')} leaves; FID against the "
-           f"full test split ({_get(s1, 'fid', 'num_reference', default='–')} images) with "
-           f"{s.get('num_samples')} generations and {_get(s1, 'fid', 'num_rec', default='–')} "
-           f"reconstructions; classifier purity on {s.get('purity_samples')} prior samples per "
-           f"leaf.", "", "## Stage 1 (TreeVAE export, test split)", "",
-           "| NMI | accuracy | leaf purity | dendrogram purity | log-likelihood | FID (rec) | FID (gen) |",
-           "|---|---|---|---|---|---|---|",
-           f"| {format_value(cl.get('nmi'), 3)} | {format_value(cl.get('accuracy'), 3)} | "
-           f"{format_value(cl.get('leaf_purity'), 3)} | {format_value(cl.get('dendrogram_purity'), 3)} | "
-           f"{format_value(ll.get('log_likelihood'))} ± {format_value(ll.get('log_likelihood_stderr'))} "
-           f"({ll.get('num_samples', '–')} samples"
-           f"{', ' + format_value(ll.get('bits_per_dim'), 3) + ' bits/dim' if 'bits_per_dim' in ll else ''}) | "
-           f"{format_value(_get(s1, 'fid', 'rec'))} | {format_value(_get(s1, 'fid', 'gen'))} |", ""]
+  lines = [
+    f"# Evaluation of `{metrics.get('export', '')}`",
+    "",
+    f"Dataset `{config.data.name}`, {metrics.get('num_leaves')} leaves; FID against the "
+    f"full test split ({_get(s1, 'fid', 'num_reference', default='–')} images) with "
+    f"{s.get('num_samples')} generations and {_get(s1, 'fid', 'num_rec', default='–')} "
+    f"reconstructions; classifier purity on {s.get('purity_samples')} prior samples per "
+    f"leaf.",
+    "",
+    "## Stage 1 (TreeVAE export, test split)",
+    "",
+    "| NMI | accuracy | leaf purity | dendrogram purity | log-likelihood | FID (rec) | FID (gen) |",
+    "|---|---|---|---|---|---|---|",
+    f"| {format_value(cl.get('nmi'), 3)} | {format_value(cl.get('accuracy'), 3)} | "
+    f"{format_value(cl.get('leaf_purity'), 3)} | {format_value(cl.get('dendrogram_purity'), 3)} | "
+    f"{format_value(ll.get('log_likelihood'))} ± {format_value(ll.get('log_likelihood_stderr'))} "
+    f"({ll.get('num_samples', '–')} samples"
+    f"{', ' + format_value(ll.get('bits_per_dim'), 3) + ' bits/dim' if 'bits_per_dim' in ll else ''}) | "
+    f"{format_value(_get(s1, 'fid', 'rec'))} | {format_value(_get(s1, 'fid', 'gen'))} |",
+    "",
+  ]
   data = metrics.get("data")
   if data:
-    lines += [f"The dataset's own FID(train, test) ({data['num_train']} vs {data['num_test']} "
-              f"real images): {format_value(data['fid_train_vs_test'])}.", ""]
-  lines += ["## Stage 2 checkpoints", "",
-            "| step | FID (rec) | FID (gen) | majority fraction p≥0.5 (kept) | p≥0.9 (kept) | "
-            "TreeVAE, same samples: p≥0.5 | p≥0.9 |",
-            "|---|---|---|---|---|---|---|"]
+    lines += [
+      f"The dataset's own FID(train, test) ({data['num_train']} vs {data['num_test']} "
+      f"real images): {format_value(data['fid_train_vs_test'])}.",
+      "",
+    ]
+  lines += [
+    "## Stage 2 checkpoints",
+    "",
+    "| step | FID (rec) | FID (gen) | majority fraction p≥0.5 (kept) | p≥0.9 (kept) | "
+    "TreeVAE, same samples: p≥0.5 | p≥0.9 |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for row in csv_rows(metrics):
     if row["step"] is None:
       continue
-    lines.append(f"| {row['step']} | {format_value(row['fid_rec'])} | {format_value(row['fid_gen'])} | "
-                 f"{format_value(row['majority_p0.5'], 3)} ({format_value(row['kept_p0.5'])}) | "
-                 f"{format_value(row['majority_p0.9'], 3)} ({format_value(row['kept_p0.9'])}) | "
-                 f"{format_value(row['treevae_majority_p0.5'], 3)} | "
-                 f"{format_value(row['treevae_majority_p0.9'], 3)} |")
+    lines.append(
+      f"| {row['step']} | {format_value(row['fid_rec'])} | {format_value(row['fid_gen'])} | "
+      f"{format_value(row['majority_p0.5'], 3)} ({format_value(row['kept_p0.5'])}) | "
+      f"{format_value(row['majority_p0.9'], 3)} ({format_value(row['kept_p0.9'])}) | "
+      f"{format_value(row['treevae_majority_p0.5'], 3)} | "
+      f"{format_value(row['treevae_majority_p0.9'], 3)} |"
+    )
   clf = metrics.get("classifier")
   if clf:
     lines += ["", f"Purity classifier: test accuracy {format_value(clf.get('test_accuracy'), 4)}."]
@@ -158,17 +215,24 @@ def write_report(path: str, metrics: dict, config) -> None:
       mark = " (this conditioning)" if m == method else ""
       lines.append(f"| {paper_name} {m}{mark} | {r} ± {rs} | {g} ± {gs} |")
     if config.data.name == "mnist_5k":
-      lines += ["", "`mnist_5k` is a 5,000-image subset (1,000 test images): FID against 1,000 "
-                "images is biased upwards relative to the paper's 10,000, and the demo models "
-                "are far smaller and shorter-trained than the paper's."]
+      lines += [
+        "",
+        "`mnist_5k` is a 5,000-image subset (1,000 test images): FID against 1,000 "
+        "images is biased upwards relative to the paper's 10,000, and the demo models "
+        "are far smaller and shorter-trained than the paper's.",
+      ]
   files.write_text(path, "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------- run summary
 
 STEPS = ("stage1", "stage2", "sampling", "evaluation")
-_STEP_NAMES = {"stage1": "stage 1 (TreeVAE)", "stage2": "stage 2 (diffusion)",
-               "sampling": "sampling and figures", "evaluation": "evaluation"}
+_STEP_NAMES = {
+  "stage1": "stage 1 (TreeVAE)",
+  "stage2": "stage 2 (diffusion)",
+  "sampling": "sampling and figures",
+  "evaluation": "evaluation",
+}
 
 
 def _duration(seconds) -> str:
@@ -198,7 +262,8 @@ def recorded_times(workdir: str) -> dict[str, float]:
     out["sampling"] = sum(m.get("wall_time_s", 0.0) for m in modes.values())
   ev = read_json(run_dir.eval_metrics)
   parts = [_get(ev, "stage1", "wall_time_s")] + [
-      c.get("wall_time_s") for c in (ev.get("checkpoints") or {}).values()]
+    c.get("wall_time_s") for c in (ev.get("checkpoints") or {}).values()
+  ]
   if any(p is not None for p in parts):
     out["evaluation"] = sum(p for p in parts if p is not None)
   return out
@@ -225,33 +290,54 @@ def summary_table(workdir: str, times: Mapping[str, float] | None = None) -> str
   purity_d = _get(ck, "modes", "sample_all_leaves", "purity", "thresholds", thr)
   purity_t = _get(ck, "modes", "sample_all_leaves", "purity_treevae", "thresholds", thr)
   rows = [
-      ("k-means on pixels", format_value(km.get("nmi"), 3), format_value(km.get("leaf_purity"), 3),
-       "–", "–", "–", "–"),
-      (f"TreeVAE ({test.get('num_leaves', ev.get('num_leaves', '?'))} leaves)",
-       format_value(test.get("nmi"), 3), format_value(test.get("leaf_purity"), 3),
-       format_value(_get(ev, "stage1", "fid", "gen"), 1),
-       format_value(_get(ev, "stage1", "fid", "rec"), 1),
-       _purity(purity_t), _duration(t.get("stage1"))),
-      (f"diffusion{f', {cond} conditioning' if cond else ''}"
-       f"{f' (step {step})' if step else ''}", "–", "–",
-       format_value(_get(ck, "modes", "sample", "fid"), 1),
-       format_value(_get(ck, "modes", "recons", "fid"), 1),
-       _purity(purity_d), _duration(t.get("stage2"))),
+    (
+      "k-means on pixels",
+      format_value(km.get("nmi"), 3),
+      format_value(km.get("leaf_purity"), 3),
+      "–",
+      "–",
+      "–",
+      "–",
+    ),
+    (
+      f"TreeVAE ({test.get('num_leaves', ev.get('num_leaves', '?'))} leaves)",
+      format_value(test.get("nmi"), 3),
+      format_value(test.get("leaf_purity"), 3),
+      format_value(_get(ev, "stage1", "fid", "gen"), 1),
+      format_value(_get(ev, "stage1", "fid", "rec"), 1),
+      _purity(purity_t),
+      _duration(t.get("stage1")),
+    ),
+    (
+      f"diffusion{f', {cond} conditioning' if cond else ''}{f' (step {step})' if step else ''}",
+      "–",
+      "–",
+      format_value(_get(ck, "modes", "sample", "fid"), 1),
+      format_value(_get(ck, "modes", "recons", "fid"), 1),
+      _purity(purity_d),
+      _duration(t.get("stage2")),
+    ),
   ]
-  lines = [f"# Summary of `{workdir}`", "",
-           "| | test NMI | leaf purity | FID (gen) | FID (rec) | purity of generations | wall time |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+    f"# Summary of `{workdir}`",
+    "",
+    "| | test NMI | leaf purity | FID (gen) | FID (rec) | purity of generations | wall time |",
+    "|---|---|---|---|---|---|---|",
+  ]
   lines += ["| " + " | ".join(r) + " |" for r in rows]
   extra = [f"{_STEP_NAMES[k]} {_duration(t[k])}" for k in ("sampling", "evaluation") if k in t]
   total = sum(t.get(k, 0.0) for k in STEPS)
-  lines += ["", "NMI and leaf purity: the test split's leaf assignments against its labels. FID: "
-            f"{settings.get('num_samples', '?')} generations and "
-            f"{_get(ev, 'stage1', 'fid', 'num_rec') or '?'} reconstructions against the "
-            f"{_get(ev, 'stage1', 'fid', 'num_reference') or '?'} test images, the same for both "
-            "rows (lower is better). Purity of generations: the weighted majority fraction of the "
-            f"classifier's labels among {settings.get('purity_samples', '?')} prior samples "
-            f"decoded through every leaf, kept where p(leaf) ≥ {thr}, the same samples for both "
-            "rows (higher is better)."]
+  lines += [
+    "",
+    "NMI and leaf purity: the test split's leaf assignments against its labels. FID: "
+    f"{settings.get('num_samples', '?')} generations and "
+    f"{_get(ev, 'stage1', 'fid', 'num_rec') or '?'} reconstructions against the "
+    f"{_get(ev, 'stage1', 'fid', 'num_reference') or '?'} test images, the same for both "
+    "rows (lower is better). Purity of generations: the weighted majority fraction of the "
+    f"classifier's labels among {settings.get('purity_samples', '?')} prior samples "
+    f"decoded through every leaf, kept where p(leaf) ≥ {thr}, the same samples for both "
+    "rows (higher is better).",
+  ]
   if extra:
     lines += ["", "Also: " + ", ".join(extra) + f"; {_duration(total)} in all."]
   return "\n".join(lines) + "\n"

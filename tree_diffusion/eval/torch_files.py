@@ -22,10 +22,18 @@ class TorchFileError(ValueError):
   """A file that is not a torch file, is damaged, or holds something other than tensors."""
 
 
-_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-           "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-           "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
-_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_DTYPES = {
+  "FloatStorage": np.float32,
+  "DoubleStorage": np.float64,
+  "HalfStorage": np.float16,
+  "LongStorage": np.int64,
+  "IntStorage": np.int32,
+  "ShortStorage": np.int16,
+  "CharStorage": np.int8,
+  "ByteStorage": np.uint8,
+  "BoolStorage": np.bool_,
+}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 @dataclasses.dataclass
@@ -52,7 +60,7 @@ class _Tensor:
     if self.offset < 0 or min(self.strides, default=0) < 0 or last >= data.size:
       raise TorchFileError(f"a tensor {self.shape} lies outside its storage of {data.size}")
     strides = [s * data.dtype.itemsize for s in self.strides]
-    return np.lib.stride_tricks.as_strided(data[self.offset:], self.shape, strides).copy()
+    return np.lib.stride_tricks.as_strided(data[self.offset :], self.shape, strides).copy()
 
 
 class _ScriptObject:
@@ -108,8 +116,7 @@ def _load_zip(path: str) -> Any:
   with zipfile.ZipFile(path) as z:
     pkl = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkl) != 1:
-      raise TorchFileError(f"{path} is a zip file but not a torch archive "
-                                  "(no <dir>/data.pkl)")
+      raise TorchFileError(f"{path} is a zip file but not a torch archive (no <dir>/data.pkl)")
     prefix = pkl[0][: -len("data.pkl")]
     order = "little"
     if prefix + "byteorder" in z.namelist():
@@ -153,8 +160,7 @@ def _load_legacy(path: str) -> Any:
       version = plain(f)
       plain(f)  # sys info
     except Exception as e:  # noqa: BLE001 - any garbage means "not this format"
-      raise TorchFileError(f"{path} is neither a zip nor a legacy torch file "
-                                  f"({e})") from None
+      raise TorchFileError(f"{path} is neither a zip nor a legacy torch file ({e})") from None
     if magic != _LEGACY_MAGIC or version != 1001:
       raise TorchFileError(f"{path} is not a torch file (magic {magic!r})")
     obj = _Unpickler(f, storage).load()
@@ -166,7 +172,7 @@ def _load_legacy(path: str) -> Any:
         raise TorchFileError(f"{path} is truncated (storage {key})")
       s.data = np.frombuffer(raw, s.dtype.newbyteorder("<")).astype(s.dtype)
   for view_key, root, offset, size in views:
-    storages[view_key].data = storages[root].data[offset:offset + size]
+    storages[view_key].data = storages[root].data[offset : offset + size]
   return obj
 
 

@@ -19,8 +19,17 @@ from tree_diffusion import files
 from tree_diffusion.data import Arrays
 from tree_diffusion.tree import Tree
 
-COLUMNS = ("split", "index", "file", "label", "leaf", "leaf_probability", "path", "second_leaf",
-           "second_probability")
+COLUMNS = (
+  "split",
+  "index",
+  "file",
+  "label",
+  "leaf",
+  "leaf_probability",
+  "path",
+  "second_leaf",
+  "second_probability",
+)
 
 
 def probability_rows(tree: Tree, probs: np.ndarray) -> Iterable[dict]:
@@ -28,31 +37,41 @@ def probability_rows(tree: Tree, probs: np.ndarray) -> Iterable[dict]:
   (``leaf``, ``leaf_probability``, ``path``, ``second_leaf``, ``second_probability``)."""
   probs = np.asarray(probs, np.float64)
   if probs.ndim != 2 or probs.shape[1] != tree.num_leaves:
-    raise ValueError(f"probs must be [N, {tree.num_leaves}] (one column per leaf of {tree}); got "
-                     f"{probs.shape}")
+    raise ValueError(
+      f"probs must be [N, {tree.num_leaves}] (one column per leaf of {tree}); got {probs.shape}"
+    )
   order = np.argsort(-probs, axis=1, kind="stable")
   leaves = np.asarray(tree.leaves)
   for i in range(len(probs)):
     first = order[i, 0]
     second = order[i, 1] if tree.num_leaves > 1 else None
     yield {
-        "index": i, "leaf": int(leaves[first]), "leaf_probability": f"{probs[i, first]:.6g}",
-        "path": "/".join(str(n) for n in tree.path(int(leaves[first]))),
-        "second_leaf": "" if second is None else int(leaves[second]),
-        "second_probability": "" if second is None else f"{probs[i, second]:.6g}",
+      "index": i,
+      "leaf": int(leaves[first]),
+      "leaf_probability": f"{probs[i, first]:.6g}",
+      "path": "/".join(str(n) for n in tree.path(int(leaves[first]))),
+      "second_leaf": "" if second is None else int(leaves[second]),
+      "second_probability": "" if second is None else f"{probs[i, second]:.6g}",
     }
 
 
 def rows(tree: Tree, split: str, arrays: Arrays, probs: np.ndarray) -> Iterable[dict]:
   """The rows of one split: ``probs`` is ``[N, K]`` in ``tree.leaves`` order for ``arrays``."""
   if np.shape(probs) != (len(arrays), tree.num_leaves):
-    raise ValueError(f"probs must be [{len(arrays)}, {tree.num_leaves}] (one row per image, one "
-                     f"column per leaf of {tree}); got {np.shape(probs)}")
+    raise ValueError(
+      f"probs must be [{len(arrays)}, {tree.num_leaves}] (one row per image, one "
+      f"column per leaf of {tree}); got {np.shape(probs)}"
+    )
   labelled = arrays.num_classes > 0
   for row in probability_rows(tree, probs):
     i = row["index"]
-    yield {"split": split, "index": i, "file": arrays.files[i] if arrays.files else "",
-           "label": int(arrays.labels[i]) if labelled else "", **row}
+    yield {
+      "split": split,
+      "index": i,
+      "file": arrays.files[i] if arrays.files else "",
+      "label": int(arrays.labels[i]) if labelled else "",
+      **row,
+    }
 
 
 def to_csv(tree: Tree, splits: Mapping[str, tuple[Arrays, np.ndarray]]) -> str:

@@ -6,8 +6,13 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from tree_diffusion.checkpoint import (STAGE1_RESUMABLE_CHANGES, STAGE1_SECTIONS, Checkpoints,
-                                       check_compatible, config_sections)
+from tree_diffusion.checkpoint import (
+  STAGE1_RESUMABLE_CHANGES,
+  STAGE1_SECTIONS,
+  Checkpoints,
+  check_compatible,
+  config_sections,
+)
 from tree_diffusion.runs import RunDir
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.export import abstract_variables
@@ -23,15 +28,26 @@ class Stage1Checkpoints(Checkpoints):
   def __init__(self, workdir: str, max_to_keep: int = 3):
     super().__init__(RunDir(workdir).checkpoints, max_to_keep)
 
-  def save(self, step: int, variables, tree: Tree, cursor: dict, extra: dict | None = None,
-           phase_arrays: dict | None = None):
+  def save(
+    self,
+    step: int,
+    variables,
+    tree: Tree,
+    cursor: dict,
+    extra: dict | None = None,
+    phase_arrays: dict | None = None,
+  ):
     meta = {"tree": json.loads(tree.to_json()), "cursor": cursor, **(extra or {})}
     arrays = {"variables": variables, **(phase_arrays or {})}
     self._save(step, arrays, meta)
 
-  def restore(self, model: TreeVAE, config=None,
-              phase_abstract: Callable[[dict, Tree, Any], dict] | None = None,
-              check_meta: Callable[[int, dict], None] | None = None):
+  def restore(
+    self,
+    model: TreeVAE,
+    config=None,
+    phase_abstract: Callable[[dict, Tree, Any], dict] | None = None,
+    check_meta: Callable[[int, dict], None] | None = None,
+  ):
     """``(step, variables, tree, meta, phase_arrays)`` of the newest readable checkpoint, or
     ``None``. ``config`` (if given) must match the checkpoint's (see ``STAGE1_RESUMABLE_CHANGES``);
     ``phase_abstract(meta, tree, abstract_variables)`` gives the abstract phase arrays of a

@@ -10,10 +10,11 @@
 ``initial`` trains the starting tree (and goes straight to ``prune`` when growing is off);
 ``grow`` picks a leaf to split (or ends growing); ``small_tree`` trains the two new children on the
 rows routed to that leaf; ``intermediate`` trains the whole tree between growth iterations;
-``prune`` removes leaves with too few samples; ``finetune`` trains the final tree. Each pass of the loop in ``train.py`` runs one phase and saves a checkpoint with the
-cursor, so a run resumes at the phase where it stopped; a checkpoint taken inside a training phase
-also records that phase's step (:attr:`Cursor.in_phase_step`), and the pass then resumes instead of
-restarting. Transitions are pure: :meth:`Cursor.to` returns a new cursor.
+``prune`` removes leaves with too few samples; ``finetune`` trains the final tree. Each pass of
+the loop in ``train.py`` runs one phase and saves a checkpoint with the cursor, so a run resumes
+at the phase where it stopped; a checkpoint taken inside a training phase also records that
+phase's step (:attr:`Cursor.in_phase_step`), and the pass then resumes instead of restarting.
+Transitions are pure: :meth:`Cursor.to` returns a new cursor.
 """
 
 from __future__ import annotations
@@ -27,21 +28,23 @@ PHASES = ("initial", "grow", "intermediate", "small_tree", "prune", "finetune", 
 @dataclasses.dataclass(frozen=True)
 class Split:
   """The leaf being grown in a ``small_tree`` phase."""
-  leaf: int           # node id of the leaf that got two children
-  n_effective: int    # effective leaves of the tree before the split
-  num_indices: int    # training rows routed to the leaf (the small tree trains on them)
+
+  leaf: int  # node id of the leaf that got two children
+  n_effective: int  # effective leaves of the tree before the split
+  num_indices: int  # training rows routed to the leaf (the small tree trains on them)
 
 
 @dataclasses.dataclass(frozen=True)
 class Cursor:
   """The schedule's position, saved as JSON with every stage-1 checkpoint."""
+
   phase: str = "initial"
-  iteration: int = 0                     # growth iterations done
-  not_expandable: tuple[int, ...] = ()   # leaves the growing rule will not split again
-  phase_id: int = 0                      # passes started (fold into the phases' keys)
-  intermediate_done: bool = False        # this iteration's intermediate training has run
-  split: Split | None = None             # set in ``small_tree``
-  in_phase_step: int | None = None       # a checkpoint inside a training phase: its step
+  iteration: int = 0  # growth iterations done
+  not_expandable: tuple[int, ...] = ()  # leaves the growing rule will not split again
+  phase_id: int = 0  # passes started (fold into the phases' keys)
+  intermediate_done: bool = False  # this iteration's intermediate training has run
+  split: Split | None = None  # set in ``small_tree``
+  in_phase_step: int | None = None  # a checkpoint inside a training phase: its step
 
   def __post_init__(self):
     if self.phase not in PHASES:
@@ -53,9 +56,13 @@ class Cursor:
 
   def to_json(self) -> dict:
     """The checkpoint's ``cursor`` entry (``split`` and ``in_phase`` only when set)."""
-    out = {"phase": self.phase, "iteration": self.iteration,
-           "not_expandable": list(self.not_expandable), "phase_id": self.phase_id,
-           "intermediate_done": self.intermediate_done}
+    out = {
+      "phase": self.phase,
+      "iteration": self.iteration,
+      "not_expandable": list(self.not_expandable),
+      "phase_id": self.phase_id,
+      "intermediate_done": self.intermediate_done,
+    }
     if self.split is not None:
       out["split"] = dataclasses.asdict(self.split)
     if self.in_phase_step is not None:
@@ -67,8 +74,12 @@ class Cursor:
     """Reads :meth:`to_json`'s output (``intermediate_done``, ``split`` and ``in_phase`` may be
     absent, as in checkpoints written before they existed)."""
     split, in_phase = d.get("split"), d.get("in_phase")
-    return cls(phase=d["phase"], iteration=int(d["iteration"]),
-               not_expandable=tuple(int(n) for n in d["not_expandable"]),
-               phase_id=int(d["phase_id"]), intermediate_done=bool(d.get("intermediate_done")),
-               split=None if split is None else Split(**{k: int(v) for k, v in split.items()}),
-               in_phase_step=None if not in_phase else int(in_phase["step"]))
+    return cls(
+      phase=d["phase"],
+      iteration=int(d["iteration"]),
+      not_expandable=tuple(int(n) for n in d["not_expandable"]),
+      phase_id=int(d["phase_id"]),
+      intermediate_done=bool(d.get("intermediate_done")),
+      split=None if split is None else Split(**{k: int(v) for k, v in split.items()}),
+      in_phase_step=None if not in_phase else int(in_phase["step"]),
+    )

@@ -19,9 +19,16 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from tree_diffusion import __version__, errors, files
-from tree_diffusion.checkpoint import (REWRITE_EXPORT, CheckpointError, checksum, json_default,
-                                       orbax_failure_held, restore_sharding, short_error,
-                                       sync_processes)
+from tree_diffusion.checkpoint import (
+  REWRITE_EXPORT,
+  CheckpointError,
+  checksum,
+  json_default,
+  orbax_failure_held,
+  restore_sharding,
+  short_error,
+  sync_processes,
+)
 from tree_diffusion.runs import RunDir
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE, check_variables
@@ -32,22 +39,36 @@ EXPORT_FORMAT = "tree_diffusion.treevae.export/1"
 def abstract_variables(model: TreeVAE, tree: Tree):
   """Restore target: the structure, shapes and dtypes of the variables of ``tree``."""
   return jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=restore_sharding()),
-      model.init(jax.random.key(0), tree))
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=restore_sharding()),
+    model.init(jax.random.key(0), tree),
+  )
 
 
 def fingerprint(model: TreeVAE, variables, tree: Tree, data_identity: dict | None) -> str:
   """Identity of a stage-1 model as stage 2 sees it: a hash of the variables (their CRC32), the
   tree, the model hyper-parameters and the dataset's identity; nothing else (no wall times, no
   metrics), so that writing the same model again gives the same fingerprint."""
-  key = json.dumps({"checksum": checksum(variables), "tree": json.loads(tree.to_json()),
-                    "model": model.to_dict(), "data": data_identity},
-                   sort_keys=True, default=json_default)
+  key = json.dumps(
+    {
+      "checksum": checksum(variables),
+      "tree": json.loads(tree.to_json()),
+      "model": model.to_dict(),
+      "data": data_identity,
+    },
+    sort_keys=True,
+    default=json_default,
+  )
   return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def export_treevae(export_dir: str, model: TreeVAE, variables, tree: Tree, meta: dict[str, Any],
-                   data_identity: dict | None = None) -> str:
+def export_treevae(
+  export_dir: str,
+  model: TreeVAE,
+  variables,
+  tree: Tree,
+  meta: dict[str, Any],
+  data_identity: dict | None = None,
+) -> str:
   """Writes the final stage-1 model: ``variables/`` and ``meta.json``; returns its fingerprint.
 
   The export is written next to ``export_dir`` (``<export_dir>.tmp-<pid>``) and swapped in only
@@ -59,19 +80,25 @@ def export_treevae(export_dir: str, model: TreeVAE, variables, tree: Tree, meta:
   path = files.as_path(export_dir)
   tag = f"{os.getpid()}" if jax.process_count() == 1 else "multihost"
   tmp, old = files.as_path(f"{path}.tmp-{tag}"), files.as_path(f"{path}.old-{tag}")
-  writer = jax.process_index() == 0   # on several processes, the variables are saved together
+  writer = jax.process_index() == 0  # on several processes, the variables are saved together
   print_ = fingerprint(model, variables, tree, data_identity)
   try:
     if writer:
-      for stale in path.parent.glob(f"{path.name}.tmp-*"):   # a previous run killed while writing
+      for stale in path.parent.glob(f"{path.name}.tmp-*"):  # a previous run killed while writing
         stale.rmtree()
       tmp.mkdir(parents=True)
     sync_processes("export_dir_ready")
     with orbax_failure_held(), ocp.StandardCheckpointer() as ckptr:
       ckptr.save(tmp / "variables", variables)
     if writer:
-      full_meta = {"format": EXPORT_FORMAT, "version": __version__, "fingerprint": print_,
-                   "model": model.to_dict(), "tree": json.loads(tree.to_json()), **meta}
+      full_meta = {
+        "format": EXPORT_FORMAT,
+        "version": __version__,
+        "fingerprint": print_,
+        "model": model.to_dict(),
+        "tree": json.loads(tree.to_json()),
+        **meta,
+      }
       if data_identity is not None:
         full_meta["data"] = {**full_meta.get("data", {}), "identity": data_identity}
       (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, default=json_default))
@@ -80,27 +107,29 @@ def export_treevae(export_dir: str, model: TreeVAE, variables, tree: Tree, meta:
       raise
     if writer:
       try:
-        tmp.rmtree()   # what was written of it: freed at once
+        tmp.rmtree()  # what was written of it: freed at once
       except Exception:  # pylint: disable=broad-except
         pass
     kept = "the previous export there is kept" if path.exists() else "there was none before"
     raise CheckpointError(
-        f"the stage-1 export was not written to {path}: the disk is full ({kept}); free space on "
-        f"the disk that holds {path.parent} and {REWRITE_EXPORT}") from e
+      f"the stage-1 export was not written to {path}: the disk is full ({kept}); free space on "
+      f"the disk that holds {path.parent} and {REWRITE_EXPORT}"
+    ) from e
   if writer:
     if path.exists():
-      if old.exists():      # left by an earlier run killed after its swap (same pid or multihost)
+      if old.exists():  # left by an earlier run killed after its swap (same pid or multihost)
         old.rmtree()
       path.rename(old)
     tmp.rename(path)
-    for previous in path.parent.glob(f"{path.name}.old-*"):   # this one, and any left earlier
+    for previous in path.parent.glob(f"{path.name}.old-*"):  # this one, and any left earlier
       previous.rmtree()
   sync_processes("export_written")
   return print_
 
 
-def export_matches(export_dir: str, model: TreeVAE, variables, tree: Tree,
-                   data_identity: dict | None) -> bool:
+def export_matches(
+  export_dir: str, model: TreeVAE, variables, tree: Tree, data_identity: dict | None
+) -> bool:
   """Whether ``export_dir`` holds a complete, readable export of exactly this model.
 
   An export written before fingerprints were recorded matches when its model, tree and variables
@@ -113,8 +142,7 @@ def export_matches(export_dir: str, model: TreeVAE, variables, tree: Tree,
     return False
   if "fingerprint" in meta:
     return meta["fingerprint"] == fingerprint(model, variables, tree, data_identity)
-  return (got_model == model and got_tree == tree
-          and checksum(got_variables) == checksum(variables))
+  return got_model == model and got_tree == tree and checksum(got_variables) == checksum(variables)
 
 
 def _export_hint(path: str) -> str:
@@ -126,16 +154,20 @@ def _export_hint(path: str) -> str:
   parent = str(files.as_path(path).parent)
   if files.as_path(path).name == "diffusion" and files.exists(RunDir(parent).stage2_config):
     try:
-      export = json.loads(files.read_text(RunDir(parent).stage2_config))["diffusion"][
-          "treevae_export"] or RunDir(parent).export
+      export = (
+        json.loads(files.read_text(RunDir(parent).stage2_config))["diffusion"]["treevae_export"]
+        or RunDir(parent).export
+      )
     except (ValueError, KeyError, TypeError):
       export = RunDir(parent).export
     if files.exists(export):
       return f" (this is a run's stage-2 directory; the stage-1 export it used is {export})"
     return " (this is a run's stage-2 directory, not a stage-1 export)"
   if files.exists(run_dir.checkpoints):
-    return (" (this looks like a training workdir whose stage 1 has not finished: it has "
-            "checkpoints but no export yet)")
+    return (
+      " (this looks like a training workdir whose stage 1 has not finished: it has "
+      "checkpoints but no export yet)"
+    )
   return ""
 
 
@@ -151,7 +183,9 @@ def read_export_meta(path: str) -> dict:
   except (ValueError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{meta_file} is garbled ({short_error(e)}); {REWRITE_EXPORT}") from None
   if meta.get("format") != EXPORT_FORMAT:
-    raise CheckpointError(f"{meta_file} has format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    raise CheckpointError(
+      f"{meta_file} has format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}"
+    )
   return meta
 
 
@@ -171,12 +205,18 @@ def load_treevae(path: str):
       variables = ckptr.restore(files.as_path(path) / "variables", abstract)
     check_variables(tree, variables)
   except Exception as e:  # pylint: disable=broad-except  (truncated, garbled or missing files)
-    raise CheckpointError(f"the stage-1 export {path} cannot be read ({short_error(e)}); "
-                          f"{REWRITE_EXPORT}") from None
-  if "fingerprint" in meta and fingerprint(model, variables, tree,
-                                           meta.get("data", {}).get("identity")) != meta["fingerprint"]:
-    raise CheckpointError(f"the stage-1 export {path} does not match its meta.json (garbled "
-                          f"variables or a mixed export); {REWRITE_EXPORT}")
+    raise CheckpointError(
+      f"the stage-1 export {path} cannot be read ({short_error(e)}); {REWRITE_EXPORT}"
+    ) from None
+  if (
+    "fingerprint" in meta
+    and fingerprint(model, variables, tree, meta.get("data", {}).get("identity"))
+    != meta["fingerprint"]
+  ):
+    raise CheckpointError(
+      f"the stage-1 export {path} does not match its meta.json (garbled "
+      f"variables or a mixed export); {REWRITE_EXPORT}"
+    )
   return model, variables, tree
 
 
@@ -200,11 +240,15 @@ def resolve_export(path: str) -> str:
   if not p.exists():
     old = sorted(p.parent.glob(f"{p.name}.old-*")) if p.parent.exists() else []
     if old:
-      raise CheckpointError(f"stage-1 export {p} is missing but {old[-1]} holds the previous one "
-                            f"(a run was stopped while replacing it): rename it to {p}, or "
-                            f"{REWRITE_EXPORT}")
-    raise CheckpointError(f"stage-1 export {p} does not exist: train stage 1 first "
-                          f"(python -m launch.train_treevae writes WORKDIR/export) or set "
-                          f"--config.diffusion.treevae_export=PATH/TO/export")
+      raise CheckpointError(
+        f"stage-1 export {p} is missing but {old[-1]} holds the previous one "
+        f"(a run was stopped while replacing it): rename it to {p}, or "
+        f"{REWRITE_EXPORT}"
+      )
+    raise CheckpointError(
+      f"stage-1 export {p} does not exist: train stage 1 first "
+      f"(python -m launch.train_treevae writes WORKDIR/export) or set "
+      f"--config.diffusion.treevae_export=PATH/TO/export"
+    )
   read_export_meta(path)  # training workdir / wrong format → CheckpointError with the fix
   return str(files.as_path(path))

@@ -35,15 +35,15 @@ from PIL import Image, ImageDraw, ImageFont
 from tree_diffusion import files
 from tree_diffusion.tree import Tree
 
-_DEFAULT_CELL = 56    # Minimum displayed side (px) of an image when ``cell`` is not given.
-_FONT_SIZE = 13       # Text size for the scalable default font (ignored for the bitmap fallback).
-_MARGIN = 12          # Outer margin (px).
-_IMAGE_GAP = 2        # Gap (px) between the images of one leaf grid.
-_COLUMN_PAD = 18      # Horizontal space (px) between the grids / boxes of neighbouring leaves.
-_LEVEL_GAP = 30       # Vertical space (px) between the boxes of consecutive depths.
-_BAND_GAP = 16        # Vertical space (px) between the tree and the first band, and between bands.
-_BOX_PAD = 5          # Padding (px) between a box outline and its text.
-_FRAME_PAD = 3        # Distance (px) of the grey frame around a leaf grid from its images.
+_DEFAULT_CELL = 56  # Minimum displayed side (px) of an image when ``cell`` is not given.
+_FONT_SIZE = 13  # Text size for the scalable default font (ignored for the bitmap fallback).
+_MARGIN = 12  # Outer margin (px).
+_IMAGE_GAP = 2  # Gap (px) between the images of one leaf grid.
+_COLUMN_PAD = 18  # Horizontal space (px) between the grids / boxes of neighbouring leaves.
+_LEVEL_GAP = 30  # Vertical space (px) between the boxes of consecutive depths.
+_BAND_GAP = 16  # Vertical space (px) between the tree and the first band, and between bands.
+_BOX_PAD = 5  # Padding (px) between a box outline and its text.
+_FRAME_PAD = 3  # Distance (px) of the grey frame around a leaf grid from its images.
 
 _BLACK = (0, 0, 0)
 _WHITE = (255, 255, 255)
@@ -82,14 +82,16 @@ def image_to_uint8(image: Any, scale: int = 1) -> np.ndarray:
   return np.repeat(np.repeat(q, scale, axis=0), scale, axis=1)
 
 
-def draw_tree(tree: Tree,
-              leaf_share: Any,
-              rows: Sequence[Any] = (),
-              *,
-              row_titles: Sequence[str] | None = None,
-              title: str | None = None,
-              cell: int | None = None,
-              return_layout: bool = False):
+def draw_tree(
+  tree: Tree,
+  leaf_share: Any,
+  rows: Sequence[Any] = (),
+  *,
+  row_titles: Sequence[str] | None = None,
+  title: str | None = None,
+  cell: int | None = None,
+  return_layout: bool = False,
+):
   """Draws ``tree`` with each node's sample share and, under every leaf, rows of images.
 
   Args:
@@ -156,9 +158,17 @@ def draw_tree(tree: Tree,
     cols = 1 if n <= 2 else (2 if n <= 12 else 3)
     grid_rows = math.ceil(n / cols)
     ph, pw = h * scale, w * scale
-    grids.append(dict(n=n, scale=scale, cols=cols, ph=ph, pw=pw,
-                      width=cols * pw + (cols - 1) * _IMAGE_GAP,
-                      height=grid_rows * ph + (grid_rows - 1) * _IMAGE_GAP))
+    grids.append(
+      dict(
+        n=n,
+        scale=scale,
+        cols=cols,
+        ph=ph,
+        pw=pw,
+        width=cols * pw + (cols - 1) * _IMAGE_GAP,
+        height=grid_rows * ph + (grid_rows - 1) * _IMAGE_GAP,
+      )
+    )
 
   # Horizontal layout: left margin for the row titles, then one column per leaf.
   title_w = max((_text_size(font, t)[0] for t in row_titles), default=0) if row_titles else 0
@@ -209,8 +219,11 @@ def draw_tree(tree: Tree,
       y_start = node_box[n][3] + 1
       y_mid = y_start + _LEVEL_GAP // 2
       y_end = node_box[c][1] - 1
-      draw.line([(node_x[n], y_start), (node_x[n], y_mid), (node_x[c], y_mid), (node_x[c], y_end)],
-                fill=_BLACK, width=1)
+      draw.line(
+        [(node_x[n], y_start), (node_x[n], y_mid), (node_x[c], y_mid), (node_x[c], y_end)],
+        fill=_BLACK,
+        width=1,
+      )
 
   for n in tree.nodes:
     box = node_box[n]
@@ -237,9 +250,17 @@ def draw_tree(tree: Tree,
     row_panels = {}
     for leaf in leaf_order:
       gx0 = node_x[leaf] - g["width"] // 2
-      draw.rectangle((gx0 - _FRAME_PAD, y0 - _FRAME_PAD,
-                      gx0 + g["width"] - 1 + _FRAME_PAD, y0 + g["height"] - 1 + _FRAME_PAD),
-                     fill=_WHITE, outline=_LIGHT_GREY, width=1)
+      draw.rectangle(
+        (
+          gx0 - _FRAME_PAD,
+          y0 - _FRAME_PAD,
+          gx0 + g["width"] - 1 + _FRAME_PAD,
+          y0 + g["height"] - 1 + _FRAME_PAD,
+        ),
+        fill=_WHITE,
+        outline=_LIGHT_GREY,
+        width=1,
+      )
       boxes = []
       for j in range(g["n"]):
         px = gx0 + (j % g["cols"]) * (g["pw"] + _IMAGE_GAP)
@@ -254,25 +275,27 @@ def draw_tree(tree: Tree,
   if not return_layout:
     return canvas
   layout = {
-      "leaf_order": leaf_order,
-      "leaf_x": {leaf: node_x[leaf] for leaf in leaf_order},
-      "node_box": node_box,
-      "node_share": node_share,
-      "panels": panels,
-      "scale": [g["scale"] for g in grids],
-      "size": (width, height),
+    "leaf_order": leaf_order,
+    "leaf_x": {leaf: node_x[leaf] for leaf in leaf_order},
+    "node_box": node_box,
+    "node_share": node_share,
+    "panels": panels,
+    "scale": [g["scale"] for g in grids],
+    "size": (width, height),
   }
   return canvas, layout
 
 
-def save_tree_figure(path: str | os.PathLike,
-                     tree: Tree,
-                     leaf_share: Any,
-                     rows: Sequence[Any] = (),
-                     *,
-                     row_titles: Sequence[str] | None = None,
-                     title: str | None = None,
-                     cell: int | None = None) -> str | os.PathLike:
+def save_tree_figure(
+  path: str | os.PathLike,
+  tree: Tree,
+  leaf_share: Any,
+  rows: Sequence[Any] = (),
+  *,
+  row_titles: Sequence[str] | None = None,
+  title: str | None = None,
+  cell: int | None = None,
+) -> str | os.PathLike:
   """Draws the figure of :func:`draw_tree` and writes it as a PNG, creating parent directories.
 
   Args:
@@ -337,8 +360,14 @@ def _draw_text(draw: ImageDraw.ImageDraw, font, text: str, centre: tuple[int, in
   draw.text(origin, text, fill=_BLACK, font=font)
 
 
-def _dashed_line(draw: ImageDraw.ImageDraw, p0: tuple[int, int], p1: tuple[int, int], fill,
-                 dash: int = 4, gap: int = 3):
+def _dashed_line(
+  draw: ImageDraw.ImageDraw,
+  p0: tuple[int, int],
+  p1: tuple[int, int],
+  fill,
+  dash: int = 4,
+  gap: int = 3,
+):
   """Draws an axis-parallel dashed line from ``p0`` to ``p1`` (both inclusive)."""
   (x0, y0), (x1, y1) = p0, p1
   if x0 != x1 and y0 != y1:

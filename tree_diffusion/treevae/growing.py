@@ -27,16 +27,24 @@ def subset_threshold(n_effective: int) -> float:
 @dataclasses.dataclass(frozen=True)
 class GrowDecision:
   """Outcome of one leaf-selection round."""
-  leaf: int | None            # node id to split, or None to stop growing
-  reason: str                 # why (for the log)
+
+  leaf: int | None  # node id to split, or None to stop growing
+  reason: str  # why (for the log)
   n_effective: int
   threshold: float
-  counts: dict                # leaf node id -> samples with probability ≥ threshold
+  counts: dict  # leaf node id -> samples with probability ≥ threshold
   not_expandable: tuple = ()  # leaves newly marked as not expandable
 
 
-def select_leaf(tree: Tree, leaf_probs: np.ndarray, *, batch_size: int, max_depth: int,
-                num_clusters: int, not_expandable=frozenset()) -> GrowDecision:
+def select_leaf(
+  tree: Tree,
+  leaf_probs: np.ndarray,
+  *,
+  batch_size: int,
+  max_depth: int,
+  num_clusters: int,
+  not_expandable=frozenset(),
+) -> GrowDecision:
   """The reference's leaf-selection rule.
 
   * Stop if the number of effective leaves (≥ 1% of the mass) reaches ``num_clusters``.
@@ -48,25 +56,33 @@ def select_leaf(tree: Tree, leaf_probs: np.ndarray, *, batch_size: int, max_dept
   """
   leaf_probs = np.asarray(leaf_probs)
   if leaf_probs.shape[1] != tree.num_leaves:
-    raise ValueError(f"leaf_probs has {leaf_probs.shape[1]} columns, the tree {tree.num_leaves} leaves")
+    raise ValueError(
+      f"leaf_probs has {leaf_probs.shape[1]} columns, the tree {tree.num_leaves} leaves"
+    )
   n_eff = int(effective_leaves(leaf_probs).sum())
   thr = subset_threshold(n_eff)
   counts = {leaf: int((leaf_probs[:, i] >= thr).sum()) for i, leaf in enumerate(tree.leaves)}
   if n_eff >= num_clusters:
-    return GrowDecision(None, f"{n_eff} effective leaves reach num_clusters_tree={num_clusters}",
-                        n_eff, thr, counts)
-  ranking = sorted((l for l in tree.leaves if l not in not_expandable),
-                   key=lambda l: (-counts[l], tree.leaf_index(l)))
+    return GrowDecision(
+      None, f"{n_eff} effective leaves reach num_clusters_tree={num_clusters}", n_eff, thr, counts
+    )
+  ranking = sorted(
+    (l for l in tree.leaves if l not in not_expandable),
+    key=lambda l: (-counts[l], tree.leaf_index(l)),
+  )
   for leaf in ranking:
     if counts[leaf] < batch_size:
       continue
     if depth_of(leaf) >= max_depth:
-      return GrowDecision(None, f"largest leaf {leaf} is at max depth {max_depth}", n_eff, thr,
-                          counts, (leaf,))
-    return GrowDecision(leaf, f"split leaf {leaf} ({counts[leaf]} samples ≥ {thr:.3f})", n_eff,
-                        thr, counts)
-  return GrowDecision(None, f"no expandable leaf has ≥ batch_size={batch_size} samples", n_eff, thr,
-                      counts)
+      return GrowDecision(
+        None, f"largest leaf {leaf} is at max depth {max_depth}", n_eff, thr, counts, (leaf,)
+      )
+    return GrowDecision(
+      leaf, f"split leaf {leaf} ({counts[leaf]} samples ≥ {thr:.3f})", n_eff, thr, counts
+    )
+  return GrowDecision(
+    None, f"no expandable leaf has ≥ batch_size={batch_size} samples", n_eff, thr, counts
+  )
 
 
 def subset_indices(leaf_probs: np.ndarray, tree: Tree, leaf: int, threshold: float) -> np.ndarray:

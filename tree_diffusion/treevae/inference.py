@@ -29,8 +29,9 @@ def generate(variables, key, *, model: TreeVAE, tree: Tree, num: int):
   return model.generate(variables, tree, key, num)
 
 
-def predict_leaf_probs(model: TreeVAE, variables, tree: Tree, arrays: data_lib.Arrays,
-                       batch_size: int) -> np.ndarray:
+def predict_leaf_probs(
+  model: TreeVAE, variables, tree: Tree, arrays: data_lib.Arrays, batch_size: int
+) -> np.ndarray:
   """``[N, K]`` leaf probabilities of every row of ``arrays`` (padded fixed-shape batches)."""
   outs = []
   for batch in data_lib.batches(arrays, batch_size, shuffle=False, drop_remainder=False, pad=True):
@@ -39,8 +40,15 @@ def predict_leaf_probs(model: TreeVAE, variables, tree: Tree, arrays: data_lib.A
   return np.concatenate(outs) if outs else np.zeros((0, tree.num_leaves), np.float32)
 
 
-def assign(model: TreeVAE, variables, tree: Tree, images, batch_size: int = 256, mesh=None,
-           progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def assign(
+  model: TreeVAE,
+  variables,
+  tree: Tree,
+  images,
+  batch_size: int = 256,
+  mesh=None,
+  progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Places images into the learned tree.
 
   Args:
@@ -68,20 +76,22 @@ def assign(model: TreeVAE, variables, tree: Tree, images, batch_size: int = 256,
     variables = sharding.replicate(variables, mesh)
   outs = []
   for start in range(0, n, b):
-    chunk = images[start:start + b]
+    chunk = images[start : start + b]
     padded = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:], np.float32)])
     if mesh is not None:
       padded = jax.device_put(padded, sharding.data_sharded(mesh))
-    outs.append(np.asarray(leaf_probabilities(variables, padded, model=model, tree=tree))[
-        :len(chunk)])
+    outs.append(
+      np.asarray(leaf_probabilities(variables, padded, model=model, tree=tree))[: len(chunk)]
+    )
     if progress is not None:
       progress(start + len(chunk), n)
   probs = np.concatenate(outs)
   return np.asarray(tree.leaves)[probs.argmax(1)], probs
 
 
-def test_examples(model: TreeVAE, variables, tree: Tree, arrays: data_lib.Arrays, num: int,
-                  batch_size: int):
+def test_examples(
+  model: TreeVAE, variables, tree: Tree, arrays: data_lib.Arrays, num: int, batch_size: int
+):
   """Each leaf's share of ``arrays`` (argmax of the leaf probabilities) and up to ``num`` of its
   images, ``[K, num, H, W, C]`` in [0, 1] with NaN where a leaf has fewer (blank figure slots)."""
   return leaf_examples(predict_leaf_probs(model, variables, tree, arrays, batch_size), arrays, num)
@@ -95,5 +105,5 @@ def leaf_examples(probs: np.ndarray, arrays: data_lib.Arrays, num: int):
   real = np.full((k_leaves, num) + arrays.images.shape[1:], np.nan, np.float32)
   for k in range(k_leaves):
     rows = np.flatnonzero(assign == k)[:num]
-    real[k, :len(rows)] = arrays.images[rows] / 255.0
+    real[k, : len(rows)] = arrays.images[rows] / 255.0
   return share, real

@@ -49,8 +49,9 @@ def gaussian_kl(mu_q, var_q, mu_p, var_p) -> jax.Array:
 
 def bernoulli_kl(pi_q, pi_p) -> jax.Array:
   """The reference's eps-protected KL(Bern(π_q) ‖ Bern(π_p)), elementwise."""
-  return (pi_q * jnp.log(EPS + pi_q / (pi_p + EPS))
-          + (1.0 - pi_q) * jnp.log(EPS + (1.0 - pi_q) / (1.0 - pi_p + EPS)))
+  return pi_q * jnp.log(EPS + pi_q / (pi_p + EPS)) + (1.0 - pi_q) * jnp.log(
+    EPS + (1.0 - pi_q) / (1.0 - pi_p + EPS)
+  )
 
 
 def reconstruction_loss(x, out, kind: str) -> jax.Array:

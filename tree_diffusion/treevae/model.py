@@ -38,7 +38,13 @@ PyTree = Any
 Variables = dict[str, dict[str, Any]]
 
 # Component names of a node, in a fixed order.
-DENSE, TRANSFORM, P_ROUTER, Q_ROUTER, DECODER = "dense", "transform", "p_router", "q_router", "decoder"
+DENSE, TRANSFORM, P_ROUTER, Q_ROUTER, DECODER = (
+  "dense",
+  "transform",
+  "p_router",
+  "q_router",
+  "decoder",
+)
 COMPONENTS = (DENSE, TRANSFORM, P_ROUTER, Q_ROUTER, DECODER)
 
 
@@ -85,17 +91,23 @@ class TreeVAE:
     for name in ("image_size", "channels", "representation_dim"):
       inputs.count(getattr(self, name), name)
     if self.image_size <= self.representation_dim:
-      raise ValueError(f"image_size {self.image_size} must exceed representation_dim "
-                       f"{self.representation_dim} (the encoder reduces one to the other)")
+      raise ValueError(
+        f"image_size {self.image_size} must exceed representation_dim "
+        f"{self.representation_dim} (the encoder reduces one to the other)"
+      )
     if not self.latent_channels or len(self.latent_channels) != len(self.bottom_up_channels):
-      raise ValueError("latent_channels and bottom_up_channels need the same length (one per "
-                       f"level, at least one); got {self.latent_channels} and "
-                       f"{self.bottom_up_channels}")
+      raise ValueError(
+        "latent_channels and bottom_up_channels need the same length (one per "
+        f"level, at least one); got {self.latent_channels} and "
+        f"{self.bottom_up_channels}"
+      )
     for name in ("latent_channels", "bottom_up_channels"):
       for i, c in enumerate(getattr(self, name)):
         inputs.count(c, f"{name}[{i}]")
     if self.encoder not in networks.ENCODERS:
-      raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {sorted(networks.ENCODERS)}")
+      raise ValueError(
+        f"unknown encoder {self.encoder!r}; choose one of {sorted(networks.ENCODERS)}"
+      )
     if self.output not in ("sigmoid", "mse"):
       raise ValueError(f"unknown output {self.output!r}; use 'sigmoid' or 'mse'")
     networks.activation(self.act)
@@ -140,31 +152,50 @@ class TreeVAE:
   # ------------------------------------------------------------------------- module definitions
 
   def encoder_def(self) -> nn.Module:
-    return networks.ENCODERS[self.encoder](self.image_size, self.channels, self.bottom_up_channels[0],
-                                           self.representation_dim, self.act)
+    return networks.ENCODERS[self.encoder](
+      self.image_size, self.channels, self.bottom_up_channels[0], self.representation_dim, self.act
+    )
 
   def bottom_up_def(self, level: int) -> nn.Module:
     h = self.bottom_up_channels
-    return networks.ConvBlock(h[level - 1], h[level], self.latent_channels[level],
-                              self.res_connections, self.act, heads=False)
+    return networks.ConvBlock(
+      h[level - 1],
+      h[level],
+      self.latent_channels[level],
+      self.res_connections,
+      self.act,
+      heads=False,
+    )
 
   def component_def(self, comp: str, depth: int) -> nn.Module:
     if comp == DENSE:
       return networks.GaussianHead(self.lz(depth))
     if comp == TRANSFORM:
-      return networks.ConvBlock(self.lz(depth - 1), self.h(depth), self.lz(depth),
-                                self.res_connections, self.act, heads=True)
+      return networks.ConvBlock(
+        self.lz(depth - 1),
+        self.h(depth),
+        self.lz(depth),
+        self.res_connections,
+        self.act,
+        heads=True,
+      )
     if comp in (P_ROUTER, Q_ROUTER):
       return networks.Router(self.h(depth), self.act, self.dropout_router)
     if comp == DECODER:
-      return networks.DECODERS[self.encoder](self.image_size, self.channels, self.lz(depth),
-                                             self.representation_dim, self.act)
+      return networks.DECODERS[self.encoder](
+        self.image_size, self.channels, self.lz(depth), self.representation_dim, self.act
+      )
     raise ValueError(comp)
 
   def _component_input(self, comp: str, depth: int) -> jax.Array:
     r = self.representation_dim
-    c = {DENSE: self.h(depth), TRANSFORM: self.lz(depth - 1) if depth else 0,
-         P_ROUTER: self.lz(depth), Q_ROUTER: self.h(depth), DECODER: self.lz(depth)}[comp]
+    c = {
+      DENSE: self.h(depth),
+      TRANSFORM: self.lz(depth - 1) if depth else 0,
+      P_ROUTER: self.lz(depth),
+      Q_ROUTER: self.h(depth),
+      DECODER: self.lz(depth),
+    }[comp]
     return jnp.zeros((1, r, r, c), jnp.float32)
 
   # ------------------------------------------------------------------------- initialisation
@@ -177,8 +208,11 @@ class TreeVAE:
     out = {"params": {}, "batch_stats": {}}
     for comp in comps:
       k = jax.random.fold_in(jax.random.fold_in(key, node_id), COMPONENTS.index(comp))
-      v = _init_module(self.component_def(comp, depth_of(node_id)), k,
-                       self._component_input(comp, depth_of(node_id)))
+      v = _init_module(
+        self.component_def(comp, depth_of(node_id)),
+        k,
+        self._component_input(comp, depth_of(node_id)),
+      )
       _merge_into(out, v, (comp,))
     return out
 
@@ -193,27 +227,43 @@ class TreeVAE:
     h = self.bottom_up_channels
     out = {"params": {}, "batch_stats": {}}
     k_enc, k_bu, k_proj, k_nodes = jax.random.split(key, 4)
-    _merge_into(out, _init_module(self.encoder_def(), k_enc, jnp.zeros((1,) + self.image_shape)),
-                ("encoder",))
+    _merge_into(
+      out, _init_module(self.encoder_def(), k_enc, jnp.zeros((1,) + self.image_shape)), ("encoder",)
+    )
     for j in range(1, self.num_levels):
-      _merge_into(out, _init_module(self.bottom_up_def(j), jax.random.fold_in(k_bu, j),
-                                    jnp.zeros((1, r, r, h[j - 1]))), (f"bottom_up_{j}",))
+      _merge_into(
+        out,
+        _init_module(
+          self.bottom_up_def(j), jax.random.fold_in(k_bu, j), jnp.zeros((1, r, r, h[j - 1]))
+        ),
+        (f"bottom_up_{j}",),
+      )
     if self.contrastive:
       for j in range(self.num_levels):
-        _merge_into(out, _init_module(networks.ContrastiveProjection(self.act),
-                                      jax.random.fold_in(k_proj, j), jnp.zeros((1, r, r, h[j]))),
-                    (f"proj_{j}",))
+        _merge_into(
+          out,
+          _init_module(
+            networks.ContrastiveProjection(self.act),
+            jax.random.fold_in(k_proj, j),
+            jnp.zeros((1, r, r, h[j])),
+          ),
+          (f"proj_{j}",),
+        )
     for n in tree.nodes:
       _merge_into(out, self._init_components(k_nodes, n, node_components(tree, n)), (node_key(n),))
     return out
 
   def check_tree(self, tree: Tree):
     if not isinstance(tree, Tree):
-      raise TypeError(f"tree must be a tree_diffusion.tree.Tree (the one load_treevae returns); "
-                      f"got {type(tree).__name__}")
+      raise TypeError(
+        f"tree must be a tree_diffusion.tree.Tree (the one load_treevae returns); "
+        f"got {type(tree).__name__}"
+      )
     if tree.depth > self.max_depth:
-      raise ValueError(f"tree depth {tree.depth} exceeds the model's max depth {self.max_depth} "
-                       f"(one less than the {self.num_levels} bottom-up levels)")
+      raise ValueError(
+        f"tree depth {tree.depth} exceeds the model's max depth {self.max_depth} "
+        f"(one less than the {self.num_levels} bottom-up levels)"
+      )
 
   def check_call(self, variables: Variables, tree: Tree, x=None, key=None, num=None):
     """The checks of a public entry point's arguments (see :mod:`tree_diffusion.inputs`): a
@@ -222,12 +272,16 @@ class TreeVAE:
     self.check_tree(tree)
     params = variables.get("params") if isinstance(variables, Mapping) else None
     if not isinstance(params, Mapping):
-      raise TypeError(f"variables must be the {{'params', 'batch_stats'}} dict load_treevae "
-                      f"returns; got {type(variables).__name__}")
+      raise TypeError(
+        f"variables must be the {{'params', 'batch_stats'}} dict load_treevae "
+        f"returns; got {type(variables).__name__}"
+      )
     missing = [n for n in tree.nodes if node_key(n) not in params]
     if missing:
-      raise ValueError(f"variables hold no parameters for nodes {missing} of {tree}: pass the "
-                       f"tree that came with these variables")
+      raise ValueError(
+        f"variables hold no parameters for nodes {missing} of {tree}: pass the "
+        f"tree that came with these variables"
+      )
     if x is not None:
       inputs.images(x, self.image_shape)
     if key is not None:
@@ -256,12 +310,14 @@ class TreeVAE:
     ``N(0, I)``. Other nodes: prior from the transformation of the parent's *sample*, posterior by
     precision-weighted merge.
     """
-    mu_hat, var_hat = run.many([p + (DENSE,) for p in prefixes],
-                               self.component_def(DENSE, depth), (d,), (None,))
+    mu_hat, var_hat = run.many(
+      [p + (DENSE,) for p in prefixes], self.component_def(DENSE, depth), (d,), (None,)
+    )
     if z_parents is None:
       return mu_hat, var_hat, jnp.zeros_like(mu_hat), jnp.ones_like(var_hat)
-    mu_p, var_p = run.many([p + (TRANSFORM,) for p in prefixes],
-                           self.component_def(TRANSFORM, depth), (z_parents,), (0,))
+    mu_p, var_p = run.many(
+      [p + (TRANSFORM,) for p in prefixes], self.component_def(TRANSFORM, depth), (z_parents,), (0,)
+    )
     mu_q, var_q = losses.merge_gaussians(mu_hat, var_hat, mu_p, var_p)
     return mu_q, var_q, mu_p, var_p
 
@@ -278,8 +334,9 @@ class TreeVAE:
 
   def decode(self, run: Runner, prefixes, depth: int, z: jax.Array) -> jax.Array:
     """Decoder outputs (pre-activation) for stacked latents ``[N, B, R, R, C]``."""
-    return run.many([p + (DECODER,) for p in prefixes], self.component_def(DECODER, depth),
-                    (z,), (0,))
+    return run.many(
+      [p + (DECODER,) for p in prefixes], self.component_def(DECODER, depth), (z,), (0,)
+    )
 
   def decoder_groups(self, leaves: Iterable[int]) -> list[tuple[int, ...]]:
     """Leaves whose decoders have identical shapes (same latent channels), decoded together."""
@@ -290,13 +347,24 @@ class TreeVAE:
 
   def contrastive_bottom_up(self, run: Runner, ds) -> jax.Array:
     """NT-Xent of the projection heads, averaged over the bottom-up levels."""
-    terms = [losses.nt_xent(run((f"proj_{j}",), networks.ContrastiveProjection(self.act), d))
-             for j, d in enumerate(ds)]
+    terms = [
+      losses.nt_xent(run((f"proj_{j}",), networks.ContrastiveProjection(self.act), d))
+      for j, d in enumerate(ds)
+    ]
     return sum(terms) / len(terms)
 
-  def apply(self, variables: Variables, tree: Tree, x: jax.Array, key: jax.Array, *,
-            train: bool, decode: bool = True, contrastive: bool = False,
-            return_recon: bool = False):
+  def apply(
+    self,
+    variables: Variables,
+    tree: Tree,
+    x: jax.Array,
+    key: jax.Array,
+    *,
+    train: bool,
+    decode: bool = True,
+    contrastive: bool = False,
+    return_recon: bool = False,
+  ):
     """The full TreeVAE forward pass.
 
     Args:
@@ -337,10 +405,12 @@ class TreeVAE:
       internal = tuple(n for n in nodes if tree.is_internal(n))
       if internal:
         idx = [nodes.index(n) for n in internal]
-        pi_p = self.router_probs(run, [(node_key(n), P_ROUTER) for n in internal], depth, P_ROUTER,
-                                 zs[jnp.array(idx)], 0)
-        pi_q = self.router_probs(run, [(node_key(n), Q_ROUTER) for n in internal], depth, Q_ROUTER,
-                                 d, None)
+        pi_p = self.router_probs(
+          run, [(node_key(n), P_ROUTER) for n in internal], depth, P_ROUTER, zs[jnp.array(idx)], 0
+        )
+        pi_q = self.router_probs(
+          run, [(node_key(n), Q_ROUTER) for n in internal], depth, Q_ROUTER, d, None
+        )
         for i, n in enumerate(internal):
           kl_dec = kl_dec + prob[n] * losses.bernoulli_kl(pi_q[i], pi_p[i])
           if contrastive:
@@ -351,8 +421,9 @@ class TreeVAE:
     recon = {}
     if decode:
       for group in self.decoder_groups(tree.leaves):
-        outs = self.decode(run, [(node_key(n),) for n in group], depth_of(group[0]),
-                           jnp.stack([z[n] for n in group]))
+        outs = self.decode(
+          run, [(node_key(n),) for n in group], depth_of(group[0]), jnp.stack([z[n] for n in group])
+        )
         rec_g = jax.vmap(lambda o: losses.reconstruction_loss(x, o, self.output))(outs)  # [N, B]
         for i, n in enumerate(group):
           rec = rec + prob[n] * rec_g[i]
@@ -360,14 +431,22 @@ class TreeVAE:
             recon[n] = losses.output_image(outs[i], self.output)
     if contrastive:
       aug = aug + self.contrastive_bottom_up(run, ds)
-    result = dict(rec=rec, kl_root=kl_root, kl_nodes=kl_nodes, kl_decisions=kl_dec, aug=aug,
-                  leaf_probs=jnp.stack([prob[n] for n in tree.leaves], axis=1), z=z)
+    result = dict(
+      rec=rec,
+      kl_root=kl_root,
+      kl_nodes=kl_nodes,
+      kl_decisions=kl_dec,
+      aug=aug,
+      leaf_probs=jnp.stack([prob[n] for n in tree.leaves], axis=1),
+      z=z,
+    )
     if return_recon:
       result["recon"] = jnp.stack([recon[n] for n in tree.leaves])
     return result, run.batch_stats()
 
-  def path_log_weights(self, variables: Variables, tree: Tree, x: jax.Array, key: jax.Array,
-                       details: bool = False):
+  def path_log_weights(
+    self, variables: Variables, tree: Tree, x: jax.Array, key: jax.Array, details: bool = False
+  ):
     """Log importance weights of one posterior sample, per leaf (eval-mode BatchNorm).
 
     Every node's latent is drawn from the posterior as in :meth:`apply`; for leaf ``k`` with
@@ -396,17 +475,25 @@ class TreeVAE:
       d = ds[self.max_depth - depth]
       z_par = None if depth == 0 else jnp.stack([parts[(n - 1) // 2]["z"] for n in nodes])
       mu_q, var_q, mu_p, var_p = self.latent_distributions(
-          run, [(node_key(n),) for n in nodes], depth, d, z_par)
+        run, [(node_key(n),) for n in nodes], depth, d, z_par
+      )
       zs = losses.sample_gaussian(jax.random.fold_in(key, depth), mu_q, var_q)
-      ratio = (jax.vmap(losses.gaussian_log_density)(zs, mu_p, var_p)
-               - jax.vmap(losses.gaussian_log_density)(zs, mu_q, var_q))          # [N, B]
+      ratio = jax.vmap(losses.gaussian_log_density)(zs, mu_p, var_p) - jax.vmap(
+        losses.gaussian_log_density
+      )(zs, mu_q, var_q)  # [N, B]
       for i, n in enumerate(nodes):
         parts[n] = dict(z=zs[i], mu_q=mu_q[i], var_q=var_q[i], mu_p=mu_p[i], var_p=var_p[i])
         acc[n] = (0.0 if n == 0 else acc[(n - 1) // 2]) + edge[n] + ratio[i]
       internal = tuple(n for n in nodes if tree.is_internal(n))
       if internal:
-        pi_p = self.router_probs(run, [(node_key(n), P_ROUTER) for n in internal], depth, P_ROUTER,
-                                 jnp.stack([parts[n]["z"] for n in internal]), 0)
+        pi_p = self.router_probs(
+          run,
+          [(node_key(n), P_ROUTER) for n in internal],
+          depth,
+          P_ROUTER,
+          jnp.stack([parts[n]["z"] for n in internal]),
+          0,
+        )
         for i, n in enumerate(internal):
           parts[n]["pi_p"] = pi_p[i]
           edge[2 * n + 1] = jnp.log(jnp.maximum(pi_p[i], 1e-30))
@@ -415,8 +502,12 @@ class TreeVAE:
         if tree.is_passthrough(n):
           edge[tree.children(n)[0]] = 0.0
     for group in self.decoder_groups(tree.leaves):
-      outs = self.decode(run, [(node_key(n),) for n in group], depth_of(group[0]),
-                         jnp.stack([parts[n]["z"] for n in group]))
+      outs = self.decode(
+        run,
+        [(node_key(n),) for n in group],
+        depth_of(group[0]),
+        jnp.stack([parts[n]["z"] for n in group]),
+      )
       for i, n in enumerate(group):
         parts[n]["out"] = outs[i]
         acc[n] = acc[n] + losses.log_likelihood(x, outs[i], self.output)
@@ -427,8 +518,9 @@ class TreeVAE:
   # split's step then depends only on the depth of the split node, so it compiles once per depth
   # instead of once per split, and its gradients never touch the frozen tree.
 
-  def frozen_path(self, variables: Variables, tree: Tree, parent: int, x: jax.Array,
-                  key: jax.Array) -> dict:
+  def frozen_path(
+    self, variables: Variables, tree: Tree, parent: int, x: jax.Array, key: jax.Array
+  ) -> dict:
     """The frozen tree's inputs to the split under ``parent`` (eval-mode BatchNorm, sampled z).
 
     Returns:
@@ -448,11 +540,21 @@ class TreeVAE:
         pi_q = self.router_probs(run, [(node_key(n), Q_ROUTER)], depth, Q_ROUTER, d, None)[0]
         prob = prob * (pi_q if child == 2 * n + 1 else 1.0 - pi_q)
     k = depth_of(parent)
-    return dict(d_parent=ds[self.max_depth - k], d_child=ds[self.max_depth - k - 1], z_parent=z,
-                prob=prob)
+    return dict(
+      d_parent=ds[self.max_depth - k], d_child=ds[self.max_depth - k - 1], z_parent=z, prob=prob
+    )
 
-  def apply_split(self, variables: Variables, depth: int, x: jax.Array, frozen: dict,
-                  key: jax.Array, *, train: bool, contrastive: bool = False):
+  def apply_split(
+    self,
+    variables: Variables,
+    depth: int,
+    x: jax.Array,
+    frozen: dict,
+    key: jax.Array,
+    *,
+    train: bool,
+    contrastive: bool = False,
+  ):
     """Loss terms of a new 2-leaf subtree under a node at ``depth``.
 
     Args:
@@ -478,8 +580,14 @@ class TreeVAE:
     aug = losses.router_infonce(pi_q, prob) if contrastive else jnp.zeros((), x.dtype)
     b = x.shape[0]
     # No per-sample clip of the children's KLs in the small tree.
-    result = dict(rec=(p_c * rec_c).sum(0), kl_root=jnp.zeros((b,), x.dtype),
-                  kl_nodes=(p_c * kls).sum(0), kl_decisions=kl_dec, aug=aug, leaf_probs=p_c.T)
+    result = dict(
+      rec=(p_c * rec_c).sum(0),
+      kl_root=jnp.zeros((b,), x.dtype),
+      kl_nodes=(p_c * kls).sum(0),
+      kl_decisions=kl_dec,
+      aug=aug,
+      leaf_probs=p_c.T,
+    )
     return result, run.batch_stats()
 
   def leaf_probabilities(self, variables: Variables, tree: Tree, x: jax.Array) -> jax.Array:
@@ -494,14 +602,21 @@ class TreeVAE:
     for depth, nodes in enumerate(tree.levels):
       internal = tuple(n for n in nodes if tree.is_internal(n))
       if internal:
-        pi_q = self.router_probs(run, [(node_key(n), Q_ROUTER) for n in internal], depth, Q_ROUTER,
-                                 ds[self.max_depth - depth], None)
+        pi_q = self.router_probs(
+          run,
+          [(node_key(n), Q_ROUTER) for n in internal],
+          depth,
+          Q_ROUTER,
+          ds[self.max_depth - depth],
+          None,
+        )
         route(tree, prob, internal, pi_q)
       route(tree, prob, [n for n in nodes if tree.is_passthrough(n)], None)
     return jnp.stack([prob[n] for n in tree.leaves], axis=1)
 
-  def generate(self, variables: Variables, tree: Tree, key: jax.Array, num: int,
-               decode: bool = True):
+  def generate(
+    self, variables: Variables, tree: Tree, key: jax.Array, num: int, decode: bool = True
+  ):
     """Prior samples: root ``z ~ N(0, I)``, children from their priors, p-router routing.
 
     Returns:
@@ -511,25 +626,36 @@ class TreeVAE:
     """
     self.check_call(variables, tree, key=key, num=num)
     if decode:
-      inputs.fits_memory(4 * tree.num_leaves * num * int(np.prod(self.image_shape)),
-                         f"generate(num={num}): images [{tree.num_leaves}, {num}, "
-                         f"{', '.join(map(str, self.image_shape))}]",
-                         "generate in smaller batches (fold_in the key per batch)")
+      inputs.fits_memory(
+        4 * tree.num_leaves * num * int(np.prod(self.image_shape)),
+        f"generate(num={num}): images [{tree.num_leaves}, {num}, "
+        f"{', '.join(map(str, self.image_shape))}]",
+        "generate in smaller batches (fold_in the key per batch)",
+      )
     run = Runner(variables, train=False, dtype=self.dtype)
     z = {0: jax.random.normal(jax.random.fold_in(key, 0), (num,) + self.latent_shape(0))}
     key = jax.random.fold_in(key, 1)
     prob = {0: jnp.ones((num,), jnp.float32)}
     for depth, nodes in enumerate(tree.levels):
       if depth > 0:
-        mu_p, var_p = run.many([(node_key(n), TRANSFORM) for n in nodes],
-                               self.component_def(TRANSFORM, depth),
-                               (jnp.stack([z[(n - 1) // 2] for n in nodes]),), (0,))
+        mu_p, var_p = run.many(
+          [(node_key(n), TRANSFORM) for n in nodes],
+          self.component_def(TRANSFORM, depth),
+          (jnp.stack([z[(n - 1) // 2] for n in nodes]),),
+          (0,),
+        )
         zs = losses.sample_gaussian(jax.random.fold_in(key, depth), mu_p, var_p)
         z.update({n: zs[i] for i, n in enumerate(nodes)})
       internal = tuple(n for n in nodes if tree.is_internal(n))
       if internal:
-        pi_p = self.router_probs(run, [(node_key(n), P_ROUTER) for n in internal], depth, P_ROUTER,
-                                 jnp.stack([z[n] for n in internal]), 0)
+        pi_p = self.router_probs(
+          run,
+          [(node_key(n), P_ROUTER) for n in internal],
+          depth,
+          P_ROUTER,
+          jnp.stack([z[n] for n in internal]),
+          0,
+        )
         route(tree, prob, internal, pi_p)
       route(tree, prob, [n for n in nodes if tree.is_passthrough(n)], None)
     leaf_probs = jnp.stack([prob[n] for n in tree.leaves], 1)
@@ -537,8 +663,9 @@ class TreeVAE:
       return dict(images=None, leaf_probs=leaf_probs, z=z)
     images = {}
     for group in self.decoder_groups(tree.leaves):
-      outs = self.decode(run, [(node_key(n),) for n in group], depth_of(group[0]),
-                         jnp.stack([z[n] for n in group]))
+      outs = self.decode(
+        run, [(node_key(n),) for n in group], depth_of(group[0]), jnp.stack([z[n] for n in group])
+      )
       images.update({n: losses.output_image(outs[i], self.output) for i, n in enumerate(group)})
     return dict(images=jnp.stack([images[n] for n in tree.leaves]), leaf_probs=leaf_probs, z=z)
 
@@ -605,8 +732,9 @@ def route(tree: Tree, prob: dict, nodes, pi) -> None:
 # ----------------------------------------------------------------------------------- surgery
 
 
-def grow_variables(model: TreeVAE, variables: Variables, tree: Tree, leaf: int,
-                   key: jax.Array) -> tuple[Tree, Variables]:
+def grow_variables(
+  model: TreeVAE, variables: Variables, tree: Tree, leaf: int, key: jax.Array
+) -> tuple[Tree, Variables]:
   """Grows ``leaf`` into an internal node with two fresh leaves; old parameters are untouched.
 
   The leaf loses its decoder and gains fresh routers; its children get fresh transformation,
@@ -626,8 +754,10 @@ def grow_variables(model: TreeVAE, variables: Variables, tree: Tree, leaf: int,
 def _split_layout(tree: Tree, parent: int):
   """Pairs (path in the split's own pytree, path in the tree's variables) of a split."""
   left, right = tree.children(parent)
-  return ([((comp,), (node_key(parent), comp)) for comp in (P_ROUTER, Q_ROUTER)]
-          + [(("left",), (node_key(left),)), (("right",), (node_key(right),))])
+  return [((comp,), (node_key(parent), comp)) for comp in (P_ROUTER, Q_ROUTER)] + [
+    (("left",), (node_key(left),)),
+    (("right",), (node_key(right),)),
+  ]
 
 
 def split_variables(variables: Variables, tree: Tree, parent: int) -> Variables:
@@ -661,8 +791,9 @@ def frozen_path_variables(variables: Variables, tree: Tree, parent: int) -> Vari
   return out
 
 
-def merge_split_variables(variables: Variables, tree: Tree, parent: int,
-                          split: Variables) -> Variables:
+def merge_split_variables(
+  variables: Variables, tree: Tree, parent: int, split: Variables
+) -> Variables:
   """Writes a trained split back into the tree's variables (inverse of :func:`split_variables`)."""
   out = copy_dicts(variables)
   for col, v in split.items():
@@ -684,11 +815,11 @@ def prune_variables(variables: Variables, new_tree: Tree) -> Variables:
       if not k.startswith("node_"):
         out[col][k] = v
         continue
-      n = int(k[len("node_"):])
+      n = int(k[len("node_") :])
       if n in new_tree:
         keep = set(node_components(new_tree, n))
         kept = {c: cv for c, cv in v.items() if c in keep}
-        if kept:   # a node left with nothing in a collection has no entry, as init gives it
+        if kept:  # a node left with nothing in a collection has no entry, as init gives it
           out[col][k] = kept
   return out
 

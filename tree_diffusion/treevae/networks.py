@@ -31,9 +31,9 @@ import numpy as np
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "swish": nn.swish,
-    "relu": nn.relu,
-    "leaky_relu": lambda x: nn.leaky_relu(x, negative_slope=0.3),
+  "swish": nn.swish,
+  "relu": nn.relu,
+  "leaky_relu": lambda x: nn.leaky_relu(x, negative_slope=0.3),
 }
 
 
@@ -47,26 +47,46 @@ def _bn(train: bool, name: str | None = None) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
-def conv(features: int, kernel: int, stride: int = 1, padding: int = 1, bias: bool = False,
-         name: str | None = None) -> nn.Conv:
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((padding, padding), (padding, padding)), use_bias=bias, name=name)
+def conv(
+  features: int,
+  kernel: int,
+  stride: int = 1,
+  padding: int = 1,
+  bias: bool = False,
+  name: str | None = None,
+) -> nn.Conv:
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((padding, padding), (padding, padding)),
+    use_bias=bias,
+    name=name,
+  )
 
 
-def conv_transpose(features: int, kernel: int, stride: int, padding: int, bias: bool = False,
-                   name: str | None = None) -> nn.ConvTranspose:
+def conv_transpose(
+  features: int, kernel: int, stride: int, padding: int, bias: bool = False, name: str | None = None
+) -> nn.ConvTranspose:
   """PyTorch ``ConvTranspose2d(k, stride, padding)``: output ``(n−1)·s − 2p + k``."""
   pad = kernel - 1 - padding
-  return nn.ConvTranspose(features, (kernel, kernel), strides=(stride, stride),
-                          padding=((pad, pad), (pad, pad)), use_bias=bias, name=name)
+  return nn.ConvTranspose(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=bias,
+    name=name,
+  )
 
 
 def dense(features: int, bias: bool = True, name: str | None = None) -> nn.Dense:
   return nn.Dense(features, use_bias=bias, name=name)
 
 
-def _row_placement(k: int, n_in: int, n_out: int, stride: int, pad: int,
-                   transpose: bool) -> np.ndarray:
+def _row_placement(
+  k: int, n_in: int, n_out: int, stride: int, pad: int, transpose: bool
+) -> np.ndarray:
   """0/1 tensor ``S[d, i, o]``: kernel tap ``d`` links input column ``i`` to output column ``o``."""
   s = np.zeros((k, n_in, n_out), np.float32)
   for d in range(k):
@@ -98,16 +118,18 @@ def _tap_index(k: int, n_in: int, n_out: int, stride: int, pad: int, transpose: 
   return idx
 
 
-def _width_toeplitz(kernel: jax.Array, w: int, w_out: int, stride: int, pad: int,
-                    transpose: bool) -> jax.Array:
+def _width_toeplitz(
+  kernel: jax.Array, w: int, w_out: int, stride: int, pad: int, transpose: bool
+) -> jax.Array:
   """``[k, W·C, W_out·C_out]``: per kernel row, the matrix that applies it along the width."""
   k, _, c, cout = kernel.shape
   placement = jnp.asarray(_row_placement(k, w, w_out, stride, pad, transpose), kernel.dtype)
   return jnp.einsum("ydio,dab->yaibo", kernel, placement).reshape(k, w * c, w_out * cout)
 
 
-def conv2d_dense(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
-                 transpose: bool = False) -> jax.Array:
+def conv2d_dense(
+  x: jax.Array, kernel: jax.Array, stride: int, pad: int, transpose: bool = False
+) -> jax.Array:
   """A 2-D (transposed) convolution on a small map as one dense matmul ``[B, H·W·C] @ M``.
 
   ``M`` (``[H·W·C, H_out·W_out·C_out]``, independent of the batch) holds, for every pair of
@@ -121,18 +143,20 @@ def conv2d_dense(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
   k, _, _, cout = kernel.shape
   h_out, w_out = _out_size(h, k, stride, pad, transpose), _out_size(w, k, stride, pad, transpose)
   t = _width_toeplitz(kernel, w, w_out, stride, pad, transpose)
-  t = jnp.concatenate([t, jnp.zeros_like(t[:1])])                 # tap k: no link (zeros)
+  t = jnp.concatenate([t, jnp.zeros_like(t[:1])])  # tap k: no link (zeros)
   idx = jnp.asarray(_tap_index(k, h, h_out, stride, pad, transpose))[..., None]
   # m[a, :, o, :] = t[idx[a, o]], gathered straight into the [H, W·C, H_out, W_out·C_out] layout.
-  dims = jax.lax.GatherDimensionNumbers(offset_dims=(1, 3), collapsed_slice_dims=(0,),
-                                        start_index_map=(0,))
+  dims = jax.lax.GatherDimensionNumbers(
+    offset_dims=(1, 3), collapsed_slice_dims=(0,), start_index_map=(0,)
+  )
   m = jax.lax.gather(t, idx, dims, (1,) + t.shape[1:], mode="promise_in_bounds")
   m = m.reshape(h * w * c, h_out * w_out * cout)
   return (x.reshape(b, h * w * c) @ m).reshape(b, h_out, w_out, cout)
 
 
-def conv2d_rows(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
-                transpose: bool = False) -> jax.Array:
+def conv2d_rows(
+  x: jax.Array, kernel: jax.Array, stride: int, pad: int, transpose: bool = False
+) -> jax.Array:
   """A 2-D (transposed) convolution written as one matmul per image row band.
 
   Same result as ``lax.conv_general_dilated`` (or ``lax.conv_transpose`` with PyTorch padding
@@ -155,10 +179,12 @@ def conv2d_rows(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
     x = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0)))
     row_stride = stride
   toeplitz = _width_toeplitz(kernel, w, w_out, stride, pad, transpose).reshape(
-      k * w * c, w_out * cout)
+    k * w * c, w_out * cout
+  )
   x = x.reshape(b, x.shape[1], w * c)
-  bands = jnp.stack([x[:, dy:dy + row_stride * (h_out - 1) + 1:row_stride] for dy in range(k)],
-                    axis=2)  # [B, H_out, k, W*C]
+  bands = jnp.stack(
+    [x[:, dy : dy + row_stride * (h_out - 1) + 1 : row_stride] for dy in range(k)], axis=2
+  )  # [B, H_out, k, W*C]
   return (bands.reshape(b, h_out, k * w * c) @ toeplitz).reshape(b, h_out, w_out, cout)
 
 
@@ -183,6 +209,7 @@ class RowConv(nn.Module):
   on GPUs and TPUs, whose programs stay as they were measured) the banded form. Same parameters
   and the same result either way, to float32 rounding. The platform is the default backend's,
   read when the module is traced."""
+
   features: int
   kernel: int
   stride: int = 1
@@ -192,10 +219,14 @@ class RowConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (self.kernel, self.kernel, x.shape[-1], self.features))
+    kernel = self.param(
+      "kernel",
+      nn.initializers.lecun_normal(),
+      (self.kernel, self.kernel, x.shape[-1], self.features),
+    )
     dense = jax.default_backend() == "cpu" and _dense_is_cheaper(
-        x.shape, self.kernel, self.features, self.stride, self.padding, self.transpose)
+      x.shape, self.kernel, self.features, self.stride, self.padding, self.transpose
+    )
     conv = conv2d_dense if dense else conv2d_rows
     y = conv(x, kernel, self.stride, self.padding, self.transpose)
     if self.use_bias:
@@ -218,6 +249,7 @@ class ConvBlock(nn.Module):
   Used for bottom-up steps (``heads=False``, only the features are read) and for the per-node
   top-down transformations (``heads=True``, the prior ``N(mu, var)`` of the node given its parent).
   """
+
   in_channels: int
   out_channels: int
   latent_channels: int
@@ -243,6 +275,7 @@ class ConvBlock(nn.Module):
 
 class GaussianHead(nn.Module):
   """The reference's ``Dense``: two 3×3 convs giving the bottom-up proposal ``(mû, vâr)``."""
+
   latent_channels: int
 
   @nn.compact
@@ -254,6 +287,7 @@ class GaussianHead(nn.Module):
 
 class Router(nn.Module):
   """Probability of going left: 3×3 conv to one channel → flatten → 2 × (linear, BN, act) → sigmoid."""
+
   hidden: int
   act: str = "swish"
   dropout: float = 0.0
@@ -271,6 +305,7 @@ class Router(nn.Module):
 
 class ContrastiveProjection(nn.Module):
   """Projection head of one bottom-up level for the NT-Xent term (10-d embedding)."""
+
   act: str = "swish"
   hidden: int = 128
   features: int = 10
@@ -289,6 +324,7 @@ def _linspace_int(a: float, b: float, n: int) -> list[int]:
 
 class Cnn1Encoder(nn.Module):
   """28×28 grey images → ``[B, R, R, C]``: three convs whose sizes interpolate linearly."""
+
   image_size: int
   channels: int
   out_channels: int
@@ -311,6 +347,7 @@ class Cnn1Encoder(nn.Module):
 
 class Cnn1Decoder(nn.Module):
   """Mirror of :class:`Cnn1Encoder` with transposed convs; the last one has no bias (as the reference)."""
+
   image_size: int
   channels: int
   latent_channels: int
@@ -334,6 +371,7 @@ class Cnn1Decoder(nn.Module):
 
 class ResBlock(nn.Module):
   """[FORK] pre-activation residual block with three 3×3 convs; ``out = shortcut + 0.1·dx``."""
+
   in_channels: int
   out_channels: int
   act: str = "swish"
@@ -353,6 +391,7 @@ class ResBlock(nn.Module):
 
 class Cnn2Encoder(nn.Module):
   """Colour images (32 or 64 px) → ``[B, R, R, C]``: a ResNet with strided-conv down-sampling."""
+
   image_size: int
   channels: int
   out_channels: int
@@ -374,6 +413,7 @@ class Cnn2Encoder(nn.Module):
 
 class Cnn2Decoder(nn.Module):
   """Mirror of :class:`Cnn2Encoder`: ResBlocks with transposed-conv ×2 up-sampling."""
+
   image_size: int
   channels: int
   latent_channels: int
@@ -403,6 +443,17 @@ def param_count(tree) -> int:
 
 
 __all__: Sequence[str] = [
-    "ConvBlock", "GaussianHead", "Router", "ContrastiveProjection", "Cnn1Encoder", "Cnn1Decoder",
-    "Cnn2Encoder", "Cnn2Decoder", "ResBlock", "ENCODERS", "DECODERS", "activation", "param_count",
+  "ConvBlock",
+  "GaussianHead",
+  "Router",
+  "ContrastiveProjection",
+  "Cnn1Encoder",
+  "Cnn1Decoder",
+  "Cnn2Encoder",
+  "Cnn2Decoder",
+  "ResBlock",
+  "ENCODERS",
+  "DECODERS",
+  "activation",
+  "param_count",
 ]

@@ -60,16 +60,19 @@ class Runner:
     if self.dtype == jnp.float32:
       return tree
     return jax.tree_util.tree_map(
-        lambda a: a.astype(self.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+      lambda a: a.astype(self.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
 
   def _apply_fn(self, module: nn.Module, train: bool, has_stats: bool):
     f32 = lambda out: jax.tree_util.tree_map(lambda o: o.astype(jnp.float32), out)
     if isinstance(module, networks.GaussianHead):
       return lambda v, *a: (f32(module.apply(v, *self._cast(a))), None)
     if train and has_stats:
+
       def fn(v, *a):
         out, new = module.apply(v, *self._cast(a), train=True, mutable=["batch_stats"])
         return f32(out), new["batch_stats"]
+
       return fn
     return lambda v, *a: (f32(module.apply(v, *self._cast(a), train=train)), None)
 
@@ -95,8 +98,11 @@ class Runner:
     else:
       stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *vs)
       out, new = jax.vmap(fn, in_axes=(0,) + tuple(in_axes))(stacked, *args)
-      news = None if new is None else [jax.tree_util.tree_map(lambda a: a[i], new)
-                                       for i in range(len(paths))]
+      news = (
+        None
+        if new is None
+        else [jax.tree_util.tree_map(lambda a: a[i], new) for i in range(len(paths))]
+      )
     if news is not None:
       self.updates.extend(zip(paths, news))
     return out

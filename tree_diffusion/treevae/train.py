@@ -40,8 +40,14 @@ from tree_diffusion.treevae import export as export_lib
 from tree_diffusion.treevae.checkpoints import Stage1Checkpoints
 from tree_diffusion.treevae.cursor import Cursor, Split
 from tree_diffusion.treevae.inference import generate, predict_leaf_probs, test_examples
-from tree_diffusion.treevae.model import (TreeVAE, frozen_path_variables, grow_variables,
-                                          merge_split_variables, prune_variables, split_variables)
+from tree_diffusion.treevae.model import (
+  TreeVAE,
+  frozen_path_variables,
+  grow_variables,
+  merge_split_variables,
+  prune_variables,
+  split_variables,
+)
 from tree_diffusion.writer import MetricWriter
 
 PyTree = Any
@@ -50,8 +56,9 @@ PyTree = Any
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """Static settings of a train step (hashable: part of the jit cache key)."""
+
   weight_decay: float = 1e-5
-  contrastive: bool = False          # [view1; view2] batches and the contrastive terms
+  contrastive: bool = False  # [view1; view2] batches and the contrastive terms
   aug_weight: float = 1.0
   augment: augment_lib.AugmentConfig | None = None
 
@@ -73,8 +80,12 @@ def init_state(variables, cfg: StepConfig) -> TrainState:
   params = jax.tree_util.tree_map(jnp.copy, variables["params"])
   batch_stats = jax.tree_util.tree_map(jnp.copy, variables["batch_stats"])
   flat, _ = jax.flatten_util.ravel_pytree(params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=make_optimizer(cfg).init(flat))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=make_optimizer(cfg).init(flat),
+  )
 
 
 # --------------------------------------------------------------------------------- steps
@@ -82,11 +93,18 @@ def init_state(variables, cfg: StepConfig) -> TrainState:
 
 def loss_terms(out: dict, alpha, aug_weight: float) -> dict:
   """Batch-mean ELBO terms and the total; ``alpha`` is the KL-annealing weight."""
-  terms = dict(rec=out["rec"].mean(), kl_root=out["kl_root"].mean(),
-               kl_nodes=jnp.clip(out["kl_nodes"].mean(), -10.0, 1e10),
-               kl_decisions=out["kl_decisions"].mean(), aug=aug_weight * out["aug"])
-  terms["loss"] = (terms["rec"] + alpha * (terms["kl_root"] + terms["kl_nodes"]
-                                           + terms["kl_decisions"]) + terms["aug"])
+  terms = dict(
+    rec=out["rec"].mean(),
+    kl_root=out["kl_root"].mean(),
+    kl_nodes=jnp.clip(out["kl_nodes"].mean(), -10.0, 1e10),
+    kl_decisions=out["kl_decisions"].mean(),
+    aug=aug_weight * out["aug"],
+  )
+  terms["loss"] = (
+    terms["rec"]
+    + alpha * (terms["kl_root"] + terms["kl_nodes"] + terms["kl_decisions"])
+    + terms["aug"]
+  )
   return terms
 
 
@@ -105,12 +123,25 @@ def _apply_gradients(state: TrainState, grads, stats, lr, cfg: StepConfig) -> Tr
   flat_params, unravel = jax.flatten_util.ravel_pytree(state.params)
   flat_grads, _ = jax.flatten_util.ravel_pytree(grads)
   updates, opt_state = make_optimizer(cfg).update(flat_grads, state.opt_state, flat_params)
-  return TrainState(step=state.step + 1, params=unravel(flat_params - lr * updates),
-                    batch_stats=stats, opt_state=opt_state)
+  return TrainState(
+    step=state.step + 1,
+    params=unravel(flat_params - lr * updates),
+    batch_stats=stats,
+    opt_state=opt_state,
+  )
 
 
-def _train_step(state: TrainState, images: jax.Array, key: jax.Array, alpha, lr, *,
-                model: TreeVAE, tree: Tree, cfg: StepConfig):
+def _train_step(
+  state: TrainState,
+  images: jax.Array,
+  key: jax.Array,
+  alpha,
+  lr,
+  *,
+  model: TreeVAE,
+  tree: Tree,
+  cfg: StepConfig,
+):
   """One step of full-tree training (initial, intermediate and fine-tuning phases)."""
   key = jax.random.fold_in(key, state.step)
   aug_key, z_key = jax.random.split(key)
@@ -127,23 +158,43 @@ def _train_step(state: TrainState, images: jax.Array, key: jax.Array, alpha, lr,
   return _apply_gradients(state, grads, stats, lr, cfg), terms
 
 
-def _frozen_inputs(frozen_variables, images: jax.Array, key: jax.Array, step, *, model: TreeVAE,
-                   tree: Tree, parent: int, cfg: StepConfig):
+def _frozen_inputs(
+  frozen_variables,
+  images: jax.Array,
+  key: jax.Array,
+  step,
+  *,
+  model: TreeVAE,
+  tree: Tree,
+  parent: int,
+  cfg: StepConfig,
+):
   """The small-tree batch and the frozen tree's part of it (eval-mode BatchNorm, sampled z)."""
   aug_key, frozen_key = jax.random.split(jax.random.fold_in(key, step))
   x = _inputs(images, aug_key, cfg)
   return x, model.frozen_path(frozen_variables, tree, parent, x, frozen_key)
 
 
-def _split_step(state: TrainState, x: jax.Array, frozen: dict, key: jax.Array, alpha, lr, *,
-                model: TreeVAE, depth: int, cfg: StepConfig):
+def _split_step(
+  state: TrainState,
+  x: jax.Array,
+  frozen: dict,
+  key: jax.Array,
+  alpha,
+  lr,
+  *,
+  model: TreeVAE,
+  depth: int,
+  cfg: StepConfig,
+):
   """One update of the split's own variables (``state``), given the frozen tree's outputs."""
   z_key = jax.random.fold_in(jax.random.fold_in(key, state.step), 1)
 
   def loss_fn(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
-    out, stats = model.apply_split(variables, depth, x, frozen, z_key, train=True,
-                                   contrastive=cfg.contrastive)
+    out, stats = model.apply_split(
+      variables, depth, x, frozen, z_key, train=True, contrastive=cfg.contrastive
+    )
     terms = loss_terms(out, alpha, cfg.aug_weight)
     return terms["loss"], (terms, stats)
 
@@ -159,18 +210,46 @@ frozen_inputs = jax.jit(_frozen_inputs, static_argnames=("model", "tree", "paren
 _split_update = jax.jit(_split_step, static_argnames=("model", "depth", "cfg"), donate_argnums=0)
 
 
-def split_step(state: TrainState, frozen_variables, images: jax.Array, key: jax.Array, alpha, lr,
-               *, model: TreeVAE, tree: Tree, parent: int, cfg: StepConfig):
+def split_step(
+  state: TrainState,
+  frozen_variables,
+  images: jax.Array,
+  key: jax.Array,
+  alpha,
+  lr,
+  *,
+  model: TreeVAE,
+  tree: Tree,
+  parent: int,
+  cfg: StepConfig,
+):
   """One small-tree step: only the split's own variables (``state``) train.
 
   The frozen tree runs in eval mode with sampled latents and is never differentiated; the split's
   parameters are their own pytree, so the frozen tree has no optimiser state and cannot move —
   the effect of an optax mask, without computing or storing anything for the frozen part.
   """
-  x, frozen = frozen_inputs(frozen_path_variables(frozen_variables, tree, parent), images, key,
-                            state.step, model=model, tree=tree, parent=parent, cfg=cfg)
-  return _split_update(state, x, frozen, key, alpha, lr, model=model,
-                       depth=_canonical_split_depth(model, depth_of(parent)), cfg=cfg)
+  x, frozen = frozen_inputs(
+    frozen_path_variables(frozen_variables, tree, parent),
+    images,
+    key,
+    state.step,
+    model=model,
+    tree=tree,
+    parent=parent,
+    cfg=cfg,
+  )
+  return _split_update(
+    state,
+    x,
+    frozen,
+    key,
+    alpha,
+    lr,
+    model=model,
+    depth=_canonical_split_depth(model, depth_of(parent)),
+    cfg=cfg,
+  )
 
 
 def _canonical_split_depth(model: TreeVAE, depth: int) -> int:
@@ -203,6 +282,7 @@ def step_lr(epoch: int, lr: float, decay_lr: float, decay_stepsize: int) -> floa
 @dataclasses.dataclass
 class _Run:
   """What the phases of one run share (not part of the checkpoint)."""
+
   config: Any
   model: TreeVAE
   train: data_lib.Arrays
@@ -224,14 +304,28 @@ def step_config(c) -> StepConfig:
   """The train step's static settings from the config's ``stage1`` section."""
   contrastive = bool(c.augment) and "InfoNCE" in c.augmentation_method
   aug = augment_lib.get(c.augmentation) if c.augment else None
-  return StepConfig(weight_decay=c.weight_decay, contrastive=contrastive,
-                    aug_weight=c.aug_decisions_weight, augment=aug)
+  return StepConfig(
+    weight_decay=c.weight_decay,
+    contrastive=contrastive,
+    aug_weight=c.aug_decisions_weight,
+    augment=aug,
+  )
 
 
-def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, phase_id: int,
-                parent: int | None = None, indices: np.ndarray | None = None,
-                decay_kl: float | None = None, resume_state: TrainState | None = None,
-                save_in_phase=None):
+def train_phase(
+  run: _Run,
+  name: str,
+  variables,
+  tree: Tree,
+  epochs: int,
+  *,
+  phase_id: int,
+  parent: int | None = None,
+  indices: np.ndarray | None = None,
+  decay_kl: float | None = None,
+  resume_state: TrainState | None = None,
+  save_in_phase=None,
+):
   """Trains for ``epochs`` with a fresh optimiser, StepLR and KL annealer; returns new variables.
 
   Everything a step sees is a function of ``(phase_id, state.step)``: the batch order (a seeded
@@ -249,7 +343,9 @@ def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, pha
   n = len(run.train) if indices is None else len(indices)
   steps_per_epoch = data_lib.num_batches(n, load_bs, drop_remainder=True)
   if steps_per_epoch == 0:
-    logging.warning("%s: %d samples are fewer than one batch of %d; phase skipped", name, n, load_bs)
+    logging.warning(
+      "%s: %d samples are fewer than one batch of %d; phase skipped", name, n, load_bs
+    )
     return variables
   decay_kl = c.decay_kl if decay_kl is None else decay_kl
   # Everything the steps see lives on the mesh, replicated: inputs whose sharding differs from the
@@ -260,24 +356,35 @@ def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, pha
   state = sharding.replicate(state, run.mesh)
   phase_key = sharding.replicate(jax.random.fold_in(run.key, phase_id), run.mesh)
   total = epochs * steps_per_epoch
-  done = int(state.step)                            # steps of this phase already taken
-  logging.info("%s: %d epochs × %d steps on %d samples, tree %s%s", name, epochs, steps_per_epoch,
-               n, tree, f" (resumed at step {done})" if done else "")
+  done = int(state.step)  # steps of this phase already taken
+  logging.info(
+    "%s: %d epochs × %d steps on %d samples, tree %s%s",
+    name,
+    epochs,
+    steps_per_epoch,
+    n,
+    tree,
+    f" (resumed at step {done})" if done else "",
+  )
   progress = loop.Progress(total, c.batch_size, done, rates=run.images_per_second)
-  rows = sharding.process_rows(run.mesh, load_bs)   # this process's block of every batch
+  rows = sharding.process_rows(run.mesh, load_bs)  # this process's block of every batch
 
   def check_finite(sums, count, epoch):
     means = {k: float(v) / max(count, 1) for k, v in jax.device_get(sums).items()}
     terms = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
     loop.check_finite(
-        means["loss"], f"stage 1, {name}, epoch {epoch + 1}, phase step {done} (mean of the last "
-        f"{count} steps: {terms})", f"Re-run with a lower --config.stage1.lr (now {c.lr:g}) in "
-        f"a new --workdir (a resume in this one keeps its checkpoints' learning rate), or check "
-        f"the data", last_good="none" if run.ckpts is None else run.ckpts.describe_latest())
+      means["loss"],
+      f"stage 1, {name}, epoch {epoch + 1}, phase step {done} (mean of the last "
+      f"{count} steps: {terms})",
+      f"Re-run with a lower --config.stage1.lr (now {c.lr:g}) in "
+      f"a new --workdir (a resume in this one keeps its checkpoints' learning rate), or check "
+      f"the data",
+      last_good="none" if run.ckpts is None else run.ckpts.describe_latest(),
+    )
     return means
 
   def save(epoch, sums, count):
-    check_finite(sums, count, epoch)     # never save a diverged state
+    check_finite(sums, count, epoch)  # never save a diverged state
     return save_in_phase(state)
 
   for epoch in range(done // steps_per_epoch, epochs):
@@ -287,36 +394,69 @@ def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, pha
     alpha_d, lr_d = sharding.replicate((np.float32(alpha), np.float32(lr)), run.mesh)
     progress.start_window(done)
     sums, count = None, 0
-    epoch_batches = data_lib.batches(run.train, load_bs, shuffle=True, seed=c.seed + phase_id,
-                                     epoch=epoch, drop_remainder=True, indices=indices, part=rows,
-                                     skip=done - epoch * steps_per_epoch)
-    for batch in sharding.prefetch(({"image": b["image"]} for b in epoch_batches), run.mesh,
-                                   load_bs):
+    epoch_batches = data_lib.batches(
+      run.train,
+      load_bs,
+      shuffle=True,
+      seed=c.seed + phase_id,
+      epoch=epoch,
+      drop_remainder=True,
+      indices=indices,
+      part=rows,
+      skip=done - epoch * steps_per_epoch,
+    )
+    for batch in sharding.prefetch(
+      ({"image": b["image"]} for b in epoch_batches), run.mesh, load_bs
+    ):
       images = batch["image"]
       if parent is None:
-        state, terms = train_step(state, images, phase_key, alpha_d, lr_d, model=run.model,
-                                  tree=tree, cfg=cfg)
+        state, terms = train_step(
+          state, images, phase_key, alpha_d, lr_d, model=run.model, tree=tree, cfg=cfg
+        )
       else:
-        state, terms = split_step(state, variables, images, phase_key, alpha_d, lr_d,
-                                  model=run.model, tree=tree, parent=parent, cfg=cfg)
+        state, terms = split_step(
+          state,
+          variables,
+          images,
+          phase_key,
+          alpha_d,
+          lr_d,
+          model=run.model,
+          tree=tree,
+          parent=parent,
+          cfg=cfg,
+        )
       sums = terms if sums is None else jax.tree_util.tree_map(jnp.add, sums, terms)
       done, count = done + 1, count + 1
       if done == total or save_in_phase is None:
-        continue   # the phase's end is saved by the schedule
+        continue  # the phase's end is saved by the schedule
       loop.checkpoint_if_due(
-          run.stop, done, c.checkpoint_every_steps,
-          functools.partial(save, epoch, sums, count),
-          lambda saved: (f"in {name} at phase step {done}/{total}; checkpoint {saved} saved in "
-                         f"{run.ckpts.directory}"))
+        run.stop,
+        done,
+        c.checkpoint_every_steps,
+        functools.partial(save, epoch, sums, count),
+        lambda saved: (
+          f"in {name} at phase step {done}/{total}; checkpoint {saved} saved in "
+          f"{run.ckpts.directory}"
+        ),
+      )
     means = check_finite(sums, count, epoch)
-    ips, eta = progress.report(done)   # the first epoch of a process includes compilation
+    ips, eta = progress.report(done)  # the first epoch of a process includes compilation
     scalars = {f"train/{k}": v for k, v in means.items()}
-    scalars.update({"train/alpha": alpha, "train/lr": lr, "train/images_per_second": ips,
-                    "tree/num_leaves": tree.num_leaves})
-    log_line = (f"{name} epoch {epoch + 1}/{epochs}: loss {means['loss']:.2f} rec {means['rec']:.2f} "
-                f"kl_root {means['kl_root']:.2f} kl_nodes {means['kl_nodes']:.2f} "
-                f"kl_dec {means['kl_decisions']:.3f} aug {means['aug']:.3f} α {alpha:.3f} "
-                f"lr {lr:.1e} | {ips:.0f} img/s, phase ETA {format_eta(eta)}")
+    scalars.update(
+      {
+        "train/alpha": alpha,
+        "train/lr": lr,
+        "train/images_per_second": ips,
+        "tree/num_leaves": tree.num_leaves,
+      }
+    )
+    log_line = (
+      f"{name} epoch {epoch + 1}/{epochs}: loss {means['loss']:.2f} rec {means['rec']:.2f} "
+      f"kl_root {means['kl_root']:.2f} kl_nodes {means['kl_nodes']:.2f} "
+      f"kl_dec {means['kl_decisions']:.3f} aug {means['aug']:.3f} α {alpha:.3f} "
+      f"lr {lr:.1e} | {ips:.0f} img/s, phase ETA {format_eta(eta)}"
+    )
     last = epoch == epochs - 1
     if parent is None:
       variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -331,8 +471,9 @@ def train_phase(run: _Run, name: str, variables, tree: Tree, epochs: int, *, pha
     if c.log_every_epochs and ((epoch + 1) % c.log_every_epochs == 0 or last or epoch == 0):
       logging.info(log_line)
   if parent is not None:
-    variables = merge_split_variables(variables, tree, parent, {"params": state.params,
-                                                                "batch_stats": state.batch_stats})
+    variables = merge_split_variables(
+      variables, tree, parent, {"params": state.params, "batch_stats": state.batch_stats}
+    )
   return variables
 
 
@@ -346,14 +487,20 @@ def initial_tree(config) -> Tree:
 def make_model(config) -> TreeVAE:
   c = config.stage1
   contrastive = bool(c.augment) and "instancewise_full" in c.augmentation_method
-  return TreeVAE(encoder=config.treevae.encoder, image_size=config.data.image_size,
-                 channels=config.data.channels,
-                 latent_channels=tuple(config.treevae.latent_channels),
-                 bottom_up_channels=tuple(config.treevae.bottom_up_channels),
-                 representation_dim=config.treevae.representation_dim,
-                 res_connections=config.treevae.res_connections, act=config.treevae.act,
-                 output=config.treevae.output, dropout_router=config.treevae.dropout_router,
-                 contrastive=contrastive, dtype=c.dtype)
+  return TreeVAE(
+    encoder=config.treevae.encoder,
+    image_size=config.data.image_size,
+    channels=config.data.channels,
+    latent_channels=tuple(config.treevae.latent_channels),
+    bottom_up_channels=tuple(config.treevae.bottom_up_channels),
+    representation_dim=config.treevae.representation_dim,
+    res_connections=config.treevae.res_connections,
+    act=config.treevae.act,
+    output=config.treevae.output,
+    dropout_router=config.treevae.dropout_router,
+    contrastive=contrastive,
+    dtype=c.dtype,
+  )
 
 
 # The schedule is a state machine over ``Cursor.phase`` (see ``cursor.py``). Each pass of the loop
@@ -366,8 +513,9 @@ def _read_cursor(meta: dict, where: str) -> Cursor:
   try:
     return Cursor.from_json(meta["cursor"])
   except (KeyError, TypeError, ValueError) as e:
-    raise ckpt_lib.CheckpointError(f"{where} holds no readable schedule cursor ({e}): start "
-                                   f"afresh with a new --workdir") from None
+    raise ckpt_lib.CheckpointError(
+      f"{where} holds no readable schedule cursor ({e}): start afresh with a new --workdir"
+    ) from None
 
 
 def _grow_decision(run: _Run, variables, tree: Tree, cursor: Cursor, phase_id: int):
@@ -378,27 +526,47 @@ def _grow_decision(run: _Run, variables, tree: Tree, cursor: Cursor, phase_id: i
   """
   c = run.config.stage1
   it = cursor.iteration
-  if (c.intermediate_fulltrain and it > 0 and it % 3 == 0 and not cursor.intermediate_done
-      and c.num_epochs_intermediate_fulltrain > 0):
+  if (
+    c.intermediate_fulltrain
+    and it > 0
+    and it % 3 == 0
+    and not cursor.intermediate_done
+    and c.num_epochs_intermediate_fulltrain > 0
+  ):
     return variables, tree, cursor.to("intermediate"), None
 
   probs = predict_leaf_probs(run.model, variables, tree, run.train, c.eval_batch_size)
   load_bs = c.batch_size // 2 if _step_config(run).contrastive else c.batch_size
-  decision = growing.select_leaf(tree, probs, batch_size=load_bs, max_depth=run.model.max_depth,
-                                 num_clusters=c.num_clusters_tree,
-                                 not_expandable=frozenset(cursor.not_expandable))
+  decision = growing.select_leaf(
+    tree,
+    probs,
+    batch_size=load_bs,
+    max_depth=run.model.max_depth,
+    num_clusters=c.num_clusters_tree,
+    not_expandable=frozenset(cursor.not_expandable),
+  )
   not_expandable = tuple(sorted(set(cursor.not_expandable) | set(decision.not_expandable)))
-  logging.info("growing iteration %d: %s (effective leaves %d; counts %s)", it, decision.reason,
-               decision.n_effective, decision.counts)
+  logging.info(
+    "growing iteration %d: %s (effective leaves %d; counts %s)",
+    it,
+    decision.reason,
+    decision.n_effective,
+    decision.counts,
+  )
   if decision.leaf is None:
     return variables, tree, cursor.to("prune", not_expandable=not_expandable), None
   indices = growing.subset_indices(probs, tree, decision.leaf, decision.threshold).astype(np.int32)
   grow_key = jax.random.fold_in(jax.random.fold_in(run.key, 10_000), phase_id)
   tree, variables = grow_variables(run.model, variables, tree, decision.leaf, grow_key)
-  split = Split(leaf=int(decision.leaf), n_effective=int(decision.n_effective),
-                num_indices=int(len(indices)))
-  return variables, tree, cursor.to("small_tree", split=split,
-                                    not_expandable=not_expandable), indices
+  split = Split(
+    leaf=int(decision.leaf), n_effective=int(decision.n_effective), num_indices=int(len(indices))
+  )
+  return (
+    variables,
+    tree,
+    cursor.to("small_tree", split=split, not_expandable=not_expandable),
+    indices,
+  )
 
 
 def _after_small_tree(run: _Run, variables, tree: Tree, cursor: Cursor) -> Cursor:
@@ -439,8 +607,11 @@ def _phase_abstract(run: _Run):
     if cursor.phase == "small_tree":
       out["indices"] = jax.ShapeDtypeStruct((cursor.split.num_indices,), jnp.int32)
     if cursor.in_phase_step is not None:
-      trained = (split_variables(variables, tree, cursor.split.leaf)
-                 if cursor.phase == "small_tree" else variables)
+      trained = (
+        split_variables(variables, tree, cursor.split.leaf)
+        if cursor.phase == "small_tree"
+        else variables
+      )
       out["train_state"] = jax.eval_shape(lambda v: init_state(v, cfg), trained)
     return out
 
@@ -482,28 +653,47 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
   data_lib.check_image_shape(train_arrays, config.data)
   if len(train_arrays) < load_bs:
     raise ConfigError(
-        f"{len(train_arrays)} training images are fewer than one batch of {load_bs}: nothing "
-        f"would be trained; add images or lower --config.stage1.batch_size (to at most "
-        f"{len(train_arrays) if load_bs == c.batch_size else 2 * len(train_arrays)})")
+      f"{len(train_arrays)} training images are fewer than one batch of {load_bs}: nothing "
+      f"would be trained; add images or lower --config.stage1.batch_size (to at most "
+      f"{len(train_arrays) if load_bs == c.batch_size else 2 * len(train_arrays)})"
+    )
   data_identity = data_lib.identity(train_arrays, test_arrays)
   model = make_model(config)
   ckpts = Stage1Checkpoints(workdir, max_to_keep=c.checkpoints_to_keep)
-  run = _Run(config=config, model=model, train=train_arrays, test=test_arrays, writer=None,
-             key=jax.random.key(c.seed), mesh=mesh, ckpts=ckpts,
-             stop=stop if stop is not None else preemption.never())
-  logging.info("data: %d train / %d test images of shape %s; devices: %d", len(train_arrays),
-               len(test_arrays), train_arrays.images.shape[1:], jax.device_count())
+  run = _Run(
+    config=config,
+    model=model,
+    train=train_arrays,
+    test=test_arrays,
+    writer=None,
+    key=jax.random.key(c.seed),
+    mesh=mesh,
+    ckpts=ckpts,
+    stop=stop if stop is not None else preemption.never(),
+  )
+  logging.info(
+    "data: %d train / %d test images of shape %s; devices: %d",
+    len(train_arrays),
+    len(test_arrays),
+    train_arrays.images.shape[1:],
+    jax.device_count(),
+  )
 
   def same_data(step, meta):
     change = data_lib.identity_change(meta.get("data_identity") or data_identity, data_identity)
     if change:
       raise ckpt_lib.CheckpointError(
-          f"the dataset changed since stage-1 checkpoint {step} in {ckpts.directory} was written "
-          f"({change}): put the images back as they were, or start afresh with a new --workdir")
+        f"the dataset changed since stage-1 checkpoint {step} in {ckpts.directory} was written "
+        f"({change}): put the images back as they were, or start afresh with a new --workdir"
+      )
     moved = data_lib.moved_folder((meta.get("config") or {}).get("data"), config.data)
     if moved and meta.get("data_identity") is not None:
-      logging.info("stage-1 checkpoint %d was trained on the images in %s; they are now read "
-                   "from %s (the same images, labels and split)", step, *moved)
+      logging.info(
+        "stage-1 checkpoint %d was trained on the images in %s; they are now read "
+        "from %s (the same images, labels and split)",
+        step,
+        *moved,
+      )
 
   restored = ckpts.restore(model, config, _phase_abstract(run), same_data)
   phase_arrays = {}
@@ -511,8 +701,9 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
   # Once a checkpoint (if any) has accepted this config: what sampling and evaluation default to.
   save_config(run_dir.config, config)
   export_dir = run_dir.export
-  finished_run = (restored is not None
-                  and _read_cursor(restored[3], f"checkpoint {restored[0]}").phase == "done")
+  finished_run = (
+    restored is not None and _read_cursor(restored[3], f"checkpoint {restored[0]}").phase == "done"
+  )
   if finished_run:
     finished = _finished(run, workdir, export_dir, restored, data_identity)
     if finished is not None:
@@ -526,21 +717,35 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
     step, variables, tree, meta, phase_arrays = restored
     cursor = _read_cursor(meta, f"checkpoint {step}")
     run.global_epoch = meta.get("global_epoch", 0)
-    where = (f"step {cursor.in_phase_step} of phase {cursor.phase}"
-             if cursor.in_phase_step is not None else f"phase {cursor.phase}")
-    logging.info("resumed from checkpoint %d: %s, iteration %d, tree %s", step, where,
-                 cursor.iteration, tree)
+    where = (
+      f"step {cursor.in_phase_step} of phase {cursor.phase}"
+      if cursor.in_phase_step is not None
+      else f"phase {cursor.phase}"
+    )
+    logging.info(
+      "resumed from checkpoint %d: %s, iteration %d, tree %s", step, where, cursor.iteration, tree
+    )
   run.writer = MetricWriter(run_dir.tensorboard)
   config_json = ckpt_lib.config_sections(config, ckpt_lib.STAGE1_SECTIONS)
-  run.writer.write_hparams(writer_lib.flatten(config_json),
-                           ["train/loss", "test/nmi", *writer_lib.stage1_eval_tags()])
+  run.writer.write_hparams(
+    writer_lib.flatten(config_json), ["train/loss", "test/nmi", *writer_lib.stage1_eval_tags()]
+  )
 
   def save(variables, tree, cursor: Cursor, arrays=None) -> int:
     nonlocal step
     step += 1
-    ckpts.save(step, variables, tree, cursor.to_json(), phase_arrays=arrays,
-               extra={"global_epoch": run.global_epoch, "config": config_json,
-                      "data_identity": data_identity})
+    ckpts.save(
+      step,
+      variables,
+      tree,
+      cursor.to_json(),
+      phase_arrays=arrays,
+      extra={
+        "global_epoch": run.global_epoch,
+        "config": config_json,
+        "data_identity": data_identity,
+      },
+    )
     return step
 
   while cursor.phase != "done":
@@ -548,7 +753,7 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
     indices = phase_arrays.get("indices")
     indices = None if indices is None else np.asarray(indices)
     phase_arrays = {}
-    if resume_state is None:   # a new pass (a resumed one keeps its phase id)
+    if resume_state is None:  # a new pass (a resumed one keeps its phase id)
       cursor = dataclasses.replace(cursor, phase_id=cursor.phase_id + 1)
     cursor = dataclasses.replace(cursor, in_phase_step=None)
     phase_id, phase = cursor.phase_id, cursor.phase
@@ -557,65 +762,92 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
       arrays = {"train_state": state}
       if indices is not None:
         arrays["indices"] = indices
-      return save(variables, tree, dataclasses.replace(cursor, in_phase_step=int(state.step)),
-                  arrays)
+      return save(
+        variables, tree, dataclasses.replace(cursor, in_phase_step=int(state.step)), arrays
+      )
 
-    train = functools.partial(train_phase, run, phase_id=phase_id, resume_state=resume_state,
-                              save_in_phase=save_in_phase)
+    train = functools.partial(
+      train_phase, run, phase_id=phase_id, resume_state=resume_state, save_in_phase=save_in_phase
+    )
     if phase == "initial":
       variables = train("initial", variables, tree, c.num_epochs)
-      write_tree_figure(run, variables, tree, None)   # TensorBoard only: the tree before growing
+      write_tree_figure(run, variables, tree, None)  # TensorBoard only: the tree before growing
       grow = c.grow and tree.depth < model.max_depth
       cursor = cursor.to("grow" if grow else "prune")
     elif phase == "grow":
       variables, tree, cursor, indices = _grow_decision(run, variables, tree, cursor, phase_id)
     elif phase == "intermediate":
-      variables = train(f"intermediate[{cursor.iteration}]", variables, tree,
-                        c.num_epochs_intermediate_fulltrain)
+      variables = train(
+        f"intermediate[{cursor.iteration}]", variables, tree, c.num_epochs_intermediate_fulltrain
+      )
       cursor = cursor.to("grow", intermediate_done=True)
     elif phase == "small_tree":
       leaf = cursor.split.leaf
-      variables = train(f"small-tree[{cursor.iteration}] leaf {leaf}", variables, tree,
-                        c.num_epochs_smalltree, parent=leaf, indices=indices)
+      variables = train(
+        f"small-tree[{cursor.iteration}] leaf {leaf}",
+        variables,
+        tree,
+        c.num_epochs_smalltree,
+        parent=leaf,
+        indices=indices,
+      )
       cursor, indices = _after_small_tree(run, variables, tree, cursor), None
-      write_tree_figure(run, variables, tree, None)   # TensorBoard only: the tree just grown
+      write_tree_figure(run, variables, tree, None)  # TensorBoard only: the tree just grown
     elif phase == "prune":
       if c.prune:
         variables, tree = _prune(run, variables, tree)
       cursor = cursor.to("finetune")
     elif phase == "finetune":
       n_ft = c.num_epochs_finetuning
-      variables = train("finetune", variables, tree, n_ft,
-                        decay_kl=max(0.01, 1.0 / max(1, n_ft - 1)))
+      variables = train(
+        "finetune", variables, tree, n_ft, decay_kl=max(0.01, 1.0 / max(1, n_ft - 1))
+      )
       cursor = cursor.to("done")
     saved = save(variables, tree, cursor, None if indices is None else {"indices": indices})
     if indices is not None:
       phase_arrays = {"indices": indices}
     if cursor.phase != "done" and run.stop.requested():
-      raise preemption.Preempted(f"stopped by {run.stop.signal_name} after stage-1 phase {phase}; "
-                                 f"checkpoint {saved} saved in {ckpts.directory}")
+      raise preemption.Preempted(
+        f"stopped by {run.stop.signal_name} after stage-1 phase {phase}; "
+        f"checkpoint {saved} saved in {ckpts.directory}"
+      )
   ckpts.close()
   writer = run.writer
 
   probs = split_leaf_probs(run, variables, tree)
   metrics = final_metrics(run, variables, tree, probs)
   metrics["wall_time_s"] = time.perf_counter() - t_run
-  metrics["epochs"] = run.global_epoch   # over all phases: the x axis of its TensorBoard
-  metrics["train_images_per_second"] = (float(np.median(run.images_per_second))
-                                        if run.images_per_second else None)
-  export_lib.export_treevae(export_dir, model, variables, tree, {
+  metrics["epochs"] = run.global_epoch  # over all phases: the x axis of its TensorBoard
+  metrics["train_images_per_second"] = (
+    float(np.median(run.images_per_second)) if run.images_per_second else None
+  )
+  export_lib.export_treevae(
+    export_dir,
+    model,
+    variables,
+    tree,
+    {
       "config": json.loads(config.to_json_best_effort()),
-      "data": {"name": config.data.name, "image_shape": list(model.image_shape),
-               "normalisation": "float32 in [0, 1] (uint8 / 255)",
-               "num_classes": train_arrays.num_classes},
-      "metrics": metrics}, data_identity=data_identity)
-  if jax.process_index() == 0:   # every process computed the same metrics; one writes them
+      "data": {
+        "name": config.data.name,
+        "image_shape": list(model.image_shape),
+        "normalisation": "float32 in [0, 1] (uint8 / 255)",
+        "num_classes": train_arrays.num_classes,
+      },
+      "metrics": metrics,
+    },
+    data_identity=data_identity,
+  )
+  if jax.process_index() == 0:  # every process computed the same metrics; one writes them
     files.write_json(run_dir.stage1_metrics, metrics)
   write_assignments(run, variables, tree, run_dir.assignments, probs)
   write_tree_figure(run, variables, tree, run_dir.tree_figure)
   writer.close()
-  logging.info("stage 1 done in %s: %s", format_eta(metrics["wall_time_s"]),
-               {k: v for k, v in metrics["test"].items() if not isinstance(v, list)})
+  logging.info(
+    "stage 1 done in %s: %s",
+    format_eta(metrics["wall_time_s"]),
+    {k: v for k, v in metrics["test"].items() if not isinstance(v, list)},
+  )
   return metrics
 
 
@@ -623,8 +855,9 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
 _METRICS_SETTINGS = ("final_elbo", "kmeans_baseline")
 
 
-def _finished(run: _Run, workdir: str, export_dir: str, restored, data_identity: dict
-              ) -> dict | None:
+def _finished(
+  run: _Run, workdir: str, export_dir: str, restored, data_identity: dict
+) -> dict | None:
   """A re-run of a finished stage 1: its metrics if the export is complete and holds the final
   checkpoint's model (left untouched, so the stage-2 runs on it stay valid); ``None`` if the
   export must be written again (missing, garbled, or another model) or the final metrics
@@ -632,16 +865,23 @@ def _finished(run: _Run, workdir: str, export_dir: str, restored, data_identity:
   model and so the export's fingerprint stay the same)."""
   step, variables, tree, _, _ = restored
   if not export_lib.export_matches(export_dir, run.model, variables, tree, data_identity):
-    logging.warning("stage 1 finished (checkpoint %d) but %s is missing, unreadable or of another "
-                    "model: writing it again", step, export_dir)
+    logging.warning(
+      "stage 1 finished (checkpoint %d) but %s is missing, unreadable or of another "
+      "model: writing it again",
+      step,
+      export_dir,
+    )
     return None
   meta = export_lib.read_export_meta(export_dir)
-  saved = ((meta.get("config") or {}).get("stage1") or {})
+  saved = (meta.get("config") or {}).get("stage1") or {}
   changed = [k for k in _METRICS_SETTINGS if k in saved and saved[k] != run.config.stage1[k]]
   if changed:
-    logging.info("stage 1 finished (checkpoint %d); %s changed: computing its final metrics again "
-                 "(the export keeps its fingerprint)", step,
-                 ", ".join(f"stage1.{k}" for k in changed))
+    logging.info(
+      "stage 1 finished (checkpoint %d); %s changed: computing its final metrics again "
+      "(the export keeps its fingerprint)",
+      step,
+      ", ".join(f"stage1.{k}" for k in changed),
+    )
     return None
   run.ckpts.close()
   metrics = meta.get("metrics", {})
@@ -649,14 +889,18 @@ def _finished(run: _Run, workdir: str, export_dir: str, restored, data_identity:
   metrics_path = run_dir.stage1_metrics
   try:
     files.read_json(metrics_path)
-  except (OSError, ValueError):   # missing, or cut short by a crash after the export was written
+  except (OSError, ValueError):  # missing, or cut short by a crash after the export was written
     if jax.process_index() == 0:
       files.write_json(metrics_path, metrics)
-  logging.info("stage 1 already finished (checkpoint %d); %s left as it is (fingerprint %s)",
-               step, export_dir, export_lib.export_fingerprint(export_dir))
+  logging.info(
+    "stage 1 already finished (checkpoint %d); %s left as it is (fingerprint %s)",
+    step,
+    export_dir,
+    export_lib.export_fingerprint(export_dir),
+  )
   if not files.exists(run_dir.tree_figure):
     write_tree_figure(run, variables, tree, run_dir.tree_figure)
-  if not files.exists(run_dir.assignments):   # a run finished before stage 1 wrote them
+  if not files.exists(run_dir.assignments):  # a run finished before stage 1 wrote them
     write_assignments(run, variables, tree, run_dir.assignments)
   return metrics
 
@@ -664,21 +908,26 @@ def _finished(run: _Run, workdir: str, export_dir: str, restored, data_identity:
 def split_leaf_probs(run: _Run, variables, tree: Tree) -> dict[str, np.ndarray]:
   """``{"train": [N, K], "test": [M, K]}`` leaf probabilities of both splits."""
   c = run.config.stage1
-  return {split: predict_leaf_probs(run.model, variables, tree, arrays, c.eval_batch_size)
-          for split, arrays in (("train", run.train), ("test", run.test))}
+  return {
+    split: predict_leaf_probs(run.model, variables, tree, arrays, c.eval_batch_size)
+    for split, arrays in (("train", run.train), ("test", run.test))
+  }
 
 
-def write_assignments(run: _Run, variables, tree: Tree, path: str,
-                      probs: dict[str, np.ndarray] | None = None):
+def write_assignments(
+  run: _Run, variables, tree: Tree, path: str, probs: dict[str, np.ndarray] | None = None
+):
   """``WORKDIR/assignments.csv``: every train and test image's leaf (process 0 writes it)."""
   probs = probs if probs is not None else split_leaf_probs(run, variables, tree)
   if jax.process_index() == 0:
-    assignments.write(path, tree, {"train": (run.train, probs["train"]),
-                                   "test": (run.test, probs["test"])})
+    assignments.write(
+      path, tree, {"train": (run.train, probs["train"]), "test": (run.test, probs["test"])}
+    )
 
 
-def final_metrics(run: _Run, variables, tree: Tree, probs: dict[str, np.ndarray] | None = None
-                  ) -> dict:
+def final_metrics(
+  run: _Run, variables, tree: Tree, probs: dict[str, np.ndarray] | None = None
+) -> dict:
   """Clustering metrics on the test split (+ train), ELBO terms and a K-means baseline;
   ``probs``: :func:`split_leaf_probs`, computed here when not given."""
   c = run.config.stage1
@@ -692,10 +941,12 @@ def final_metrics(run: _Run, variables, tree: Tree, probs: dict[str, np.ndarray]
   # Negative ELBO on the test split at α = 1 (one latent sample per node).
   nelbo, rec = [], []
   key = jax.random.fold_in(run.key, 123_456)
-  for i, batch in enumerate(data_lib.batches(run.test, c.eval_batch_size, shuffle=False,
-                                             drop_remainder=False, pad=True)):
-    terms, _ = eval_terms(variables, batch["image"], jax.random.fold_in(key, i), model=run.model,
-                          tree=tree)
+  for i, batch in enumerate(
+    data_lib.batches(run.test, c.eval_batch_size, shuffle=False, drop_remainder=False, pad=True)
+  ):
+    terms, _ = eval_terms(
+      variables, batch["image"], jax.random.fold_in(key, i), model=run.model, tree=tree
+    )
     nelbo.append(np.asarray(terms["nelbo"])[batch["mask"]])
     rec.append(np.asarray(terms["rec"])[batch["mask"]])
   out["test"]["nelbo"] = float(np.concatenate(nelbo).mean())
@@ -713,12 +964,16 @@ def _with_kmeans(run: _Run, out: dict, tree: Tree) -> dict:
 def kmeans_baseline(train: data_lib.Arrays, test: data_lib.Arrays, k: int, seed: int) -> dict:
   """scikit-learn K-means on raw pixels with ``k`` clusters, fit on train, scored on test."""
   from sklearn.cluster import KMeans
+
   flat = lambda a: a.images.reshape(len(a), -1).astype(np.float32) / 255.0
   km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(flat(train))
   pred = km.predict(flat(test))
-  return {"num_clusters": k, "nmi": clustering.nmi(test.labels, pred),
-          "accuracy": clustering.accuracy(test.labels, pred),
-          "leaf_purity": clustering.leaf_purity(test.labels, pred)}
+  return {
+    "num_clusters": k,
+    "nmi": clustering.nmi(test.labels, pred),
+    "accuracy": clustering.accuracy(test.labels, pred),
+    "leaf_purity": clustering.leaf_purity(test.labels, pred),
+  }
 
 
 def write_tree_figure(run: _Run, variables, tree: Tree, path: str | None, num: int | None = None):
@@ -729,15 +984,21 @@ def write_tree_figure(run: _Run, variables, tree: Tree, path: str | None, num: i
   at step ``e``).
   """
   from tree_diffusion.treevae import figure
+
   c = run.config.stage1
   num = num or c.figure_images_per_leaf
   share, real = test_examples(run.model, variables, tree, run.test, num, c.eval_batch_size)
   gen = generate(variables, jax.random.fold_in(run.key, 777), model=run.model, tree=tree, num=num)
   images = np.clip(np.asarray(gen["images"]), 0.0, 1.0)
-  if jax.process_index() != 0:   # all processes compute (the arrays span them), one draws
+  if jax.process_index() != 0:  # all processes compute (the arrays span them), one draws
     return
-  image = figure.draw_tree(tree, share, [real, images], row_titles=["test", "generated"],
-                           title=f"{run.config.data.name}: {tree.num_leaves} leaves")
+  image = figure.draw_tree(
+    tree,
+    share,
+    [real, images],
+    row_titles=["test", "generated"],
+    title=f"{run.config.data.name}: {tree.num_leaves} leaves",
+  )
   if path is not None:
     files.save_png(path, image)
   if run.writer is not None:
