@@ -72,7 +72,7 @@ def main(argv):
   common.setup(compilation_cache=False)  # compile times are part of the measurement
   common.check_config(_CONFIG.value)
   import jax  # pylint: disable=g-import-not-at-top
-  from tree_diffusion import benchmark, sharding  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import benchmark, data, sharding  # pylint: disable=g-import-not-at-top
   from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
@@ -130,7 +130,7 @@ def main(argv):
 
   if _E2E.value:
     name = config.data.name
-    train_size, test_size = benchmark.DATASET_SIZES.get(name, (None, None))
+    train_size, test_size = data.source(name).sizes or (None, None)
     train_size = _TRAIN_SIZE.value or train_size
     if train_size is None:
       raise ConfigError(f"no known size for dataset {name!r}: pass --train_size")

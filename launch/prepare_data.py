@@ -59,7 +59,7 @@ flags.register_validator(
 def main(argv):
   del argv  # common.run refuses positional arguments
   name = _DATASET.value
-  native_size, native_channels = data.NATIVE_SHAPES.get(name, (None, None))
+  native_size, native_channels = data.source(name).native_shape or (None, None)
   image_size = _IMAGE_SIZE.value or native_size
   channels = int(_CHANNELS.value or 0) or native_channels
   if image_size is None or channels is None:

@@ -245,7 +245,7 @@ def test_folder_labelled(labelled_folder, tmp_path, caplog):
       str(tmp_path / 'tfds'),
       data.LOCAL_BUILDER_NAME,
       _local_dirs(str(tmp_path / 'tfds'))[0],
-      data._LOCAL_VERSION,
+      data.folder._LOCAL_VERSION,
       data.CLASS_NAMES_FILE,
     )
   ) as f:
@@ -364,8 +364,8 @@ def test_folder_of_mixed_sizes_is_named_as_such_with_counts(tmp_path, monkeypatc
     raise AssertionError(f'decoded {image.filename} to find its size')
 
   monkeypatch.setattr(PIL.ImageFile.ImageFile, 'load', no_decoding)
-  scan = data._scan_folder(str(root), require_labels=False)  # pylint: disable=protected-access
-  sizes = data._image_sizes(scan.root, scan.files)  # pylint: disable=protected-access
+  scan = data.scan.scan_folder(str(root), require_labels=False)  # pylint: disable=protected-access
+  sizes = data.scan.image_sizes(scan.root, scan.files)  # pylint: disable=protected-access
   assert {k: len(v) for k, v in sizes.items()} == {(28, 28): 5, (32, 32): 2}
   monkeypatch.undo()
   config.resize = True
@@ -380,7 +380,7 @@ def test_folder_build_is_reused(labelled_folder, tmp_path, monkeypatch):
   first = data.load_arrays(config, 'train')
   (built,) = _local_dirs(data_dir)
   info = os.path.join(
-    data_dir, data.LOCAL_BUILDER_NAME, built, data._LOCAL_VERSION, 'dataset_info.json'
+    data_dir, data.LOCAL_BUILDER_NAME, built, data.folder._LOCAL_VERSION, 'dataset_info.json'
   )
   stamp = os.stat(info).st_mtime_ns
   assert data.prepare(config) == os.path.dirname(info)
@@ -388,7 +388,7 @@ def test_folder_build_is_reused(labelled_folder, tmp_path, monkeypatch):
   def no_decoding(*args):
     raise AssertionError(f'decoded {args[0]} again instead of reusing the build')
 
-  monkeypatch.setattr(data, '_decode_image', no_decoding)
+  monkeypatch.setattr(data.folder, '_decode_image', no_decoding)
   second = data.load_arrays(config, 'train')
   assert _local_dirs(data_dir) == [built] and os.stat(info).st_mtime_ns == stamp
   np.testing.assert_array_equal(first.images, second.images)
@@ -406,7 +406,7 @@ def test_folder_build_is_reused(labelled_folder, tmp_path, monkeypatch):
 def test_tfds_not_prepared_raises(tmp_path):
   with pytest.raises(data.DatasetNotPreparedError) as e:
     data.load_arrays(_config(name='mnist', data_dir=str(tmp_path)), 'train')
-  assert 'prepare_data.py' in str(e.value) and '--dataset=mnist' in str(e.value)
+  assert 'python -m launch.prepare_data' in str(e.value) and '--dataset=mnist' in str(e.value)
   assert str(tmp_path) in str(e.value) and '\n' not in str(e.value)
 
 

@@ -291,7 +291,7 @@ def test_concurrent_prepare_in_threads(tmp_path, monkeypatch, caplog):
   """Two threads prepare the same folder; without a lock both build and one rename fails."""
   _small_folder(tmp_path / 'img')
   config = _config(tmp_path / 'img', tmp_path / 'tfds', 3)
-  build = data._build_local_dataset  # pylint: disable=protected-access
+  build = data.folder._build_local_dataset  # pylint: disable=protected-access
   together = threading.Barrier(2)
 
   def build_together(*args):
@@ -302,7 +302,7 @@ def test_concurrent_prepare_in_threads(tmp_path, monkeypatch, caplog):
       pass
     return build(*args)
 
-  monkeypatch.setattr(data, '_build_local_dataset', build_together)
+  monkeypatch.setattr(data.folder, "_build_local_dataset", build_together)
   results, errors = [None, None], []
 
   def run(i):
@@ -312,7 +312,7 @@ def test_concurrent_prepare_in_threads(tmp_path, monkeypatch, caplog):
       errors.append(e)
 
   threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-  with caplog.at_level(logging.INFO, logger=data.logger.name):
+  with caplog.at_level(logging.INFO, logger=data.folder.logger.name):
     for t in threads:
       t.start()
     for t in threads:
@@ -358,14 +358,14 @@ def test_build_failing_after_another_process_finished_uses_that_build(
   """Where no lock helps (e.g. a remote data dir): the other process won the final rename."""
   _small_folder(tmp_path / 'img', n=3)
   config = _config(tmp_path / 'img', tmp_path / 'tfds', 3)
-  build = data._build_local_dataset  # pylint: disable=protected-access
+  build = data.folder._build_local_dataset  # pylint: disable=protected-access
 
   def lose_the_rename(*args):
     build(*args)  # the other process finishes the same build first ...
     raise OSError(39, 'Directory not empty')  # ... and this process's rename then fails
 
-  monkeypatch.setattr(data, '_build_local_dataset', lose_the_rename)
-  with caplog.at_level(logging.INFO, logger=data.logger.name):
+  monkeypatch.setattr(data.folder, "_build_local_dataset", lose_the_rename)
+  with caplog.at_level(logging.INFO, logger=data.folder.logger.name):
     version_dir = data.prepare(config)
   assert os.path.exists(os.path.join(version_dir, 'dataset_info.json'))
   monkeypatch.undo()

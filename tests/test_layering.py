@@ -70,6 +70,22 @@ def test_imports_follow_the_layering():
   )
 
 
+def test_no_module_imports_its_own_package():
+  """A package's ``__init__`` gathers its modules (``data/__init__`` builds the registry from the
+  dataset modules' ``SOURCES``), so a module importing its own package back would be a cycle."""
+  modules = dict(_modules())
+  packages = {m for m, path in modules.items() if path.endswith("__init__.py")}
+  cycles = sorted(
+    (m, m.rsplit(".", 1)[0])
+    for m, path in modules.items()
+    if "." in m
+    and m.rsplit(".", 1)[0] in packages
+    and not path.endswith("__init__.py")
+    and m.rsplit(".", 1)[0] in _imports(path, modules)
+  )
+  assert not cycles, f"modules importing their own package: {cycles}"
+
+
 # What the config files may import from the library: plain values and paths, nothing that
 # configures or imports jax (a config is read before the launcher sets jax up).
 CONFIG_IMPORTS = {"errors", "files", "runs"}

@@ -52,14 +52,6 @@ REFERENCE_H200 = {
   "cifar10": {"treevae": 1592.0, "diffusion": 2231.0, "sampler": 63.0},
 }
 
-# (train, test) sizes of the named datasets, for the end-to-end estimate.
-DATASET_SIZES = {
-  "mnist": (60_000, 10_000),
-  "fashion_mnist": (60_000, 10_000),
-  "cifar10": (50_000, 10_000),
-  "celeb_a": (162_770, 19_962),
-}
-
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
   """The spec-sheet peak of a known chip (None for CPUs and unknown chips)."""

@@ -14,7 +14,7 @@ from typing import Mapping
 
 from absl import logging
 
-from tree_diffusion import files
+from tree_diffusion import data, files
 from tree_diffusion.runs import RunDir
 
 
@@ -56,15 +56,6 @@ PAPER_TABLE1 = {
     "TreeVAE + Diffusion": ((15.4, 3.2), (30.1, 7.5)),
     "TreeDiffusion": ((14.1, 6.0), (18.4, 7.2)),
   },
-}
-_PAPER_NAMES = {
-  "mnist": "MNIST",
-  "mnist_5k": "MNIST",
-  "fashion_mnist": "FashionMNIST",
-  "cifar10": "CIFAR-10",
-  "cubicc": "CUBICC",
-  "celeb_a": "CelebA",
-  "celeba": "CelebA",
 }
 # Which Table-1 row a stage-2 conditioning corresponds to.
 _PAPER_METHOD = {"path": "TreeDiffusion", "image": "TreeVAE + Diffusion"}
@@ -156,7 +147,8 @@ def write_report(path: str, metrics: dict, config) -> None:
   s1 = metrics.get("stage1", {})
   cl = s1.get("clustering", {})
   ll = s1.get("log_likelihood", {})
-  paper_name = _PAPER_NAMES.get(config.data.name)
+  dataset = data.REGISTRY.get(config.data.name)
+  paper_name = dataset.paper_name if dataset is not None else None
   method = _PAPER_METHOD.get(config.diffusion.conditioning, None)
   lines = [
     f"# Evaluation of `{metrics.get('export', '')}`",
@@ -179,11 +171,11 @@ def write_report(path: str, metrics: dict, config) -> None:
     f"{format_value(_get(s1, 'fid', 'rec'))} | {format_value(_get(s1, 'fid', 'gen'))} |",
     "",
   ]
-  data = metrics.get("data")
-  if data:
+  real = metrics.get("data")
+  if real:
     lines += [
-      f"The dataset's own FID(train, test) ({data['num_train']} vs {data['num_test']} "
-      f"real images): {format_value(data['fid_train_vs_test'])}.",
+      f"The dataset's own FID(train, test) ({real['num_train']} vs {real['num_test']} "
+      f"real images): {format_value(real['fid_train_vs_test'])}.",
       "",
     ]
   lines += [
