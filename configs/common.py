@@ -279,6 +279,16 @@ def base() -> ml_collections.ConfigDict:
     dict(
       batch_size=500,  # TreeVAE passes over real images
       modes=("sample", "recons", "sample_all_leaves"),  # what each stage-2 checkpoint runs
+      # The metrics computed (modules of tree_diffusion/eval/metrics/): per stage-2 checkpoint,
+      # then on the stage-1 export.
+      metrics=(
+        "fid",
+        "purity",
+        "treevae_fid",
+        "clustering",
+        "log_likelihood",
+        "leaf_size_entropy",
+      ),
       num_samples=10000,  # prior samples for FID(gen) (stage 2 and the TreeVAE)
       recons_num=0,  # test images reconstructed for FID(rec); 0 = the whole split
       purity_samples=1000,  # prior samples through every leaf for classifier purity

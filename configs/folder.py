@@ -4,7 +4,7 @@
         --config.data.folder=/path/to/images --workdir=runs/my_images
 
 A schedule meant to find groups in a few thousand images on a CPU (stage 1 of 5,000 28x28 images
-took about 8 minutes on 2 cores: README, "Your own images"), not a smoke test. The settings a user
+took about 8 minutes on 2 cores: docs/own_images.md), not a smoke test. The settings a user
 sets:
 
 - ``data.folder``: the folder. Flat (no labels), or one subfolder per label; searched recursively.

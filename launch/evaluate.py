@@ -99,7 +99,7 @@ def _preflight(runs_: list[tuple[str, object]], settings: list, checkpoints: str
         f"(python -m launch.train_diffusion --workdir={workdir}) or pass "
         f"--checkpoints=none to evaluate stage 1 only"
       ) from None
-    path = export_lib.resolve_export(frozen.export_path(config, workdir))
+    path = export_lib.resolve_export(frozen.export_path(config.diffusion, workdir))
     exports[workdir] = (path, export_lib.read_export_meta(path))
   datasets = {
     w: ((meta.get("config") or {}).get("data") or {}).get("name", "?")
@@ -113,11 +113,11 @@ def _preflight(runs_: list[tuple[str, object]], settings: list, checkpoints: str
       f"with its own --config, or leave out --config to use each run's own"
     )
   for workdir, config in runs_:
-    frozen.check_export(config, *exports[workdir])
+    frozen.check_export(config.data, *exports[workdir])
   fix = "make it writable, or copy the run to a directory you can write to and pass that --workdir"
   for (workdir, config), settings_ in zip(runs_, settings):
     runs.check_writable(runs.RunDir(workdir).eval, fix)
-    directory = classifier.classifier_dir(config, workdir)
+    directory = classifier.classifier_dir(config.classifier, workdir)
     if (
       any_steps
       and "sample_all_leaves" in settings_.modes

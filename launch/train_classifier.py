@@ -35,7 +35,7 @@ def main(argv):
   validation.check_data(config)
   validation.check_classifier(config)
   logging.info("config:\n%s", config.classifier)
-  out_dir = clf.classifier_dir(config, _WORKDIR.value)
+  out_dir = clf.classifier_dir(config.classifier, _WORKDIR.value)
   runs.check_writable(
     out_dir,
     "pass a --workdir you can write to"

@@ -30,7 +30,10 @@ from tree_diffusion.treevae import export as export_lib
       ["--config=configs/demo.py:tiny", "--config.stage1.batch_size=7", "--two_devices"],
       "batch size 7 is not divisible by the 2 devices",
     ),
-    (["--config=configs/mnist.py:tiny", "--config.data.data_dir={tmp}/tfds"], "prepare_data.py"),
+    (
+      ["--config=configs/mnist.py:tiny", "--config.data.data_dir={tmp}/tfds"],
+      "launch.prepare_data",
+    ),
     (["--config=configs/demo.py:tiny", "--config.data.image_size=32"], "image_size"),
     (["--config=configs/demo.py:tiny", "--workdir_is_file"], "not writable"),
   ],

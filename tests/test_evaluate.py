@@ -2,12 +2,14 @@
 the histogram row of the tree figure."""
 
 import json
+import types
+
 import numpy as np
 import pytest
 
 from configs import demo
 from tree_diffusion.errors import ConfigError
-from tree_diffusion.eval import evaluate, report
+from tree_diffusion.eval import evaluate, metrics, purity, report
 
 
 def test_select_steps():
@@ -70,7 +72,12 @@ def test_csv_rows_and_report(tmp_path):
   assert rows[0]["fid_rec"] is None and rows[0]["nmi"] == 0.5 and rows[0]["treevae_fid_gen"] == 30.0
   report.write_csv(str(tmp_path / "m.csv"), _metrics())
   lines = (tmp_path / "m.csv").read_text().splitlines()
-  assert lines[0].split(",") == list(report.CSV_COLUMNS) and len(lines) == 3
+  assert len(lines) == 3 and lines[0].split(",") == [
+    "step", "fid_gen", "fid_rec", "majority_p0.5", "majority_p0.9", "kept_p0.5", "kept_p0.9",
+    "treevae_majority_p0.5", "treevae_majority_p0.9", "treevae_fid_gen", "treevae_fid_rec", "nmi",
+    "accuracy", "leaf_purity", "dendrogram_purity", "test_log_likelihood", "num_leaves",
+  ]  # fmt: skip
+  assert lines[2].split(",")[:8] == ["10", "5.0", "4.0", "0.8", "0.9", "9", "3", "0.6"]
   config = demo.get_config("tiny")
   config.diffusion.conditioning = "path"  # the paper's final model: its Table-1 row is marked
   report.write_report(str(tmp_path / "r.md"), _metrics(), config)
@@ -83,8 +90,66 @@ def test_csv_rows_and_report(tmp_path):
   assert "No published numbers" in (tmp_path / "r2.md").read_text()
 
 
+def test_thresholds_are_the_configured_ones(tmp_path):
+  """The purity columns and the report's table follow classifier.thresholds, not 0.5 and 0.9."""
+  m = _metrics()
+  m["checkpoints"]["10"]["modes"]["sample_all_leaves"] = {
+    "purity": {"thresholds": {"0.75": {"weighted_majority_fraction": 0.7, "total_kept": 5}}}
+  }
+  rows = report.csv_rows(m)
+  assert rows[1]["majority_p0.75"] == 0.7 and rows[1]["kept_p0.75"] == 5
+  assert "majority_p0.5" not in rows[1] and rows[0]["majority_p0.75"] is None
+  config = demo.get_config("tiny")
+  config.classifier.thresholds = (0.75,)
+  report.write_report(str(tmp_path / "r.md"), m, config)
+  text = (tmp_path / "r.md").read_text()
+  assert "| step | FID (rec) | FID (gen) | majority fraction p≥0.75 (kept) | TreeVAE" in text
+  assert "| 10 | 4.00 | 5.00 | 0.700 (5) | – |" in text
+
+
+def test_metric_registry():
+  """Each metric is a module found by its name: it declares a stage, the settings it reads (all
+  of them fields of config.eval) and its columns; an unknown name is one line naming the flag."""
+  names = metrics.available()
+  assert {
+    "fid",
+    "purity",
+    "treevae_fid",
+    "clustering",
+    "log_likelihood",
+    "leaf_size_entropy",
+  } <= set(names)
+  config = demo.get_config("tiny")
+  assert set(config.eval.metrics) <= set(names)
+  for module in metrics.load(names):
+    assert module.STAGE in metrics.STAGES
+    assert set(module.SETTINGS) <= set(config.eval), module.__name__
+    assert module.columns((0.5,)), module.__name__
+  config.eval.metrics = ("fid", "nmi")
+  with pytest.raises(ConfigError, match=r"unknown metric\(s\) nmi; set --config.eval.metrics"):
+    evaluate.Settings.from_config(config)
+
+
+def test_leaf_size_entropy_by_hand():
+  """Test images in leaves 0, 0, 1, 2 of 4: p = (1/2, 1/4, 1/4, 0), H = 1.5 ln 2 nats, / ln 4."""
+  from tree_diffusion.eval.metrics import leaf_size_entropy
+
+  probs = np.eye(4)[[0, 0, 1, 2]] * 0.7 + 0.075
+  out = leaf_size_entropy.compute(types.SimpleNamespace(test_probs=probs))
+  assert out["entropy"] == pytest.approx(1.5 * np.log(2), abs=1e-12)
+  assert out["normalized"] == pytest.approx(0.75, abs=1e-12) and out["num_leaves"] == 4
+  one = leaf_size_entropy.compute(types.SimpleNamespace(test_probs=np.ones((3, 1))))
+  assert one["normalized"] == 0.0 and one["entropy"] == 0.0
+  rows = metrics.rows({"num_leaves": 4, "settings": {"metrics": ["leaf_size_entropy"]},
+                       "stage1": {"leaf_size_entropy": out}})  # fmt: skip
+  assert [(r.name, r.value, r.step) for r in rows] == [
+    ("leaf_size_entropy", out["normalized"], None),
+    ("num_leaves", 4, None),
+  ]
+
+
 def test_histogram_images():
-  img = evaluate.histogram_images([[0.25, 0.75], None], height=10, bar=2)
+  img = purity.histogram_images([[0.25, 0.75], None], height=10, bar=2)
   assert img.shape == (2, 1, 10, 2 * 2 + 3, 3)
   col = lambda x: img[0, 0, :9, x]  # above the baseline
   blue, orange = (col(1) != 1).all(-1).sum(), (col(4) != 1).all(-1).sum()

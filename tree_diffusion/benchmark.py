@@ -309,9 +309,9 @@ class Setup:
 
 
 def _tree_and_model(setup: Setup):
-  from tree_diffusion.treevae import train as train1
+  from tree_diffusion.treevae import step as stage1_step
 
-  model = dataclasses.replace(train1.make_model(setup.config), dtype=setup.dtype)
+  model = dataclasses.replace(stage1_step.make_model(setup.config), dtype=setup.dtype)
   try:
     tree = Tree(tuple(setup.tree_nodes)) if setup.tree_nodes else Tree.complete(setup.tree_depth)
   except ValueError as e:
@@ -339,16 +339,16 @@ def _images(setup: Setup, batch: int, uint8: bool = False) -> jax.Array:
 
 def treevae_step(setup: Setup, batch: int) -> Measurement:
   """The stage-1 train step (forward, backward, Adam) on a complete tree of ``tree_depth``."""
-  from tree_diffusion.treevae import train as train1
+  from tree_diffusion.treevae import step as stage1_step
 
   model, tree, variables = _tree_and_model(setup)
-  cfg = train1.step_config(setup.config.stage1)
+  cfg = stage1_step.step_config(setup.config.stage1)
   rep = sharding.replicated(setup.mesh)
-  state = jax.device_put(train1.init_state(variables, cfg), rep)
+  state = jax.device_put(stage1_step.init_state(variables, cfg), rep)
   images = _images(setup, batch)
   key, alpha, lr = jax.device_put((jax.random.key(1), jnp.float32(0.5), jnp.float32(1e-3)), rep)
   compiled, compile_s = compile_fn(
-    train1.train_step, state, images, key, alpha, lr, model=model, tree=tree, cfg=cfg
+    stage1_step.train_step, state, images, key, alpha, lr, model=model, tree=tree, cfg=cfg
   )
   seconds, _ = time_calls(
     lambda s: compiled(s, images, key, alpha, lr), state, setup.steps, setup.warmup
@@ -367,18 +367,18 @@ def treevae_step(setup: Setup, batch: int) -> Measurement:
 
 
 def _stage2(setup: Setup):
-  from tree_diffusion.diffusion import train as train2
+  from tree_diffusion.diffusion import state as stage2_state
   from tree_diffusion.diffusion.conditioning import make_denoiser
 
   c = setup.config.diffusion
   model, tree, tvae_vars = _tree_and_model(setup)
   denoiser = make_denoiser(c.conditioning, c.unet, setup.dtype)
-  cfg = train2.StepConfig.from_config(c)
-  state = train2.init_state(
+  cfg = stage2_state.StepConfig.from_config(c)
+  state = stage2_state.init_state(
     denoiser,
     cfg,
     jax.random.key(1),
-    train2.example_condition(denoiser, model, tree),
+    stage2_state.example_condition(denoiser, model, tree),
     model.image_shape,
   )
   state = jax.device_put(state, sharding.replicated(setup.mesh))
@@ -387,9 +387,9 @@ def _stage2(setup: Setup):
 
 def _forward_flops(setup: Setup, denoiser, model, tree, params, batch: int) -> float | None:
   """XLA's FLOPs of one denoiser call on ``batch`` images (condition built from a batch)."""
-  from tree_diffusion.diffusion import train as train2
+  from tree_diffusion.diffusion import state as stage2_state
 
-  cond = train2.example_condition(denoiser, model, tree)
+  cond = stage2_state.example_condition(denoiser, model, tree)
   cond = jax.tree_util.tree_map(lambda a: jnp.repeat(a, batch, axis=0), cond)
   x = jnp.zeros((batch,) + model.image_shape, jnp.float32)
   t = jnp.zeros((batch,), jnp.int32)
@@ -399,13 +399,13 @@ def _forward_flops(setup: Setup, denoiser, model, tree, params, batch: int) -> f
 
 def diffusion_step(setup: Setup, batch: int) -> Measurement:
   """The stage-2 train step: frozen TreeVAE posterior, condition, UNet forward/backward, Adam, EMA."""
-  from tree_diffusion.diffusion import train as train2
+  from tree_diffusion.diffusion import step as stage2_step
 
   denoiser, model, tree, tvae_vars, cfg, state = _stage2(setup)
   images = _images(setup, batch)
   key = jax.device_put(jax.random.key(2), sharding.replicated(setup.mesh))
   compiled, compile_s = compile_fn(
-    train2.train_step,
+    stage2_step.train_step,
     state,
     tvae_vars,
     images,

@@ -23,6 +23,9 @@ stage-1 export is ``treevae/export.py``).
 * Also here, for both stages and the commands that read runs: the config comparisons
   (:func:`config_differences`, :func:`run_config_contradictions`) and the settings each stage may
   change on resume.
+
+The module is long because every guarantee above (checksums, compatibility, fall-back, full disk,
+multi-process writes) wraps the one Orbax manager, and both stages' checkpoints rely on all of it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from absl import logging
 from etils import epath
 
 from tree_diffusion import __version__, errors, files
+from tree_diffusion import data as data_lib
 
 
 class CheckpointError(ValueError):
@@ -511,3 +515,24 @@ def run_config_contradictions(config, saved: dict) -> list[tuple[str, Any, Any]]
     RUN_SETTINGS + STAGE1_RESUMABLE_CHANGES + STAGE2_RESUMABLE_CHANGES,
     shared_only=True,
   )
+
+
+def check_same_dataset(meta: dict, identity: dict, data_config, what: str, step: int, directory):
+  """Refuses to resume from checkpoint ``step`` of ``what`` ("stage-1 checkpoint") in ``directory``
+  when its recorded dataset identity (``meta``) differs from ``identity``; logs where the images
+  are read from now when only their folder moved."""
+  change = data_lib.identity_change(meta.get("data_identity") or identity, identity)
+  if change:
+    raise CheckpointError(
+      f"the dataset changed since {what} {step} in {directory} was written ({change}): put the "
+      f"images back as they were, or start afresh with a new --workdir"
+    )
+  moved = data_lib.moved_folder((meta.get("config") or {}).get("data"), data_config)
+  if moved and meta.get("data_identity") is not None:
+    logging.info(
+      "%s %d was trained on the images in %s; they are now read from %s (the same images, "
+      "labels and split)",
+      what,
+      step,
+      *moved,
+    )

@@ -162,6 +162,19 @@ def nmi(labels: Any, preds: Any) -> float:
   return float(mi / normaliser)
 
 
+def _labels_and_groups(labels: Any, groups: Any, name: str, metric: str):
+  """``labels`` and ``groups`` (clusters or leaves, called ``name``) as non-negative integer
+  vectors of one non-zero length, for ``metric``."""
+  labels = _as_int_vector(labels, "labels")
+  groups = _as_int_vector(groups, name)
+  _check_same_length(labels, groups, "labels", name)
+  if labels.size == 0:
+    raise ValueError(f"{metric} needs at least one sample")
+  _check_range(labels, None, "labels")
+  _check_range(groups, None, name)
+  return labels, groups
+
+
 def accuracy(labels: Any, preds: Any) -> float:
   """Clustering accuracy under the best one-to-one cluster→class matching (Hungarian).
 
@@ -177,13 +190,7 @@ def accuracy(labels: Any, preds: Any) -> float:
   Returns:
     Matched count divided by ``N``.
   """
-  labels = _as_int_vector(labels, "labels")
-  preds = _as_int_vector(preds, "preds")
-  _check_same_length(labels, preds, "labels", "preds")
-  if labels.size == 0:
-    raise ValueError("accuracy needs at least one sample")
-  _check_range(labels, None, "labels")
-  _check_range(preds, None, "preds")
+  labels, preds = _labels_and_groups(labels, preds, "preds", "accuracy")
   d = int(max(preds.max(), labels.max())) + 1
   w = np.zeros((d, d), dtype=np.int64)
   np.add.at(w, (preds, labels), 1)
@@ -223,13 +230,7 @@ def leaf_purity(labels: Any, leaves: Any) -> float:
   Returns:
     The purity in ``(0, 1]``.
   """
-  labels = _as_int_vector(labels, "labels")
-  leaves = _as_int_vector(leaves, "leaves")
-  _check_same_length(labels, leaves, "labels", "leaves")
-  if labels.size == 0:
-    raise ValueError("leaf_purity needs at least one sample")
-  _check_range(labels, None, "labels")
-  _check_range(leaves, None, "leaves")
+  labels, leaves = _labels_and_groups(labels, leaves, "leaves", "leaf_purity")
   hist = label_histograms(labels, leaves, int(leaves.max()) + 1, int(labels.max()) + 1)
   # sum_k n_k * (max_c n_kc / n_k) / N: the leaf sizes cancel.
   return float(hist.max(axis=1).sum() / labels.size)

@@ -16,6 +16,9 @@ What the page reads, all written by the training commands: the tree (``stage1_me
 and ``diffusion/samples/sample_all_leaves/samples.npz``. A leaf's gallery ranks its images by the
 probability of that leaf; an inner node's takes its leaves' most probable images in turn (the best
 of each leaf, then the second best, ...), so that it shows every branch below it.
+
+The module is long because the page's HTML, CSS and script are kept here as one template next to
+the code that fills it; the page has no other file.
 """
 
 from __future__ import annotations

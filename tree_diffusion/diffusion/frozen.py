@@ -11,6 +11,8 @@ depends only on (seed, example id), not on the batch it was computed in or on th
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 from absl import logging
@@ -28,13 +30,15 @@ from tree_diffusion.treevae.model import TreeVAE
 # ---------------------------------------------------------------------- loading the export
 
 
-def export_path(config, workdir: str) -> str:
-  """The stage-1 export stage 2 conditions on: ``diffusion.treevae_export`` or ``WORKDIR/export``."""
-  return config.diffusion.treevae_export or RunDir(workdir).export
+def export_path(diffusion_config, workdir: str) -> str:
+  """The stage-1 export stage 2 conditions on: ``diffusion.treevae_export`` (``diffusion_config``
+  is ``config.diffusion``) or ``WORKDIR/export``."""
+  return diffusion_config.treevae_export or RunDir(workdir).export
 
 
-def check_export(config, path: str, meta: dict):
-  """Checks a stage-1 export's meta against this config before anything is loaded.
+def check_export(data_config, path: str, meta: dict):
+  """Checks a stage-1 export's meta against ``data_config`` (``config.data``) before anything is
+  loaded.
 
   Where the export records its dataset's identity, the folder of a folder dataset
   (``data.folder``) may differ: a moved or copied folder is the same dataset when its content and
@@ -46,16 +50,16 @@ def check_export(config, path: str, meta: dict):
   """
   m = meta["model"]
   got = (m["image_size"], m["image_size"], m["channels"])
-  want = (config.data.image_size, config.data.image_size, config.data.channels)
+  want = (data_config.image_size, data_config.image_size, data_config.channels)
   if got != want:
     raise ConfigError(
       f"the stage-1 export {path} was trained on {'x'.join(map(str, got))} images but "
-      f"config.data ({config.data.name}) has {'x'.join(map(str, want))}: point "
+      f"config.data ({data_config.name}) has {'x'.join(map(str, want))}: point "
       f"--config.diffusion.treevae_export at an export of this dataset (or use its config)"
     )
   saved = (meta.get("config") or {}).get("data")
   if saved is not None:
-    current = ckpt_lib.config_sections(config, ("data",))["data"]
+    current = json.loads(data_config.to_json_best_effort())
     by_content = (meta.get("data") or {}).get("identity") is not None
     ignore = ("data.data_dir",) + (("data.folder",) if by_content else ())
     diffs = ckpt_lib.config_differences({"data": saved}, {"data": current}, ignore)
@@ -105,9 +109,9 @@ def load_stage1(config, workdir: str):
     CheckpointError: missing export, a training workdir instead of its export.
     ConfigError: the export's images or dataset differ from this config's.
   """
-  path = export_lib.resolve_export(export_path(config, workdir))
+  path = export_lib.resolve_export(export_path(config.diffusion, workdir))
   meta = export_lib.read_export_meta(path)
-  check_export(config, path, meta)
+  check_export(config.data, path, meta)
   model, variables, tree = export_lib.load_treevae(path)
   return model, variables, tree, path, export_lib.export_fingerprint(path), meta
 

@@ -1,11 +1,6 @@
-"""Stage-2 training: the path-conditioned denoiser on top of the frozen stage-1 export.
-
-Each step runs the frozen TreeVAE on the batch (posterior samples, q-router leaf probabilities),
-draws one leaf per sample from those probabilities, builds the condition, noises the images at a
-uniform ``t`` and regresses ε (L2, or L1; or x0 or v, see ``process.py``). Adam with a linear
-warm-up from 0, global-norm clipping and the EMA update all happen inside one jitted step that
-donates the train state.
-"""
+"""Stage-2 training: the path-conditioned denoiser on top of the frozen stage-1 export, trained
+with the jitted step of :mod:`tree_diffusion.diffusion.step`: data, checkpoints, sample grids,
+logging and the stage-2 summary."""
 
 from __future__ import annotations
 
@@ -15,33 +10,31 @@ import itertools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import data as data_lib
-from tree_diffusion import files, loop, preemption, sharding, validation, xla_options
+from tree_diffusion import files, loop, preemption, sharding, validation
 from tree_diffusion import writer as writer_lib
 from tree_diffusion.diffusion import frozen
 from tree_diffusion.diffusion import sampler as sampler_lib
 from tree_diffusion.diffusion.checkpoints import Stage2Checkpoints
 from tree_diffusion.diffusion.conditioning import (
   Denoiser,
-  PathTables,
-  make_condition,
   make_denoiser,
 )
 from tree_diffusion.diffusion.generate import image_grid
+
+# The state and the step, re-exported: what trains stage 2 is found here too.
+from tree_diffusion.diffusion.state import DiffusionState, make_optimizer  # noqa: F401
+from tree_diffusion.diffusion.step import diffusion_loss, train_step  # noqa: F401
 from tree_diffusion.diffusion.state import (
-  DiffusionState,
   StepConfig,
   abstract_state,
   example_condition,
   init_state,
   learning_rate,
-  make_optimizer,
 )
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.lock import locked_workdir
@@ -50,59 +43,6 @@ from tree_diffusion.tree import Tree
 from tree_diffusion.treevae import export as export_lib
 from tree_diffusion.treevae.model import TreeVAE
 from tree_diffusion.writer import MetricWriter
-
-
-def diffusion_loss(params, denoiser: Denoiser, cfg: StepConfig, x0, cond, t, eps, dropout_key):
-  """Mean over all elements of ``|y − ŷ|²`` (or ``|·|``) at ``x_t = sqrt(ᾱ_t) x0 + sqrt(1−ᾱ_t) ε``
-  (+ the image condition for form2), ``y`` the process's target (ε, x0 or v); ``x0`` and the
-  image condition are already in the chain's space (:meth:`Process.encode`)."""
-  ab = jnp.asarray(cfg.process.alpha_bar(), jnp.float32)[t][:, None, None, None]
-  x_t = jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * eps
-  if denoiser.conditioning.form2:
-    x_t = x_t + cond["image"]
-  pred = denoiser.apply({"params": params}, x_t, t, cond, train=True, rngs={"dropout": dropout_key})
-  err = pred - cfg.process.target(x0, eps, ab)
-  return jnp.mean(err**2) if cfg.loss == "l2" else jnp.mean(jnp.abs(err))
-
-
-@xla_options.conv_net_jit(static_argnames=("denoiser", "model", "tree", "cfg"), donate_argnums=0)
-def train_step(
-  state: DiffusionState,
-  tvae_vars,
-  images: jax.Array,
-  key: jax.Array,
-  *,
-  denoiser: Denoiser,
-  model: TreeVAE,
-  tree: Tree,
-  cfg: StepConfig,
-):
-  """One optimiser step on a batch of images in [0, 1]; returns ``(state, metrics)``."""
-  b = images.shape[0]
-  keys = jax.random.split(jax.random.fold_in(key, state.step), 6)
-  cond_kind = denoiser.conditioning
-  proc = cfg.process
-  z_all, probs, leaf_images = frozen.posterior(
-    model, tree, tvae_vars, images, keys[0], decode=cond_kind.image is not None
-  )
-  if leaf_images is not None:
-    leaf_images = proc.encode(leaf_images)
-  leaf = jax.random.categorical(keys[1], jnp.log(jnp.maximum(probs, 1e-30))).astype(jnp.int32)
-  keep = (jax.random.uniform(keys[2], (b,)) >= cfg.cfg_drop_rate) if cfg.cfg_drop_rate else None
-  cond = make_condition(cond_kind, PathTables.from_tree(tree), z_all, leaf, leaf_images, keep)
-  t = jax.random.randint(keys[3], (b,), 0, proc.T)
-  eps = jax.random.normal(keys[4], images.shape, jnp.float32)
-  loss, grads = jax.value_and_grad(diffusion_loss)(
-    state.params, denoiser, cfg, proc.encode(images), cond, t, eps, keys[5]
-  )
-  updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  d = cfg.ema_decay
-  ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
-  metrics = dict(loss=loss, grad_norm=optax.global_norm(grads))
-  return DiffusionState(
-    step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state
-  ), metrics
 
 
 # --------------------------------------------------------------------------------- the run
@@ -161,7 +101,9 @@ def train_and_save(config, workdir: str, stop: preemption.StopRequest | None = N
     config.diffusion.conditioning, config.diffusion.unet, config.diffusion.dtype
   )
   data_lib.check_outside_folder(config.data, workdir)
-  export_lib.resolve_export(frozen.export_path(config, workdir))  # before anything is created
+  export_lib.resolve_export(
+    frozen.export_path(config.diffusion, workdir)
+  )  # before anything is created
   check_workdir(workdir)
   with locked_workdir(workdir, "stage 2 (launch/train_diffusion.py)"):
     return _train_and_save(config, workdir, stop, denoiser)
@@ -206,20 +148,9 @@ def _train_and_save(
         f"(fingerprint {fingerprint}): use a new --workdir or point "
         f"--config.diffusion.treevae_export at the original export"
       )
-    change = data_lib.identity_change(meta.get("data_identity") or data_identity, data_identity)
-    if change:
-      raise ckpt_lib.CheckpointError(
-        f"the dataset changed since stage-2 checkpoint {step} in {ckpts.directory} was written "
-        f"({change}): put the images back as they were, or start afresh with a new --workdir"
-      )
-    moved = data_lib.moved_folder((meta.get("config") or {}).get("data"), config.data)
-    if moved and meta.get("data_identity") is not None:
-      logging.info(
-        "stage-2 checkpoint %d was trained on the images in %s; they are now read "
-        "from %s (the same images, labels and split)",
-        step,
-        *moved,
-      )
+    ckpt_lib.check_same_dataset(
+      meta, data_identity, config.data, "stage-2 checkpoint", step, ckpts.directory
+    )
 
   abstract = lambda: jax.tree_util.tree_map(  # traced only when there is a checkpoint
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),

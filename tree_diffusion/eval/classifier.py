@@ -494,9 +494,10 @@ def classify_all_leaves(
 # ------------------------------------------------------------------------------------- save / load
 
 
-def classifier_dir(config, workdir: str) -> str:
-  """``config.classifier.dir`` or, when empty, ``WORKDIR/classifier``."""
-  return config.classifier.dir or RunDir(workdir).classifier
+def classifier_dir(classifier_config, workdir: str) -> str:
+  """``config.classifier.dir`` (``classifier_config`` is ``config.classifier``) or, when empty,
+  ``WORKDIR/classifier``."""
+  return classifier_config.dir or RunDir(workdir).classifier
 
 
 def save_classifier(directory: str, classifier: Classifier) -> str:
@@ -594,7 +595,7 @@ def load_for_config(config, workdir: str, config_path: str = "<config>") -> Clas
   (image shape and dataset name)."""
   shape = (config.data.image_size, config.data.image_size, config.data.channels)
   hint = train_command(config_path, workdir)
-  directory = classifier_dir(config, workdir)
+  directory = classifier_dir(config.classifier, workdir)
   classifier = load_classifier(directory, image_shape=shape, train_hint=hint)
   if classifier.meta.get("dataset") != config.data.name:
     raise ConfigError(

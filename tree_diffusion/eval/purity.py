@@ -243,3 +243,29 @@ def save_leaf_histogram_figure(
   FigureCanvasAgg(fig).print_png(buf)
   files.write_bytes(path, buf.getvalue())
   return path
+
+
+def histogram_images(
+  histograms: Sequence[Sequence[float] | None], height: int = 40, bar: int = 4
+) -> np.ndarray:
+  """Class histograms drawn as small bar-chart images ``[K, 1, H, W, 3]`` in [0, 1] (a figure row).
+
+  The majority class is drawn in orange, the others in blue; ``None`` (nothing kept) is blank.
+  """
+  k = len(histograms)
+  c = max((len(h) for h in histograms if h is not None), default=1)
+  w = c * bar + (c + 1)
+  out = np.ones((k, 1, height, w, 3), np.float32)
+  for i, h in enumerate(histograms):
+    out[i, 0, -1, :] = 0.6  # baseline
+    if h is None:
+      continue
+    h = np.asarray(h, np.float64)
+    top = int(np.argmax(h))
+    for j, v in enumerate(h):
+      rows = int(round(float(v) * (height - 2)))
+      x0 = 1 + j * (bar + 1)
+      colour = (0.95, 0.55, 0.1) if j == top else (0.2, 0.4, 0.8)
+      if rows:
+        out[i, 0, height - 1 - rows : height - 1, x0 : x0 + bar] = colour
+  return out

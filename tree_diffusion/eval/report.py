@@ -15,7 +15,9 @@ from typing import Mapping
 from absl import logging
 
 from tree_diffusion import data, files
+from tree_diffusion.eval import metrics as metrics_lib
 from tree_diffusion.runs import RunDir
+from tree_diffusion.writer import MetricWriter, purity_tag
 
 
 def read_json(path: str) -> dict:
@@ -61,75 +63,47 @@ PAPER_TABLE1 = {
 _PAPER_METHOD = {"path": "TreeDiffusion", "image": "TreeVAE + Diffusion"}
 
 
-def _get(d, *path, default=None):
-  for p in path:
-    if not isinstance(d, dict) or p not in d:
-      return default
-    d = d[p]
-  return d
+_get = metrics_lib.get
 
 
-CSV_COLUMNS = (
-  "step",
-  "fid_gen",
-  "fid_rec",
-  "majority_p0.5",
-  "majority_p0.9",
-  "kept_p0.5",
-  "kept_p0.9",
-  "treevae_majority_p0.5",
-  "treevae_majority_p0.9",
-  "treevae_fid_gen",
-  "treevae_fid_rec",
-  "nmi",
-  "accuracy",
-  "leaf_purity",
-  "dendrogram_purity",
-  "test_log_likelihood",
-  "num_leaves",
-)
-
-
-def csv_rows(metrics: dict) -> list[dict]:
-  """One row per evaluated checkpoint (stage-1 columns repeated on every row)."""
-  s1 = metrics.get("stage1", {})
-  common = {
-    "treevae_fid_gen": _get(s1, "fid", "gen"),
-    "treevae_fid_rec": _get(s1, "fid", "rec"),
-    "nmi": _get(s1, "clustering", "nmi"),
-    "accuracy": _get(s1, "clustering", "accuracy"),
-    "leaf_purity": _get(s1, "clustering", "leaf_purity"),
-    "dendrogram_purity": _get(s1, "clustering", "dendrogram_purity"),
-    "test_log_likelihood": _get(s1, "log_likelihood", "log_likelihood"),
-    "num_leaves": metrics.get("num_leaves"),
-  }
-  rows = []
+def csv_rows(metrics: dict, thresholds=None) -> list[dict]:
+  """One row per evaluated checkpoint, ``{column: value}`` over :func:`csv_columns`, pivoted from
+  the evaluation's :func:`metrics_lib.rows` (its per-leaf rows left out; the stage-1 values
+  repeated on every row). Without checkpoints, one row with ``step`` None."""
+  rows = [r for r in metrics_lib.rows(metrics) if r.leaf is None]
+  common = {r.column: r.value for r in rows if r.step is None}
+  out = []
   for step in sorted(metrics.get("checkpoints", {}), key=int):
-    c = metrics["checkpoints"][step]
-    row = {
-      "step": int(step),
-      "fid_gen": _get(c, "modes", "sample", "fid"),
-      "fid_rec": _get(c, "modes", "recons", "fid"),
-      **common,
-    }
-    for t in ("0.5", "0.9"):
-      th = _get(c, "modes", "sample_all_leaves", "purity", "thresholds", t) or {}
-      row[f"majority_p{t}"] = th.get("weighted_majority_fraction")
-      row[f"kept_p{t}"] = th.get("total_kept")
-      tv = _get(c, "modes", "sample_all_leaves", "purity_treevae", "thresholds", t) or {}
-      row[f"treevae_majority_p{t}"] = tv.get("weighted_majority_fraction")
-    rows.append(row)
-  if not rows:
-    rows.append({"step": None, **common})
-  return rows
+    values = {r.column: r.value for r in rows if r.step == int(step)}
+    out.append({"step": int(step), **values, **common})
+  if not out:
+    out.append({"step": None, **common})
+  columns = csv_columns(metrics, thresholds)
+  return [{c: row.get(c) for c in columns} for row in out]
 
 
-def write_csv(path: str, metrics: dict) -> None:
+def csv_columns(metrics: dict, thresholds=None) -> list[str]:
+  """``metrics.csv``'s columns; the purity columns are those of ``thresholds`` (default: the
+  thresholds the evaluation reports, else 0.5 and 0.9)."""
+  return metrics_lib.columns(metrics, thresholds or _thresholds(metrics))
+
+
+def _thresholds(metrics: dict) -> list[float]:
+  found = {
+    float(t)
+    for c in (metrics.get("checkpoints") or {}).values()
+    for t in _get(c, "modes", "sample_all_leaves", "purity", "thresholds", default={})
+  }
+  return sorted(found) or [0.5, 0.9]
+
+
+def write_csv(path: str, metrics: dict, thresholds=None) -> None:
+  columns = csv_columns(metrics, thresholds)
   f = io.StringIO(newline="")
-  w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+  w = csv.DictWriter(f, fieldnames=columns)
   w.writeheader()
-  for row in csv_rows(metrics):
-    w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+  for row in csv_rows(metrics, thresholds):
+    w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
   files.write_text(path, f.getvalue())
 
 
@@ -171,6 +145,9 @@ def write_report(path: str, metrics: dict, config) -> None:
     f"{format_value(_get(s1, 'fid', 'rec'))} | {format_value(_get(s1, 'fid', 'gen'))} |",
     "",
   ]
+  entropy = _get(s1, "leaf_size_entropy", "normalized")
+  if entropy is not None:
+    lines += [f"Leaf-size entropy (1 = equal leaves): {format_value(entropy, 3)}.", ""]
   real = metrics.get("data")
   if real:
     lines += [
@@ -178,23 +155,32 @@ def write_report(path: str, metrics: dict, config) -> None:
       f"real images): {format_value(real['fid_train_vs_test'])}.",
       "",
     ]
+  thresholds = [float(t) for t in config.classifier.thresholds]
+  at = lambda name, t: metrics_lib.Row(name, None, threshold=t).column
+  majority = [f"p≥{t:g} (kept)" for t in thresholds]
+  treevae = [f"p≥{t:g}" for t in thresholds]
+  if thresholds:  # the first column of each group says what the group is
+    majority[0], treevae[0] = (
+      f"majority fraction {majority[0]}",
+      f"TreeVAE, same samples: {treevae[0]}",
+    )
+  header = ["step", "FID (rec)", "FID (gen)"] + majority + treevae
   lines += [
     "## Stage 2 checkpoints",
     "",
-    "| step | FID (rec) | FID (gen) | majority fraction p≥0.5 (kept) | p≥0.9 (kept) | "
-    "TreeVAE, same samples: p≥0.5 | p≥0.9 |",
-    "|---|---|---|---|---|---|---|",
+    "| " + " | ".join(header) + " |",
+    "|" + "---|" * len(header),
   ]
-  for row in csv_rows(metrics):
+  for row in csv_rows(metrics, thresholds):
     if row["step"] is None:
       continue
-    lines.append(
-      f"| {row['step']} | {format_value(row['fid_rec'])} | {format_value(row['fid_gen'])} | "
-      f"{format_value(row['majority_p0.5'], 3)} ({format_value(row['kept_p0.5'])}) | "
-      f"{format_value(row['majority_p0.9'], 3)} ({format_value(row['kept_p0.9'])}) | "
-      f"{format_value(row['treevae_majority_p0.5'], 3)} | "
-      f"{format_value(row['treevae_majority_p0.9'], 3)} |"
-    )
+    cells = [str(row["step"]), format_value(row["fid_rec"]), format_value(row["fid_gen"])]
+    cells += [
+      f"{format_value(row[at('majority', t)], 3)} ({format_value(row[at('kept', t)])})"
+      for t in thresholds
+    ]
+    cells += [format_value(row[at("treevae_majority", t)], 3) for t in thresholds]
+    lines.append("| " + " | ".join(cells) + " |")
   clf = metrics.get("classifier")
   if clf:
     lines += ["", f"Purity classifier: test accuracy {format_value(clf.get('test_accuracy'), 4)}."]
@@ -214,6 +200,48 @@ def write_report(path: str, metrics: dict, config) -> None:
         "are far smaller and shorter-trained than the paper's.",
       ]
   files.write_text(path, "\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+
+def stage1_scalars(stage1: dict) -> dict[str, float]:
+  """TensorBoard scalars of the stage-1 evaluation: the TreeVAE's own FIDs, the test clustering
+  metrics and the log-likelihood (those that were computed)."""
+  fid, clus = stage1.get("fid") or {}, stage1.get("clustering") or {}
+  out = {
+    "eval/fid_gen": fid.get("gen"),
+    "eval/fid_rec": fid.get("rec"),
+    "eval/log_likelihood": (stage1.get("log_likelihood") or {}).get("log_likelihood"),
+    **{f"eval/{k}": clus.get(k) for k in ("nmi", "accuracy", "leaf_purity", "dendrogram_purity")},
+  }
+  return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def checkpoint_scalars(checkpoint: dict, stage1: dict, thresholds=()) -> dict[str, float]:
+  """TensorBoard scalars of one stage-2 checkpoint: FID(gen) and FID(rec), the weighted majority
+  fraction of generations kept at each threshold, and stage 1's test NMI (those computed)."""
+  modes = checkpoint.get("modes") or {}
+  purity = ((modes.get("sample_all_leaves") or {}).get("purity") or {}).get("thresholds") or {}
+  out = {
+    "eval/fid_gen": (modes.get("sample") or {}).get("fid"),
+    "eval/fid_rec": (modes.get("recons") or {}).get("fid"),
+    "eval/nmi": (stage1.get("clustering") or {}).get("nmi"),
+    **{
+      purity_tag(t): (purity.get(str(float(t))) or {}).get("weighted_majority_fraction")
+      for t in thresholds
+    },
+  }
+  return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def log_scalars(logdir: str, step: int, scalars: dict[str, float]) -> None:
+  """``scalars`` at ``step`` into the run's TensorBoard directory ``logdir`` (an event file of the
+  evaluation's own, closed at once: what was evaluated stays logged if a later checkpoint fails)."""
+  if scalars:
+    writer = MetricWriter(logdir, job="eval")
+    writer.write_scalars(step, scalars)
+    writer.close()
 
 
 # ----------------------------------------------------------------------------- run summary

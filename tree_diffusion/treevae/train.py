@@ -1,12 +1,11 @@
-"""Stage-1 training: jitted steps and the grow → prune → fine-tune schedule.
+"""Stage-1 training: the grow → prune → fine-tune schedule around the jitted steps of
+:mod:`tree_diffusion.treevae.step`.
 
-The steps are pure functions of ``(state, images, key, alpha, lr)`` jitted with the model, the tree
-and a small :class:`StepConfig` as static arguments, so XLA retraces only when the tree (or the
-phase kind) changes. The schedule around them is a host-side state machine whose position (the
-*cursor*) is saved with every checkpoint, so a run resumes at the phase where it stopped.
+The schedule is a host-side state machine whose position (the *cursor*) is saved with every
+checkpoint, so a run resumes at the phase where it stopped.
 
-The module is long because the steps, the phases and the end of a run (final metrics, export,
-tree figure) all act on one run state (``_Run``) that only stage-1 training needs.
+The module is long because the phases and the end of a run (final metrics, export, tree figure)
+all act on one run state (``_Run``) that only stage-1 training needs.
 """
 
 from __future__ import annotations
@@ -21,10 +20,8 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
-from tree_diffusion import augment as augment_lib
 from tree_diffusion import checkpoint as ckpt_lib
 from tree_diffusion import clustering
 from tree_diffusion import data as data_lib
@@ -34,7 +31,7 @@ from tree_diffusion import writer as writer_lib
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.lock import locked_workdir
 from tree_diffusion.runs import RunDir, check_workdir, format_eta, save_config
-from tree_diffusion.tree import Tree, depth_of
+from tree_diffusion.tree import Tree
 from tree_diffusion.treevae import assignments, growing
 from tree_diffusion.treevae import export as export_lib
 from tree_diffusion.treevae.checkpoints import Stage1Checkpoints
@@ -42,228 +39,26 @@ from tree_diffusion.treevae.cursor import Cursor, Split
 from tree_diffusion.treevae.inference import generate, predict_leaf_probs, test_examples
 from tree_diffusion.treevae.model import (
   TreeVAE,
-  frozen_path_variables,
   grow_variables,
   merge_split_variables,
   prune_variables,
   split_variables,
 )
+from tree_diffusion.treevae.step import (  # noqa: F401 (also re-exported for the tests)
+  StepConfig,
+  _train_step,
+  eval_terms,
+  init_state,
+  initial_tree,
+  loss_terms,
+  make_model,
+  split_step,
+  step_config,
+  train_step,
+)
 from tree_diffusion.writer import MetricWriter
 
 PyTree = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-  """Static settings of a train step (hashable: part of the jit cache key)."""
-
-  weight_decay: float = 1e-5
-  contrastive: bool = False  # [view1; view2] batches and the contrastive terms
-  aug_weight: float = 1.0
-  augment: augment_lib.AugmentConfig | None = None
-
-
-# --------------------------------------------------------------------------------- optimiser
-
-
-def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
-  """Adam with coupled L2 (PyTorch ``Adam(weight_decay=…)``); the step applies the learning rate.
-
-  It runs on the flattened parameter vector (see :func:`_apply_gradients`).
-  """
-  return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.scale_by_adam())
-
-
-def init_state(variables, cfg: StepConfig) -> TrainState:
-  """A fresh train state (new optimiser, as every phase of the reference starts with)."""
-  # Copies: the steps donate their state, which must not delete the caller's arrays.
-  params = jax.tree_util.tree_map(jnp.copy, variables["params"])
-  batch_stats = jax.tree_util.tree_map(jnp.copy, variables["batch_stats"])
-  flat, _ = jax.flatten_util.ravel_pytree(params)
-  return TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    batch_stats=batch_stats,
-    opt_state=make_optimizer(cfg).init(flat),
-  )
-
-
-# --------------------------------------------------------------------------------- steps
-
-
-def loss_terms(out: dict, alpha, aug_weight: float) -> dict:
-  """Batch-mean ELBO terms and the total; ``alpha`` is the KL-annealing weight."""
-  terms = dict(
-    rec=out["rec"].mean(),
-    kl_root=out["kl_root"].mean(),
-    kl_nodes=jnp.clip(out["kl_nodes"].mean(), -10.0, 1e10),
-    kl_decisions=out["kl_decisions"].mean(),
-    aug=aug_weight * out["aug"],
-  )
-  terms["loss"] = (
-    terms["rec"]
-    + alpha * (terms["kl_root"] + terms["kl_nodes"] + terms["kl_decisions"])
-    + terms["aug"]
-  )
-  return terms
-
-
-def _inputs(images: jax.Array, key: jax.Array, cfg: StepConfig) -> jax.Array:
-  """The batch the model sees: two augmented views, one augmented view, or the images."""
-  if cfg.contrastive:
-    return augment_lib.two_views(key, images, cfg.augment)
-  if cfg.augment is not None:
-    return augment_lib.augment(key, images, cfg.augment)
-  return images
-
-
-def _apply_gradients(state: TrainState, grads, stats, lr, cfg: StepConfig) -> TrainState:
-  # The optimiser works on one flat vector: a tree has hundreds of small parameter arrays, and
-  # per-array update ops made XLA compile thousands of tiny fusions.
-  flat_params, unravel = jax.flatten_util.ravel_pytree(state.params)
-  flat_grads, _ = jax.flatten_util.ravel_pytree(grads)
-  updates, opt_state = make_optimizer(cfg).update(flat_grads, state.opt_state, flat_params)
-  return TrainState(
-    step=state.step + 1,
-    params=unravel(flat_params - lr * updates),
-    batch_stats=stats,
-    opt_state=opt_state,
-  )
-
-
-def _train_step(
-  state: TrainState,
-  images: jax.Array,
-  key: jax.Array,
-  alpha,
-  lr,
-  *,
-  model: TreeVAE,
-  tree: Tree,
-  cfg: StepConfig,
-):
-  """One step of full-tree training (initial, intermediate and fine-tuning phases)."""
-  key = jax.random.fold_in(key, state.step)
-  aug_key, z_key = jax.random.split(key)
-  x = _inputs(images, aug_key, cfg)
-
-  def loss_fn(params):
-    variables = {"params": params, "batch_stats": state.batch_stats}
-    out, stats = model.apply(variables, tree, x, z_key, train=True, contrastive=cfg.contrastive)
-    terms = loss_terms(out, alpha, cfg.aug_weight)
-    return terms["loss"], (terms, stats)
-
-  (_, (terms, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  terms["grad_norm"] = optax.global_norm(grads)
-  return _apply_gradients(state, grads, stats, lr, cfg), terms
-
-
-def _frozen_inputs(
-  frozen_variables,
-  images: jax.Array,
-  key: jax.Array,
-  step,
-  *,
-  model: TreeVAE,
-  tree: Tree,
-  parent: int,
-  cfg: StepConfig,
-):
-  """The small-tree batch and the frozen tree's part of it (eval-mode BatchNorm, sampled z)."""
-  aug_key, frozen_key = jax.random.split(jax.random.fold_in(key, step))
-  x = _inputs(images, aug_key, cfg)
-  return x, model.frozen_path(frozen_variables, tree, parent, x, frozen_key)
-
-
-def _split_step(
-  state: TrainState,
-  x: jax.Array,
-  frozen: dict,
-  key: jax.Array,
-  alpha,
-  lr,
-  *,
-  model: TreeVAE,
-  depth: int,
-  cfg: StepConfig,
-):
-  """One update of the split's own variables (``state``), given the frozen tree's outputs."""
-  z_key = jax.random.fold_in(jax.random.fold_in(key, state.step), 1)
-
-  def loss_fn(params):
-    variables = {"params": params, "batch_stats": state.batch_stats}
-    out, stats = model.apply_split(
-      variables, depth, x, frozen, z_key, train=True, contrastive=cfg.contrastive
-    )
-    terms = loss_terms(out, alpha, cfg.aug_weight)
-    return terms["loss"], (terms, stats)
-
-  (_, (terms, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  terms["grad_norm"] = optax.global_norm(grads)
-  return _apply_gradients(state, grads, stats, lr, cfg), terms
-
-
-train_step = jax.jit(_train_step, static_argnames=("model", "tree", "cfg"), donate_argnums=0)
-# The small-tree step is two jitted functions: the frozen tree's forward (compiled per split) and
-# the update of the split (compiled once per depth of the split node, shared by all splits there).
-frozen_inputs = jax.jit(_frozen_inputs, static_argnames=("model", "tree", "parent", "cfg"))
-_split_update = jax.jit(_split_step, static_argnames=("model", "depth", "cfg"), donate_argnums=0)
-
-
-def split_step(
-  state: TrainState,
-  frozen_variables,
-  images: jax.Array,
-  key: jax.Array,
-  alpha,
-  lr,
-  *,
-  model: TreeVAE,
-  tree: Tree,
-  parent: int,
-  cfg: StepConfig,
-):
-  """One small-tree step: only the split's own variables (``state``) train.
-
-  The frozen tree runs in eval mode with sampled latents and is never differentiated; the split's
-  parameters are their own pytree, so the frozen tree has no optimiser state and cannot move —
-  the effect of an optax mask, without computing or storing anything for the frozen part.
-  """
-  x, frozen = frozen_inputs(
-    frozen_path_variables(frozen_variables, tree, parent),
-    images,
-    key,
-    state.step,
-    model=model,
-    tree=tree,
-    parent=parent,
-    cfg=cfg,
-  )
-  return _split_update(
-    state,
-    x,
-    frozen,
-    key,
-    alpha,
-    lr,
-    model=model,
-    depth=_canonical_split_depth(model, depth_of(parent)),
-    cfg=cfg,
-  )
-
-
-def _canonical_split_depth(model: TreeVAE, depth: int) -> int:
-  """The shallowest depth whose split has the same layer sizes (so it shares a compile)."""
-  sizes = lambda k: (model.h(k), model.lz(k), model.h(k + 1), model.lz(k + 1))
-  return min(k for k in range(depth + 1) if sizes(k) == sizes(depth))
-
-
-@functools.partial(jax.jit, static_argnames=("model", "tree"))
-def eval_terms(variables, images, key, *, model: TreeVAE, tree: Tree):
-  """Per-sample negative-ELBO terms at α = 1 (eval mode), and leaf probabilities."""
-  out, _ = model.apply(variables, tree, images, key, train=False)
-  nelbo = out["rec"] + out["kl_root"] + out["kl_nodes"] + out["kl_decisions"]
-  return dict(rec=out["rec"], nelbo=nelbo), out["leaf_probs"]
 
 
 # --------------------------------------------------------------------------------- schedule
@@ -298,18 +93,6 @@ class _Run:
 
 def _step_config(run: _Run) -> StepConfig:
   return step_config(run.config.stage1)
-
-
-def step_config(c) -> StepConfig:
-  """The train step's static settings from the config's ``stage1`` section."""
-  contrastive = bool(c.augment) and "InfoNCE" in c.augmentation_method
-  aug = augment_lib.get(c.augmentation) if c.augment else None
-  return StepConfig(
-    weight_decay=c.weight_decay,
-    contrastive=contrastive,
-    aug_weight=c.aug_decisions_weight,
-    augment=aug,
-  )
 
 
 def train_phase(
@@ -478,29 +261,6 @@ def train_phase(
 
 
 # --------------------------------------------------------------------------------- the run
-
-
-def initial_tree(config) -> Tree:
-  return Tree.complete(config.stage1.initial_depth)
-
-
-def make_model(config) -> TreeVAE:
-  c = config.stage1
-  contrastive = bool(c.augment) and "instancewise_full" in c.augmentation_method
-  return TreeVAE(
-    encoder=config.treevae.encoder,
-    image_size=config.data.image_size,
-    channels=config.data.channels,
-    latent_channels=tuple(config.treevae.latent_channels),
-    bottom_up_channels=tuple(config.treevae.bottom_up_channels),
-    representation_dim=config.treevae.representation_dim,
-    res_connections=config.treevae.res_connections,
-    act=config.treevae.act,
-    output=config.treevae.output,
-    dropout_router=config.treevae.dropout_router,
-    contrastive=contrastive,
-    dtype=c.dtype,
-  )
 
 
 # The schedule is a state machine over ``Cursor.phase`` (see ``cursor.py``). Each pass of the loop
@@ -680,20 +440,9 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
   )
 
   def same_data(step, meta):
-    change = data_lib.identity_change(meta.get("data_identity") or data_identity, data_identity)
-    if change:
-      raise ckpt_lib.CheckpointError(
-        f"the dataset changed since stage-1 checkpoint {step} in {ckpts.directory} was written "
-        f"({change}): put the images back as they were, or start afresh with a new --workdir"
-      )
-    moved = data_lib.moved_folder((meta.get("config") or {}).get("data"), config.data)
-    if moved and meta.get("data_identity") is not None:
-      logging.info(
-        "stage-1 checkpoint %d was trained on the images in %s; they are now read "
-        "from %s (the same images, labels and split)",
-        step,
-        *moved,
-      )
+    ckpt_lib.check_same_dataset(
+      meta, data_identity, config.data, "stage-1 checkpoint", step, ckpts.directory
+    )
 
   restored = ckpts.restore(model, config, _phase_abstract(run), same_data)
   phase_arrays = {}

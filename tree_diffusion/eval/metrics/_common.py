@@ -1,0 +1,68 @@
+"""What the metric modules share: the :class:`Row` of the schema (see the package docstring), the
+contexts a metric's ``compute`` receives, and reading nested ``metrics.json`` entries."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One number of an evaluation (see the module docstring for the schema)."""
+
+  name: str
+  value: Any
+  step: int | None = None
+  run: str = ""
+  leaf: int | None = None  # index in the tree's leaf order
+  threshold: float | None = None
+
+  @property
+  def column(self) -> str:
+    """Its ``metrics.csv`` column: the name, with ``_p<threshold>`` for a thresholded value."""
+    return self.name if self.threshold is None else f"{self.name}_p{self.threshold:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage1Context:
+  """What a stage-1 metric sees: the export, the test split and its leaf probabilities."""
+
+  evaluator: Any  # evaluate.Evaluator: settings, mesh, log, features(), reference_features()
+  dataset: str  # config.data.name
+  thresholds: tuple  # config.classifier.thresholds: p(leaf) thresholds of the purity metric
+  workdir: str
+  model: Any  # TreeVAE
+  variables: Any
+  tree: Any  # Tree
+  test: Any  # data.Arrays
+  test_probs: Any  # [N, K] leaf probabilities of the test images
+  out_dir: str  # WORKDIR/eval, for figures
+
+  @property
+  def settings(self):
+    return self.evaluator.settings
+
+  def reference(self):
+    """Inception features of the test split (cached per run and in memory)."""
+    return self.evaluator.reference_features(self.workdir, self.dataset, "test", self.test)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplesContext(Stage1Context):
+  """What a samples metric sees: a stage-1 context, one checkpoint, one mode's generations."""
+
+  stage2: Any = None  # generate.Stage2 at this checkpoint
+  mode: str = ""
+  result: Any = None  # the sampler's outputs (image, leaf, leaf_probs, vae_image, ...)
+  images: Any = None  # the generations as uint8 [N, H, W, C] (all-leaves modes: [N, K, ...])
+  classifier: Any = None  # the purity classifier, or None
+
+
+def get(d: Any, *path: str, default: Any = None) -> Any:
+  """``d[path[0]][path[1]]...``, or ``default`` where a level is missing."""
+  for p in path:
+    if not isinstance(d, dict) or p not in d:
+      return default
+    d = d[p]
+  return d
