@@ -8,7 +8,7 @@ declares:
 * ``KEY`` (stage 1, optional): its entry in ``metrics.json``'s ``stage1`` section (default: the
   module's name);
 * ``MODES`` (samples): the stage-2 modes whose images it reads;
-* ``SETTINGS``: the ``config.eval`` fields it reads (its part of :class:`evaluate.Settings`);
+* ``SETTINGS``: the ``config.eval`` fields it reads (its part of :class:`~tree_diffusion.eval.settings.Settings`);
 * ``compute(ctx) -> dict``: its entry. A stage-1 metric's is ``stage1[KEY]``; a samples metric's
   keys are merged into ``checkpoints[step]["modes"][mode]``. An empty dict computes nothing;
 * ``rows(entry, step) -> list[Row]``: its numbers read back from ``metrics.json`` (``entry`` is
@@ -50,7 +50,8 @@ __all__ = [
 ]
 
 STAGES = ("stage1", "samples")
-# The metrics of an evaluation whose metrics.json does not list them (written before the list).
+# The metrics of an evaluation whose config or metrics.json does not list them (a run recorded
+# before config.eval.metrics existed): those computed then.
 DEFAULT = ("fid", "purity", "treevae_fid", "clustering", "log_likelihood")
 
 
