@@ -50,15 +50,16 @@ from tree_diffusion.writer import MetricWriter
 GRID_EXAMPLES = 8  # rows (prior samples) of the TensorBoard grid; its columns are the leaves
 
 
-def make_sample_grid(config, denoiser: Denoiser, model: TreeVAE, tree: Tree, mesh):
+def make_sample_grid(diffusion_config, denoiser: Denoiser, model: TreeVAE, tree: Tree, mesh):
   """``grid(ema_params, tvae_vars)`` → a uint8 image for TensorBoard: ``GRID_EXAMPLES`` prior
   samples (rows) decoded through every leaf (columns) by ``sample_all_leaves``.
 
   The sampler is built here once (one batch, compiled on the first call). Its key is
   ``diffusion.sampling.seed``'s, as in ``launch/sample.py``, so every grid shows the same draws and
   the rows are the first rows of that command's grid; the training keys are not touched.
+  ``diffusion_config`` is ``config.diffusion``.
   """
-  c = config.diffusion
+  c = diffusion_config
   sampler = sampler_lib.Sampler(
     denoiser,
     model,
@@ -205,7 +206,7 @@ def _train_and_save(
     writer_lib.flatten(config_json),
     ["train/loss", *writer_lib.eval_tags(config.classifier.thresholds)],
   )
-  sample_grid = make_sample_grid(config, denoiser, model, tree, mesh) if c.sample_every else None
+  sample_grid = make_sample_grid(c, denoiser, model, tree, mesh) if c.sample_every else None
   save_meta = lambda: {
     "export": path,
     "export_fingerprint": fingerprint,

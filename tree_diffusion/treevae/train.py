@@ -76,9 +76,12 @@ def step_lr(epoch: int, lr: float, decay_lr: float, decay_stepsize: int) -> floa
 
 @dataclasses.dataclass
 class _Run:
-  """What the phases of one run share (not part of the checkpoint)."""
+  """What the phases of one run share (not part of the checkpoint). Of the config, the phases see
+  only the ``stage1`` section and the dataset's name: :func:`_train_and_export` is the one place
+  that sees the whole config."""
 
-  config: Any
+  c: Any  # config.stage1
+  dataset: str  # config.data.name
   model: TreeVAE
   train: data_lib.Arrays
   test: data_lib.Arrays
@@ -92,7 +95,7 @@ class _Run:
 
 
 def _step_config(run: _Run) -> StepConfig:
-  return step_config(run.config.stage1)
+  return step_config(run.c)
 
 
 def train_phase(
@@ -117,7 +120,7 @@ def train_phase(
   ``save_in_phase(state)`` writes such a checkpoint (every ``stage1.checkpoint_every_steps`` and
   when ``run.stop`` asks for a stop, after which :class:`preemption.Preempted` is raised).
   """
-  c = run.config.stage1
+  c = run.c
   if epochs <= 0:
     return variables
   cfg = _step_config(run)
@@ -284,7 +287,7 @@ def _grow_decision(run: _Run, variables, tree: Tree, cursor: Cursor, phase_id: i
   Returns ``(variables, tree, cursor, indices)``; ``indices`` are the rows the new small tree
   trains on (``None`` unless the next state is ``small_tree``).
   """
-  c = run.config.stage1
+  c = run.c
   it = cursor.iteration
   if (
     c.intermediate_fulltrain
@@ -331,7 +334,7 @@ def _grow_decision(run: _Run, variables, tree: Tree, cursor: Cursor, phase_id: i
 
 def _after_small_tree(run: _Run, variables, tree: Tree, cursor: Cursor) -> Cursor:
   """The cursor after a small tree: the next growth iteration, or pruning when enough leaves."""
-  c = run.config.stage1
+  c = run.c
   it = cursor.iteration + 1
   phase = "grow"
   if it >= c.max_growth_iterations:
@@ -345,7 +348,7 @@ def _after_small_tree(run: _Run, variables, tree: Tree, cursor: Cursor) -> Curso
 
 def _prune(run: _Run, variables, tree: Tree):
   """Removes leaves with < 1% of the argmax assignments, one at a time."""
-  c = run.config.stage1
+  c = run.c
   while True:
     probs = predict_leaf_probs(run.model, variables, tree, run.train, c.eval_batch_size)
     leaf = growing.leaf_to_prune(tree, probs)
@@ -421,7 +424,8 @@ def _train_and_export(config, workdir: str, stop: preemption.StopRequest | None)
   model = make_model(config)
   ckpts = Stage1Checkpoints(workdir, max_to_keep=c.checkpoints_to_keep)
   run = _Run(
-    config=config,
+    c=c,
+    dataset=config.data.name,
     model=model,
     train=train_arrays,
     test=test_arrays,
@@ -623,7 +627,7 @@ def _finished(
     return None
   meta = export_lib.read_export_meta(export_dir)
   saved = (meta.get("config") or {}).get("stage1") or {}
-  changed = [k for k in _METRICS_SETTINGS if k in saved and saved[k] != run.config.stage1[k]]
+  changed = [k for k in _METRICS_SETTINGS if k in saved and saved[k] != run.c[k]]
   if changed:
     logging.info(
       "stage 1 finished (checkpoint %d); %s changed: computing its final metrics again "
@@ -656,7 +660,7 @@ def _finished(
 
 def split_leaf_probs(run: _Run, variables, tree: Tree) -> dict[str, np.ndarray]:
   """``{"train": [N, K], "test": [M, K]}`` leaf probabilities of both splits."""
-  c = run.config.stage1
+  c = run.c
   return {
     split: predict_leaf_probs(run.model, variables, tree, arrays, c.eval_batch_size)
     for split, arrays in (("train", run.train), ("test", run.test))
@@ -679,7 +683,7 @@ def final_metrics(
 ) -> dict:
   """Clustering metrics on the test split (+ train), ELBO terms and a K-means baseline;
   ``probs``: :func:`split_leaf_probs`, computed here when not given."""
-  c = run.config.stage1
+  c = run.c
   probs = probs if probs is not None else split_leaf_probs(run, variables, tree)
   out = {"tree": json.loads(tree.to_json()), "num_leaves": tree.num_leaves}
   for split, arrays in (("train", run.train), ("test", run.test)):
@@ -704,7 +708,7 @@ def final_metrics(
 
 
 def _with_kmeans(run: _Run, out: dict, tree: Tree) -> dict:
-  c = run.config.stage1
+  c = run.c
   if run.test.num_classes and c.kmeans_baseline:
     out["kmeans_pixels"] = kmeans_baseline(run.train, run.test, tree.num_leaves, c.seed)
   return out
@@ -734,7 +738,7 @@ def write_tree_figure(run: _Run, variables, tree: Tree, path: str | None, num: i
   """
   from tree_diffusion.treevae import figure
 
-  c = run.config.stage1
+  c = run.c
   num = num or c.figure_images_per_leaf
   share, real = test_examples(run.model, variables, tree, run.test, num, c.eval_batch_size)
   gen = generate(variables, jax.random.fold_in(run.key, 777), model=run.model, tree=tree, num=num)
@@ -746,7 +750,7 @@ def write_tree_figure(run: _Run, variables, tree: Tree, path: str | None, num: i
     share,
     [real, images],
     row_titles=["test", "generated"],
-    title=f"{run.config.data.name}: {tree.num_leaves} leaves",
+    title=f"{run.dataset}: {tree.num_leaves} leaves",
   )
   if path is not None:
     files.save_png(path, image)
