@@ -284,6 +284,7 @@ def base() -> ml_collections.ConfigDict:
       metrics=(
         "fid",
         "purity",
+        "faithfulness",
         "treevae_fid",
         "clustering",
         "log_likelihood",

@@ -352,6 +352,33 @@ RUN_CONFIG_FILE = os.path.join(
 _RUN_CONFIG = {"workdir_flag": None, "defaulted": False}
 
 
+_GLOB_CHARS = set("*?[")
+
+
+def expand_runs(entries: list[str], flag: str = "--workdir") -> list[str]:
+  """``entries`` with each pattern (``*``, ``?``, ``[``) replaced by the directories it matches,
+  sorted: ``runs/mnist_seed*`` or ``gs://bucket/mnist_seed*``.
+
+  Raises:
+    ConfigError: a pattern matches no directory.
+  """
+  from tree_diffusion import files  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+
+  out = []
+  for entry in entries:
+    if not _GLOB_CHARS & set(entry):
+      out.append(entry)
+      continue
+    head, _, pattern = entry.rstrip("/").rpartition("/")
+    parent = files.as_path(head or ".")
+    found = sorted(str(p) for p in parent.glob(pattern) if p.is_dir()) if parent.is_dir() else []
+    if not found:
+      raise ConfigError(f"{flag}={entry} matches no directory; check the pattern (quote it)")
+    out += [f if head else os.path.relpath(f) for f in found]
+  return out
+
+
 def config_defaults_to_run(workdir_flag: str = "workdir"):
   """Makes ``--config`` optional for this launcher: left out, it is the config the run in
   ``--workdir`` (the first one of a list) was trained with, ``configs/run.py:WORKDIR``.
@@ -394,6 +421,11 @@ def _with_run_config(argv):
   ):
     return argv
   workdir = (_flag_value(argv, flag) or "").split(",")[0].strip()
+  if workdir and _GLOB_CHARS & set(workdir):
+    try:
+      workdir = expand_runs([workdir])[0]
+    except Exception as e:  # pylint: disable=broad-except
+      sys.exit(f"error: {_one_line(e)}")
   if not workdir:
     overrides = [a for a in argv[1:] if a.startswith(("--config.", "-config."))]
     if overrides:  # absl would call them unknown flags

@@ -36,7 +36,9 @@ from launch import common
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (default: each run's own, configs/run.py:WORKDIR).", lock_config=True
 )
-_WORKDIR = flags.DEFINE_list("workdir", None, "Run directories (comma-separated).")
+_WORKDIR = flags.DEFINE_list(
+  "workdir", None, "Run directories (comma-separated; patterns such as runs/mnist_seed* expand)."
+)
 _CHECKPOINTS = flags.DEFINE_string(
   "checkpoints", "all", "Stage-2 checkpoints: all, latest, none (stage 1 only) or steps 500,1000."
 )
@@ -49,6 +51,12 @@ _MODES = flags.DEFINE_list(
 _FORCE = flags.DEFINE_bool("force", False, "Re-evaluate checkpoints evaluated before.")
 _DATA_FID = flags.DEFINE_bool(
   "data_fid", False, "Also report FID(train split, test split) of the dataset itself."
+)
+_ACROSS_RUNS = flags.DEFINE_string(
+  "across_runs_dir",
+  "",
+  "Where the mean ± std across several runs of one configuration goes (default: "
+  "PARENT/across_runs when the runs share a parent directory).",
 )
 flags.mark_flags_as_required(["workdir"])
 common.config_defaults_to_run("workdir")
@@ -152,17 +160,21 @@ def main(argv):
       "--modes is empty: name some of sample, recons, sample_all_leaves, "
       "recons_all_leaves (or pass --checkpoints=none to evaluate stage 1 only)"
     )
-  runs_, settings = _run_configs(_WORKDIR.value), []
+  workdirs = common.expand_runs(_WORKDIR.value)
+  runs_, settings = _run_configs(workdirs), []
   for workdir, config in runs_:
     common.check_config(config)
     common.check_against_run(config, workdir)  # only evaluation settings may differ from the run's
     validation.check_data(config)
     settings.append(evaluate.Settings.from_config(config, _MODES.value))  # checks config.eval too
   _preflight(runs_, settings, _CHECKPOINTS.value)
+  across_dir = _across_runs_dir(runs_)  # refused before any work when it cannot be written
   ev = evaluate.Evaluator(settings[0], log=logging.info)
+  evaluations = {}
   for (workdir, config), settings_ in zip(runs_, settings):
     ev = ev.with_settings(settings_)  # the Inception net and real-image features are kept
     metrics = ev.run(config, workdir, _CHECKPOINTS.value, _FORCE.value, _DATA_FID.value)
+    evaluations[workdir] = metrics
     if jax.process_index() != 0:  # with --distributed every process evaluates, process 0 reports
       continue
     rows = report.csv_rows(metrics)
@@ -176,6 +188,52 @@ def main(argv):
         + ", ".join(f"{k}={report.format_value(v, 3)}" for k, v in row.items() if v is not None)
       )
     common.refresh_report(workdir)
+  if across_dir and jax.process_index() == 0:
+    from tree_diffusion.eval import across_runs  # pylint: disable=g-import-not-at-top
+
+    config = runs_[0][1]
+    result = across_runs.aggregate(evaluations)
+    across_runs.write(across_dir, result, config.data.name, config.diffusion.conditioning)
+    print(f"mean ± std across {len(evaluations)} runs -> {across_dir}/report.md")
+
+
+def _across_runs_dir(runs_) -> str:
+  """Where the aggregate of several runs goes, or "" (one run; runs that are not one
+  configuration, said in a log line)."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from tree_diffusion import checkpoint, runs  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from tree_diffusion.eval import across_runs  # pylint: disable=g-import-not-at-top
+
+  if len(runs_) < 2:
+    return ""
+  base = checkpoint.config_sections(runs_[0][1], checkpoint.STAGE1_SECTIONS + ("diffusion",))
+  for workdir, config in runs_[1:]:
+    other = checkpoint.config_sections(config, checkpoint.STAGE1_SECTIONS + ("diffusion",))
+    diffs = [
+      k
+      for k, _, _ in checkpoint.differences(base, other, across_runs.IGNORED)
+      if not across_runs.is_seed(k)
+    ]
+    if diffs:
+      logging.info(
+        "no mean ± std across the runs: %s differs from %s in %s (runs of one configuration "
+        "differ only in their seeds)",
+        workdir,
+        runs_[0][0],
+        ", ".join(diffs[:5]),
+      )
+      return ""
+  directory = _ACROSS_RUNS.value
+  if not directory:
+    parents = {w.rstrip("/").rpartition("/")[0] for w, _ in runs_}
+    if len(parents) != 1:
+      raise ConfigError(
+        "the runs have no common parent directory for their mean ± std: pass --across_runs_dir"
+      )
+    directory = f"{parents.pop() or '.'}/across_runs"
+  runs.check_writable(directory, "pass a writable --across_runs_dir")
+  return directory
 
 
 if __name__ == "__main__":

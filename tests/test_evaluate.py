@@ -148,6 +148,101 @@ def test_leaf_size_entropy_by_hand():
   ]
 
 
+def test_faithfulness_by_hand():
+  """Two draws through three leaves, two classes. Leaf 0: the draws reach it with p 0.75 and
+  0.25 and are classified 0 and 1, so g = (0.75, 0.25); its test images have labels 0, 0, 1, so
+  r = (2/3, 1/3) and TV = 1/12. Leaf 1: g = (0, 1) = r, TV 0. Leaf 2 has no test image (weight
+  0); the unlabelled test image is left out. Weighted: (3 · 1/12 + 1 · 0) / 4 = 1/16."""
+  from tree_diffusion.eval.metrics import faithfulness as f
+
+  probs = np.array([[0.75, 0.25, 0.5], [0.25, 0.75, 0.5]])
+  predicted = np.array([[0, 1, 0], [1, 1, 0]])
+  leaves, labels = np.array([0, 0, 0, 1, 2]), np.array([0, 0, 1, 1, -1])
+  value, per_leaf, n = f.weighted_tv(probs, predicted, leaves, labels, 2)
+  assert value == pytest.approx(1 / 16, abs=1e-12)
+  assert per_leaf[0] == pytest.approx(1 / 12, abs=1e-12) and per_leaf[1] == 0.0
+  assert per_leaf[2] is None and list(n) == [3, 1, 0]
+  out = f.faithfulness(probs, predicted, leaves, labels, 2, seed=0, num_bootstrap=200)
+  assert out["weighted_tv"] == value and out["num_bootstrap"] == 200
+  assert [leaf["weight"] for leaf in out["leaves"]] == [0.75, 0.25, 0.0]
+  lo, hi = out["interval_95"]
+  assert 0.0 <= lo <= hi <= 1.0
+  again = f.faithfulness(probs, predicted, leaves, labels, 2, seed=0, num_bootstrap=200)
+  assert again["interval_95"] == out["interval_95"]  # seeded
+  # Identical mixes: 0, whatever the weights; disjoint classes: 1.
+  same = f.weighted_tv(np.ones((2, 1)), np.array([[0], [1]]), np.array([0, 0]), np.array([0, 1]), 2)
+  assert same[0] == 0.0
+  apart = f.weighted_tv(np.ones((2, 1)), np.zeros((2, 1), int), np.array([0]), np.array([1]), 2)
+  assert apart[0] == 1.0
+
+
+def _evaluation(nmi, fid_gen, steps, purity=None):
+  """A run's metrics.json with stage-1 NMI and, per step, FID(gen) (+ purity at 0.5)."""
+  checkpoints = {}
+  for step, fid in zip(steps, fid_gen):
+    modes = {"sample": {"fid": fid}}
+    if purity is not None:
+      thresholds = {"0.5": {"weighted_majority_fraction": purity, "total_kept": 7}}
+      modes["sample_all_leaves"] = {"purity": {"thresholds": thresholds}}
+    checkpoints[str(step)] = {"modes": modes}
+  return {"num_leaves": 4, "stage1": {"clustering": {"nmi": nmi}}, "checkpoints": checkpoints}
+
+
+def test_mean_and_std_across_runs_match_numpy(tmp_path):
+  """Three runs: each run's latest checkpoint (not its earlier ones), stage 1 once per run, the
+  sample standard deviation; a run without a value is left out of that column."""
+  from tree_diffusion.eval import across_runs
+
+  evaluations = {
+    "runs/s0": _evaluation(0.61, [90.0, 50.0], [500, 1000], purity=0.7),
+    "runs/s1": _evaluation(0.66, [47.5], [1000], purity=0.8),
+    "runs/s2": _evaluation(0.58, [60.0, 55.25], [100, 2000]),
+  }
+  result = across_runs.aggregate(evaluations)
+  cols = result["columns"]
+  for column, values in (
+    ("nmi", [0.61, 0.66, 0.58]),
+    ("fid_gen", [50.0, 47.5, 55.25]),
+    ("majority_p0.5", [0.7, 0.8]),
+    ("num_leaves", [4, 4, 4]),
+  ):
+    assert cols[column]["n"] == len(values)
+    assert cols[column]["mean"] == pytest.approx(np.mean(values), rel=1e-12)
+    assert cols[column]["std"] == pytest.approx(np.std(values, ddof=1), rel=1e-12, abs=1e-15)
+  assert result["steps"] == {"runs/s0": 1000, "runs/s1": 1000, "runs/s2": 2000}
+  assert cols["fid_rec"]["n"] == 0 and cols["fid_rec"]["mean"] is None
+  across_runs.write(str(tmp_path), result, "mnist", "path")
+  table = (tmp_path / "metrics.csv").read_text().splitlines()
+  assert table[0] == "column,mean,std,n,runs/s0,runs/s1,runs/s2"
+  row = next(line.split(",") for line in table if line.startswith("fid_gen,"))
+  assert float(row[1]) == pytest.approx(np.mean([50.0, 47.5, 55.25]), rel=1e-12)
+  assert [float(v) for v in row[4:]] == [50.0, 47.5, 55.25]
+  text = (tmp_path / "report.md").read_text()
+  assert (
+    f"| fid_gen | {np.mean([50.0, 47.5, 55.25]):.3f} ± {np.std([50.0, 47.5, 55.25], ddof=1):.3f} | 3 |"
+    in text
+  )
+  assert "MNIST TreeDiffusion (this conditioning) | 1.5 ± 0.0 | 1.8 ± 0.1" in text
+  assert json.loads((tmp_path / "metrics.json").read_text())["columns"]["nmi"]["n"] == 3
+
+
+def test_run_patterns_expand_to_directories(tmp_path, monkeypatch):
+  from launch import common
+
+  for name in ("seed_2", "seed_10", "other"):
+    (tmp_path / name).mkdir()
+  (tmp_path / "seed_file").write_text("x")
+  assert common.expand_runs([f"{tmp_path}/seed_*", "x"]) == [
+    f"{tmp_path}/seed_10",
+    f"{tmp_path}/seed_2",
+    "x",
+  ]
+  monkeypatch.chdir(tmp_path)
+  assert common.expand_runs(["seed_?"]) == ["seed_2"]
+  with pytest.raises(ConfigError, match=r"--workdir=nothing\* matches no directory"):
+    common.expand_runs(["nothing*"])
+
+
 def test_histogram_images():
   img = purity.histogram_images([[0.25, 0.75], None], height=10, bar=2)
   assert img.shape == (2, 1, 10, 2 * 2 + 3, 3)
@@ -184,13 +279,14 @@ def test_run_summary_table(tmp_path):
   write("eval/metrics.json", m)
   text = report.summary_table(str(tmp_path), {"stage1": 230})
   rows = [line for line in text.splitlines() if line.startswith("| ")]
-  assert rows[1] == "| k-means on pixels | 0.480 | 0.550 | – | – | – | – |"
+  assert rows[1] == "| k-means on pixels | 0.480 | 0.550 | – | – | – | – | – |"
   # The latest checkpoint (10, not 2); stage 1's time from `times`, the rest as recorded.
   assert (
-    rows[2] == "| TreeVAE (3 leaves) | 0.612 | 0.600 | 30.0 | 20.0 | 0.600 (9 kept) | 3 min 50 s |"
+    rows[2]
+    == "| TreeVAE (3 leaves) | 0.612 | 0.600 | 30.0 | 20.0 | 0.600 (9 kept) | – | 3 min 50 s |"
   )
   assert rows[3] == (
     "| diffusion, image+path conditioning (step 10) | – | – | 5.0 | 4.0 | "
-    "0.800 (9 kept) | 5 min 01 s |"
+    "0.800 (9 kept) | – | 5 min 01 s |"
   )
   assert "sampling and figures 15 s, evaluation 2 min 00 s; 11 min 06 s in all." in text

@@ -195,6 +195,9 @@ def test_an_ablation_is_sampled_and_evaluated_with_each_runs_own_config(tmp_path
     script="evaluate.py",
   )
   assert r.returncode == 0, r.stderr[-3000:]
+  # An ablation is not one configuration: no mean ± std across its runs.
+  assert "no mean ± std across the runs" in r.stderr and "diffusion.conditioning" in r.stderr
+  assert not (tmp_path / "across_runs").exists()
   for workdir in (a, b):
     metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
     assert sorted(metrics["checkpoints"]) == ["3"]

@@ -82,7 +82,7 @@ def config_sections(config, sections: Iterable[str]) -> dict:
   return {s: full.get(s) for s in sections}
 
 
-def _differences(
+def differences(
   saved: dict, current: dict, ignore: Iterable[str] = (), shared_only: bool = False
 ) -> list[tuple[str, Any, Any]]:
   """``[(dotted key, saved value, current value), …]`` where two nested dicts differ, sorted by
@@ -109,7 +109,7 @@ def config_differences(saved: dict, current: dict, ignore: Iterable[str] = ()) -
   """``["stage1.lr: 0.001 (checkpoint) → 0.002 (now)", …]`` over nested dicts, except the dotted
   keys (or key prefixes) in ``ignore``."""
   return [
-    f"{k}: {a!r} (checkpoint) → {b!r} (now)" for k, a, b in _differences(saved, current, ignore)
+    f"{k}: {a!r} (checkpoint) → {b!r} (now)" for k, a, b in differences(saved, current, ignore)
   ]
 
 
@@ -415,7 +415,7 @@ def check_compatible(
   saved = {k: meta["config"].get(k) for k in config}
   diffs = config_differences(saved, config, ignore)
   if diffs:
-    keys = [k for k, _, _ in _differences(saved, config, ignore)]
+    keys = [k for k, _, _ in differences(saved, config, ignore)]
     fresh = afresh(keys) if afresh is not None else "start afresh with a new --workdir"
     raise CheckpointError(
       f"{kind} {step} in {directory} was trained with another config ({'; '.join(diffs)}): "
@@ -509,7 +509,7 @@ def run_config_contradictions(config, saved: dict) -> list[tuple[str, Any, Any]]
   Returns:
     ``[(dotted key, value in saved, value in config), …]`` (JSON values), sorted by key.
   """
-  return _differences(
+  return differences(
     saved,
     json.loads(config.to_json_best_effort()),
     RUN_SETTINGS + STAGE1_RESUMABLE_CHANGES + STAGE2_RESUMABLE_CHANGES,

@@ -6,7 +6,8 @@ least a threshold are kept, classified, and summarised as a histogram of predict
   per leaf the kept count, the class histogram, the majority fraction ``max_c h(c)`` and the
   entropy ``H(h)`` in nats; overall the majority fraction averaged over leaves weighted by their
   kept counts (a leaf with nothing kept has weight 0 and ``None`` for the undefined values).
-* :func:`leaf_purity_report` classifies every image through every leaf and reports each threshold.
+* :func:`leaf_purity_report` reports each threshold of the classes of every image through every
+  leaf (:func:`~tree_diffusion.eval.classifier.classify_all_leaves`).
 * :func:`save_leaf_histogram_figure` draws, per leaf, a few kept images above the histogram.
 """
 
@@ -18,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tree_diffusion import files
-from tree_diffusion.eval.classifier import Classifier, classify_all_leaves, to_float
+from tree_diffusion.eval.classifier import Classifier, to_float
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -110,27 +111,22 @@ def leaf_class_histograms(
 
 def leaf_purity_report(
   classifier: Classifier,
-  images: np.ndarray,
+  predicted: np.ndarray,
   leaf_probs: np.ndarray,
   thresholds: Sequence[float] = (0.5, 0.9),
-  batch_size: int = 500,
-  *,
-  mesh=None,
 ) -> dict:
-  """Classifies ``sample_all_leaves`` images ``[N, K, H, W, C]`` and summarises every threshold.
+  """Summarises the classes ``predicted`` ``[N, K]`` (:func:`classify_all_leaves` of
+  ``sample_all_leaves`` images) at every threshold.
 
   Returns:
-    ``{"classifier_test_accuracy", "thresholds": {str(t): leaf_class_histograms(...)}}`` and the
-    predictions under ``"predicted"`` (int lists, [N][K]).
+    ``{"classifier_test_accuracy", "thresholds": {str(t): leaf_class_histograms(...)}}``.
   """
-  pred, _ = classify_all_leaves(classifier, images, batch_size, mesh=mesh)
   c = classifier.model.num_classes
   return {
     "classifier_test_accuracy": classifier.meta.get("test_accuracy"),
     "thresholds": {
-      str(float(t)): leaf_class_histograms(leaf_probs, pred, c, t) for t in thresholds
+      str(float(t)): leaf_class_histograms(leaf_probs, predicted, c, t) for t in thresholds
     },
-    "predicted": pred.tolist(),
   }
 
 

@@ -115,15 +115,27 @@ def format_value(v, digits: int = 2) -> str:
   return str(v)
 
 
+def paper_rows(dataset: str, conditioning: str) -> list[str]:
+  """Table 1's rows for ``dataset`` as Markdown (method, FID rec and gen, mean ± std), the row of
+  ``conditioning`` marked; empty when the paper has no numbers for it."""
+  source = data.REGISTRY.get(dataset)
+  paper_name = source.paper_name if source is not None else None
+  if paper_name not in PAPER_TABLE1:
+    return []
+  method = _PAPER_METHOD.get(conditioning)
+  return [
+    f"| {paper_name} {m}{' (this conditioning)' if m == method else ''} | {r} ± {rs} | {g} ± {gs} |"
+    for m, ((r, rs), (g, gs)) in PAPER_TABLE1[paper_name].items()
+  ]
+
+
 def write_report(path: str, metrics: dict, config) -> None:
   """A short Markdown report: stage-1 metrics, one table row per checkpoint, the paper's row."""
   s = metrics.get("settings", {})
   s1 = metrics.get("stage1", {})
   cl = s1.get("clustering", {})
   ll = s1.get("log_likelihood", {})
-  dataset = data.REGISTRY.get(config.data.name)
-  paper_name = dataset.paper_name if dataset is not None else None
-  method = _PAPER_METHOD.get(config.diffusion.conditioning, None)
+  paper = paper_rows(config.data.name, config.diffusion.conditioning)
   lines = [
     f"# Evaluation of `{metrics.get('export', '')}`",
     "",
@@ -165,6 +177,7 @@ def write_report(path: str, metrics: dict, config) -> None:
       f"TreeVAE, same samples: {treevae[0]}",
     )
   header = ["step", "FID (rec)", "FID (gen)"] + majority + treevae
+  header += ["class-mix TV, diffusion (95 %)", "TreeVAE (95 %)"]
   lines += [
     "## Stage 2 checkpoints",
     "",
@@ -180,18 +193,17 @@ def write_report(path: str, metrics: dict, config) -> None:
       for t in thresholds
     ]
     cells += [format_value(row[at("treevae_majority", t)], 3) for t in thresholds]
+    modes = _get(metrics, "checkpoints", str(row["step"]), "modes", "sample_all_leaves")
+    cells += [_faithfulness(_get(modes, e)) for e in ("faithfulness", "faithfulness_treevae")]
     lines.append("| " + " | ".join(cells) + " |")
   clf = metrics.get("classifier")
   if clf:
     lines += ["", f"Purity classifier: test accuracy {format_value(clf.get('test_accuracy'), 4)}."]
   lines += ["", "## The paper's Table 1 (test-set FID, 10k samples, mean ± std over 10 runs)", ""]
-  if paper_name is None:
+  if not paper:
     lines.append(f"No published numbers for `{config.data.name}`.")
   else:
-    lines += ["| method | FID (rec) | FID (gen) |", "|---|---|---|"]
-    for m, ((r, rs), (g, gs)) in PAPER_TABLE1[paper_name].items():
-      mark = " (this conditioning)" if m == method else ""
-      lines.append(f"| {paper_name} {m}{mark} | {r} ± {rs} | {g} ± {gs} |")
+    lines += ["| method | FID (rec) | FID (gen) |", "|---|---|---|", *paper]
     if config.data.name == "mnist_5k":
       lines += [
         "",
@@ -262,6 +274,14 @@ def _duration(seconds) -> str:
   return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
+def _faithfulness(f: dict | None) -> str:
+  if not f or f.get("weighted_tv") is None:
+    return "–"
+  lo_hi = f.get("interval_95")
+  interval = f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""
+  return f"{f['weighted_tv']:.3f}{interval}"
+
+
 def _purity(th: dict | None) -> str:
   if not th or th.get("weighted_majority_fraction") is None:
     return "–"
@@ -309,11 +329,14 @@ def summary_table(workdir: str, times: Mapping[str, float] | None = None) -> str
   cond = read_json(run_dir.stage2_summary).get("conditioning")
   purity_d = _get(ck, "modes", "sample_all_leaves", "purity", "thresholds", thr)
   purity_t = _get(ck, "modes", "sample_all_leaves", "purity_treevae", "thresholds", thr)
+  faith_d = _get(ck, "modes", "sample_all_leaves", "faithfulness")
+  faith_t = _get(ck, "modes", "sample_all_leaves", "faithfulness_treevae")
   rows = [
     (
       "k-means on pixels",
       format_value(km.get("nmi"), 3),
       format_value(km.get("leaf_purity"), 3),
+      "–",
       "–",
       "–",
       "–",
@@ -326,6 +349,7 @@ def summary_table(workdir: str, times: Mapping[str, float] | None = None) -> str
       format_value(_get(ev, "stage1", "fid", "gen"), 1),
       format_value(_get(ev, "stage1", "fid", "rec"), 1),
       _purity(purity_t),
+      _faithfulness(faith_t),
       _duration(t.get("stage1")),
     ),
     (
@@ -335,14 +359,16 @@ def summary_table(workdir: str, times: Mapping[str, float] | None = None) -> str
       format_value(_get(ck, "modes", "sample", "fid"), 1),
       format_value(_get(ck, "modes", "recons", "fid"), 1),
       _purity(purity_d),
+      _faithfulness(faith_d),
       _duration(t.get("stage2")),
     ),
   ]
   lines = [
     f"# Summary of `{workdir}`",
     "",
-    "| | test NMI | leaf purity | FID (gen) | FID (rec) | purity of generations | wall time |",
-    "|---|---|---|---|---|---|---|",
+    "| | test NMI | leaf purity | FID (gen) | FID (rec) | purity of generations | "
+    "class-mix TV (95 % interval) | wall time |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   lines += ["| " + " | ".join(r) + " |" for r in rows]
   extra = [f"{_STEP_NAMES[k]} {_duration(t[k])}" for k in ("sampling", "evaluation") if k in t]
@@ -356,7 +382,10 @@ def summary_table(workdir: str, times: Mapping[str, float] | None = None) -> str
     "rows (lower is better). Purity of generations: the weighted majority fraction of the "
     f"classifier's labels among {settings.get('purity_samples', '?')} prior samples "
     f"decoded through every leaf, kept where p(leaf) ≥ {thr}, the same samples for both "
-    "rows (higher is better).",
+    "rows (higher is better). Class-mix TV: the total-variation distance between the "
+    "classifier's class histogram of each leaf's generations (each draw weighted by its "
+    "probability of reaching the leaf) and the labels of the leaf's test images, averaged "
+    "over leaves weighted by their test images (lower is more faithful).",
   ]
   if extra:
     lines += ["", "Also: " + ", ".join(extra) + f"; {_duration(total)} in all."]

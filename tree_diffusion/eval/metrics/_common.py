@@ -57,6 +57,21 @@ class SamplesContext(Stage1Context):
   result: Any = None  # the sampler's outputs (image, leaf, leaf_probs, vae_image, ...)
   images: Any = None  # the generations as uint8 [N, H, W, C] (all-leaves modes: [N, K, ...])
   classifier: Any = None  # the purity classifier, or None
+  cache: dict = dataclasses.field(default_factory=dict)  # what the metrics of one mode share
+
+  def predictions(self, generator: str):
+    """The purity classifier's class of every generation of an all-leaves mode, int ``[N, K]``:
+    ``generator`` "diffusion" classifies :attr:`images`, "treevae" the TreeVAE's decodings of the
+    same prior draws through the same leaves. Computed once per mode, for every metric."""
+    if generator not in self.cache:
+      from tree_diffusion.diffusion.generate import to_uint8
+      from tree_diffusion.eval.classifier import classify_all_leaves
+
+      images = self.images if generator == "diffusion" else to_uint8(self.result["vae_image"])
+      self.cache[generator] = classify_all_leaves(
+        self.classifier, images, self.settings.batch_size, mesh=self.evaluator.mesh
+      )[0]
+    return self.cache[generator]
 
 
 def get(d: Any, *path: str, default: Any = None) -> Any:

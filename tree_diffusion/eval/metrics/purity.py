@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 from tree_diffusion import files
-from tree_diffusion.diffusion import generate
 from tree_diffusion.eval import purity as purity_lib
 from tree_diffusion.eval.metrics._common import Row, get
 
@@ -25,24 +24,23 @@ SETTINGS = ("purity_samples", "batch_size")
 def compute(ctx) -> dict:
   if ctx.classifier is None:
     return {}
-  stage2, s, thresholds = ctx.stage2, ctx.settings, ctx.thresholds
-  report = lambda images: purity_lib.leaf_purity_report(
-    ctx.classifier,
-    images,
-    ctx.result["leaf_probs"],
-    thresholds,
-    s.batch_size,
-    mesh=ctx.evaluator.mesh,
-  )
-  out = {"purity": report(ctx.images)}
-  pred = np.asarray(out["purity"].pop("predicted"))
+  stage2, thresholds = ctx.stage2, ctx.thresholds
+  num_classes = ctx.classifier.model.num_classes
+  probs = ctx.result["leaf_probs"]
+
+  def report(generator: str) -> dict:
+    return purity_lib.leaf_purity_report(
+      ctx.classifier, ctx.predictions(generator), probs, thresholds
+    )
+
+  out = {"purity": report("diffusion")}
   for t in thresholds if ctx.evaluator.writes else ():  # process 0 writes
     purity_lib.save_leaf_histogram_figure(
       files.join(ctx.out_dir, f"leaf_histograms_p{t:g}.png"),
       ctx.images,
-      ctx.result["leaf_probs"],
-      pred,
-      ctx.classifier.model.num_classes,
+      probs,
+      np.asarray(ctx.predictions("diffusion")),
+      num_classes,
       t,
       class_names=ctx.classifier.class_names,
       leaf_labels=[str(n) for n in stage2.tree.leaves],
@@ -50,8 +48,7 @@ def compute(ctx) -> dict:
     )
   # The TreeVAE's own decodings of the same prior samples through the same leaves, kept by the
   # same leaf probabilities: the column the diffusion model is compared with.
-  out["purity_treevae"] = report(generate.to_uint8(ctx.result["vae_image"]))
-  out["purity_treevae"].pop("predicted")
+  out["purity_treevae"] = report("treevae")
   first_t = str(float(thresholds[0]))
   first, tvae = (out[k]["thresholds"][first_t] for k in ("purity", "purity_treevae"))
   ctx.evaluator.log(
