@@ -62,3 +62,31 @@ def test_pruning_rule():
   assert growing.leaf_to_prune(t, p) == 6
   assert growing.leaf_to_prune(t, _probs([400, 300, 290, 10], 4)) is None
   assert growing.leaf_to_prune(Tree.root_only(), np.ones((5, 1))) is None
+
+
+def test_ties_go_to_the_later_leaf():
+  """Equal confident counts: the reference walks a reversed ascending argsort, so the leaf later
+  in the breadth-first leaf order is split."""
+  t = Tree.complete(2)  # leaves 3, 4, 5, 6
+  p = np.array(
+    [[0.7, 0.1, 0.1, 0.1]] * 60 + [[0.1, 0.1, 0.7, 0.1]] * 60 + [[0.1, 0.7, 0.1, 0.1]] * 10
+  )
+  d = growing.select_leaf(t, p, batch_size=50, max_depth=5, num_clusters=10)
+  assert d.counts[3] == d.counts[5] == 60 and d.leaf == 5
+
+
+def test_contrastive_configs_need_a_whole_batch_to_split():
+  """With contrastive augmentation the loader takes half a batch of images, but a leaf still
+  needs stage1.batch_size confident samples to be split (the reference's rule): 48 of 64 is not
+  enough."""
+  from configs import cifar10
+
+  c = cifar10.get_config().stage1
+  c.batch_size = 64
+  assert c.augment and "InfoNCE" in c.augmentation_method
+  assert growing.min_samples_to_split(c) == 64
+  p = _probs([48, 16], 2)
+  d = growing.select_leaf(
+    Tree.complete(1), p, batch_size=growing.min_samples_to_split(c), max_depth=5, num_clusters=10
+  )
+  assert d.leaf is None and d.counts[1] == 48

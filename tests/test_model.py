@@ -431,3 +431,27 @@ def test_colour_contrastive_steps_run():
     state, v, images, jax.random.key(3), 0.1, 1e-3, model=model, tree=tree, parent=2, cfg=cfg
   )
   assert np.isfinite(float(terms["loss"])) and float(terms["aug"]) > 0
+
+
+def test_bottom_up_contrastive_term_only_when_the_root_routes():
+  """The reference adds the bottom-up NT-Xent term only while the root has two children (it
+  computes it with the root's router): a root-only tree gets none, a split root gets it."""
+  model = TreeVAE(
+    encoder="cnn2",
+    image_size=16,
+    channels=3,
+    latent_channels=(2,) * 3,
+    bottom_up_channels=(4,) * 3,
+    representation_dim=4,
+    res_connections=True,
+    output="mse",
+    contrastive=True,
+  )
+  images = jnp.asarray(np.random.default_rng(5).uniform(size=(4, 16, 16, 3)), jnp.float32)
+  root, split = Tree.root_only(), Tree.complete(1)
+  aug = {}
+  for tree in (root, split):
+    v = model.init(jax.random.key(0), tree)
+    out, _ = model.apply(v, tree, images, jax.random.key(1), train=False, contrastive=True)
+    aug[tree] = float(out["aug"])
+  assert aug[root] == 0.0 and aug[split] > 0.0

@@ -36,6 +36,13 @@ class GrowDecision:
   not_expandable: tuple = ()  # leaves newly marked as not expandable
 
 
+def min_samples_to_split(stage1_config) -> int:
+  """The fewest confident samples a leaf needs to be split: ``stage1.batch_size``, also with
+  contrastive augmentation, whose loader takes half a batch of images (two views each). This is
+  the reference's rule; a small tree would train on half-batches of a leaf with fewer."""
+  return int(stage1_config.batch_size)
+
+
 def select_leaf(
   tree: Tree,
   leaf_probs: np.ndarray,
@@ -49,7 +56,8 @@ def select_leaf(
 
   * Stop if the number of effective leaves (≥ 1% of the mass) reaches ``num_clusters``.
   * Rank the expandable leaves by how many samples reach them with probability
-    ``≥ min(1/n_eff, 0.5)``, largest first.
+    ``≥ min(1/n_eff, 0.5)``, largest first; equal counts put the leaf later in the breadth-first
+    leaf order first (the reference walks a reversed ascending argsort).
   * Walk the ranking: skip leaves with fewer than ``batch_size`` such samples; if the best remaining
     leaf is at ``max_depth``, mark it not expandable and stop growing altogether (the reference
     breaks out instead of trying the next leaf); otherwise split it.
@@ -68,7 +76,7 @@ def select_leaf(
     )
   ranking = sorted(
     (l for l in tree.leaves if l not in not_expandable),
-    key=lambda l: (-counts[l], tree.leaf_index(l)),
+    key=lambda l: (-counts[l], -tree.leaf_index(l)),
   )
   for leaf in ranking:
     if counts[leaf] < batch_size:

@@ -429,7 +429,10 @@ class TreeVAE:
           rec = rec + prob[n] * rec_g[i]
           if return_recon:
             recon[n] = losses.output_image(outs[i], self.output)
-    if contrastive:
+    # The bottom-up NT-Xent term only while the root routes between two children, as in the
+    # reference (which computes it with the root's router): none for a root-only tree or a root
+    # that pruning left with one child.
+    if contrastive and tree.is_internal(0):
       aug = aug + self.contrastive_bottom_up(run, ds)
     result = dict(
       rec=rec,

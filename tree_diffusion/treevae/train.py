@@ -299,11 +299,10 @@ def _grow_decision(run: _Run, variables, tree: Tree, cursor: Cursor, phase_id: i
     return variables, tree, cursor.to("intermediate"), None
 
   probs = predict_leaf_probs(run.model, variables, tree, run.train, c.eval_batch_size)
-  load_bs = c.batch_size // 2 if _step_config(run).contrastive else c.batch_size
   decision = growing.select_leaf(
     tree,
     probs,
-    batch_size=load_bs,
+    batch_size=growing.min_samples_to_split(c),
     max_depth=run.model.max_depth,
     num_clusters=c.num_clusters_tree,
     not_expandable=frozenset(cursor.not_expandable),
