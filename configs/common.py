@@ -301,6 +301,10 @@ def base() -> ml_collections.ConfigDict:
       train_classifier=True,  # train the purity classifier when WORKDIR has none
       grid_images=64,
       seed=0,
+      # The reference's evaluation, where ours differs on purpose (docs/deviations.md):
+      quantize="round",  # generations to pixels: round | floor (the reference's PNG writer)
+      treevae_leaf="draw",  # TreeVAE rows' leaf: draw (from p(leaf), as diffusion) | argmax
+      treevae_pixels="clip",  # TreeVAE FID pixels: clip (then eval.quantize) | wrap (unclamped)
     )
   )
   # Per-leaf purity classifier of generated images: the reference fine-tunes an ImageNet ResNet-50

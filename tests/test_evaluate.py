@@ -290,3 +290,41 @@ def test_run_summary_table(tmp_path):
     "0.800 (9 kept) | – | 5 min 01 s |"
   )
   assert "sampling and figures 15 s, evaluation 2 min 00 s; 11 min 06 s in all." in text
+
+
+def test_reference_pixel_rules():
+  """eval.quantize / eval.treevae_pixels: ours rounds after clipping; the reference's PNG writer
+  floors (D11); its TreeVAE FID casts x·255 to a byte without a clamp, so values out of range wrap
+  around modulo 256 (D13)."""
+  from tree_diffusion.diffusion import generate
+
+  x = np.array([-0.01, 0.0, 0.5, 0.999, 1.0, 1.2], np.float32)
+  assert generate.to_uint8(x).tolist() == [0, 0, 128, 255, 255, 255]
+  assert generate.to_uint8(x, "floor").tolist() == [0, 0, 127, 254, 255, 255]
+  assert generate.to_uint8(x, "wrap").tolist() == [254, 0, 127, 254, 255, 50]
+  with pytest.raises(ValueError, match="rule must be one of"):
+    generate.to_uint8(x, "ceil")
+
+
+def test_reference_treevae_leaf_rule():
+  """eval.treevae_leaf (D12): "argmax" decodes through the most probable leaf, as the reference's
+  TreeVAE rows do; "draw" samples it from the leaf probabilities, as the diffusion modes do."""
+  import jax
+
+  from tree_diffusion.eval.metrics import treevae_fid
+
+  probs = np.array([[0.1, 0.9], [0.8, 0.2], [0.5, 0.5]] * 200, np.float32)
+  key = jax.random.key(0)
+  assert np.asarray(treevae_fid._leaf(probs, key, True)).tolist() == [1, 0, 0] * 200
+  drawn = np.asarray(treevae_fid._leaf(probs, key, False))
+  share = drawn.reshape(200, 3).mean(0)  # the fraction of leaf 1 per row kind
+  assert abs(share[0] - 0.9) < 0.07 and abs(share[1] - 0.2) < 0.07 and abs(share[2] - 0.5) < 0.1
+
+
+def test_reference_switches_are_checked():
+  config = demo.get_config("tiny")
+  s = evaluate.Settings.from_config(config)
+  assert (s.quantize, s.treevae_leaf, s.treevae_pixels) == ("round", "draw", "clip")
+  config.eval.treevae_leaf = "mode"
+  with pytest.raises(ConfigError, match=r"eval.treevae_leaf must be one of draw, argmax"):
+    evaluate.Settings.from_config(config)

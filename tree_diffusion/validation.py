@@ -195,6 +195,17 @@ def check_eval(config) -> None:
       e + "seed": non_negative,
     },
   )
+  for key, choices in (
+    ("quantize", ("round", "floor")),
+    ("treevae_leaf", ("draw", "argmax")),
+    ("treevae_pixels", ("clip", "wrap")),
+  ):
+    value = config.eval.get(key, choices[0])
+    if value not in choices:
+      raise ConfigError(
+        f"config.eval.{key} must be one of {', '.join(choices)}, got {value!r}; set "
+        f"--config.eval.{key}={choices[0]} (ours) or {choices[1]} (the reference's)"
+      )
   if config.eval.fid and config.eval.num_samples < 2:
     raise ConfigError(
       f"config.eval.num_samples must be >= 2 for FID, got "

@@ -31,9 +31,28 @@ from tree_diffusion.treevae.inference import test_examples
 from tree_diffusion.treevae.model import TreeVAE
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-  """``round(clip(x, 0, 1) · 255)`` as uint8."""
-  return np.rint(np.clip(np.nan_to_num(x, nan=1.0), 0.0, 1.0) * 255.0).astype(np.uint8)
+QUANTIZE = ("round", "floor", "wrap")
+
+
+def to_uint8(x: np.ndarray, rule: str = "round") -> np.ndarray:
+  """Images in [0, 1] as uint8 pixels: ``round(clip(x, 0, 1) · 255)``.
+
+  The evaluation can follow the reference instead (``eval.quantize``, ``eval.treevae_pixels``):
+  ``"floor"`` truncates (``clip(x · 255, 0, 255)`` cast to uint8, as its PNG writer does), and
+  ``"wrap"`` is torch's ``x.mul(255).byte()`` without a clamp, which truncates toward zero and
+  wraps out-of-range values modulo 256 (its TreeVAE FID).
+  """
+  x = np.nan_to_num(x, nan=1.0)
+  if rule == "round":
+    return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+  # As the reference computes them: the product in the images' own precision, then truncated.
+  if rule == "floor":
+    return np.floor(np.clip(x * 255.0, 0.0, 255.0)).astype(np.uint8)
+  if rule == "wrap":
+    return (np.trunc(np.clip(x * 255.0, -(2.0**62), 2.0**62)).astype(np.int64) % 256).astype(
+      np.uint8
+    )
+  raise ValueError(f"rule must be one of {QUANTIZE}; got {rule!r}")
 
 
 def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:

@@ -261,7 +261,7 @@ class Evaluator:
       res = sampler.run(
         stage2.ema_params, stage2.tvae_vars, jax.random.fold_in(key, 10), num=num, images=images
       )
-      imgs = generate.to_uint8(res["image"])
+      imgs = generate.to_uint8(res["image"], s.quantize)
       m: dict[str, Any] = {
         "images": int(imgs.shape[0] * (k if sampler.all_leaves else 1)),
         "sampling_s": time.perf_counter() - t1,

@@ -34,6 +34,9 @@ class Settings:
   grid_images: int = 64
   seed: int = 0
   metrics: tuple[str, ...] = metrics_lib.DEFAULT
+  quantize: str = "round"
+  treevae_leaf: str = "draw"
+  treevae_pixels: str = "clip"
 
   @classmethod
   def from_config(cls, config, modes: Sequence[str] | None = None) -> "Settings":

@@ -67,7 +67,11 @@ class SamplesContext(Stage1Context):
       from tree_diffusion.diffusion.generate import to_uint8
       from tree_diffusion.eval.classifier import classify_all_leaves
 
-      images = self.images if generator == "diffusion" else to_uint8(self.result["vae_image"])
+      images = (
+        self.images
+        if generator == "diffusion"
+        else to_uint8(self.result["vae_image"], self.settings.quantize)
+      )
       self.cache[generator] = classify_all_leaves(
         self.classifier, images, self.settings.batch_size, mesh=self.evaluator.mesh
       )[0]

@@ -23,32 +23,50 @@ from tree_diffusion.treevae.model import TreeVAE
 
 STAGE = "stage1"
 KEY = "fid"
-SETTINGS = ("fid", "num_samples", "recons_num", "batch_size", "grid_images", "seed")
+SETTINGS = (
+  "fid",
+  "num_samples",
+  "recons_num",
+  "batch_size",
+  "grid_images",
+  "seed",
+  "quantize",
+  "treevae_leaf",
+  "treevae_pixels",
+)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "tree", "num"))
-def _generate(variables, key, *, model: TreeVAE, tree: Tree, num: int):
+def _leaf(leaf_probs: jax.Array, key: jax.Array, argmax: bool) -> jax.Array:
+  """Each image's leaf: drawn from its leaf probabilities (``eval.treevae_leaf="draw"``, as the
+  diffusion modes draw it), or the most probable one (``"argmax"``, the reference's TreeVAE rows)."""
+  if argmax:
+    return jnp.argmax(leaf_probs, axis=-1)
+  logits = jnp.log(jnp.maximum(leaf_probs, 1e-30))
+  return jax.random.categorical(jax.random.fold_in(key, 7), logits)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tree", "num", "argmax"))
+def _generate(variables, key, *, model: TreeVAE, tree: Tree, num: int, argmax: bool = False):
   out = model.generate(variables, tree, key, num)
-  logits = jnp.log(jnp.maximum(out["leaf_probs"], 1e-30))
-  leaf = jax.random.categorical(jax.random.fold_in(key, 7), logits)
+  leaf = _leaf(out["leaf_probs"], key, argmax)
   return out["images"][leaf, jnp.arange(num)], leaf
 
 
-@functools.partial(jax.jit, static_argnames=("model", "tree"))
-def _reconstruct(variables, x, key, *, model: TreeVAE, tree: Tree):
+@functools.partial(jax.jit, static_argnames=("model", "tree", "argmax"))
+def _reconstruct(variables, x, key, *, model: TreeVAE, tree: Tree, argmax: bool = False):
   out, _ = model.apply(variables, tree, x, key, train=False, return_recon=True)
-  logits = jnp.log(jnp.maximum(out["leaf_probs"], 1e-30))
-  leaf = jax.random.categorical(jax.random.fold_in(key, 7), logits)
+  leaf = _leaf(out["leaf_probs"], key, argmax)
   return out["recon"][leaf, jnp.arange(x.shape[0])], leaf
 
 
-def _batched(fn, total: int, batch: int):
-  """Runs ``fn(i, n)`` → (images, leaves) for fixed-size batches; concatenates the first ``total``."""
+def _batched(fn, total: int, batch: int, rule: str = "round"):
+  """Runs ``fn(i, n)`` → (images, leaves) for fixed-size batches; concatenates the first ``total``
+  as uint8 pixels (``generate.to_uint8``'s ``rule``)."""
   imgs, leaves = [], []
   for i, start in enumerate(range(0, total, batch)):
     a, b = fn(i, batch)
     n = min(batch, total - start)
-    imgs.append(generate.to_uint8(np.asarray(a)[:n]))
+    imgs.append(generate.to_uint8(np.asarray(a)[:n], rule))
     leaves.append(np.asarray(b)[:n])
   return np.concatenate(imgs), np.concatenate(leaves)
 
@@ -59,13 +77,21 @@ def compute(ctx) -> dict:
     return {}
   model, variables, tree = ctx.model, ctx.variables, ctx.tree
   key = jax.random.key(s.seed)
+  argmax = s.treevae_leaf == "argmax"
+  rule = "wrap" if s.treevae_pixels == "wrap" else s.quantize
   ref = ctx.reference()
   gen, gen_leaf = _batched(
     lambda i, b: _generate(
-      variables, jax.random.fold_in(jax.random.fold_in(key, 2), i), model=model, tree=tree, num=b
+      variables,
+      jax.random.fold_in(jax.random.fold_in(key, 2), i),
+      model=model,
+      tree=tree,
+      num=b,
+      argmax=argmax,
     ),
     s.num_samples,
     s.batch_size,
+    rule,
   )
   n_rec = s.recons_num or len(ctx.test)
   x = inputs.to_unit_range(ctx.test.images[:n_rec])
@@ -77,9 +103,11 @@ def compute(ctx) -> dict:
       jax.random.fold_in(jax.random.fold_in(key, 3), i),
       model=model,
       tree=tree,
+      argmax=argmax,
     ),
     n_rec,
     s.batch_size,
+    rule,
   )
   features = ctx.evaluator.features
   g, r = features(gen, "TreeVAE samples"), features(rec, "TreeVAE reconstructions")
