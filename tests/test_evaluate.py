@@ -328,3 +328,30 @@ def test_reference_switches_are_checked():
   config.eval.treevae_leaf = "mode"
   with pytest.raises(ConfigError, match=r"eval.treevae_leaf must be one of draw, argmax"):
     evaluate.Settings.from_config(config)
+
+
+def test_report_of_an_evaluation_without_fid(tmp_path):
+  """An evaluation that computed only some metrics (here purity and faithfulness) still gets its
+  report, with '–' where a metric was not computed."""
+  faith = {"weighted_tv": 0.125, "interval_95": [0.1, 0.2]}
+  m = {
+    "num_leaves": 2,
+    "settings": {"metrics": ["purity", "faithfulness"]},
+    "checkpoints": {
+      "7": {
+        "modes": {
+          "sample_all_leaves": {
+            "purity": {"thresholds": {"0.5": {"weighted_majority_fraction": 0.5, "total_kept": 4}}},
+            "faithfulness": faith,
+            "faithfulness_treevae": dict(faith, weighted_tv=0.25),
+          }
+        }
+      }
+    },
+  }
+  config = demo.get_config("tiny")
+  config.classifier.thresholds = (0.5,)
+  report.write_report(str(tmp_path / "r.md"), m, config)
+  text = (tmp_path / "r.md").read_text()
+  assert "| 7 | – | – | 0.500 (4) | – | 0.125 [0.100, 0.200] | 0.250 [0.100, 0.200] |" in text
+  assert report.csv_rows(m)[0]["faithfulness_tv"] == 0.125

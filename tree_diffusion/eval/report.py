@@ -187,12 +187,12 @@ def write_report(path: str, metrics: dict, config) -> None:
   for row in csv_rows(metrics, thresholds):
     if row["step"] is None:
       continue
-    cells = [str(row["step"]), format_value(row["fid_rec"]), format_value(row["fid_gen"])]
+    cells = [str(row["step"]), format_value(row.get("fid_rec")), format_value(row.get("fid_gen"))]
     cells += [
-      f"{format_value(row[at('majority', t)], 3)} ({format_value(row[at('kept', t)])})"
+      f"{format_value(row.get(at('majority', t)), 3)} ({format_value(row.get(at('kept', t)))})"
       for t in thresholds
     ]
-    cells += [format_value(row[at("treevae_majority", t)], 3) for t in thresholds]
+    cells += [format_value(row.get(at("treevae_majority", t)), 3) for t in thresholds]
     modes = _get(metrics, "checkpoints", str(row["step"]), "modes", "sample_all_leaves")
     cells += [_faithfulness(_get(modes, e)) for e in ("faithfulness", "faithfulness_treevae")]
     lines.append("| " + " | ".join(cells) + " |")
