@@ -264,6 +264,9 @@ def base() -> ml_collections.ConfigDict:
           eta=0.0,
           ddpm_variance="fixedlarge",
           guidance_weight=0.0,
+          # sample_all_leaves of a model without an image condition: from noise (ours) or, as
+          # the reference, from each leaf's noised TreeVAE decoding at T-1 (True)
+          all_leaves_from_treevae=False,
           batch_size=256,
           num_samples=10000,
           seed=0,

@@ -322,3 +322,29 @@ def test_sampler_modes_trace_once_and_pad(tiny):
   r = sampler_lib.Sampler(den, model, UNBALANCED, cfg, "recons", batch_size=4)
   rec = r.run(params, tvae_vars, key, images=np.asarray(x[:3]))
   assert rec["image"].shape == (3, 28, 28, 1) and set(rec["leaf"]) <= set(range(k))
+
+
+def test_all_leaves_start_from_the_treevae_on_request(tiny):
+  """diffusion.sampling.all_leaves_from_treevae (D9): the path-only model's sample_all_leaves
+  starts from each leaf's noised TreeVAE decoding, as the reference does, instead of noise; an
+  image-conditioned model starts there anyway, and the other modes do not change."""
+  model, tvae_vars, _ = tiny
+  key = jax.random.key(3)
+  for conditioning, changes in (("path", True), ("image+path", False)):
+    den = make_denoiser(conditioning, TINY_UNET)
+    params = _random_params(den, model, jax.random.key(5))
+    out = {}
+    for switch in (False, True):
+      cfg = sampler_lib.SamplerConfig(steps=2, spacing="uniform", all_leaves_from_treevae=switch)
+      for mode in ("sample_all_leaves", "sample"):
+        s = sampler_lib.Sampler(den, model, UNBALANCED, cfg, mode, batch_size=4)
+        out[switch, mode] = s.run(params, tvae_vars, key, num=2)["image"]
+    differs = not np.array_equal(out[False, "sample_all_leaves"], out[True, "sample_all_leaves"])
+    assert differs == changes, conditioning
+    np.testing.assert_array_equal(out[False, "sample"], out[True, "sample"])
+  from configs import demo
+
+  c = demo.get_config("tiny").diffusion
+  assert not sampler_lib.SamplerConfig.from_config(c).all_leaves_from_treevae
+  c.sampling.all_leaves_from_treevae = True
+  assert sampler_lib.SamplerConfig.from_config(c).all_leaves_from_treevae

@@ -98,6 +98,9 @@ class SamplerConfig:
   variance: str = "fixedlarge"  # DDPM only
   guidance_weight: float = 0.0
   clip: bool = True
+  # sample_all_leaves without an image condition starts from the noised TreeVAE decodings (the
+  # reference) instead of noise.
+  all_leaves_from_treevae: bool = False
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -130,6 +133,7 @@ class SamplerConfig:
       eta=s.eta,
       variance=s.ddpm_variance,
       guidance_weight=s.guidance_weight,
+      all_leaves_from_treevae=bool(s.get("all_leaves_from_treevae", False)),
     )
 
   def respaced(self) -> schedule.Respaced:
@@ -272,7 +276,7 @@ class Sampler:
     noise = normal_like(sub(2), jnp.zeros(shape, jnp.float32))
     if not self.from_prior:
       start = proc.encode(images)
-    elif self.all_leaves and cond_kind.image is not None:
+    elif self.all_leaves and (cond_kind.image is not None or self.cfg.all_leaves_from_treevae):
       start = proc.encode(vae_image)
     else:
       start = None
