@@ -8,7 +8,8 @@ them and the row schema of their numbers):
   test log-likelihood, the TreeVAE's own FIDs, leaf-size entropy);
 * per stage-2 checkpoint (its EMA weights), the generations of each mode in ``eval.modes``, their
   PNG grid, the ``samples`` metrics that read that mode (by default FID of ``sample`` and
-  ``recons``, the classifier's per-leaf purity of ``sample_all_leaves``), and the tree figure;
+  ``recons``, the classifier's per-leaf purity of ``sample_all_leaves`` and the faithfulness of
+  each leaf's class mix), and the tree figure;
 
 and writes ``WORKDIR/eval/metrics.json``, ``metrics.csv`` (one row per checkpoint), ``report.md``
 (the numbers next to the paper's Table 1) and ``step_<N>/*.png``. The Inception network, the
