@@ -452,6 +452,8 @@ def test_bottom_up_contrastive_term_only_when_the_root_routes():
   aug = {}
   for tree in (root, split):
     v = model.init(jax.random.key(0), tree)
-    out, _ = model.apply(v, tree, images, jax.random.key(1), train=False, contrastive=True)
+    out, _ = model.apply(
+      v, tree, images, jax.random.key(1), train=False, decode=False, contrastive=True
+    )
     aug[tree] = float(out["aug"])
   assert aug[root] == 0.0 and aug[split] > 0.0

@@ -144,6 +144,16 @@ class SamplerConfig:
     return schedule.respace(self.process.alpha_bar(), tau)
 
 
+def starts_from_treevae(mode: str, conditioning, cfg: SamplerConfig) -> bool:
+  """Whether a prior sample's chain starts at T−1 from the noised TreeVAE decoding of its leaf
+  instead of noise: in ``sample_all_leaves`` for a model with an image condition (as in the
+  reference), and for every model with ``cfg.all_leaves_from_treevae`` (the reference's start for
+  the path-only model too)."""
+  return mode == "sample_all_leaves" and (
+    conditioning.image is not None or cfg.all_leaves_from_treevae
+  )
+
+
 def reverse_chain(
   eps_fn, x_T: jax.Array, cfg: SamplerConfig, keys: jax.Array | None, shift: jax.Array | None = None
 ) -> jax.Array:
@@ -276,7 +286,7 @@ class Sampler:
     noise = normal_like(sub(2), jnp.zeros(shape, jnp.float32))
     if not self.from_prior:
       start = proc.encode(images)
-    elif self.all_leaves and (cond_kind.image is not None or self.cfg.all_leaves_from_treevae):
+    elif self.from_prior and starts_from_treevae(self.mode, cond_kind, self.cfg):
       start = proc.encode(vae_image)
     else:
       start = None
