@@ -394,11 +394,9 @@ def test_schedules():
   assert abs(train_lib.step_lr(100, 1e-3, 0.1, 100) - 1e-4) < 1e-12
 
 
-def test_colour_contrastive_steps_run():
-  """cnn2 + mse + two augmented views + InfoNCE/NT-Xent: a full step and a split step."""
-  from tree_diffusion import augment
-
-  model = TreeVAE(
+def _small_colour_model() -> TreeVAE:
+  """A small cnn2 TreeVAE with the contrastive heads, on 16x16 colour images."""
+  return TreeVAE(
     encoder="cnn2",
     image_size=16,
     channels=3,
@@ -409,6 +407,13 @@ def test_colour_contrastive_steps_run():
     output="mse",
     contrastive=True,
   )
+
+
+def test_colour_contrastive_steps_run():
+  """cnn2 + mse + two augmented views + InfoNCE/NT-Xent: a full step and a split step."""
+  from tree_diffusion import augment
+
+  model = _small_colour_model()
   cfg = train_lib.StepConfig(contrastive=True, aug_weight=100.0, augment=augment.CIFAR)
   images = jnp.asarray(np.random.default_rng(4).uniform(size=(4, 16, 16, 3)), jnp.float32)
   tree0 = Tree.complete(1)
@@ -436,17 +441,7 @@ def test_colour_contrastive_steps_run():
 def test_bottom_up_contrastive_term_only_when_the_root_routes():
   """The reference adds the bottom-up NT-Xent term only while the root has two children (it
   computes it with the root's router): a root-only tree gets none, a split root gets it."""
-  model = TreeVAE(
-    encoder="cnn2",
-    image_size=16,
-    channels=3,
-    latent_channels=(2,) * 3,
-    bottom_up_channels=(4,) * 3,
-    representation_dim=4,
-    res_connections=True,
-    output="mse",
-    contrastive=True,
-  )
+  model = _small_colour_model()
   images = jnp.asarray(np.random.default_rng(5).uniform(size=(4, 16, 16, 3)), jnp.float32)
   root, split = Tree.root_only(), Tree.complete(1)
   aug = {}
