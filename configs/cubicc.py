@@ -5,6 +5,12 @@ The reference's cubicc.yml trains 1 epoch per phase, almost certainly a debug le
 
     python -m launch.train_treevae --config=configs/cubicc.py --config.data.folder=/path/to/cubicc \
         --workdir=runs/cubicc
+
+The folder: one subfolder per class (``<folder>/<class>/<row>.png``). For the reference's split,
+put its ``train_split.npy``, ``test_split.npy`` and ``validation_split.npy`` in the folder and
+name each image by its row in the reference's arrays: train is train_split, test is test_split
+and validation_split together. Without those files the test split is a seeded 10 % of each class,
+with a warning.
 """
 
 from configs import cifar10, common

@@ -523,3 +523,37 @@ def test_launcher_help_and_one_line_error(tmp_path):
   assert done.returncode == 1
   assert done.stderr.strip().splitlines()[-1].startswith('error: image folder')
   assert 'Traceback' not in done.stderr
+
+
+def test_cubicc_uses_the_reference_split_files(tmp_path, caplog):
+  """CUBICC with the reference's train/test/validation_split.npy (row indices; each image named
+  by its row): train is train_split, test is test_split ∪ validation_split, an image in no split
+  is left out. Without the files: the seeded split, with a warning naming them."""
+  root = tmp_path / 'cubicc'
+  for row in range(8):  # rows 0-3 are class 'a', 4-7 class 'b'
+    _save(str(root / ('a' if row < 4 else 'b') / f'{row}.png'), 8, seed=row)
+  config = _config(
+    name='cubicc',
+    folder=str(root),
+    image_size=8,
+    channels=3,
+    data_dir=str(tmp_path / 'd1'),
+    test_fraction=0.25,
+  )
+  with caplog.at_level(logging.WARNING):
+    seeded = data.load_arrays(config, 'test')
+  assert 'CUBICC is split at random' in caplog.text and len(seeded) == 2
+  np.save(root / 'train_split.npy', np.array([0, 1, 4, 5, 6]))
+  np.save(root / 'test_split.npy', np.array([2]))
+  np.save(root / 'validation_split.npy', np.array([7]))
+  config.data_dir = str(tmp_path / 'd2')
+  train, test = data.load_arrays(config, 'train'), data.load_arrays(config, 'test')
+  assert sorted(train.files) == ['a/0.png', 'a/1.png', 'b/4.png', 'b/5.png', 'b/6.png']
+  assert sorted(test.files) == ['a/2.png', 'b/7.png'] and sorted(test.labels) == [0, 1]
+  np.save(root / 'validation_split.npy', np.array([9]))  # no image is row 9
+  config.data_dir = str(tmp_path / 'd3')
+  with pytest.raises(data.DataError, match=r'1 rows of validation_split.npy have no image'):
+    data.load_arrays(config, 'train')
+  (root / 'test_split.npy').unlink()
+  with pytest.raises(data.DataError, match='but not test_split.npy'):
+    data.load_arrays(config, 'train')

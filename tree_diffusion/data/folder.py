@@ -40,7 +40,8 @@ from tree_diffusion.data.core import (
   resolve_data_dir,
   size_and_channels,
 )
-from tree_diffusion.data.scan import FolderScan, image_sizes, is_grey, scan_folder
+from tree_diffusion.data import splits as split_lib
+from tree_diffusion.data.scan import SPLIT_FILES, FolderScan, image_sizes, is_grey, scan_folder
 from tree_diffusion.data.tfds import read_source
 from tree_diffusion.runs import format_eta
 
@@ -131,31 +132,6 @@ def _size_error(e: image_files.ImageSizeError, scan: FolderScan, size: int) -> D
     f'image {e.path} is {e.width}x{e.height} but data.image_size is {size}; set '
     f'{fix}--config.data.resize=True'
   )
-
-
-def _split_rows(
-  labels: np.ndarray, test_fraction: float, seed: int, root: str
-) -> tuple[np.ndarray, np.ndarray]:
-  """A seeded split holding out ``test_fraction`` of each class (of everything if unlabelled)."""
-  if test_fraction == 0.0:
-    rows = np.arange(len(labels))
-    return rows, rows
-  rng = np.random.default_rng(seed)
-  test = []
-  for label in np.unique(labels):
-    rows = np.flatnonzero(labels == label)
-    # Round per class, but keep at least one training image of every class.
-    n_test = min(int(np.floor(test_fraction * len(rows) + 0.5)), len(rows) - 1)
-    test.append(rng.permutation(rows)[:n_test])
-  test = np.sort(np.concatenate(test))
-  if test.size == 0:
-    raise DataError(
-      f'{root} has too few images ({len(labels)}) to hold out test_fraction='
-      f'{test_fraction}; add images or set --config.data.test_fraction=0 '
-      '(test = train)'
-    )
-  train = np.setdiff1d(np.arange(len(labels)), test)
-  return train, test
 
 
 def _build_local_dataset(
@@ -317,9 +293,16 @@ def _convert_folder(
     )
   images = np.stack(image_files.flatten([decoded[i] for i in keep], [paths[i] for i in keep]))
   labels = np.asarray([scan.labels[i] for i in keep], np.int32)
-  train, test = _split_rows(labels, settings['test_fraction'], settings['seed'], scan.root)
-  splits = {'train': (images[train], labels[train]), 'test': (images[test], labels[test])}
   kept_files = [scan.files[i] for i in keep]
+  if settings.get('reference_split'):
+    train, test = split_lib.reference_rows(
+      kept_files, split_lib.reference_split(scan.root)[1], scan.root
+    )
+  else:
+    train, test = split_lib.seeded_split(
+      labels, settings['test_fraction'], settings['seed'], scan.root
+    )
+  splits = {'train': (images[train], labels[train]), 'test': (images[test], labels[test])}
   split_files = {
     name: [kept_files[i] for i in rows] for name, rows in (('train', train), ('test', test))
   }
@@ -387,6 +370,18 @@ def _local_dataset_dir(data_config: Any, require_labels: bool) -> str:
   """
   settings = _folder_settings(data_config)
   scan = scan_folder(str(get(data_config, 'folder', '')), require_labels)
+  if require_labels:  # cubicc: the reference's split when its files are there
+    split = split_lib.reference_split(scan.root)
+    if split is None:
+      logger.warning(
+        'no %s in %s: CUBICC is split at random instead of as in the reference (a seeded '
+        '%g of each class held out; put the reference\'s split files there to use its split)',
+        '/'.join(SPLIT_FILES),
+        scan.root,
+        settings['test_fraction'],
+      )
+    else:
+      settings = dict(settings, reference_split=split[0])
   config_name = _local_config_name(scan, settings, require_labels)
   data_dir = resolve_data_dir(data_config)
   version_dir = os.path.join(data_dir, LOCAL_BUILDER_NAME, config_name, _LOCAL_VERSION)

@@ -24,6 +24,9 @@ from tree_diffusion.data.core import DataError
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff'})
+# The reference's CUBICC split files, read from the root of a class-subfolder dataset
+# (:mod:`tree_diffusion.data.folder`).
+SPLIT_FILES = ('train_split.npy', 'test_split.npy', 'validation_split.npy')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +157,8 @@ def scan_folder(folder: str, require_labels: bool) -> FolderScan:
   # Class subfolders: files directly in the root cannot be labelled, so they are left out (with a
   # warning) rather than failing the whole dataset.
   for name in top_files:
+    if name in SPLIT_FILES:
+      continue
     logger.warning(
       'ignoring %s: %s has class subfolders, so files directly in it have no label',
       os.path.join(root, name),
