@@ -12,11 +12,13 @@
 * ``recons`` / ``recons_all_leaves``: as above from the posterior of test images; the chain starts
   from ``noisy(x)`` of the true image (the reference's ``sqrt(ᾱ_{T−1}) x`` leak of 0.6 %).
 
-Every random draw of an entry comes from ``fold_in(key, example_id)``: an example's result depends
-only on the seed and its id, so it is the same on 1 or 8 devices, on one or several processes and
-in any batch. Batches are padded to the fixed, device-divisible size and the padding is dropped on
-the host. In a multi-process job the mesh spans every process's devices: each process feeds only
-its own rows of every batch and every process receives the whole result.
+Every random draw of an entry comes from ``fold_in(key, example_id)``: an example's draws depend
+only on the seed and its id, not on the devices, the processes or the batch. Its result is then the
+same, bit for bit, wherever each device computes as many examples (1 or 8 devices, one or several
+processes); with another per-device batch XLA may sum in another order, and the images differ by
+float32 rounding (up to 1e-5, tested). Batches are padded to the fixed, device-divisible size and
+the padding is dropped on the host. In a multi-process job the mesh spans every process's devices:
+each process feeds only its own rows of every batch and every process receives the whole result.
 """
 
 from __future__ import annotations
