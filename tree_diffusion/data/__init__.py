@@ -191,14 +191,14 @@ def check_outside_folder(data_config: Any, path: str, what: str = 'workdir') -> 
   # (A gs:// run directory cannot be inside a local folder.)
   if dataset is None or not dataset.reads_folder or not images or not path or '://' in path:
     return
-  folder = os.path.realpath(os.path.expanduser(images))
+  root = os.path.realpath(os.path.expanduser(images))
   resolved = os.path.realpath(os.path.expanduser(path))
-  if os.path.commonpath([folder, resolved]) != folder:
+  if os.path.commonpath([root, resolved]) != root:
     return
   shown = path if os.path.abspath(os.path.expanduser(path)) == resolved else f'{path} ({resolved})'
-  relation = 'is' if resolved == folder else 'is inside'
+  relation = 'is' if resolved == root else 'is inside'
   raise DataError(
-    f'{what} {shown} {relation} the image folder {folder}: its samples and '
+    f'{what} {shown} {relation} the image folder {root}: its samples and '
     'checkpoints would be read as training images; pass a '
     f'--{what.replace(" ", "_")} outside it'
   )

@@ -256,9 +256,16 @@ def _build_lock(data_dir: str, config_name: str, root: str) -> Iterator[None]:
 
 
 def _convert_folder(
-  scan: FolderScan, settings: Mapping[str, Any], data_dir: str, config_name: str, version_dir: str
+  scan: FolderScan,
+  settings: Mapping[str, Any],
+  data_dir: str,
+  config_name: str,
+  version_dir: str,
+  reference_split: Mapping[str, np.ndarray] | None = None,
 ) -> str:
-  """Decodes a folder's images and writes its local tfds dataset; returns the version dir."""
+  """Decodes a folder's images and writes its local tfds dataset; returns the version dir.
+  ``reference_split``: the reference's CUBICC split files (``splits.reference_split``), else the
+  seeded split."""
   size, channels, resize = settings['image_size'], settings['channels'], settings['resize']
   paths = [os.path.join(scan.root, rel) for rel in scan.files]
   logger.info(
@@ -294,10 +301,8 @@ def _convert_folder(
   images = np.stack(image_files.flatten([decoded[i] for i in keep], [paths[i] for i in keep]))
   labels = np.asarray([scan.labels[i] for i in keep], np.int32)
   kept_files = [scan.files[i] for i in keep]
-  if settings.get('reference_split'):
-    train, test = split_lib.reference_rows(
-      kept_files, split_lib.reference_split(scan.root)[1], scan.root
-    )
+  if reference_split is not None:
+    train, test = split_lib.reference_rows(kept_files, reference_split, scan.root)
   else:
     train, test = split_lib.seeded_split(
       labels, settings['test_fraction'], settings['seed'], scan.root
@@ -370,8 +375,8 @@ def _local_dataset_dir(data_config: Any, require_labels: bool) -> str:
   """
   settings = _folder_settings(data_config)
   scan = scan_folder(str(get(data_config, 'folder', '')), require_labels)
-  if require_labels:  # cubicc: the reference's split when its files are there
-    split = split_lib.reference_split(scan.root)
+  split = split_lib.reference_split(scan.root) if require_labels else None  # cubicc only
+  if require_labels:
     if split is None:
       logger.warning(
         'no %s in %s: CUBICC is split at random instead of as in the reference (a seeded '
@@ -394,7 +399,9 @@ def _local_dataset_dir(data_config: Any, require_labels: bool) -> str:
         'using %s, which another process prepared for %s meanwhile', version_dir, scan.root
       )
       return version_dir
-    return _convert_folder(scan, settings, data_dir, config_name, version_dir)
+    return _convert_folder(
+      scan, settings, data_dir, config_name, version_dir, split[1] if split else None
+    )
 
 
 def _load_folder(data_config: Any, split: str, require_labels: bool) -> Arrays:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from tree_diffusion.diffusion.generate import to_uint8
+from tree_diffusion.eval.classifier import classify_all_leaves
+
 
 @dataclasses.dataclass(frozen=True)
 class Row:
@@ -64,9 +67,6 @@ class SamplesContext(Stage1Context):
     ``generator`` "diffusion" classifies :attr:`images`, "treevae" the TreeVAE's decodings of the
     same prior draws through the same leaves. Computed once per mode, for every metric."""
     if generator not in self.cache:
-      from tree_diffusion.diffusion.generate import to_uint8
-      from tree_diffusion.eval.classifier import classify_all_leaves
-
       images = (
         self.images
         if generator == "diffusion"
@@ -85,3 +85,9 @@ def get(d: Any, *path: str, default: Any = None) -> Any:
       return default
     d = d[p]
   return d
+
+
+def per_leaf(name: str, groups, step) -> list[Row]:
+  """Per-leaf rows of a :func:`~tree_diffusion.eval.fid.per_group_fid` result (one dict per leaf,
+  in the tree's leaf order)."""
+  return [Row(name, g.get("fid"), step, leaf=i) for i, g in enumerate(groups or ())]

@@ -6,8 +6,7 @@ images the TreeVAE assigns to it). Generated images are quantised as ``round(cli
 from __future__ import annotations
 
 from tree_diffusion.eval import fid as fid_lib
-from tree_diffusion.eval.metrics._common import Row, get
-from tree_diffusion.eval.metrics.treevae_fid import per_leaf
+from tree_diffusion.eval.metrics._common import Row, get, per_leaf
 
 STAGE = "samples"
 MODES = ("sample", "recons")

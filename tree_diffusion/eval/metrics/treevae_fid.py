@@ -17,7 +17,7 @@ import numpy as np
 from tree_diffusion import files, inputs
 from tree_diffusion.diffusion import generate
 from tree_diffusion.eval import fid as fid_lib
-from tree_diffusion.eval.metrics._common import Row
+from tree_diffusion.eval.metrics._common import Row, per_leaf
 from tree_diffusion.tree import Tree
 from tree_diffusion.treevae.model import TreeVAE
 
@@ -137,12 +137,6 @@ def rows(stage1: dict, step) -> list[Row]:
     Row("treevae_fid_rec", entry.get("rec"), step),
   ]
   return out + per_leaf("treevae_fid_gen", entry.get("gen_per_leaf"), step)
-
-
-def per_leaf(name: str, groups, step) -> list[Row]:
-  """Per-leaf rows of a :func:`~tree_diffusion.eval.fid.per_group_fid` result (one dict per leaf,
-  in the tree's leaf order)."""
-  return [Row(name, g.get("fid"), step, leaf=i) for i, g in enumerate(groups or ())]
 
 
 def columns(thresholds) -> list[str]:
