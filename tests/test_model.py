@@ -115,6 +115,29 @@ def test_row_conv_picks_the_dense_form_for_the_decoders():
   assert "gather" in prims
 
 
+def test_batchnorm_running_variance_is_the_unbiased_batch_variance():
+  # One channel, n = 2 samples x 1 x 2 = 4 values: 1, 2, 3, 5. Mean 2.75; squared deviations sum
+  # to 8.75, so the biased variance is 8.75/4 and the unbiased one (PyTorch's update) 8.75/3.
+  x = jnp.asarray([1.0, 2.0, 3.0, 5.0]).reshape(2, 1, 2, 1)
+  bn = networks.BatchNorm(use_running_average=False)
+  variables = bn.init(jax.random.key(0), x)
+  y, new = bn.apply(variables, x, mutable=["batch_stats"])
+  np.testing.assert_allclose(new["batch_stats"]["mean"], [0.1 * 2.75], rtol=1e-6)
+  np.testing.assert_allclose(new["batch_stats"]["var"], [0.9 + 0.1 * 8.75 / 3], rtol=1e-6)
+  expect = (np.array([1.0, 2.0, 3.0, 5.0]) - 2.75) / np.sqrt(8.75 / 4 + 1e-5)
+  np.testing.assert_allclose(np.ravel(y), expect, rtol=1e-5)
+  # Evaluation normalises with the running statistics.
+  stats = {"mean": jnp.asarray([1.0]), "var": jnp.asarray([4.0])}
+  y = networks.BatchNorm(use_running_average=True).apply(
+    {"params": variables["params"], "batch_stats": stats}, x
+  )
+  np.testing.assert_allclose(
+    np.ravel(y), (np.array([1.0, 2.0, 3.0, 5.0]) - 1) / np.sqrt(4 + 1e-5), rtol=1e-5
+  )
+  # Every TreeVAE block uses this layer (same variable names as nn.BatchNorm).
+  assert isinstance(networks._bn(True), networks.BatchNorm)
+
+
 def test_cnn1_shapes_follow_the_reference():
   # Encoder 28→19→10→2 with kernels 12/12/7; decoder 2→10→19→28 (the reference's MNIST CNN).
   enc = networks.Cnn1Encoder(28, 1, 32, 2)

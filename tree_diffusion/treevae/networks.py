@@ -3,7 +3,8 @@
 Every latent and every bottom-up feature is a small feature map ``[B, R, R, C]`` (NHWC). Layers
 follow PyTorch semantics where they matter for shapes: transposed convolutions use explicit padding
 ``k - 1 - p`` on the dilated input (PyTorch ``ConvTranspose2d(padding=p)``), BatchNorm uses
-momentum 0.9 / eps 1e-5 (PyTorch momentum 0.1). Weights are initialised as PyTorch does
+momentum 0.9 / eps 1e-5 (PyTorch momentum 0.1) and, as PyTorch, updates the running variance
+with the unbiased batch variance (:class:`BatchNorm`). Weights are initialised as PyTorch does
 (uniform ±1/sqrt(fan_in), applied by ``TreeVAE.init``); biases start at zero (PyTorch draws them
 uniformly; a deliberate, documented simplification).
 
@@ -43,8 +44,48 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
-def _bn(train: bool, name: str | None = None) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+class BatchNorm(nn.Module):
+  """PyTorch's ``BatchNorm1d``/``BatchNorm2d`` over the last axis, with Flax's variable names.
+
+  Training normalises with the batch mean and the biased batch variance, and moves the running
+  statistics towards the batch's: ``mean ← m·mean + (1−m)·μ``, ``var ← m·var + (1−m)·σ²·n/(n−1)``
+  with ``n`` the values per channel in the batch (batch × height × width). The running variance
+  takes the unbiased estimate, as PyTorch's does; Flax's ``nn.BatchNorm`` takes the biased one.
+  Evaluation normalises with the running statistics. Statistics are computed in float32 (two-pass
+  variance) and the output is float32, whatever the input's dtype.
+
+  Variables: ``params/{scale, bias}`` (1 and 0) and ``batch_stats/{mean, var}`` (0 and 1), the
+  names ``nn.BatchNorm`` uses, so checkpoints written before this layer load unchanged.
+  """
+
+  use_running_average: bool
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      n = x.size // features
+      mean = jnp.mean(x, axes)
+      var = jnp.mean(jnp.square(x - mean), axes)
+      if not self.is_initializing():
+        unbiased = var * (n / max(n - 1, 1))
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+    return (x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+
+
+def _bn(train: bool, name: str | None = None) -> BatchNorm:
+  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def conv(
