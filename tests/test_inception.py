@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from tree_diffusion.eval import inception, inception_weights, torch_files
+from tree_diffusion import torch_files
+from tree_diffusion.eval import inception, inception_weights
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "inception_reference.npz")
 GROUPS = ("mnist", "rgb64", "rgb32")

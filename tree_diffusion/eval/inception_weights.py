@@ -30,7 +30,7 @@ from tree_diffusion.eval.inception import (
   set_param,
   unflatten_params,
 )
-from tree_diffusion.eval.torch_files import TorchFileError, read_torch_tensors
+from tree_diffusion.torch_files import TorchFileError, read_torch_tensors
 
 ENV_VAR = "TREE_DIFFUSION_INCEPTION"
 CACHE_NAME = "inception_fid_2015_12_05.npz"

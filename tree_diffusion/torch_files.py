@@ -3,7 +3,10 @@
 Both the zip format (torch ≥ 1.6 and TorchScript: ``data.pkl`` plus one file per storage) and the
 legacy format (a sequence of pickles followed by the raw storages) are read. The unpickler knows
 only torch's tensor records and an ``OrderedDict``; any other global in the file is refused, so a
-file cannot run code here.
+file cannot run code here. A training checkpoint (PyTorch Lightning's ``.ckpt``) also pickles
+objects of its own classes (hyper-parameters, callback states): with ``opaque_objects=True`` each
+such global becomes an inert placeholder built here, which nothing calls into, and only the
+tensors under mappings are read.
 """
 
 from __future__ import annotations
@@ -67,6 +70,26 @@ class _ScriptObject:
   """Stands for any ``__torch__.*`` class of a TorchScript archive: only its attributes are read."""
 
 
+class _Opaque:
+  """Stands for any other global of a checkpoint read with ``opaque_objects=True``: it accepts
+  whatever the pickle hands it and keeps nothing, so no code of the file's classes runs."""
+
+  def __init__(self, *unused_args, **unused_kwargs):
+    pass
+
+  def __setstate__(self, unused_state):
+    pass
+
+  def __setitem__(self, unused_key, unused_value):  # pickle's SETITEMS on a dict subclass
+    pass
+
+  def append(self, unused_value):  # APPENDS on a list subclass
+    pass
+
+  def extend(self, unused_values):
+    pass
+
+
 def _rebuild_tensor(storage, offset, shape, strides, *unused) -> _Tensor:
   return _Tensor(storage, int(offset), tuple(shape), tuple(strides))
 
@@ -78,9 +101,10 @@ def _rebuild_parameter(data, *unused):
 class _Unpickler(pickle.Unpickler):
   """Unpickles torch's tensor records into :class:`_Tensor`; any other global is refused."""
 
-  def __init__(self, file, storage: Callable[[tuple], _Storage]):
+  def __init__(self, file, storage: Callable[[tuple], _Storage], opaque_objects: bool = False):
     super().__init__(file)
     self._storage = storage
+    self._opaque = opaque_objects
 
   def find_class(self, module: str, name: str):
     if module == "torch._utils" and name == "_rebuild_tensor_v2":
@@ -97,6 +121,8 @@ class _Unpickler(pickle.Unpickler):
       return collections.OrderedDict
     if module.startswith("__torch__."):
       return type(name, (_ScriptObject,), {})
+    if self._opaque:
+      return type(name, (_Opaque,), {})
     raise pickle.UnpicklingError(f"unsupported object {module}.{name} in a torch file")
 
   def persistent_load(self, pid):
@@ -111,7 +137,7 @@ def _storage_dtype(storage_type) -> np.dtype:
   return np.dtype(_DTYPES[storage_type])
 
 
-def _load_zip(path: str) -> Any:
+def _load_zip(path: str, opaque_objects: bool = False) -> Any:
   """``torch.save`` zip and TorchScript archives: ``<dir>/data.pkl`` + ``<dir>/data/<key>``."""
   with zipfile.ZipFile(path) as z:
     pkl = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -131,10 +157,10 @@ def _load_zip(path: str) -> Any:
         storages[key] = _Storage(dtype, int(numel), data.astype(dtype.newbyteorder("=")))
       return storages[key]
 
-    return _Unpickler(io.BytesIO(z.read(pkl[0])), storage).load()
+    return _Unpickler(io.BytesIO(z.read(pkl[0])), storage, opaque_objects).load()
 
 
-def _load_legacy(path: str) -> Any:
+def _load_legacy(path: str, opaque_objects: bool = False) -> Any:
   """The pre-1.6 ``torch.save`` format: pickles (magic, version, sys info, object, storage keys)
   followed by each storage as an int64 element count and its raw little-endian bytes."""
   storages: dict[str, _Storage] = {}
@@ -163,7 +189,7 @@ def _load_legacy(path: str) -> Any:
       raise TorchFileError(f"{path} is neither a zip nor a legacy torch file ({e})") from None
     if magic != _LEGACY_MAGIC or version != 1001:
       raise TorchFileError(f"{path} is not a torch file (magic {magic!r})")
-    obj = _Unpickler(f, storage).load()
+    obj = _Unpickler(f, storage, opaque_objects).load()
     for key in plain(f):
       s = storages[key]
       numel = int(np.frombuffer(f.read(8), "<i8")[0])
@@ -190,12 +216,43 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, np.ndarray]:
   return out
 
 
-def read_torch_tensors(path: str) -> dict[str, np.ndarray]:
-  """Every tensor of a torch file (TorchScript archive or ``torch.save``, zip or legacy) by its
-  dotted name, as numpy arrays, without importing torch or running any code from the file."""
+def _load(path: str, opaque_objects: bool) -> Any:
   load = _load_zip if zipfile.is_zipfile(path) else _load_legacy
   try:
-    return _flatten(load(path))
+    return load(path, opaque_objects)
+  except TorchFileError:
+    raise
+  except Exception as e:  # noqa: BLE001 - a damaged file can fail in many ways
+    raise TorchFileError(f"cannot read torch file {path}: {type(e).__name__}: {e}") from None
+
+
+def read_torch_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """``(tensors, scalars)`` of a training checkpoint (a dict ``torch.save``d by PyTorch
+  Lightning, say): every tensor by its dotted name, and the top level's numbers and strings
+  (``epoch``, ``global_step``, ...). Objects of other classes are read past (``opaque_objects``)."""
+  obj = _load(path, opaque_objects=True)
+  if not isinstance(obj, Mapping):
+    raise TorchFileError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+  scalars = {
+    k: v for k, v in obj.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+  }
+  try:
+    return _flatten(obj), scalars
+  except TorchFileError:
+    raise
+  except Exception as e:  # noqa: BLE001
+    raise TorchFileError(f"cannot read torch file {path}: {type(e).__name__}: {e}") from None
+
+
+def read_torch_tensors(path: str, opaque_objects: bool = False) -> dict[str, np.ndarray]:
+  """Every tensor of a torch file (TorchScript archive or ``torch.save``, zip or legacy) by its
+  dotted name, as numpy arrays, without importing torch or running any code from the file.
+
+  ``opaque_objects``: read past objects of other classes (a training checkpoint's
+  hyper-parameters, say) instead of refusing the file; their tensors are not read."""
+  obj = _load(path, opaque_objects)
+  try:
+    return _flatten(obj)
   except TorchFileError:
     raise
   except Exception as e:  # noqa: BLE001 - a damaged file can fail in many ways
