@@ -173,3 +173,20 @@ def test_refusals_name_the_setting():
   # reader, read past by the checkpoint reader.
   with pytest.raises(torch_files.TorchFileError, match="unsupported object __main__.Hyper"):
     torch_files.read_torch_tensors(os.path.join(DATA, "reference_ddpm.ckpt"))
+
+
+def test_a_unet_of_other_latents_is_refused_with_the_key():
+  config = _config(CONFIGS["ddpm"], ddpm=True)
+  c = config.diffusion
+  denoiser = make_denoiser(c.conditioning, c.unet)
+  x, t, cond = _ddpm_inputs()
+  cond = dict(cond, latents=jnp.zeros(cond["latents"].shape[:2] + (32,)))  # latents 2x2x8
+  template = jax.eval_shape(
+    lambda: denoiser.init({"params": jax.random.key(0)}, x, t, cond, train=False)
+  )["params"]
+  state, _ = torch_files.read_torch_checkpoint(os.path.join(DATA, "reference_ddpm.ckpt"))
+  weights = {k.removeprefix("state_dict."): v for k, v in state.items()}
+  with pytest.raises(ConfigError, match=r"proj_latent\.0\.weight has shape \(16, 128\)"):
+    ddpm_ref.params_from_state_dict(
+      template, weights, "online_network.decoder.", denoiser.conditioning, c.unet, (2, 2, 8)
+    )

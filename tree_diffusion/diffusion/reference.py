@@ -186,8 +186,9 @@ def _convert(key: str, leaf: str, kind: str, array: np.ndarray, shape, latent_sh
       array = array[:, :, 0].T[None, None]
     elif kind == "latent":  # rows: reference (C, R, R) flattening → ours (R, R, C)
       r1, r2, c = latent_shape
-      w = array.T
-      array = w.reshape(c, r1, r2, -1).transpose(1, 2, 0, 3).reshape(w.shape)
+      array = array.T
+      if array.shape[0] == r1 * r2 * c:  # otherwise the shape check below names the key
+        array = array.reshape(c, r1, r2, -1).transpose(1, 2, 0, 3).reshape(array.shape)
     else:
       array = array.T
   if tuple(array.shape) != tuple(shape):
