@@ -8,7 +8,7 @@ from configs import cifar10, common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, allowed=("tiny",), config_file=__file__)
+  args = common.parse_arg(arg, allowed=common.ARGS, config_file=__file__)
   c = cifar10.colour(common.base(), 64, res_connections=False)
   c.data.name = "celeb_a"
   c.stage1.batch_size = 128
@@ -22,4 +22,6 @@ def get_config(arg=None):
   c.diffusion.num_epochs = 200
   if args.get("tiny"):
     c = cifar10.tiny_colour(c)
+  if args.get("reference"):
+    c = common.reference(c)
   return c

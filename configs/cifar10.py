@@ -42,10 +42,12 @@ def tiny_colour(c):
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, allowed=("tiny",), config_file=__file__)
+  args = common.parse_arg(arg, allowed=common.ARGS, config_file=__file__)
   c = colour(common.base(), 32, res_connections=True)
   c.data.name = "cifar10"
   c.stage1.augmentation = "cifar"
   if args.get("tiny"):
     c = tiny_colour(c)
+  if args.get("reference"):
+    c = common.reference(c)
   return c

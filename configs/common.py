@@ -334,6 +334,24 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+# The config argument every dataset config accepts besides ``tiny``.
+ARGS = ("tiny", "reference")
+
+
+def reference(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The reference implementation's behaviour wherever a switch restores it
+  (``--config=configs/mnist.py:reference``; docs/deviations.md lists them): the conditioning its
+  configs use, stage-2 batches in a fixed order, ``sample_all_leaves`` from the noised TreeVAE
+  decodings, and its evaluation's flooring, argmax leaf and wrapped-around TreeVAE pixels."""
+  c.diffusion.conditioning = "image+path"
+  c.diffusion.shuffle = False
+  c.diffusion.sampling.all_leaves_from_treevae = True
+  c.eval.quantize = "floor"
+  c.eval.treevae_leaf = "argmax"
+  c.eval.treevae_pixels = "wrap"
+  return c
+
+
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A variant that runs end to end on CPU in seconds (tests and smoke runs)."""
   c.treevae.latent_channels = (2,) * 4

@@ -17,7 +17,7 @@ from configs import cifar10, common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, allowed=("tiny",), config_file=__file__)
+  args = common.parse_arg(arg, allowed=common.ARGS, config_file=__file__)
   c = cifar10.colour(common.base(), 64, res_connections=True)
   c.data.name = "cubicc"
   c.stage1.augmentation = "cifar"
@@ -28,4 +28,7 @@ def get_config(arg=None):
   c.diffusion.num_epochs = 500
   if args.get("tiny"):
     c = cifar10.tiny_colour(c)
+  if args.get("reference"):  # and its one-epoch stage-1 phases (docs/deviations.md)
+    c = common.reference(c)
+    c.stage1.num_epochs = c.stage1.num_epochs_smalltree = 1
   return c

@@ -20,7 +20,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, allowed=("tiny",), config_file=__file__)
+  args = common.parse_arg(arg, allowed=common.ARGS, config_file=__file__)
   c = common.base()
   c.data.name = "mnist_5k"
   c.treevae.latent_channels = (8,) * 7
@@ -100,4 +100,6 @@ def get_config(arg=None):
   if args.get("tiny"):
     c = common.tiny(c)
     c.stage1.final_elbo = True
+  if args.get("reference"):
+    c = common.reference(c)
   return c

@@ -8,10 +8,12 @@ from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, allowed=("tiny",), config_file=__file__)
+  args = common.parse_arg(arg, allowed=common.ARGS, config_file=__file__)
   c = common.base()
   c.data.name = "fashion_mnist"
   c.stage1.kl_start = 0.5
   if args.get("tiny"):
     c = common.tiny(c)
+  if args.get("reference"):
+    c = common.reference(c)
   return c

@@ -31,8 +31,10 @@ from configs import common, demo
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, allowed=("tiny",), config_file=__file__)
+  args = common.parse_arg(arg, allowed=common.ARGS, config_file=__file__)
   c = demo.get_config("tiny" if args.get("tiny") else None)
   c.data.update(dict(name="folder", folder="", image_size=32, channels=0, resize=True))
   c.stage1.num_clusters_tree = 10 if not args.get("tiny") else c.stage1.num_clusters_tree
+  if args.get("reference"):
+    c = common.reference(c)
   return c

@@ -26,6 +26,44 @@ def test_known_arguments_are_accepted(name):
   assert tiny.stage1.batch_size < full.stage1.batch_size
 
 
+# What ":reference" switches back to the reference implementation's behaviour (the README's table
+# "Where we differ from the reference"), key by key, and what the defaults are otherwise.
+REFERENCE = {
+  "diffusion.conditioning": "image+path",
+  "diffusion.shuffle": False,
+  "diffusion.sampling.all_leaves_from_treevae": True,
+  "eval.quantize": "floor",
+  "eval.treevae_leaf": "argmax",
+  "eval.treevae_pixels": "wrap",
+}
+OURS = {
+  "diffusion.shuffle": True,
+  "diffusion.sampling.all_leaves_from_treevae": False,
+  "eval.quantize": "round",
+  "eval.treevae_leaf": "draw",
+  "eval.treevae_pixels": "clip",
+}
+
+
+def _get(config, dotted):
+  for key in dotted.split("."):
+    config = config[key]
+  return config
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_reference_argument_restores_every_switchable_behaviour(name):
+  get_config = importlib.import_module(f"configs.{name}").get_config
+  full, ref, both = get_config(), get_config("reference"), get_config("tiny,reference")
+  assert {k: _get(full, k) for k in OURS} == OURS
+  assert {k: _get(ref, k) for k in REFERENCE} == REFERENCE
+  assert {k: _get(both, k) for k in REFERENCE} == REFERENCE
+  assert both.stage1.batch_size == get_config("tiny").stage1.batch_size
+  epochs = (ref.stage1.num_epochs, ref.stage1.num_epochs_smalltree)
+  ours = (full.stage1.num_epochs, full.stage1.num_epochs_smalltree)
+  assert epochs == ((1, 1) if name == "cubicc" else ours)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize(
   "arg,match",
@@ -33,12 +71,12 @@ def test_known_arguments_are_accepted(name):
     (
       "tni",
       r"unknown config argument 'tni' for configs/NAME\.py \(did you mean 'tiny'\?\); "
-      r"valid: tiny$",
+      r"valid: tiny, reference$",
     ),
-    ("tiny,smal", r"unknown config argument 'smal' for configs/NAME\.py; valid: tiny$"),
+    ("tiny,smal", r"unknown config argument 'smal' for configs/NAME\.py; valid: tiny, reference$"),
     (
       "tiny,seed=3",
-      r"unknown config argument 'seed=3' for configs/NAME\.py; valid: tiny; "
+      r"unknown config argument 'seed=3' for configs/NAME\.py; valid: tiny, reference; "
       r"set a value with --config\.KEY=3 \(keys named 'seed': classifier\.seed, "
       r"data\.seed, diffusion\.seed, diffusion\.sampling\.seed, eval\.seed, "
       r"stage1\.seed\)",
