@@ -124,12 +124,12 @@ _TINY = "--config=configs/demo.py:tiny"
     (
       "train_treevae.py",
       ["--config=configs/demo.py:tni", "--workdir={tmp}/w"],
-      "unknown config argument 'tni' for configs/demo.py (did you mean 'tiny'?); valid: tiny",
+      "unknown config argument 'tni' for configs/demo.py (did you mean 'tiny'?); valid: tiny, reference",
     ),
     (
       "train_diffusion.py",
       ["--config=configs/demo.py:tiny,seed=3", "--workdir={tmp}/w"],
-      "unknown config argument 'seed=3' for configs/demo.py; valid: tiny; set a value with "
+      "unknown config argument 'seed=3' for configs/demo.py; valid: tiny, reference; set a value with "
       "--config.KEY=3 (keys named 'seed': classifier.seed, data.seed,",
     ),
     (
