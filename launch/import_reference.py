@@ -55,16 +55,6 @@ def _read_yaml(path: str) -> dict:
   return parsed
 
 
-def _apply(config, updates: dict):
-  """Sets dotted keys on the (locked) config: only keys that exist."""
-  for dotted, value in updates.items():
-    *sections, key = dotted.split(".")
-    node = config
-    for s in sections:
-      node = node[s]
-    node[key] = value
-
-
 def main(argv):
   del argv
   common.setup()
@@ -97,7 +87,7 @@ def main(argv):
       f"--workdir={workdir} already holds a run (its export or stage-2 checkpoints): import "
       f"into a new --workdir"
     )
-  _apply(config, updates)
+  tvae_ref.apply_updates(config, updates)
   common.check_config(config)
   source = {
     "reference_config": os.path.abspath(_REFERENCE_CONFIG.value),

@@ -37,13 +37,7 @@ def _config(reference: dict, ddpm: bool = False):
   updates = tvae_ref.config_updates(reference)
   if ddpm:
     updates.update(ddpm_ref.config_updates(reference))
-  for dotted, value in updates.items():
-    *sections, key = dotted.split(".")
-    node = c
-    for s in sections:
-      node = node[s]
-    node[key] = value
-  return c
+  return tvae_ref.apply_updates(c, updates)
 
 
 def _treevae(name):

@@ -36,6 +36,7 @@ from tree_diffusion.diffusion.state import (
 from tree_diffusion.errors import ConfigError
 from tree_diffusion.runs import RunDir, save_config
 from tree_diffusion.torch_files import read_torch_checkpoint
+from tree_diffusion.treevae.reference import flax_array
 
 # The reference's ``z_signal`` → our signal part of a conditioning name.
 SIGNALS = {
@@ -178,25 +179,13 @@ def _signal_names(conditioning: Conditioning, state: Mapping[str, np.ndarray], p
     yield ("signal", part, "Dense_1"), f"{refs[part]}.2", "linear"
 
 
-def _convert(key: str, leaf: str, kind: str, array: np.ndarray, shape, latent_shape):
-  if leaf == "kernel":
-    if kind == "conv":
-      array = array.transpose(2, 3, 1, 0)
-    elif kind == "conv1d":
-      array = array[:, :, 0].T[None, None]
-    elif kind == "latent":  # rows: reference (C, R, R) flattening → ours (R, R, C)
-      r1, r2, c = latent_shape
-      array = array.T
-      if array.shape[0] == r1 * r2 * c:  # otherwise the shape check below names the key
-        array = array.reshape(c, r1, r2, -1).transpose(1, 2, 0, 3).reshape(array.shape)
-    else:
-      array = array.T
-  if tuple(array.shape) != tuple(shape):
-    raise ConfigError(
-      f"{key} has shape {tuple(array.shape)} where the UNet the reference config describes needs "
-      f"{tuple(shape)}: pass the YAML config this model was trained with"
-    )
-  return np.ascontiguousarray(array, np.float32)
+def _latent_columns(weight: np.ndarray, latent_shape: tuple[int, int, int]) -> np.ndarray:
+  """The latent MLP's first weight (``out, in``) with its input columns reordered from the
+  reference's channel-first flattening of a node's sample (``C, R, R``) to ours (``R, R, C``)."""
+  r1, r2, c = latent_shape
+  if weight.shape[1] != r1 * r2 * c:  # another width: the shape check names the key
+    return weight
+  return weight.reshape(-1, c, r1, r2).transpose(0, 2, 3, 1).reshape(weight.shape)
 
 
 _LEAVES = {"kernel": "weight", "bias": "bias", "scale": "weight"}
@@ -237,7 +226,12 @@ def params_from_state_dict(
         f"the checkpoint has no {key}: it does not hold the UNet the reference config describes"
       )
     used.add(key)
-    return _convert(key, leaf, kind, np.asarray(state[key]), leaf_value.shape, latent_shape)
+    array = np.asarray(state[key])
+    if leaf != "kernel":
+      kind = "as_is"
+    elif kind == "latent":
+      array, kind = _latent_columns(array, latent_shape), "linear"
+    return flax_array(key, array, kind, leaf_value.shape, "the UNet")
 
   params = jax.tree_util.tree_map_with_path(
     lambda p, v: fill(tuple(getattr(k, "key", str(k)) for k in p), v), template

@@ -217,20 +217,41 @@ def _component_name(comp: str, rest: list[str], encoder: str, levels: int) -> st
   return ".".join(_cnn2(rest, decoder=True, levels=levels))
 
 
-def _convert(key: str, leaf: str, array: np.ndarray, ours: tuple[int, ...], transposed: bool):
-  if leaf == "kernel":
-    if array.ndim == 4:  # OIHW (or I,O,H,W transposed) → HWIO
-      array = (
-        array[:, :, ::-1, ::-1].transpose(2, 3, 0, 1) if transposed else array.transpose(2, 3, 1, 0)
-      )
-    elif array.ndim == 2:
-      array = array.T
-  if tuple(array.shape) != tuple(ours):
+def flax_array(key: str, array: np.ndarray, kind: str, shape, what: str) -> np.ndarray:
+  """A PyTorch parameter in Flax's layout, checked against the ``shape`` we need.
+
+  ``kind``: ``conv`` (OIHW → HWIO), ``conv_transpose`` (``in, out, kH, kW`` → HWIO, flipped in
+  both spatial axes), ``conv1d`` (``O, I, 1`` → a 1×1 HWIO kernel), ``linear`` (transposed) or
+  ``as_is``. ``what`` names the model in the error (``the UNet``).
+
+  Raises:
+    ConfigError: the converted shape differs from ``shape``; the message names ``key``.
+  """
+  if kind == "conv":
+    array = array.transpose(2, 3, 1, 0)
+  elif kind == "conv_transpose":
+    array = array[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
+  elif kind == "conv1d":
+    array = array[:, :, 0].T[None, None]
+  elif kind == "linear":
+    array = array.T
+  if tuple(array.shape) != tuple(shape):
     raise ConfigError(
-      f"{key} has shape {tuple(array.shape)} where the model the reference config describes "
-      f"needs {tuple(ours)}: pass the YAML config this model was trained with"
+      f"{key} has shape {tuple(array.shape)} where {what} the reference config describes needs "
+      f"{tuple(shape)}: pass the YAML config this model was trained with"
     )
   return np.ascontiguousarray(array, np.float32)
+
+
+def apply_updates(config, updates: Mapping[str, Any]):
+  """Sets the dotted keys of :func:`config_updates` (or the diffusion model's) on ``config``."""
+  for dotted, value in updates.items():
+    *sections, key = dotted.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[key] = value
+  return config
 
 
 def variables_from_state_dict(model: TreeVAE, state: Mapping[str, np.ndarray]) -> tuple[Any, Tree]:
@@ -264,8 +285,14 @@ def variables_from_state_dict(model: TreeVAE, state: Mapping[str, np.ndarray]) -
         f"model the reference config describes"
       )
     used.add(key)
-    transposed = re.fullmatch(r"convt\d|up\d+", modules[-1]) is not None
-    return _convert(key, leaf, np.asarray(state[key]), ours.shape, transposed)
+    array = np.asarray(state[key])
+    kind = "as_is"
+    if leaf == "kernel" and array.ndim == 4:
+      transposed = re.fullmatch(r"convt\d|up\d+", modules[-1]) is not None
+      kind = "conv_transpose" if transposed else "conv"
+    elif leaf == "kernel" and array.ndim == 2:
+      kind = "linear"
+    return flax_array(key, array, kind, ours.shape, "the model")
 
   variables = {
     col: _map_with_path(tree_part, lambda p, a, col=col: fill(col, p, a))
